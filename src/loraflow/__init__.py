@@ -1,0 +1,13 @@
+"""loraflow: low-rank adaptation of foundation models.
+
+    import loraflow as lf
+    model, tok = lf.load_model()
+    lf.add_adapter(model, lf.LoRAConfig(r=8, alpha=16, target_modules=["q_proj", "v_proj"]), name="a")
+"""
+
+from loraflow.adapters import *  # noqa: F401,F403
+from loraflow.adapters import __all__ as _adapters_all
+from loraflow.models import cache_dir, load_model
+
+__version__ = "0.1.0"
+__all__ = [*_adapters_all, "cache_dir", "load_model", "__version__"]

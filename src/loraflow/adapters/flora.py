@@ -1,0 +1,95 @@
+"""FLoRA: multiplicative low-rank adapters (Wen & Chaudhuri, "Batched Low-Rank Adaptation of
+Foundation Models", ICLR 2024, arXiv 2312.05677, Sec. 3).
+
+The adapted weight is the base weight scaled element-wise by a rank-r matrix whose rank
+terms are averaged:
+
+    W = W0 ∘ M,   M = (1/r) B A = (1/r) Σ_k b_k a_kᵀ,      A: (r, d_in), B: (d_out, r)
+
+so that the layer needs one dense product with W0 per rank term and element-wise work:
+
+    y = W x = (1/r) Σ_k b_k ∘ (W0 (a_k ∘ x))
+
+(The paper writes row vectors, y = A ∘ ((B ∘ x) W0): there B scales the input and A the
+output. Here, in PyTorch's (d_out, d_in) orientation, A scales the input and B the output,
+so the shapes match LoRA's lora_A / lora_B.)
+
+Initialised with B = 1 and A = 1 + noise, the noise centred over the r terms so that M is
+exactly all ones: a new adapter equals the base model, and the r terms are not identical
+(identical terms would get identical gradients and never separate).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loraflow.adapters.targets import base_weight
+from loraflow.adapters.validate import check_positive, check_targets
+
+
+@dataclass
+class FLoRAConfig:
+    r: int = 1
+    target_modules: str | list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    # Standard deviation of the centred noise on A at init; 0 makes all rank terms equal.
+    init_noise: float = 0.02
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+
+    kind: ClassVar[str] = "FLORA"
+
+    def __post_init__(self):
+        check_positive("r", self.r, integer=True)
+        if self.init_noise < 0:
+            raise ValueError(f"init_noise must be >= 0, got {self.init_noise}")
+        self.target_modules = check_targets(self.target_modules)
+        for key, r in self.rank_pattern.items():
+            check_positive(f"rank_pattern[{key!r}]", r, integer=True)
+
+
+class FLoRA(nn.Module):
+    """One FLoRA adapter on one linear layer."""
+
+    # |M| below this cannot be divided out again exactly, so such a merge is refused.
+    MIN_MERGE_SCALE: ClassVar[float] = 1e-4
+
+    def __init__(self, d_in: int, d_out: int, r: int, init_noise: float = 0.02,
+                 device=None, dtype=None):
+        super().__init__()
+        self.r = r
+        noise = torch.randn(r, d_in, device=device, dtype=torch.float32) * init_noise
+        noise = noise - noise.mean(0, keepdim=True)  # Σ_k noise_k = 0, so (1/r) B A = 1
+        self.A = nn.Parameter((1.0 + noise).to(dtype))
+        self.B = nn.Parameter(torch.ones(d_out, r, device=device, dtype=dtype))
+
+    def file_tensors(self) -> dict[str, torch.Tensor]:
+        return {"flora_A.weight": self.A, "flora_B.weight": self.B}
+
+    def forward(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        """y = (1/r) Σ_k b_k ∘ (W0 (a_k ∘ x)) + bias."""
+        # x: (..., d_in)
+        xs = x.unsqueeze(-2) * self.A                 # (..., r, d_in)
+        z = F.linear(xs, base_weight(base))           # (..., r, d_out)
+        y = (z * self.B.T).mean(-2)                   # (..., d_out)
+        return y if base.bias is None else y + base.bias
+
+    def multiplier(self) -> torch.Tensor:
+        return (self.B @ self.A) / self.r             # M: (d_out, d_in)
+
+    def merge_into(self, w0: torch.Tensor) -> torch.Tensor:
+        m = self.multiplier()
+        if m.abs().min() < self.MIN_MERGE_SCALE:
+            raise ValueError(
+                "this FLoRA adapter scales some weights by ~0, so merging it could not be undone "
+                "(unmerge divides by the multiplier); keep it unmerged")
+        return w0 * m.to(w0.dtype)
+
+    def unmerge_from(self, w: torch.Tensor) -> torch.Tensor:
+        return w / self.multiplier().to(w.dtype)
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}"

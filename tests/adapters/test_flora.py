@@ -1,0 +1,80 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+import loraflow as lf
+from conftest import ids, make, outputs, randomize, rel_err, targets
+
+
+def test_new_adapter_equals_base_model(arch):
+    model = make(arch)
+    x = ids()
+    base = outputs(model, x)
+    lf.add_adapter(model, lf.FLoRAConfig(r=3, target_modules=targets(arch)), name="f")
+    assert rel_err(outputs(model, x), base) < 1e-6
+
+
+def test_init_multiplier_is_all_ones_but_rank_terms_differ():
+    model = make("llama")
+    lf.add_adapter(model, lf.FLoRAConfig(r=4, target_modules=["q_proj"]), name="f")
+    a = model.model.layers[0].self_attn.q_proj.adapters["f"]
+    torch.testing.assert_close(a.multiplier(), torch.ones_like(a.multiplier()), rtol=0, atol=1e-6)
+    assert (a.A[0] - a.A[1]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("arch_name", ["llama", "gpt2"])
+def test_forward_equals_dense_product_with_merged_weight(arch_name):
+    model = make(arch_name)
+    lf.add_adapter(model, lf.FLoRAConfig(r=3, target_modules=targets(arch_name)), name="f")
+    randomize(model, "f")
+    for _, layer in lf.adapter_layers(model, "f"):
+        a = layer.adapters["f"]
+        w0 = layer.base.weight.T if arch_name == "gpt2" else layer.base.weight   # (d_out, d_in)
+        x = torch.randn(2, 5, layer.d_in)
+        expected = F.linear(x, w0 * (a.B @ a.A) / a.r, layer.base.bias)
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_merged_equals_unmerged_and_unmerge_restores_w0(arch):
+    model = make(arch)
+    x = ids()
+    lf.add_adapter(model, lf.FLoRAConfig(r=2, target_modules=targets(arch)), name="f")
+    randomize(model, "f")
+    w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    unmerged = outputs(model, x)
+    lf.merge_adapter(model, "f")
+    assert rel_err(outputs(model, x), unmerged) < 1e-5
+    lf.unmerge_adapter(model, "f")
+    for n, p in model.named_parameters():
+        assert rel_err(p, w0[n]) < 1e-5, n
+
+
+def test_merge_refused_when_multiplier_has_zeros():
+    model = make("llama")
+    lf.add_adapter(model, lf.FLoRAConfig(r=1, target_modules=["q_proj"]), name="f")
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.adapters["f"].B[0] = 0.0
+    w = model.model.layers[0].self_attn.q_proj.base.weight.detach().clone()
+    with pytest.raises(ValueError, match="could not be undone"):
+        lf.merge_adapter(model, "f")
+    torch.testing.assert_close(model.model.layers[0].self_attn.q_proj.base.weight, w)
+
+
+@pytest.mark.parametrize("field, kwargs", [("r", {"r": 0}), ("init_noise", {"init_noise": -1.0})])
+def test_bad_config_names_the_field(field, kwargs):
+    with pytest.raises(ValueError, match=field):
+        lf.FLoRAConfig(**kwargs)
+
+
+def test_failed_merge_leaves_every_layer_unmerged():
+    model = make("llama")
+    x = ids()
+    lf.add_adapter(model, lf.FLoRAConfig(r=1, target_modules=["q_proj"]), name="f")
+    randomize(model, "f")
+    with torch.no_grad():  # the last layer's multiplier cannot be divided out again
+        model.model.layers[1].self_attn.q_proj.adapters["f"].B[0] = 0.0
+    with pytest.raises(ValueError):
+        lf.merge_adapter(model, "f")
+    assert all(layer.merged is None for _, layer in lf.adapter_layers(model))
+    lf.set_adapter(model, None)  # base weights are W0 again
+    assert rel_err(outputs(model, x), outputs(make("llama"), x)) < 1e-6
