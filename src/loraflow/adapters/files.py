@@ -172,9 +172,7 @@ def _task_type(model: nn.Module) -> str | None:
         return "CAUSAL_LM"
     if cls.endswith("ForSequenceClassification"):
         return "SEQ_CLS"
-    if cls.endswith("ForConditionalGeneration"):
-        return "SEQ_2_SEQ_LM"
-    return None
+    return None  # PEFT's plain PeftModel: fits encoder-decoders (Whisper) and bare models
 
 
 def _shape_from_file(config, found: dict[str, torch.Tensor]) -> dict:
