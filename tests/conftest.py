@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import copy
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # before Triton is imported: kernels run in its CPU interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch

@@ -2,6 +2,7 @@
 
     y = base(x)                       no active adapter, or the active one merged into W0
     y = adapter(x, base)              otherwise (LoRA adds s·BAx, FLoRA scales W0, ...)
+    y_i = adapter_{s_i}(x_i, base)    inside ``use_adapters``: row i with its own adapter
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 from loraflow.adapters.targets import base_weight, is_conv1d, linear_shape
+from loraflow.multi.rows import RowPlan, mixed_forward
 
 
 class AdapterLinear(nn.Module):
@@ -21,9 +23,12 @@ class AdapterLinear(nn.Module):
         self.adapters = nn.ModuleDict()
         self.active: str | None = None
         self.merged: str | None = None
+        self.rows: RowPlan | None = None   # set by use_adapters
         self.d_out, self.d_in = linear_shape(base)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rows is not None:
+            return mixed_forward(self, x, self.rows)
         name = self.active
         if name is None or name == self.merged:
             return self.base(x)

@@ -1,0 +1,168 @@
+"""Every row of a batch with its own adapter: ``use_adapters`` and the mixed-batch forward.
+
+    with lf.use_adapters(model, ["a", "b", None, "a"]):   # one name per row; None: base model
+        out = model(input_ids)
+
+Inside the ``with``, each adapter layer holds a ``RowPlan``: slot ids as tensors (one per
+row), split by kind. Additive adapters (LoRA, Deep LoRA) add Δy to the base output; FLoRA
+rows get FLoRA's own output. The plan lives on the model's own layers, so two threads using
+two models do not interfere; leaving the ``with`` restores what was there.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from loraflow.adapters.deep_lora import DeepLoRA
+from loraflow.adapters.flora import FLoRA
+from loraflow.adapters.targets import base_weight
+from loraflow.multi import ops
+
+Impl = Literal["loop", "bmm", "segmented", "triton"]
+IMPLS = ("loop", "bmm", "segmented", "triton")
+LORA_OPS = {"loop": ops.loop, "bmm": ops.bmm, "segmented": ops.segmented}
+FLORA_OPS = {"loop": ops.flora_loop, "bmm": ops.flora_bmm}   # else FLoRA's dense path
+
+try:
+    from loraflow.multi import triton_lora
+except ImportError:  # Triton is optional: the PyTorch ops need nothing more
+    triton_lora = None
+
+
+@dataclass
+class RowPlan:
+    """What one layer does for each row of the batch."""
+    additive: list[str]         # LoRA / Deep LoRA adapters on this layer that rows use
+    add_slots: torch.Tensor     # (rows,) index into ``additive``, -1: none
+    flora: list[str]            # FLoRA adapters on this layer that rows use
+    flora_rows: torch.Tensor    # (k,) rows that use one of them
+    flora_slots: torch.Tensor   # (k,) index into ``flora``
+    impl: Impl | None           # None: chosen per call by device and autograd
+
+
+def _plan(adapters: nn.ModuleDict, names: list[str | None], impl, device) -> RowPlan:
+    used = [n for n in dict.fromkeys(names) if n is not None and n in adapters]
+    additive = [n for n in used if not isinstance(adapters[n], FLoRA)]
+    flora = [n for n in used if isinstance(adapters[n], FLoRA)]
+    add_slots = [additive.index(n) if n in additive else -1 for n in names]
+    frows = [i for i, n in enumerate(names) if n in flora]
+    as_t = lambda v: torch.tensor(v, dtype=torch.long, device=device)
+    return RowPlan(additive, as_t(add_slots), flora, as_t(frows),
+                   as_t([flora.index(names[i]) for i in frows]), impl)
+
+
+@contextmanager
+def use_adapters(model: nn.Module, names: Sequence[str | None], impl: Impl | None = None):
+    """Run the model with adapter ``names[i]`` on row i (``None``: the base model).
+
+    ``impl`` forces one implementation ("loop", "bmm", "segmented", "triton"); by default
+    autograd batches use "segmented" and CUDA inference uses "triton" when Triton is there.
+    """
+    from loraflow.adapters.layer import adapter_layers
+    from loraflow.adapters.manage import list_adapters
+
+    names = list(names)
+    known = list_adapters(model)
+    for n in names:
+        if n is not None and n not in known:
+            raise KeyError(f"unknown adapter {n!r} in use_adapters; the model has {sorted(known)}")
+    if impl is not None and impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS} or None, got {impl!r}")
+    layers = [layer for _, layer in adapter_layers(model)]
+    merged = {layer.merged for layer in layers} - {None}
+    if merged:
+        raise RuntimeError(f"adapter {merged.pop()!r} is merged into the base weights; "
+                           "unmerge_adapter(model, name) before use_adapters")
+    device = next(model.parameters()).device
+    shared: dict[tuple, RowPlan] = {}   # layers holding the same adapters share one plan
+    previous = [(layer, layer.rows) for layer in layers]
+    try:
+        for layer in layers:
+            key = tuple((n, type(a)) for n, a in layer.adapters.items())
+            if key not in shared:
+                shared[key] = _plan(layer.adapters, names, impl, device)
+            layer.rows = shared[key]
+        yield
+    finally:
+        for layer, rows in previous:
+            layer.rows = rows
+
+
+def _additive_factors(layer, names):
+    """(A_i, B_i, scale_i, dropout_i) of each additive adapter; Deep LoRA as A = W_1,
+    B = W_L ⋯ W_2."""
+    A, B, scales, dropouts = [], [], [], []
+    for n in names:
+        a = layer.adapters[n]
+        if isinstance(a, DeepLoRA):
+            b = a.factors[-1]
+            for w in reversed(list(a.factors)[1:-1]):
+                b = b @ w
+            A.append(a.factors[0]), B.append(b), scales.append(1.0), dropouts.append(nn.Identity())
+        else:
+            A.append(a.A), B.append(a.B), scales.append(a.scale), dropouts.append(a.dropout)
+    return A, B, scales, dropouts
+
+
+def choose_impl(x: torch.Tensor, params_need_grad: bool) -> str:
+    if torch.is_grad_enabled() and (x.requires_grad or params_need_grad):
+        return "segmented"
+    if x.is_cuda and triton_lora is not None:
+        return "triton"
+    return "segmented"
+
+
+def _triton_add(layer, names, x, y, slots, A, B, scales) -> torch.Tensor:
+    if triton_lora is None:
+        raise ImportError("impl='triton' needs the triton package: pip install triton")
+    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("impl='triton' runs on CUDA tensors (or on the CPU with TRITON_INTERPRET=1 "
+                         "for tests); use 'segmented' on the CPU")
+    key = tuple(names) + tuple((id(t), t._version) for t in (*A, *B)) + tuple(scales)
+    cached = getattr(layer, "_packed", None)
+    if cached is None or cached[0] != key:
+        cached = (key, triton_lora.PackedLoRA.pack(A, B, scales))
+        layer._packed = cached
+    R, T, _ = x.shape
+    y2 = y.reshape(R * T, -1)
+    with torch.no_grad():
+        triton_lora.lora_add_(y2, x.reshape(R * T, -1), slots.repeat_interleave(T), cached[1])
+    return y2.view(y.shape)
+
+
+def mixed_forward(layer, x: torch.Tensor, plan: RowPlan) -> torch.Tensor:
+    """The layer's output when row i of x uses its own adapter (``plan``)."""
+    x3 = x.unsqueeze(1) if x.dim() == 2 else x                   # (R, T, d_in); 2-D: tokens as rows
+    if x3.dim() != 3 or x3.shape[0] != plan.add_slots.numel():
+        raise ValueError(f"use_adapters got {plan.add_slots.numel()} adapter names but the batch "
+                         f"has {x3.shape[0] if x3.dim() == 3 else tuple(x.shape)} rows: pass one "
+                         "name (or None) per row")
+    y = layer.base(x3)                                            # (R, T, d_out)
+    needs_grad = any(p.requires_grad for n in plan.additive + plan.flora
+                     for p in layer.adapters[n].parameters())
+    impl = plan.impl or choose_impl(x3, needs_grad)
+    if plan.additive:
+        A, B, scales, dropouts = _additive_factors(layer, plan.additive)
+        if impl == "triton":
+            y = _triton_add(layer, plan.additive, x3, y.contiguous(), plan.add_slots, A, B, scales)
+        elif impl == "bmm":
+            y = y + ops.bmm(x3, plan.add_slots, A, B, scales)
+        else:
+            y = y + LORA_OPS[impl](x3, plan.add_slots, A, B, scales, dropouts)
+    if plan.flora:
+        adapters = [layer.adapters[n] for n in plan.flora]
+        xf = x3.index_select(0, plan.flora_rows)
+        fn = FLORA_OPS.get(impl, ops.flora_dense)
+        yf = fn(xf, plan.flora_slots, base_weight(layer.base), [a.A for a in adapters],
+                [a.B for a in adapters])
+        if layer.base.bias is not None:
+            yf = yf + layer.base.bias
+        y = y.index_copy(0, plan.flora_rows, yf.to(y.dtype))
+    return y.view(*x.shape[:-1], y.shape[-1])
