@@ -32,6 +32,35 @@ def cmd_inspect(args) -> None:
             print(f"  {key}  {tuple(f.get_slice(key).get_shape())}")
 
 
+def cmd_bench_kernels(args) -> None:
+    """Time the per-row adapter ops (GPU); write JSON, Markdown and PNG under --out."""
+    import torch
+    from tqdm import tqdm
+
+    from loraflow.bench import kernels, kernels_report, report
+    from loraflow.bench.timing import copy_bandwidth_gbs
+
+    if not torch.cuda.is_available():
+        sys.exit("loraflow bench kernels needs a CUDA GPU (its figures are GPU figures)")
+    cases = kernels.grid(quick=args.quick)
+    bandwidth = copy_bandwidth_gbs()
+    errors = {f"{c.kind} {c.rows}x{c.T} r{c.rank} {c.mix}": kernels.check_case(c)
+              for c in cases if c.kind != "flora" and c.d_in == 4096 and c.d_out == 4096}
+    bad = {k: e for k, e in errors.items() if not e < 1e-2}
+    if bad:
+        sys.exit(f"kernels disagree with the float64 loop: {bad}")
+    rows = []
+    for case in tqdm(cases, desc="cases"):
+        rows.append(kernels.run_case(case, bandwidth, peft=not args.no_peft))
+    env = report.environment()
+    payload = {"environment": env, "copy_bandwidth_gbs": bandwidth, "max_rel_error_bf16": max(errors.values()),
+               "targets": kernels_report.targets(rows), "cases": rows}
+    paths = report.write(args.out, "kernels" + ("-quick" if args.quick else ""), payload,
+                         kernels_report.markdown(env, bandwidth, rows), kernels_report.figure(rows))
+    print(kernels_report.markdown(env, bandwidth, rows).split("## decode")[0])
+    print("wrote", *paths)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="loraflow", description=__doc__)
     parser.add_argument("--version", action="store_true", help="print the version and exit")
@@ -40,6 +69,12 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("inspect", help=cmd_inspect.__doc__)
     p.add_argument("path", help="an adapter folder (adapter_config.json + adapter_model.safetensors)")
     p.set_defaults(func=cmd_inspect)
+    bench = sub.add_parser("bench", help="benchmarks (GPU)").add_subparsers(dest="bench", required=True)
+    p = bench.add_parser("kernels", help=cmd_bench_kernels.__doc__)
+    p.add_argument("--out", default="benchmarks/results", help="folder for the JSON, Markdown and PNG")
+    p.add_argument("--quick", action="store_true", help="three cases only (a smoke run)")
+    p.add_argument("--no-peft", action="store_true", help="skip PEFT's mixed-batch forward")
+    p.set_defaults(func=cmd_bench_kernels)
     args = parser.parse_args(argv)
     if args.version:
         from loraflow import __version__

@@ -43,7 +43,8 @@ def test_kernels_equal_the_loop(variant, N, ranks, seed):
 
 def test_tile_plan_covers_every_adapter_token_once():
     slots = torch.tensor([2, -1, 0, 2, 2, 0, -1, 2, 2])
-    order, tslot, tstart, tend = triton_lora.tile_plan(slots, n=3, block_m=2)
+    plan = triton_lora.tile_plan(slots, n=3, block_m=2)
+    order, tslot, tstart, tend = plan.order, plan.tslot, plan.tstart, plan.tend
     covered = [int(order[i]) for s, e in zip(tstart.tolist(), tend.tolist()) for i in range(s, e)]
     assert sorted(covered) == [i for i, s in enumerate(slots.tolist()) if s >= 0]
     for t, s, e in zip(tslot.tolist(), tstart.tolist(), tend.tolist()):

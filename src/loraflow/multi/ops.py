@@ -44,7 +44,7 @@ def loop(x: torch.Tensor, slots: torch.Tensor, A: Sequence[torch.Tensor], B: Seq
     return y
 
 
-def _padded(A, B, scales, extra_zero: bool):
+def padded(A, B, scales, extra_zero: bool = True):
     """A: (n, r_max, d_in), B·scale: (n, d_out, r_max), ranks zero-padded; one zero adapter
     appended at index n for base rows when ``extra_zero``."""
     r_max = max(a.shape[0] for a in A)
@@ -58,8 +58,12 @@ def _padded(A, B, scales, extra_zero: bool):
 
 def bmm(x: torch.Tensor, slots: torch.Tensor, A, B, scales) -> torch.Tensor:
     """Δy via gathered per-row weights and two batched matmuls (FLoRA's baseline)."""
-    Ap, Bp = _padded(A, B, scales, extra_zero=True)
-    idx = torch.where(slots < 0, len(A), slots)
+    return bmm_padded(x, slots, *padded(A, B, scales, extra_zero=True))
+
+
+def bmm_padded(x: torch.Tensor, slots: torch.Tensor, Ap: torch.Tensor, Bp: torch.Tensor) -> torch.Tensor:
+    """``bmm`` on weights already stacked by ``padded`` (the last adapter all zeros)."""
+    idx = torch.where(slots < 0, Ap.shape[0] - 1, slots)
     Ag, Bg = Ap[idx], Bp[idx]                                      # (R, r, d_in), (R, d_out, r)
     h = torch.bmm(x, Ag.transpose(1, 2))                           # (R, T, r)
     return torch.bmm(h, Bg.transpose(1, 2))                        # (R, T, d_out)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -45,6 +45,7 @@ class RowPlan:
     flora_rows: torch.Tensor    # (k,) rows that use one of them
     flora_slots: torch.Tensor   # (k,) index into ``flora``
     impl: Impl | None           # None: chosen per call by device and autograd
+    cache: dict = field(default_factory=dict)   # per-batch work shared by layers (tile plans)
 
 
 def _plan(adapters: nn.ModuleDict, names: list[str | None], impl, device) -> RowPlan:
@@ -119,21 +120,28 @@ def choose_impl(x: torch.Tensor, params_need_grad: bool) -> str:
     return "segmented"
 
 
-def _triton_add(layer, names, x, y, slots, A, B, scales) -> torch.Tensor:
+def _triton_add(layer, plan: RowPlan, x, y, A, B, scales) -> torch.Tensor:
     if triton_lora is None:
         raise ImportError("impl='triton' needs the triton package: pip install triton")
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("impl='triton' runs on CUDA tensors (or on the CPU with TRITON_INTERPRET=1 "
                          "for tests); use 'segmented' on the CPU")
-    key = tuple(names) + tuple((id(t), t._version) for t in (*A, *B)) + tuple(scales)
+    key = tuple(plan.additive) + tuple((id(t), t._version) for t in (*A, *B)) + tuple(scales)
     cached = getattr(layer, "_packed", None)
     if cached is None or cached[0] != key:
         cached = (key, triton_lora.PackedLoRA.pack(A, B, scales))
         layer._packed = cached
     R, T, _ = x.shape
+    n = len(plan.additive)
+    if ("tokens", T) not in plan.cache:   # once per batch, not once per layer
+        tokens = plan.add_slots.repeat_interleave(T)
+        variant = triton_lora.choose_variant(R * T, n)
+        tiles = triton_lora.tile_plan(tokens, n) if variant == "tiles" else None
+        plan.cache[("tokens", T)] = (tokens, variant, tiles)
+    tokens, variant, tiles = plan.cache[("tokens", T)]
     y2 = y.reshape(R * T, -1)
     with torch.no_grad():
-        triton_lora.lora_add_(y2, x.reshape(R * T, -1), slots.repeat_interleave(T), cached[1])
+        triton_lora.lora_add_(y2, x.reshape(R * T, -1), tokens, cached[1], variant, tiles)
     return y2.view(y.shape)
 
 
@@ -151,7 +159,7 @@ def mixed_forward(layer, x: torch.Tensor, plan: RowPlan) -> torch.Tensor:
     if plan.additive:
         A, B, scales, dropouts = _additive_factors(layer, plan.additive)
         if impl == "triton":
-            y = _triton_add(layer, plan.additive, x3, y.contiguous(), plan.add_slots, A, B, scales)
+            y = _triton_add(layer, plan, x3, y.contiguous(), A, B, scales)
         elif impl == "bmm":
             y = y + ops.bmm(x3, plan.add_slots, A, B, scales)
         else:

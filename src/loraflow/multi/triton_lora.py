@@ -153,42 +153,56 @@ def _block_r(r_max: int, minimum: int) -> int:
     return max(minimum, triton.next_power_of_2(r_max))
 
 
-def tile_plan(slots: torch.Tensor, n: int, block_m: int):
-    """Sort tokens by slot and cut each adapter's segment into tiles of ``block_m`` tokens.
-    Returns (sorted token ids, tile slot, tile start, tile end), tiles of base tokens left out."""
+@dataclass
+class TilePlan:
+    """Tokens sorted by slot, each adapter's segment cut into tiles of ``block_m`` tokens.
+    Computed once per batch (one host sync) and shared by every layer."""
+    order: torch.Tensor      # (N,) int32 token ids, sorted by slot
+    tslot: torch.Tensor      # (tiles,) int32 adapter of each tile
+    tstart: torch.Tensor     # (tiles,) int32 first position in ``order``
+    tend: torch.Tensor       # (tiles,) int32 one past the last
+    block_m: int
+
+
+def tile_plan(slots: torch.Tensor, n: int, block_m: int = 32) -> TilePlan:
+    """Plan for token slots (N,) in [-1, n); tiles of base tokens (-1) are left out."""
     order = torch.argsort(slots, stable=True).to(torch.int32)
-    counts = torch.bincount(slots + 1, minlength=n + 1).tolist()    # one host sync
+    counts = torch.bincount(slots.long() + 1, minlength=n + 1).tolist()    # one host sync
     tslot, tstart, tend = [], [], []
     start = counts[0]
     for i, c in enumerate(counts[1:]):
         for s in range(start, start + c, block_m):
             tslot.append(i), tstart.append(s), tend.append(min(s + block_m, start + c))
         start += c
-    dev = slots.device
-    as_t = lambda v: torch.tensor(v, dtype=torch.int32, device=dev)
-    return order, as_t(tslot), as_t(tstart), as_t(tend)
+    as_t = lambda v: torch.tensor(v, dtype=torch.int32, device=slots.device)
+    return TilePlan(order, as_t(tslot), as_t(tstart), as_t(tend), block_m)
+
+
+def choose_variant(n_tokens: int, n_adapters: int) -> str:
+    """Tiles when the average segment fills a tile (prefill), rows otherwise (decode)."""
+    return "tiles" if n_tokens >= 64 and n_tokens >= 32 * n_adapters else "rows"
 
 
 def lora_add_(y: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, packed: PackedLoRA,
-              variant: str | None = None) -> torch.Tensor:
+              variant: str | None = None, plan: TilePlan | None = None) -> torch.Tensor:
     """y += Δy for tokens x: (N, d_in) with slots (N,) (−1: none), in place on y: (N, d_out).
 
-    ``variant`` is "rows" (decode), "tiles" (prefill) or None: tiles when the average
-    segment is long enough to fill a tile."""
+    ``variant``: "rows" (decode), "tiles" (prefill) or None (``choose_variant``). The tiles
+    variant takes a precomputed ``plan`` (``tile_plan``), or makes one."""
     N, K = x.shape
     D = y.shape[1]
     n = packed.ranks.numel()
     if N == 0:
         return y
-    x = x.contiguous()
-    slots = slots.to(torch.int32).contiguous()
-    if variant is None:
-        variant = "tiles" if N >= 32 * n and N >= 64 else "rows"
-    h = torch.zeros(N, packed.r_max, device=x.device, dtype=torch.float32)
+    x = x if x.stride(1) == 1 else x.contiguous()
+    variant = variant or ("tiles" if plan is not None else choose_variant(N, n))
     if variant == "rows":
+        slots = slots.to(torch.int32)
         block_r = _block_r(packed.r_max, 1)
         block_k = max(32, min(512, 8192 // block_r))
         split_k = max(1, min(triton.cdiv(K, block_k), triton.cdiv(512, N)))
+        alloc = torch.zeros if split_k > 1 else torch.empty      # split-K accumulates atomically
+        h = alloc(N, packed.r_max, device=x.device, dtype=torch.float32)
         _shrink_rows[(N, split_k)](x, slots, packed.a, packed.offsets, packed.ranks, h, K,
                                    x.stride(0), packed.a.stride(0), h.stride(0),
                                    BLOCK_R=block_r, BLOCK_K=block_k, SPLIT_K=split_k)
@@ -197,19 +211,22 @@ def lora_add_(y: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, packed: Pac
                                                     D, h.stride(0), packed.bt.stride(0), y.stride(0),
                                                     BLOCK_R=block_r, BLOCK_N=block_n)
     elif variant == "tiles":
-        block_m, block_r = 32, _block_r(packed.r_max, 16)
-        order, tslot, tstart, tend = tile_plan(slots.long(), n, block_m)
-        if tslot.numel() == 0:
+        plan = plan or tile_plan(slots, n)
+        tiles = plan.tslot.numel()
+        if tiles == 0:
             return y
+        block_r = _block_r(packed.r_max, 16)
+        h = torch.empty(N, packed.r_max, device=x.device, dtype=torch.float32)
         precision = "ieee" if x.dtype == torch.float32 else "tf32"
-        _shrink_tiles[(tslot.numel(),)](x, order, tslot, tstart, tend, packed.a, packed.offsets,
-                                        packed.ranks, h, K, x.stride(0), packed.a.stride(0), h.stride(0),
-                                        BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=64, PRECISION=precision)
+        _shrink_tiles[(tiles,)](x, plan.order, plan.tslot, plan.tstart, plan.tend, packed.a,
+                                packed.offsets, packed.ranks, h, K, x.stride(0), packed.a.stride(0),
+                                h.stride(0), BLOCK_M=plan.block_m, BLOCK_R=block_r, BLOCK_K=64,
+                                PRECISION=precision)
         block_n = 64
-        _expand_tiles[(tslot.numel(), triton.cdiv(D, block_n))](
-            h, order, tslot, tstart, tend, packed.bt, packed.offsets, packed.ranks, y, D,
-            h.stride(0), packed.bt.stride(0), y.stride(0),
-            BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_N=block_n, PRECISION=precision)
+        _expand_tiles[(tiles, triton.cdiv(D, block_n))](
+            h, plan.order, plan.tslot, plan.tstart, plan.tend, packed.bt, packed.offsets, packed.ranks,
+            y, D, h.stride(0), packed.bt.stride(0), y.stride(0),
+            BLOCK_M=plan.block_m, BLOCK_R=block_r, BLOCK_N=block_n, PRECISION=precision)
     else:
         raise ValueError(f"variant must be 'rows', 'tiles' or None, got {variant!r}")
     return y

@@ -1,0 +1,1 @@
+"""Benchmarks: measured on the GPU machine, results committed under benchmarks/results/."""

@@ -1,0 +1,212 @@
+"""``loraflow bench kernels``: per-row adapter ops on Llama-2-7B projection shapes.
+
+For each case (shape, rows x tokens, rank, adapter mix) it times, in bf16 on one GPU:
+the base GEMM alone; the LoRA add-on (shrink + expand) of each implementation; the whole
+layer with our kernels; PEFT's mixed-batch forward of the same layer; and the memory
+roofline of the add-on: bytes of x, of the A and B actually used, and of y, over the
+device-to-device copy bandwidth measured in the same run. FLoRA cases time FLoRA's dense
+path against the ``bmm`` LoRA layer at equal rank.
+
+Mixes (Punica / S-LoRA): identical (one adapter), uniform (ceil(sqrt(n)) adapters),
+skewed (Zipf 1.5 over n), distinct (n adapters) for a batch of n rows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loraflow.bench.timing import rotations, time_ms
+from loraflow.multi import ops
+
+SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]      # (d_in, d_out) of Llama-2-7B
+RANKS = [1, 2, 4, 8, 16, 32, 64]
+MIXED_RANKS = [8, 16, 32, 64]                               # "mixed": cycled over adapters
+MIXES = ["identical", "uniform", "skewed", "distinct"]
+
+
+@dataclass
+class Case:
+    kind: str            # "decode" | "prefill" | "flora"
+    d_in: int
+    d_out: int
+    rows: int            # requests in the batch
+    T: int               # tokens per row (1: decode)
+    rank: int | str      # an int, or "mixed"
+    mix: str
+
+    @property
+    def tokens(self) -> int:
+        return self.rows * self.T
+
+
+def grid(quick: bool = False) -> list[Case]:
+    if quick:
+        return [Case("decode", 4096, 4096, 64, 1, 16, "distinct"),
+                Case("prefill", 4096, 4096, 16, 256, 16, "distinct"),
+                Case("flora", 4096, 4096, 16, 256, 1, "distinct")]
+    cases = []
+    for d_in, d_out in SHAPES:
+        for rows in [1, 4, 16, 64, 256]:
+            for mix in MIXES:
+                cases.append(Case("decode", d_in, d_out, rows, 1, 16, mix))
+        for tokens in [2048, 4096, 8192]:
+            for mix in MIXES:
+                cases.append(Case("prefill", d_in, d_out, 16, tokens // 16, 16, mix))
+    for rank in RANKS + ["mixed"]:
+        if rank != 16:
+            cases.append(Case("decode", 4096, 4096, 64, 1, rank, "distinct"))
+            cases.append(Case("prefill", 4096, 4096, 16, 256, rank, "distinct"))
+    for rank in RANKS:
+        cases.append(Case("flora", 4096, 4096, 16, 256, rank, "distinct"))
+    for tokens in [2048, 8192]:
+        cases.append(Case("flora", 4096, 4096, 16, tokens // 16, 1, "distinct"))
+    return cases
+
+
+def assign(mix: str, n: int, gen: torch.Generator) -> list[int]:
+    """Adapter index of each of n rows."""
+    if mix == "identical":
+        return [0] * n
+    if mix == "uniform":
+        return torch.randint(0, math.ceil(math.sqrt(n)), (n,), generator=gen).tolist()
+    if mix == "skewed":
+        p = torch.tensor([1 / (i + 1) ** 1.5 for i in range(n)])
+        return torch.multinomial(p, n, replacement=True, generator=gen).tolist()
+    if mix == "distinct":
+        return list(range(n))
+    raise ValueError(f"mix must be one of {MIXES}, got {mix!r}")
+
+
+def _inputs(case: Case, gen: torch.Generator, device, dtype):
+    """One input set: x, W, the used adapters (A_i, B_i, scale 1), row slots."""
+    rows_to = assign(case.mix, case.rows, gen)
+    used = sorted(set(rows_to))
+    remap = {a: i for i, a in enumerate(used)}
+    slots = torch.tensor([remap[a] for a in rows_to], device=device)
+    ranks = [case.rank if case.rank != "mixed" else MIXED_RANKS[i % len(MIXED_RANKS)] for i in range(len(used))]
+    rnd = lambda *s: (torch.randn(*s, device=device, dtype=torch.float32) / math.sqrt(s[-1])).to(dtype)
+    A = [rnd(r, case.d_in) for r in ranks]
+    B = [rnd(case.d_out, r) for r in ranks]
+    x = torch.randn(case.rows, case.T, case.d_in, device=device, dtype=dtype)
+    W = rnd(case.d_out, case.d_in)
+    return x, W, A, B, slots
+
+
+def _addon_bytes(case: Case, A, B, elt: int = 2) -> int:
+    return elt * (case.tokens * case.d_in + sum(a.numel() for a in A) + sum(b.numel() for b in B)
+                  + case.tokens * case.d_out)
+
+
+def _peft_layer(case: Case, W, A, B, device, dtype):
+    """A PEFT LoRA layer over the same base weight with every used adapter loaded."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    class One(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(case.d_in, case.d_out, bias=False)
+
+        def forward(self, x):
+            return self.lin(x)
+
+    model = None
+    for i, (a, b) in enumerate(zip(A, B)):
+        cfg = LoraConfig(r=a.shape[0], lora_alpha=a.shape[0], target_modules=["lin"])
+        if model is None:
+            model = get_peft_model(One(), cfg, adapter_name=f"t{i}")
+        else:
+            model.add_adapter(f"t{i}", cfg)
+    model = model.to(device, dtype)
+    with torch.no_grad():
+        model.base_model.model.lin.base_layer.weight.copy_(W)
+        for i, (a, b) in enumerate(zip(A, B)):
+            model.base_model.model.lin.lora_A[f"t{i}"].weight.copy_(a)
+            model.base_model.model.lin.lora_B[f"t{i}"].weight.copy_(b)
+    assert isinstance(model, PeftModel)
+    return model.eval()
+
+
+@torch.no_grad()
+def run_case(case: Case, bandwidth_gbs: float, peft: bool = True, device="cuda",
+             dtype=torch.bfloat16) -> dict:
+    from loraflow.multi import triton_lora
+
+    gen = torch.Generator().manual_seed(hash((case.kind, case.d_in, case.d_out, case.rows, case.T,
+                                              str(case.rank), case.mix)) % 2**31)
+    first = _inputs(case, gen, device, dtype)
+    set_bytes = 2 * (first[0].numel() + first[1].numel() + sum(a.numel() + b.numel() for a, b in zip(first[2], first[3])))
+    sets = [first] + [_inputs(case, gen, device, dtype) for _ in range(rotations(set_bytes) - 1)]
+    x0, W0, A0, B0, slots0 = first
+    n_used = len(A0)
+    out = {**asdict(case), "adapters": n_used, "rotations": len(sets)}
+
+    # base GEMM alone, and the layer output buffers
+    out["base_ms"] = time_ms([lambda s=s: F.linear(s[0], s[1]) for s in sets])
+    ones = lambda s: [1.0] * len(s[2])                          # unit scales (folded into B)
+
+    if case.kind == "flora":
+        flora_A = [[1 + 0.1 * a.float().to(dtype) for a in s[2]] for s in sets]
+        out["flora_dense_ms"] = time_ms([lambda s=s, fa=fa: ops.flora_dense(s[0], s[4], s[1], fa, s[3])
+                                         for s, fa in zip(sets, flora_A)])
+        stacks = [ops.padded(s[2], s[3], ones(s)) for s in sets]
+        out["lora_bmm_layer_ms"] = time_ms([lambda s=s, st=st: F.linear(s[0], s[1]) + ops.bmm_padded(s[0], s[4], *st)
+                                            for s, st in zip(sets, stacks)])
+        packed = [triton_lora.PackedLoRA.pack(s[2], s[3], ones(s)) for s in sets]
+        plans = [triton_lora.tile_plan(s[4].repeat_interleave(case.T), len(s[2])) for s in sets]
+        out["lora_triton_layer_ms"] = time_ms([lambda s=s, p=p, pl=pl: _triton_layer(s, p, None, pl, case)
+                                               for s, p, pl in zip(sets, packed, plans)])
+        out["flora_speedup_vs_bmm"] = out["lora_bmm_layer_ms"] / out["flora_dense_ms"]
+        return out
+
+    tokens = [s[4].repeat_interleave(case.T) for s in sets]
+    packed = [triton_lora.PackedLoRA.pack(s[2], s[3], ones(s)) for s in sets]
+    variant = triton_lora.choose_variant(case.tokens, n_used)
+    plans = [triton_lora.tile_plan(t, len(s[2])) if variant == "tiles" else None for s, t in zip(sets, tokens)]
+    ys = [torch.empty(case.tokens, case.d_out, device=device, dtype=dtype) for _ in sets]
+    out["triton_variant"] = variant
+    out["triton_addon_ms"] = time_ms([
+        lambda s=s, t=t, p=p, pl=pl, y=y: triton_lora.lora_add_(y, s[0].view(case.tokens, -1), t, p, variant, pl)
+        for s, t, p, pl, y in zip(sets, tokens, packed, plans, ys)])
+    out["triton_layer_ms"] = time_ms([lambda s=s, p=p, t=t, pl=pl: _triton_layer(s, p, t, pl, case, variant)
+                                      for s, p, t, pl in zip(sets, packed, tokens, plans)])
+    stacks = [ops.padded(s[2], s[3], ones(s)) for s in sets]
+    out["bmm_addon_ms"] = time_ms([lambda s=s, st=st: ops.bmm_padded(s[0], s[4], *st) for s, st in zip(sets, stacks)])
+    out["loop_addon_ms"] = time_ms([lambda s=s: ops.loop(s[0], s[4], s[2], s[3], ones(s)) for s in sets], graph=False)
+    out["segmented_addon_ms"] = time_ms([lambda s=s: ops.segmented(s[0], s[4], s[2], s[3], ones(s)) for s in sets],
+                                        graph=False)
+    if peft:
+        layer = _peft_layer(case, W0, A0, B0, device, dtype)
+        names = [f"t{int(i)}" for i in slots0.tolist()]
+        out["peft_layer_ms"] = time_ms([lambda: layer(x0, adapter_names=names)], graph=False)
+        out["speedup_vs_peft"] = out["peft_layer_ms"] / out["triton_layer_ms"]
+    out["addon_bytes"] = _addon_bytes(case, A0, B0)
+    out["roofline_ms"] = out["addon_bytes"] / (bandwidth_gbs * 1e9) * 1e3
+    out["addon_over_roofline"] = out["triton_addon_ms"] / out["roofline_ms"]
+    out["addon_over_base"] = out["triton_addon_ms"] / out["base_ms"]
+    return out
+
+
+def _triton_layer(s, packed, tokens, plan, case: Case, variant: str = "tiles"):
+    """The whole layer: base GEMM, then the add-on in place on its output."""
+    from loraflow.multi import triton_lora
+
+    y = F.linear(s[0], s[1]).view(case.tokens, -1)
+    return triton_lora.lora_add_(y, s[0].view(case.tokens, -1), tokens, packed, variant, plan)
+
+
+def check_case(case: Case, device="cuda", dtype=torch.bfloat16) -> float:
+    """Relative error of the Triton add-on against a float64 loop (must be < 1e-2 in bf16)."""
+    from loraflow.multi import triton_lora
+
+    x, W, A, B, slots = _inputs(case, torch.Generator().manual_seed(0), device, dtype)
+    ref = ops.loop(x.double(), slots, [a.double() for a in A], [b.double() for b in B], [1.0] * len(A))
+    y = torch.zeros(case.tokens, case.d_out, device=device, dtype=dtype)
+    tokens = slots.repeat_interleave(case.T)
+    triton_lora.lora_add_(y, x.view(case.tokens, -1), tokens, triton_lora.PackedLoRA.pack(A, B, [1.0] * len(A)))
+    ref = ref.view(case.tokens, -1)
+    return ((y.double() - ref).norm() / ref.norm()).item()

@@ -1,0 +1,72 @@
+"""Timing on the GPU the way METHOD.md asks: device events, warm-up, medians, cold caches.
+
+``time_ms(fns)`` calls ``fns`` round-robin: each entry uses its own inputs, and together
+they are several times the L2 cache, so every call reads its weights from memory. Code
+without host syncs is captured in a CUDA graph and replayed (no launch gaps); code with host
+syncs (the loop and segmented ops, PEFT) runs eagerly, as it would in a model.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+
+def time_ms(fns, graph: bool = True, reps: int = 15, inner: int = 5) -> float:
+    """Median milliseconds per call."""
+    if not torch.cuda.is_available():
+        for f in fns:
+            f()
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            for f in fns:
+                f()
+            times.append((time.perf_counter() - start) * 1e3 / len(fns))
+        return statistics.median(times)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):          # warm-up: compiles kernels, fills allocator pools
+        for _ in range(2):
+            for f in fns:
+                f()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    if graph:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for f in fns:
+                f()
+        run = g.replay
+    else:
+        def run():
+            for f in fns:
+                f()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        for _ in range(inner):
+            run()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / (inner * len(fns)))
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbs(gib: float = 1.0) -> float:
+    """Device-to-device copy bandwidth, bytes read plus written, in GB/s."""
+    if not torch.cuda.is_available():
+        return float("nan")
+    n = int(gib * 2**30) // 2
+    src = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    ms = time_ms([lambda: dst.copy_(src)], graph=True, reps=10, inner=5)
+    return 2 * src.numel() * 2 / (ms * 1e-3) / 1e9
+
+
+def rotations(set_bytes: int, l2_bytes: int = 60 * 2**20, cap: int = 8) -> int:
+    """How many input sets make the working set at least 4x the L2 cache."""
+    return max(1, min(cap, -(-4 * l2_bytes // max(1, set_bytes))))
