@@ -18,6 +18,7 @@ from transformers import (BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, Ll
 from loraflow.adapters import DeepLoRA, FLoRA, LoRA, adapter_layers
 
 VOCAB = 128
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"   # where the Triton kernels run for real
 
 
 def tiny_llama(seed: int = 0, hidden: int = 32) -> LlamaForCausalLM:

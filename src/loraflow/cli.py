@@ -38,12 +38,27 @@ def cmd_bench_kernels(args) -> None:
     from tqdm import tqdm
 
     from loraflow.bench import kernels, kernels_report, report
-    from loraflow.bench.timing import copy_bandwidth_gbs
+    from loraflow.bench.timing import copy_bandwidth_gbs, warm_up_gpu
 
     if not torch.cuda.is_available():
         sys.exit("loraflow bench kernels needs a CUDA GPU (its figures are GPU figures)")
     cases = kernels.grid(quick=args.quick)
+    warm_up_gpu()
     bandwidth = copy_bandwidth_gbs()
+    if args.sweep:
+        import itertools
+        decode = kernels.Case("decode", 4096, 4096, 64, 1, 16, "distinct")
+        prefill = kernels.Case("prefill", 4096, 4096, 16, 256, 16, "distinct")
+        rows_cfgs = [dict(block_k=bk, split_k=sk, block_n=bn, warps=w) for bk, sk, bn, w in
+                     itertools.product([256, 512], [4, 8, 16], [128, 256, 512], [4, 8])]
+        tile_cfgs = [dict(block_m=bm, block_k=bk, split_k=sk, block_n=bn, warps=w) for bm, bk, sk, bn, w in
+                     itertools.product([32, 64], [64, 128], [1, 2, 4, 8], [64, 128], [4, 8])]
+        for case, cfgs in [(decode, rows_cfgs), (prefill, tile_cfgs)]:
+            res = sorted(kernels.sweep(case, cfgs), key=lambda r: r["addon_us"])
+            print(f"{case.kind}: copy bandwidth {bandwidth:.0f} GB/s; best of {len(res)}:")
+            for r in res[:6] + res[-2:]:
+                print("  ", r)
+        return
     errors = {f"{c.kind} {c.rows}x{c.T} r{c.rank} {c.mix}": kernels.check_case(c)
               for c in cases if c.kind != "flora" and c.d_in == 4096 and c.d_out == 4096}
     bad = {k: e for k, e in errors.items() if not e < 1e-2}
@@ -74,6 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="benchmarks/results", help="folder for the JSON, Markdown and PNG")
     p.add_argument("--quick", action="store_true", help="three cases only (a smoke run)")
     p.add_argument("--no-peft", action="store_true", help="skip PEFT's mixed-batch forward")
+    p.add_argument("--sweep", action="store_true", help="time launch configurations on the target cases")
     p.set_defaults(func=cmd_bench_kernels)
     args = parser.parse_args(argv)
     if args.version:

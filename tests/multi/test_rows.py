@@ -7,7 +7,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 import loraflow as lf
-from conftest import clone, ids, make, outputs, randomize, rel_err, tiny_llama
+from conftest import DEVICE, clone, ids, make, outputs, randomize, rel_err, tiny_llama
 
 IMPLS = ["loop", "bmm", "segmented", "triton"]
 
@@ -55,7 +55,7 @@ def test_every_impl_equals_loop_on_a_mixed_model(impl):
     lf.add_adapter(model, lf.DeepLoRAConfig(r=2, target_modules=["k_proj"]), name="d")
     for n in "abfd":
         randomize(model, n)
-    x = ids(batch=7, seq=4)
+    model, x = model.to(DEVICE), ids(batch=7, seq=4).to(DEVICE)
     names = ["f", "a", None, "b", "d", "f", "a"]
     with lf.use_adapters(model, names, impl="loop"):
         ref = outputs(model, x)

@@ -32,13 +32,27 @@ def problem(seed, N, ranks, d_in=40, d_out=72, dtype=torch.float32, base_fractio
 @pytest.mark.parametrize("seed", [0, 1])
 def test_kernels_equal_the_loop(variant, N, ranks, seed):
     x, slots, A, B, scales = problem(seed, N, ranks)
-    base = torch.randn(N, B[0].shape[0], device=DEVICE)
-    ref = base + ops.loop(x[:, None].double(), slots, [a.double() for a in A],
-                          [b.double() for b in B], scales)[:, 0].float()
-    y = base.clone()
-    triton_lora.lora_add_(y, x, slots, triton_lora.PackedLoRA.pack(A, B, scales), variant=variant)
-    assert rel_err(y, ref) < 1e-5
-    torch.testing.assert_close(y[slots < 0], base[slots < 0], rtol=0, atol=0)   # base rows untouched
+    bias = torch.randn(B[0].shape[0], device=DEVICE)
+    ref = ops.loop(x[:, None].double(), slots, [a.double() for a in A],
+                   [b.double() for b in B], scales)[:, 0].float()
+    out = torch.full((N, B[0].shape[0]), float("nan"), device=DEVICE)   # poisoned: all must be written
+    triton_lora.lora_delta(x, slots, triton_lora.PackedLoRA.pack(A, B, scales), variant=variant, out=out)
+    assert not out.isnan().any()
+    assert rel_err(out, ref) < 1e-5
+    assert (out[slots < 0] == 0).all()                                    # base rows: no delta
+    with_bias = triton_lora.lora_delta(x, slots, triton_lora.PackedLoRA.pack(A, B, scales), variant=variant,
+                                       bias=bias)
+    assert rel_err(with_bias, ref + bias) < 1e-5
+
+
+@pytest.mark.parametrize("config", [{"split_k": 1}, {"split_k": 3, "block_k": 16}, {"block_n": 32, "warps": 8}])
+def test_launch_configs_do_not_change_results(config):
+    for variant, N in [("rows", 6), ("tiles", 80)]:
+        x, slots, A, B, scales = problem(5, N, [3, 16])
+        ref = triton_lora.lora_delta(x, slots, triton_lora.PackedLoRA.pack(A, B, scales), variant=variant)
+        got = triton_lora.lora_delta(x, slots, triton_lora.PackedLoRA.pack(A, B, scales), variant=variant,
+                                     config=config)
+        assert rel_err(got, ref) < 1e-6
 
 
 def test_tile_plan_covers_every_adapter_token_once():
@@ -46,7 +60,7 @@ def test_tile_plan_covers_every_adapter_token_once():
     plan = triton_lora.tile_plan(slots, n=3, block_m=2)
     order, tslot, tstart, tend = plan.order, plan.tslot, plan.tstart, plan.tend
     covered = [int(order[i]) for s, e in zip(tstart.tolist(), tend.tolist()) for i in range(s, e)]
-    assert sorted(covered) == [i for i, s in enumerate(slots.tolist()) if s >= 0]
+    assert sorted(covered) == list(range(len(slots)))          # base tokens too (they get zeros)
     for t, s, e in zip(tslot.tolist(), tstart.tolist(), tend.tolist()):
         assert all(int(slots[order[i]]) == t for i in range(s, e)) and e - s <= 2
 
@@ -56,6 +70,5 @@ def test_tile_plan_covers_every_adapter_token_once():
 def test_kernels_in_bf16_on_cuda(variant):
     x, slots, A, B, scales = problem(3, 256, [8, 16, 64, 1], d_in=512, d_out=384, dtype=torch.bfloat16)
     ref = ops.loop(x[:, None].double(), slots, [a.double() for a in A], [b.double() for b in B], scales)[:, 0]
-    y = torch.zeros(256, 384, device="cuda", dtype=torch.bfloat16)
-    triton_lora.lora_add_(y, x, slots, triton_lora.PackedLoRA.pack(A, B, scales), variant=variant)
+    y = triton_lora.lora_delta(x, slots, triton_lora.PackedLoRA.pack(A, B, scales), variant=variant)
     assert rel_err(y.double(), ref) < 1e-2

@@ -65,6 +65,8 @@ def grid(quick: bool = False) -> list[Case]:
         cases.append(Case("flora", 4096, 4096, 16, 256, rank, "distinct"))
     for tokens in [2048, 8192]:
         cases.append(Case("flora", 4096, 4096, 16, tokens // 16, 1, "distinct"))
+    for rank in [1, 2, 4, 8]:               # decode-sized batches, where FLoRA's GEMM is cheap
+        cases.append(Case("flora", 4096, 4096, 64, 1, rank, "distinct"))
     return cases
 
 
@@ -157,9 +159,11 @@ def run_case(case: Case, bandwidth_gbs: float, peft: bool = True, device="cuda",
         out["lora_bmm_layer_ms"] = time_ms([lambda s=s, st=st: F.linear(s[0], s[1]) + ops.bmm_padded(s[0], s[4], *st)
                                             for s, st in zip(sets, stacks)])
         packed = [triton_lora.PackedLoRA.pack(s[2], s[3], ones(s)) for s in sets]
-        plans = [triton_lora.tile_plan(s[4].repeat_interleave(case.T), len(s[2])) for s in sets]
-        out["lora_triton_layer_ms"] = time_ms([lambda s=s, p=p, pl=pl: _triton_layer(s, p, None, pl, case)
-                                               for s, p, pl in zip(sets, packed, plans)])
+        tokens = [s[4].repeat_interleave(case.T) for s in sets]
+        variant = triton_lora.choose_variant(case.tokens, n_used)
+        plans = [triton_lora.tile_plan(t, len(s[2])) if variant == "tiles" else None for s, t in zip(sets, tokens)]
+        out["lora_triton_layer_ms"] = time_ms([lambda s=s, p=p, t=t, pl=pl: _triton_layer(s, p, t, pl, case, variant)
+                                               for s, p, t, pl in zip(sets, packed, tokens, plans)])
         out["flora_speedup_vs_bmm"] = out["lora_bmm_layer_ms"] / out["flora_dense_ms"]
         return out
 
@@ -170,7 +174,8 @@ def run_case(case: Case, bandwidth_gbs: float, peft: bool = True, device="cuda",
     ys = [torch.empty(case.tokens, case.d_out, device=device, dtype=dtype) for _ in sets]
     out["triton_variant"] = variant
     out["triton_addon_ms"] = time_ms([
-        lambda s=s, t=t, p=p, pl=pl, y=y: triton_lora.lora_add_(y, s[0].view(case.tokens, -1), t, p, variant, pl)
+        lambda s=s, t=t, p=p, pl=pl, y=y: triton_lora.lora_delta(s[0].view(case.tokens, -1), t, p, variant, pl,
+                                                                  out=y)
         for s, t, p, pl, y in zip(sets, tokens, packed, plans, ys)])
     out["triton_layer_ms"] = time_ms([lambda s=s, p=p, t=t, pl=pl: _triton_layer(s, p, t, pl, case, variant)
                                       for s, p, t, pl in zip(sets, packed, tokens, plans)])
@@ -191,12 +196,32 @@ def run_case(case: Case, bandwidth_gbs: float, peft: bool = True, device="cuda",
     return out
 
 
-def _triton_layer(s, packed, tokens, plan, case: Case, variant: str = "tiles"):
-    """The whole layer: base GEMM, then the add-on in place on its output."""
+def _triton_layer(s, packed, tokens, plan, case: Case, variant: str):
+    """The whole layer as the model runs it: Δy from the kernels, then addmm(Δy, x, Wᵀ)."""
     from loraflow.multi import triton_lora
 
-    y = F.linear(s[0], s[1]).view(case.tokens, -1)
-    return triton_lora.lora_add_(y, s[0].view(case.tokens, -1), tokens, packed, variant, plan)
+    x2 = s[0].view(case.tokens, -1)
+    return torch.addmm(triton_lora.lora_delta(x2, tokens, packed, variant, plan), x2, s[1].T)
+
+
+def sweep(case: Case, configs: list[dict], device="cuda", dtype=torch.bfloat16) -> list[dict]:
+    """Add-on time of each launch configuration on one case (to choose the defaults)."""
+    from loraflow.multi import triton_lora
+
+    gen = torch.Generator().manual_seed(0)
+    sets = [_inputs(case, gen, device, dtype) for _ in range(8)]
+    variant = triton_lora.choose_variant(case.tokens, len(sets[0][2]))
+    out = []
+    for cfg in configs:
+        bm = cfg.get("block_m", triton_lora.DEFAULTS["tiles"]["block_m"])
+        prep = []
+        for s in sets:
+            t = s[4].repeat_interleave(case.T)
+            prep.append((s[0].view(case.tokens, -1), t, triton_lora.PackedLoRA.pack(s[2], s[3], [1.0] * len(s[2])),
+                         triton_lora.tile_plan(t, len(s[2]), bm) if variant == "tiles" else None))
+        ms = time_ms([lambda p=p: triton_lora.lora_delta(p[0], p[1], p[2], variant, p[3], config=cfg) for p in prep])
+        out.append({"variant": variant, **cfg, "addon_us": ms * 1e3})
+    return out
 
 
 def check_case(case: Case, device="cuda", dtype=torch.bfloat16) -> float:
@@ -205,8 +230,7 @@ def check_case(case: Case, device="cuda", dtype=torch.bfloat16) -> float:
 
     x, W, A, B, slots = _inputs(case, torch.Generator().manual_seed(0), device, dtype)
     ref = ops.loop(x.double(), slots, [a.double() for a in A], [b.double() for b in B], [1.0] * len(A))
-    y = torch.zeros(case.tokens, case.d_out, device=device, dtype=dtype)
     tokens = slots.repeat_interleave(case.T)
-    triton_lora.lora_add_(y, x.view(case.tokens, -1), tokens, triton_lora.PackedLoRA.pack(A, B, [1.0] * len(A)))
+    y = triton_lora.lora_delta(x.view(case.tokens, -1), tokens, triton_lora.PackedLoRA.pack(A, B, [1.0] * len(A)))
     ref = ref.view(case.tokens, -1)
     return ((y.double() - ref).norm() / ref.norm()).item()

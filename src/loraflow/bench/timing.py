@@ -56,6 +56,18 @@ def time_ms(fns, graph: bool = True, reps: int = 15, inner: int = 5) -> float:
     return statistics.median(times)
 
 
+def warm_up_gpu(seconds: float = 1.0) -> None:
+    """Keep the GPU busy long enough for its clocks to ramp up before anything is timed."""
+    if not torch.cuda.is_available():
+        return
+    a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        for _ in range(20):
+            a @ a
+        torch.cuda.synchronize()
+
+
 def copy_bandwidth_gbs(gib: float = 1.0) -> float:
     """Device-to-device copy bandwidth, bytes read plus written, in GB/s."""
     if not torch.cuda.is_available():

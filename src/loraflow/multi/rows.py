@@ -120,7 +120,8 @@ def choose_impl(x: torch.Tensor, params_need_grad: bool) -> str:
     return "segmented"
 
 
-def _triton_add(layer, plan: RowPlan, x, y, A, B, scales) -> torch.Tensor:
+def _triton_layer(layer, plan: RowPlan, x: torch.Tensor, A, B, scales) -> torch.Tensor:
+    """y = addmm(Δy + bias, x, W0ᵀ): the kernels write Δy, the base GEMM adds onto it."""
     if triton_lora is None:
         raise ImportError("impl='triton' needs the triton package: pip install triton")
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
@@ -128,21 +129,22 @@ def _triton_add(layer, plan: RowPlan, x, y, A, B, scales) -> torch.Tensor:
                          "for tests); use 'segmented' on the CPU")
     key = tuple(plan.additive) + tuple((id(t), t._version) for t in (*A, *B)) + tuple(scales)
     cached = getattr(layer, "_packed", None)
-    if cached is None or cached[0] != key:
+    if cached is None or cached[0] != key:     # packed once, until the weights change
         cached = (key, triton_lora.PackedLoRA.pack(A, B, scales))
         layer._packed = cached
     R, T, _ = x.shape
     n = len(plan.additive)
-    if ("tokens", T) not in plan.cache:   # once per batch, not once per layer
+    if ("tokens", T) not in plan.cache:        # once per batch, not once per layer
         tokens = plan.add_slots.repeat_interleave(T)
         variant = triton_lora.choose_variant(R * T, n)
         tiles = triton_lora.tile_plan(tokens, n) if variant == "tiles" else None
         plan.cache[("tokens", T)] = (tokens, variant, tiles)
     tokens, variant, tiles = plan.cache[("tokens", T)]
-    y2 = y.reshape(R * T, -1)
+    x2 = x.reshape(R * T, -1)
     with torch.no_grad():
-        triton_lora.lora_add_(y2, x.reshape(R * T, -1), tokens, cached[1], variant, tiles)
-    return y2.view(y.shape)
+        delta = triton_lora.lora_delta(x2, tokens, cached[1], variant, tiles, bias=layer.base.bias)
+        y = torch.addmm(delta, x2, base_weight(layer.base).T)   # (R·T, d_out)
+    return y.view(R, T, -1)
 
 
 def mixed_forward(layer, x: torch.Tensor, plan: RowPlan) -> torch.Tensor:
@@ -152,18 +154,19 @@ def mixed_forward(layer, x: torch.Tensor, plan: RowPlan) -> torch.Tensor:
         raise ValueError(f"use_adapters got {plan.add_slots.numel()} adapter names but the batch "
                          f"has {x3.shape[0] if x3.dim() == 3 else tuple(x.shape)} rows: pass one "
                          "name (or None) per row")
-    y = layer.base(x3)                                            # (R, T, d_out)
     needs_grad = any(p.requires_grad for n in plan.additive + plan.flora
                      for p in layer.adapters[n].parameters())
     impl = plan.impl or choose_impl(x3, needs_grad)
-    if plan.additive:
+    if not plan.additive:
+        y = layer.base(x3)                                        # (R, T, d_out)
+    else:
         A, B, scales, dropouts = _additive_factors(layer, plan.additive)
         if impl == "triton":
-            y = _triton_add(layer, plan, x3, y.contiguous(), A, B, scales)
+            y = _triton_layer(layer, plan, x3, A, B, scales)
         elif impl == "bmm":
-            y = y + ops.bmm(x3, plan.add_slots, A, B, scales)
+            y = layer.base(x3) + ops.bmm(x3, plan.add_slots, A, B, scales)
         else:
-            y = y + LORA_OPS[impl](x3, plan.add_slots, A, B, scales, dropouts)
+            y = layer.base(x3) + LORA_OPS[impl](x3, plan.add_slots, A, B, scales, dropouts)
     if plan.flora:
         adapters = [layer.adapters[n] for n in plan.flora]
         xf = x3.index_select(0, plan.flora_rows)

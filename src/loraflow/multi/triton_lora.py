@@ -1,16 +1,20 @@
 """Triton kernels for per-row LoRA at inference: shrink (h = A_s x) and expand
-(y += B_s h), reading each row's adapter by slot id (the SGMV/BGMV idea of Punica, MLSys'24).
+(Δy = B_s h), reading each row's adapter by slot id (the SGMV/BGMV idea of Punica, MLSys'24).
+
+The expand writes every row of Δy (zeros, or the bias, for rows without an adapter), so the
+layer is one more GEMM that reads Δy in its epilogue, y = addmm(Δy, x, W0ᵀ), and the add-on
+never re-reads the base output: its memory traffic is x, the A and B in use, and Δy once.
 
 Adapters of mixed ranks are packed without padding the weights: all A_i stacked by rows
 into ``a`` (Σ r_i, d_in), all scale_i · B_iᵀ into ``bt`` (Σ r_i, d_out); adapter i owns rows
 ``offsets[i] : offsets[i] + ranks[i]``. Only the small per-token buffer h is padded to r_max.
 
 Two variants of each kernel:
-- rows (decode): one program per token (and split of d_in or block of d_out); each token
-  reads its adapter's rows directly, so a batch of 64 tokens with 64 adapters costs one read
-  of each adapter.
+- rows (decode): one program per token and slice of d_in (shrink; partial sums, no atomics,
+  no memset) or block of d_out (expand, which adds the partials); each token reads its
+  adapter's rows directly, so 64 tokens with 64 adapters read each adapter once.
 - tiles (prefill): tokens sorted by slot, cut into tiles of BLOCK_M tokens of one adapter;
-  each tile is a small matrix product on the tensor cores (``tl.dot``).
+  each tile is a small matrix product on the tensor cores (``tl.dot``), split over d_in.
 
 Inference only (no autograd): training uses the PyTorch ops. Runs on CPU tensors under
 ``TRITON_INTERPRET=1`` for tests.
@@ -50,89 +54,94 @@ class PackedLoRA:
 
 
 @triton.jit
-def _shrink_rows(x_ptr, slot_ptr, a_ptr, off_ptr, rank_ptr, h_ptr, K, stride_x, stride_a, stride_h,
-                 BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
-    m = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    slot = tl.load(slot_ptr + m)
-    valid = slot >= 0
-    s = tl.where(valid, slot, 0)
+def _slot_info(slot_ptr_or_val, rank_ptr, off_ptr):
+    valid = slot_ptr_or_val >= 0
+    s = tl.where(valid, slot_ptr_or_val, 0)
     r = tl.where(valid, tl.load(rank_ptr + s), 0)
-    off = tl.load(off_ptr + s)
-    rs = tl.arange(0, BLOCK_R)
-    acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K * SPLIT_K):
-        ks = k0 + pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-        xk = tl.load(x_ptr + m * stride_x + ks, mask=(ks < K) & valid, other=0.0).to(tl.float32)
-        a = tl.load(a_ptr + (off + rs)[:, None] * stride_a + ks[None, :],
-                    mask=(rs[:, None] < r) & (ks[None, :] < K), other=0.0).to(tl.float32)
-        acc += tl.sum(a * xk[None, :], axis=1)
-    if SPLIT_K == 1:
-        tl.store(h_ptr + m * stride_h + rs, acc, mask=rs < r)
-    else:
-        tl.atomic_add(h_ptr + m * stride_h + rs, acc, mask=rs < r)
+    return r, tl.load(off_ptr + s)
 
 
 @triton.jit
-def _expand_rows(h_ptr, slot_ptr, bt_ptr, off_ptr, rank_ptr, y_ptr, N, stride_h, stride_b, stride_y,
-                 BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+def _shrink_rows(x_ptr, slot_ptr, a_ptr, off_ptr, rank_ptr, hp_ptr, K, K_SPLIT, stride_x, stride_a,
+                 stride_hs, stride_hm, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """hp[split, m, :r] = A_s[:, chunk] · x_m[chunk] for one token m and one chunk of d_in."""
+    m = tl.program_id(0)
+    split = tl.program_id(1)
+    r, off = _slot_info(tl.load(slot_ptr + m), rank_ptr, off_ptr)
+    rs = tl.arange(0, BLOCK_R)
+    acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    k_lo = split * K_SPLIT
+    for k0 in range(0, K_SPLIT, BLOCK_K):
+        ks = k_lo + k0 + tl.arange(0, BLOCK_K)
+        kmask = (ks < K) & (ks < k_lo + K_SPLIT) & (r > 0)
+        xk = tl.load(x_ptr + m * stride_x + ks, mask=kmask, other=0.0).to(tl.float32)
+        a = tl.load(a_ptr + (off + rs)[:, None] * stride_a + ks[None, :],
+                    mask=(rs[:, None] < r) & kmask[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(a * xk[None, :], axis=1)
+    tl.store(hp_ptr + split * stride_hs + m * stride_hm + rs, acc, mask=rs < r)
+
+
+@triton.jit
+def _expand_rows(hp_ptr, slot_ptr, bt_ptr, off_ptr, rank_ptr, bias_ptr, out_ptr, N, SPLIT_K,
+                 stride_hs, stride_hm, stride_b, stride_o,
+                 BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """out[m, block] = Σ_split hp[split, m] · B_sᵀ[:, block] (+ bias); every element written."""
     m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    slot = tl.load(slot_ptr + m)
-    valid = slot >= 0
-    s = tl.where(valid, slot, 0)
-    r = tl.where(valid, tl.load(rank_ptr + s), 0)
-    off = tl.load(off_ptr + s)
+    r, off = _slot_info(tl.load(slot_ptr + m), rank_ptr, off_ptr)
     rs = tl.arange(0, BLOCK_R)
     ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = (ns < N) & valid
-    h = tl.load(h_ptr + m * stride_h + rs, mask=rs < r, other=0.0)
+    h = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for sp in range(0, SPLIT_K):
+        h += tl.load(hp_ptr + sp * stride_hs + m * stride_hm + rs, mask=rs < r, other=0.0)
     b = tl.load(bt_ptr + (off + rs)[:, None] * stride_b + ns[None, :],
-                mask=(rs[:, None] < r) & nmask[None, :], other=0.0).to(tl.float32)
+                mask=(rs[:, None] < r) & (ns[None, :] < N), other=0.0).to(tl.float32)
     out = tl.sum(h[:, None] * b, axis=0)
-    y = tl.load(y_ptr + m * stride_y + ns, mask=nmask, other=0.0)
-    tl.store(y_ptr + m * stride_y + ns, (y.to(tl.float32) + out).to(y.dtype), mask=nmask)
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + ns, mask=ns < N, other=0.0).to(tl.float32)
+    tl.store(out_ptr + m * stride_o + ns, out.to(out_ptr.dtype.element_ty), mask=ns < N)
 
 
 @triton.jit
 def _shrink_tiles(x_ptr, tok_ptr, tslot_ptr, tstart_ptr, tend_ptr, a_ptr, off_ptr, rank_ptr, h_ptr,
-                  K, stride_x, stride_a, stride_h,
+                  K, K_SPLIT, stride_x, stride_a, stride_h,
                   BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
                   PRECISION: tl.constexpr):
+    """h[tile tokens, :r] += x_tile[:, chunk] · A_s[:, chunk]ᵀ (atomics over the d_in chunks)."""
     t = tl.program_id(0)
-    slot = tl.load(tslot_ptr + t)
+    split = tl.program_id(1)
+    r, off = _slot_info(tl.load(tslot_ptr + t), rank_ptr, off_ptr)
     start = tl.load(tstart_ptr + t)
     end = tl.load(tend_ptr + t)
-    r = tl.load(rank_ptr + slot)
-    off = tl.load(off_ptr + slot)
     ms = start + tl.arange(0, BLOCK_M)
-    mmask = ms < end
+    mmask = (ms < end) & (r > 0)
     toks = tl.load(tok_ptr + ms, mask=mmask, other=0)
     rs = tl.arange(0, BLOCK_R)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
+    k_lo = split * K_SPLIT
+    for k0 in range(0, K_SPLIT, BLOCK_K):
+        ks = k_lo + k0 + tl.arange(0, BLOCK_K)
+        kmask = (ks < K) & (ks < k_lo + K_SPLIT)
         xt = tl.load(x_ptr + toks[:, None] * stride_x + ks[None, :],
-                     mask=mmask[:, None] & (ks[None, :] < K), other=0.0)
+                     mask=mmask[:, None] & kmask[None, :], other=0.0)
         at = tl.load(a_ptr + (off + rs)[None, :] * stride_a + ks[:, None],
-                     mask=(rs[None, :] < r) & (ks[:, None] < K), other=0.0)
+                     mask=(rs[None, :] < r) & kmask[:, None], other=0.0)
         acc = tl.dot(xt, at, acc, input_precision=PRECISION)
-    tl.store(h_ptr + toks[:, None] * stride_h + rs[None, :], acc,
-             mask=mmask[:, None] & (rs[None, :] < r))
+    tl.atomic_add(h_ptr + toks[:, None] * stride_h + rs[None, :], acc,
+                  mask=mmask[:, None] & (rs[None, :] < r))
 
 
 @triton.jit
-def _expand_tiles(h_ptr, tok_ptr, tslot_ptr, tstart_ptr, tend_ptr, bt_ptr, off_ptr, rank_ptr, y_ptr,
-                  N, stride_h, stride_b, stride_y,
+def _expand_tiles(h_ptr, tok_ptr, tslot_ptr, tstart_ptr, tend_ptr, bt_ptr, off_ptr, rank_ptr, bias_ptr,
+                  out_ptr, N, stride_h, stride_b, stride_o,
                   BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                  PRECISION: tl.constexpr):
+                  PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """out[tile tokens, block] = h_tile · B_sᵀ[:, block] (+ bias); base tiles get zeros (+ bias)."""
     t = tl.program_id(0)
     pid_n = tl.program_id(1)
-    slot = tl.load(tslot_ptr + t)
+    r, off = _slot_info(tl.load(tslot_ptr + t), rank_ptr, off_ptr)
     start = tl.load(tstart_ptr + t)
     end = tl.load(tend_ptr + t)
-    r = tl.load(rank_ptr + slot)
-    off = tl.load(off_ptr + slot)
     ms = start + tl.arange(0, BLOCK_M)
     mmask = ms < end
     toks = tl.load(tok_ptr + ms, mask=mmask, other=0)
@@ -143,10 +152,10 @@ def _expand_tiles(h_ptr, tok_ptr, tslot_ptr, tstart_ptr, tend_ptr, bt_ptr, off_p
     b = tl.load(bt_ptr + (off + rs)[:, None] * stride_b + ns[None, :],
                 mask=(rs[:, None] < r) & (ns[None, :] < N), other=0.0).to(tl.float32)
     out = tl.dot(h, b, input_precision=PRECISION)
-    ymask = mmask[:, None] & (ns[None, :] < N)
-    yp = y_ptr + toks[:, None] * stride_y + ns[None, :]
-    y = tl.load(yp, mask=ymask, other=0.0)
-    tl.store(yp, (y.to(tl.float32) + out).to(y.dtype), mask=ymask)
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + ns, mask=ns < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + toks[:, None] * stride_o + ns[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=mmask[:, None] & (ns[None, :] < N))
 
 
 def _block_r(r_max: int, minimum: int) -> int:
@@ -155,24 +164,24 @@ def _block_r(r_max: int, minimum: int) -> int:
 
 @dataclass
 class TilePlan:
-    """Tokens sorted by slot, each adapter's segment cut into tiles of ``block_m`` tokens.
-    Computed once per batch (one host sync) and shared by every layer."""
+    """Tokens sorted by slot, each segment (base tokens too) cut into tiles of ``block_m``
+    tokens. Computed once per batch (one host sync) and shared by every layer."""
     order: torch.Tensor      # (N,) int32 token ids, sorted by slot
-    tslot: torch.Tensor      # (tiles,) int32 adapter of each tile
+    tslot: torch.Tensor      # (tiles,) int32 adapter of each tile, -1: base tokens
     tstart: torch.Tensor     # (tiles,) int32 first position in ``order``
     tend: torch.Tensor       # (tiles,) int32 one past the last
     block_m: int
 
 
 def tile_plan(slots: torch.Tensor, n: int, block_m: int = 32) -> TilePlan:
-    """Plan for token slots (N,) in [-1, n); tiles of base tokens (-1) are left out."""
+    """Plan for token slots (N,) in [-1, n)."""
     order = torch.argsort(slots, stable=True).to(torch.int32)
     counts = torch.bincount(slots.long() + 1, minlength=n + 1).tolist()    # one host sync
     tslot, tstart, tend = [], [], []
-    start = counts[0]
-    for i, c in enumerate(counts[1:]):
+    start = 0
+    for i, c in enumerate(counts):
         for s in range(start, start + c, block_m):
-            tslot.append(i), tstart.append(s), tend.append(min(s + block_m, start + c))
+            tslot.append(i - 1), tstart.append(s), tend.append(min(s + block_m, start + c))
         start += c
     as_t = lambda v: torch.tensor(v, dtype=torch.int32, device=slots.device)
     return TilePlan(order, as_t(tslot), as_t(tstart), as_t(tend), block_m)
@@ -183,50 +192,65 @@ def choose_variant(n_tokens: int, n_adapters: int) -> str:
     return "tiles" if n_tokens >= 64 and n_tokens >= 32 * n_adapters else "rows"
 
 
-def lora_add_(y: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, packed: PackedLoRA,
-              variant: str | None = None, plan: TilePlan | None = None) -> torch.Tensor:
-    """y += Δy for tokens x: (N, d_in) with slots (N,) (−1: none), in place on y: (N, d_out).
+# Launch parameters; ``lora_delta(config=...)`` overrides them (the benchmark sweeps a few).
+DEFAULTS = {"rows": {"block_k": 512, "split_k": None, "block_n": 256, "warps": 4},
+            "tiles": {"block_m": 32, "block_k": 64, "split_k": None, "block_n": 64, "warps": 4}}
 
-    ``variant``: "rows" (decode), "tiles" (prefill) or None (``choose_variant``). The tiles
-    variant takes a precomputed ``plan`` (``tile_plan``), or makes one."""
+
+def lora_delta(x: torch.Tensor, slots: torch.Tensor, packed: PackedLoRA, variant: str | None = None,
+               plan: TilePlan | None = None, bias: torch.Tensor | None = None,
+               out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+    """Δy (+ bias) for tokens x: (N, d_in) with slots (N,) (-1: none): (N, d_out), every
+    element written. ``variant``: "rows" (decode), "tiles" (prefill) or None
+    (``choose_variant``); the tiles variant takes a precomputed ``plan`` or makes one."""
     N, K = x.shape
-    D = y.shape[1]
+    D = packed.bt.shape[1]
     n = packed.ranks.numel()
+    out = torch.empty(N, D, device=x.device, dtype=x.dtype) if out is None else out
     if N == 0:
-        return y
+        return out
     x = x if x.stride(1) == 1 else x.contiguous()
     variant = variant or ("tiles" if plan is not None else choose_variant(N, n))
+    cfg = {**DEFAULTS.get(variant, {}), **(config or {})}
+    has_bias = bias is not None
+    bias = bias if has_bias else out          # a valid pointer, never read
     if variant == "rows":
         slots = slots.to(torch.int32)
         block_r = _block_r(packed.r_max, 1)
-        block_k = max(32, min(512, 8192 // block_r))
-        split_k = max(1, min(triton.cdiv(K, block_k), triton.cdiv(512, N)))
-        alloc = torch.zeros if split_k > 1 else torch.empty      # split-K accumulates atomically
-        h = alloc(N, packed.r_max, device=x.device, dtype=torch.float32)
-        _shrink_rows[(N, split_k)](x, slots, packed.a, packed.offsets, packed.ranks, h, K,
-                                   x.stride(0), packed.a.stride(0), h.stride(0),
-                                   BLOCK_R=block_r, BLOCK_K=block_k, SPLIT_K=split_k)
-        block_n = max(32, min(512, 8192 // block_r))
-        _expand_rows[(N, triton.cdiv(D, block_n))](h, slots, packed.bt, packed.offsets, packed.ranks, y,
-                                                    D, h.stride(0), packed.bt.stride(0), y.stride(0),
-                                                    BLOCK_R=block_r, BLOCK_N=block_n)
+        block_k = min(cfg["block_k"], triton.next_power_of_2(K))
+        split_k = cfg["split_k"] or max(1, min(triton.cdiv(K, block_k), triton.cdiv(1024, N)))
+        k_split = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k
+        split_k = triton.cdiv(K, k_split)
+        hp = torch.empty(split_k, N, packed.r_max, device=x.device, dtype=torch.float32)
+        _shrink_rows[(N, split_k)](x, slots, packed.a, packed.offsets, packed.ranks, hp, K, k_split,
+                                   x.stride(0), packed.a.stride(0), hp.stride(0), hp.stride(1),
+                                   BLOCK_R=block_r, BLOCK_K=block_k, num_warps=cfg["warps"])
+        block_n = min(cfg["block_n"], triton.next_power_of_2(D))
+        _expand_rows[(N, triton.cdiv(D, block_n))](hp, slots, packed.bt, packed.offsets, packed.ranks,
+                                                    bias, out, D, split_k, hp.stride(0), hp.stride(1),
+                                                    packed.bt.stride(0), out.stride(0), BLOCK_R=block_r,
+                                                    BLOCK_N=block_n, HAS_BIAS=has_bias, num_warps=cfg["warps"])
     elif variant == "tiles":
-        plan = plan or tile_plan(slots, n)
+        plan = plan or tile_plan(slots, n, cfg["block_m"])
         tiles = plan.tslot.numel()
-        if tiles == 0:
-            return y
         block_r = _block_r(packed.r_max, 16)
-        h = torch.empty(N, packed.r_max, device=x.device, dtype=torch.float32)
+        block_k = cfg["block_k"]
+        split_k = cfg["split_k"] or max(1, min(triton.cdiv(K, 4 * block_k), triton.cdiv(1024, tiles)))
+        k_split = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k
+        split_k = triton.cdiv(K, k_split)
+        h = torch.zeros(N, packed.r_max, device=x.device, dtype=torch.float32)
         precision = "ieee" if x.dtype == torch.float32 else "tf32"
-        _shrink_tiles[(tiles,)](x, plan.order, plan.tslot, plan.tstart, plan.tend, packed.a,
-                                packed.offsets, packed.ranks, h, K, x.stride(0), packed.a.stride(0),
-                                h.stride(0), BLOCK_M=plan.block_m, BLOCK_R=block_r, BLOCK_K=64,
-                                PRECISION=precision)
-        block_n = 64
+        _shrink_tiles[(tiles, split_k)](x, plan.order, plan.tslot, plan.tstart, plan.tend, packed.a,
+                                        packed.offsets, packed.ranks, h, K, k_split, x.stride(0),
+                                        packed.a.stride(0), h.stride(0), BLOCK_M=plan.block_m,
+                                        BLOCK_R=block_r, BLOCK_K=block_k, PRECISION=precision,
+                                        num_warps=cfg["warps"])
+        block_n = cfg["block_n"]
         _expand_tiles[(tiles, triton.cdiv(D, block_n))](
             h, plan.order, plan.tslot, plan.tstart, plan.tend, packed.bt, packed.offsets, packed.ranks,
-            y, D, h.stride(0), packed.bt.stride(0), y.stride(0),
-            BLOCK_M=plan.block_m, BLOCK_R=block_r, BLOCK_N=block_n, PRECISION=precision)
+            bias, out, D, h.stride(0), packed.bt.stride(0), out.stride(0), BLOCK_M=plan.block_m,
+            BLOCK_R=block_r, BLOCK_N=block_n, PRECISION=precision, HAS_BIAS=has_bias,
+            num_warps=cfg["warps"])
     else:
         raise ValueError(f"variant must be 'rows', 'tiles' or None, got {variant!r}")
-    return y
+    return out
