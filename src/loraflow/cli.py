@@ -40,6 +40,8 @@ def cmd_bench_kernels(args) -> None:
     from loraflow.bench import kernels, kernels_report, report
     from loraflow.bench.timing import copy_bandwidth_gbs, warm_up_gpu
 
+    if args.merge:
+        return merge_kernel_parts(args.merge, args.out)
     if not torch.cuda.is_available():
         sys.exit("loraflow bench kernels needs a CUDA GPU (its figures are GPU figures)")
     cases = kernels.grid(quick=args.quick)
@@ -49,30 +51,74 @@ def cmd_bench_kernels(args) -> None:
         import itertools
         decode = kernels.Case("decode", 4096, 4096, 64, 1, 16, "distinct")
         prefill = kernels.Case("prefill", 4096, 4096, 16, 256, 16, "distinct")
-        rows_cfgs = [dict(block_k=bk, split_k=sk, block_n=bn, warps=w) for bk, sk, bn, w in
-                     itertools.product([256, 512], [4, 8, 16], [128, 256, 512], [4, 8])]
+        rows_cfgs = [dict(variant=v, block_k=bk, split_k=sk, block_n=bn, warps=w) for v, bk, sk, bn, w in
+                     itertools.product(["rows", "fused"], [256, 512], [8, 16, 32], [512, 1024], [4, 8])]
         tile_cfgs = [dict(block_m=bm, block_k=bk, split_k=sk, block_n=bn, warps=w) for bm, bk, sk, bn, w in
-                     itertools.product([32, 64], [64, 128], [1, 2, 4, 8], [64, 128], [4, 8])]
+                     itertools.product([32, 64], [64, 128], [2, 4, 8], [128, 256], [4, 8])]
         for case, cfgs in [(decode, rows_cfgs), (prefill, tile_cfgs)]:
             res = sorted(kernels.sweep(case, cfgs), key=lambda r: r["addon_us"])
             print(f"{case.kind}: copy bandwidth {bandwidth:.0f} GB/s; best of {len(res)}:")
-            for r in res[:6] + res[-2:]:
+            for r in res[:8] + res[-2:]:
                 print("  ", r)
+            for v in ["rows", "fused"]:
+                best = [r for r in res if r["variant"] == v][:1]
+                if best:
+                    print("   best", v, best[0])
         return
     errors = {f"{c.kind} {c.rows}x{c.T} r{c.rank} {c.mix}": kernels.check_case(c)
               for c in cases if c.kind != "flora" and c.d_in == 4096 and c.d_out == 4096}
     bad = {k: e for k, e in errors.items() if not e < 1e-2}
     if bad:
         sys.exit(f"kernels disagree with the float64 loop: {bad}")
+    if args.part:
+        i, k = (int(v) for v in args.part.split("/"))
+        cases = cases[i - 1::k]
     rows = []
     for case in tqdm(cases, desc="cases"):
         rows.append(kernels.run_case(case, bandwidth, peft=not args.no_peft))
     env = report.environment()
+    if args.part:   # a share of the grid: JSON only, ``--merge`` makes the report
+        import json
+        from pathlib import Path
+        path = Path(args.out) / f"kernels.part{i}of{k}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"environment": env, "copy_bandwidth_gbs": bandwidth,
+                                    "max_rel_error_bf16": max(errors.values()), "cases": rows}, indent=1))
+        print("wrote", path)
+        return
     payload = {"environment": env, "copy_bandwidth_gbs": bandwidth, "max_rel_error_bf16": max(errors.values()),
                "targets": kernels_report.targets(rows), "cases": rows}
     paths = report.write(args.out, "kernels" + ("-quick" if args.quick else ""), payload,
                          kernels_report.markdown(env, bandwidth, rows), kernels_report.figure(rows))
     print(kernels_report.markdown(env, bandwidth, rows).split("## decode")[0])
+    print("wrote", *paths)
+
+
+def merge_kernel_parts(folder: str, out: str) -> None:
+    """One report from the ``--part`` JSON files in ``folder`` (runs anywhere, no GPU)."""
+    import json
+    from pathlib import Path
+
+    from loraflow.bench import kernels_report, report
+
+    parts = sorted(Path(folder).glob("kernels.part*.json"))
+    if not parts:
+        sys.exit(f"no kernels.part*.json files in {folder}")
+    loaded = [json.loads(p.read_text()) for p in parts]
+    env = dict(loaded[0]["environment"])
+    env["command"] = "; ".join(sorted({d["environment"]["command"] for d in loaded}))
+    bandwidth = max(d["copy_bandwidth_gbs"] for d in loaded)
+    rows = [r for d in loaded for r in d["cases"]]
+    for r in rows:   # one roofline for the whole report: the best bandwidth any part measured
+        if "addon_bytes" in r:
+            r["roofline_ms"] = r["addon_bytes"] / (bandwidth * 1e9) * 1e3
+            r["addon_over_roofline"] = r["triton_addon_ms"] / r["roofline_ms"]
+    payload = {"environment": env, "copy_bandwidth_gbs": bandwidth,
+               "max_rel_error_bf16": max(d["max_rel_error_bf16"] for d in loaded),
+               "targets": kernels_report.targets(rows), "cases": rows}
+    markdown = kernels_report.markdown(env, bandwidth, rows)
+    paths = report.write(out, "kernels", payload, markdown, kernels_report.figure(rows))
+    print(markdown.split("## decode")[0])
     print("wrote", *paths)
 
 
@@ -90,6 +136,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true", help="three cases only (a smoke run)")
     p.add_argument("--no-peft", action="store_true", help="skip PEFT's mixed-batch forward")
     p.add_argument("--sweep", action="store_true", help="time launch configurations on the target cases")
+    p.add_argument("--part", help="I/K: run the I-th of K shares of the grid (JSON only)")
+    p.add_argument("--merge", metavar="DIR", help="make the report from the --part files in DIR")
     p.set_defaults(func=cmd_bench_kernels)
     args = parser.parse_args(argv)
     if args.version:

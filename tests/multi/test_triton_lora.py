@@ -25,6 +25,8 @@ def problem(seed, N, ranks, d_in=40, d_out=72, dtype=torch.float32, base_fractio
 @pytest.mark.parametrize("variant, N, ranks", [
     ("rows", 5, [16]),                  # decode, one adapter
     ("rows", 9, [1, 4, 8, 3]),          # decode, mixed ranks without padding
+    ("fused", 9, [1, 4, 8, 3]),         # decode in one launch
+    ("fused", 3, [16]),
     ("tiles", 70, [2, 16]),             # prefill, segments longer than a tile
     ("tiles", 45, [1, 5, 32, 7]),       # prefill, mixed ranks, ragged segments
     (None, 130, [4, 4]),                # automatic choice
@@ -47,7 +49,7 @@ def test_kernels_equal_the_loop(variant, N, ranks, seed):
 
 @pytest.mark.parametrize("config", [{"split_k": 1}, {"split_k": 3, "block_k": 16}, {"block_n": 32, "warps": 8}])
 def test_launch_configs_do_not_change_results(config):
-    for variant, N in [("rows", 6), ("tiles", 80)]:
+    for variant, N in [("rows", 6), ("fused", 6), ("tiles", 80)]:
         x, slots, A, B, scales = problem(5, N, [3, 16])
         ref = triton_lora.lora_delta(x, slots, triton_lora.PackedLoRA.pack(A, B, scales), variant=variant)
         got = triton_lora.lora_delta(x, slots, triton_lora.PackedLoRA.pack(A, B, scales), variant=variant,
@@ -66,7 +68,7 @@ def test_tile_plan_covers_every_adapter_token_once():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 kernels run on CUDA")
-@pytest.mark.parametrize("variant", ["rows", "tiles"])
+@pytest.mark.parametrize("variant", ["rows", "fused", "tiles"])
 def test_kernels_in_bf16_on_cuda(variant):
     x, slots, A, B, scales = problem(3, 256, [8, 16, 64, 1], d_in=512, d_out=384, dtype=torch.bfloat16)
     ref = ops.loop(x[:, None].double(), slots, [a.double() for a in A], [b.double() for b in B], scales)[:, 0]

@@ -205,14 +205,16 @@ def _triton_layer(s, packed, tokens, plan, case: Case, variant: str):
 
 
 def sweep(case: Case, configs: list[dict], device="cuda", dtype=torch.bfloat16) -> list[dict]:
-    """Add-on time of each launch configuration on one case (to choose the defaults)."""
+    """Add-on time of each launch configuration on one case (to choose the defaults);
+    a config may name its ``variant``."""
     from loraflow.multi import triton_lora
 
     gen = torch.Generator().manual_seed(0)
     sets = [_inputs(case, gen, device, dtype) for _ in range(8)]
-    variant = triton_lora.choose_variant(case.tokens, len(sets[0][2]))
     out = []
     for cfg in configs:
+        cfg = dict(cfg)
+        variant = cfg.pop("variant", None) or triton_lora.choose_variant(case.tokens, len(sets[0][2]))
         bm = cfg.get("block_m", triton_lora.DEFAULTS["tiles"]["block_m"])
         prep = []
         for s in sets:

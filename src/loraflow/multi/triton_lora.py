@@ -103,6 +103,44 @@ def _expand_rows(hp_ptr, slot_ptr, bt_ptr, off_ptr, rank_ptr, bias_ptr, out_ptr,
 
 
 @triton.jit
+def _lora_rows_fused(x_ptr, slot_ptr, a_ptr, bt_ptr, off_ptr, rank_ptr, bias_ptr, out_ptr, hp_ptr, count_ptr,
+                     K, N, K_SPLIT, SPLIT_K, stride_x, stride_a, stride_b, stride_hs, stride_hm, stride_o,
+                     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                     HAS_BIAS: tl.constexpr):
+    """Shrink and expand in one launch: each (token, d_in chunk) program writes its partial h;
+    the last of a token's programs to finish (an atomic counter) adds the partials and writes
+    the token's whole output row, then resets the counter for the next launch."""
+    m = tl.program_id(0)
+    split = tl.program_id(1)
+    r, off = _slot_info(tl.load(slot_ptr + m), rank_ptr, off_ptr)
+    rs = tl.arange(0, BLOCK_R)
+    acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    k_lo = split * K_SPLIT
+    for k0 in range(0, K_SPLIT, BLOCK_K):
+        ks = k_lo + k0 + tl.arange(0, BLOCK_K)
+        kmask = (ks < K) & (ks < k_lo + K_SPLIT) & (r > 0)
+        xk = tl.load(x_ptr + m * stride_x + ks, mask=kmask, other=0.0).to(tl.float32)
+        a = tl.load(a_ptr + (off + rs)[:, None] * stride_a + ks[None, :],
+                    mask=(rs[:, None] < r) & kmask[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(a * xk[None, :], axis=1)
+    tl.store(hp_ptr + split * stride_hs + m * stride_hm + rs, acc, mask=rs < r)
+    done = tl.atomic_add(count_ptr + m, 1, sem="acq_rel")
+    if done == SPLIT_K - 1:
+        h = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        for sp in range(0, SPLIT_K):
+            h += tl.load(hp_ptr + sp * stride_hs + m * stride_hm + rs, mask=rs < r, other=0.0, volatile=True)
+        for n0 in range(0, N, BLOCK_N):
+            ns = n0 + tl.arange(0, BLOCK_N)
+            b = tl.load(bt_ptr + (off + rs)[:, None] * stride_b + ns[None, :],
+                        mask=(rs[:, None] < r) & (ns[None, :] < N), other=0.0).to(tl.float32)
+            out = tl.sum(h[:, None] * b, axis=0)
+            if HAS_BIAS:
+                out += tl.load(bias_ptr + ns, mask=ns < N, other=0.0).to(tl.float32)
+            tl.store(out_ptr + m * stride_o + ns, out.to(out_ptr.dtype.element_ty), mask=ns < N)
+        tl.atomic_xchg(count_ptr + m, 0)
+
+
+@triton.jit
 def _shrink_tiles(x_ptr, tok_ptr, tslot_ptr, tstart_ptr, tend_ptr, a_ptr, off_ptr, rank_ptr, h_ptr,
                   K, K_SPLIT, stride_x, stride_a, stride_h,
                   BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -187,14 +225,29 @@ def tile_plan(slots: torch.Tensor, n: int, block_m: int = 32) -> TilePlan:
     return TilePlan(order, as_t(tslot), as_t(tstart), as_t(tend), block_m)
 
 
+DECODE_VARIANT = "rows"   # or "fused"; set from the benchmark sweep
+
+
 def choose_variant(n_tokens: int, n_adapters: int) -> str:
-    """Tiles when the average segment fills a tile (prefill), rows otherwise (decode)."""
-    return "tiles" if n_tokens >= 64 and n_tokens >= 32 * n_adapters else "rows"
+    """Tiles when the average segment fills a tile (prefill), a decode variant otherwise."""
+    return "tiles" if n_tokens >= 64 and n_tokens >= 32 * n_adapters else DECODE_VARIANT
 
 
-# Launch parameters; ``lora_delta(config=...)`` overrides them (the benchmark sweeps a few).
-DEFAULTS = {"rows": {"block_k": 512, "split_k": None, "block_n": 256, "warps": 4},
-            "tiles": {"block_m": 32, "block_k": 64, "split_k": None, "block_n": 64, "warps": 4}}
+# Launch parameters; ``lora_delta(config=...)`` overrides them. Chosen by
+# ``loraflow bench kernels --sweep`` on an H200 (decode 64 x r16, prefill 4096 tokens x r16).
+DEFAULTS = {"rows": {"block_k": 512, "split_k": 16, "block_n": 512, "warps": 4},
+            "fused": {"block_k": 512, "split_k": 16, "block_n": 512, "warps": 4},
+            "tiles": {"block_m": 32, "block_k": 128, "split_k": 4, "block_n": 128, "warps": 4}}
+_COUNTERS: dict = {}
+
+
+def _counters(device, n: int) -> torch.Tensor:
+    """Zeroed int32 counters for the fused kernel, kept between launches (it resets them)."""
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+        _COUNTERS[device] = buf
+    return buf
 
 
 def lora_delta(x: torch.Tensor, slots: torch.Tensor, packed: PackedLoRA, variant: str | None = None,
@@ -214,7 +267,21 @@ def lora_delta(x: torch.Tensor, slots: torch.Tensor, packed: PackedLoRA, variant
     cfg = {**DEFAULTS.get(variant, {}), **(config or {})}
     has_bias = bias is not None
     bias = bias if has_bias else out          # a valid pointer, never read
-    if variant == "rows":
+    if variant == "fused":
+        slots = slots.to(torch.int32)
+        block_r = _block_r(packed.r_max, 1)
+        block_k = min(cfg["block_k"], triton.next_power_of_2(K))
+        split_k = cfg["split_k"] or max(1, min(triton.cdiv(K, block_k), triton.cdiv(1024, N)))
+        k_split = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k
+        split_k = triton.cdiv(K, k_split)
+        hp = torch.empty(split_k, N, packed.r_max, device=x.device, dtype=torch.float32)
+        block_n = min(cfg["block_n"], triton.next_power_of_2(D))
+        _lora_rows_fused[(N, split_k)](x, slots, packed.a, packed.bt, packed.offsets, packed.ranks, bias, out,
+                                       hp, _counters(x.device, N), K, D, k_split, split_k, x.stride(0),
+                                       packed.a.stride(0), packed.bt.stride(0), hp.stride(0), hp.stride(1),
+                                       out.stride(0), BLOCK_R=block_r, BLOCK_K=block_k, BLOCK_N=block_n,
+                                       HAS_BIAS=has_bias, num_warps=cfg["warps"])
+    elif variant == "rows":
         slots = slots.to(torch.int32)
         block_r = _block_r(packed.r_max, 1)
         block_k = min(cfg["block_k"], triton.next_power_of_2(K))
@@ -252,5 +319,5 @@ def lora_delta(x: torch.Tensor, slots: torch.Tensor, packed: PackedLoRA, variant
             BLOCK_R=block_r, BLOCK_N=block_n, PRECISION=precision, HAS_BIAS=has_bias,
             num_warps=cfg["warps"])
     else:
-        raise ValueError(f"variant must be 'rows', 'tiles' or None, got {variant!r}")
+        raise ValueError(f"variant must be 'rows', 'fused', 'tiles' or None, got {variant!r}")
     return out
