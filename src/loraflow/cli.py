@@ -44,7 +44,7 @@ def cmd_bench_kernels(args) -> None:
         return merge_kernel_parts(args.merge, args.out)
     if not torch.cuda.is_available():
         sys.exit("loraflow bench kernels needs a CUDA GPU (its figures are GPU figures)")
-    cases = kernels.grid(quick=args.quick)
+    cases = kernels.grid(quick=args.quick, kind=args.kind)
     warm_up_gpu()
     bandwidth = copy_bandwidth_gbs()
     if args.sweep:
@@ -80,7 +80,7 @@ def cmd_bench_kernels(args) -> None:
     if args.part:   # a share of the grid: JSON only, ``--merge`` makes the report
         import json
         from pathlib import Path
-        path = Path(args.out) / f"kernels.part{i}of{k}.json"
+        path = Path(args.out) / f"kernels.part{i}of{k}{'.' + args.kind if args.kind else ''}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"environment": env, "copy_bandwidth_gbs": bandwidth,
                                     "max_rel_error_bf16": max(errors.values()), "cases": rows}, indent=1))
@@ -108,7 +108,11 @@ def merge_kernel_parts(folder: str, out: str) -> None:
     env = dict(loaded[0]["environment"])
     env["command"] = "; ".join(sorted({d["environment"]["command"] for d in loaded}))
     bandwidth = max(d["copy_bandwidth_gbs"] for d in loaded)
-    rows = [r for d in loaded for r in d["cases"]]
+    by_key = {}   # a later part (e.g. a re-run of one kind) replaces the same case
+    for d in sorted(loaded, key=lambda d: d["environment"]["date"]):
+        for r in d["cases"]:
+            by_key[tuple(r[k] for k in ("kind", "d_in", "d_out", "rows", "T", "rank", "mix"))] = r
+    rows = list(by_key.values())
     for r in rows:   # one roofline for the whole report: the best bandwidth any part measured
         if "addon_bytes" in r:
             r["roofline_ms"] = r["addon_bytes"] / (bandwidth * 1e9) * 1e3
@@ -137,6 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-peft", action="store_true", help="skip PEFT's mixed-batch forward")
     p.add_argument("--sweep", action="store_true", help="time launch configurations on the target cases")
     p.add_argument("--part", help="I/K: run the I-th of K shares of the grid (JSON only)")
+    p.add_argument("--kind", choices=["decode", "prefill", "flora"], help="only cases of this kind")
     p.add_argument("--merge", metavar="DIR", help="make the report from the --part files in DIR")
     p.set_defaults(func=cmd_bench_kernels)
     args = parser.parse_args(argv)

@@ -44,7 +44,12 @@ class Case:
         return self.rows * self.T
 
 
-def grid(quick: bool = False) -> list[Case]:
+def grid(quick: bool = False, kind: str | None = None) -> list[Case]:
+    cases = _grid(quick)
+    return [c for c in cases if kind is None or c.kind == kind]
+
+
+def _grid(quick: bool) -> list[Case]:
     if quick:
         return [Case("decode", 4096, 4096, 64, 1, 16, "distinct"),
                 Case("prefill", 4096, 4096, 16, 256, 16, "distinct"),
@@ -152,9 +157,9 @@ def run_case(case: Case, bandwidth_gbs: float, peft: bool = True, device="cuda",
     ones = lambda s: [1.0] * len(s[2])                          # unit scales (folded into B)
 
     if case.kind == "flora":
-        flora_A = [[1 + 0.1 * a.float().to(dtype) for a in s[2]] for s in sets]
-        out["flora_dense_ms"] = time_ms([lambda s=s, fa=fa: ops.flora_dense(s[0], s[4], s[1], fa, s[3])
-                                         for s, fa in zip(sets, flora_A)])
+        flora = [ops.flora_stack([1 + 0.1 * a for a in s[2]], s[3]) for s in sets]
+        out["flora_dense_ms"] = time_ms([lambda s=s, f=f: ops.flora_dense_stacked(s[0], s[4], s[1], *f)
+                                         for s, f in zip(sets, flora)])
         stacks = [ops.padded(s[2], s[3], ones(s)) for s in sets]
         out["lora_bmm_layer_ms"] = time_ms([lambda s=s, st=st: F.linear(s[0], s[1]) + ops.bmm_padded(s[0], s[4], *st)
                                             for s, st in zip(sets, stacks)])

@@ -91,16 +91,27 @@ def segmented(x: torch.Tensor, slots: torch.Tensor, A, B, scales,
     return ys.index_select(0, inverse)
 
 
-def flora_dense(x: torch.Tensor, slots: torch.Tensor, w0: torch.Tensor, A, B) -> torch.Tensor:
-    """y (no bias) for rows that all use FLoRA adapters: y_i = Σ_k (b_k / r) ∘ (W0 (a_k ∘ x_i)).
-
-    Ranks are padded with zero terms, and B is divided by each adapter's own r, so mixed
-    ranks keep their own averages."""
-    # x: (R, T, d_in), slots: (R,) in [0, n), w0: (d_out, d_in)
+def flora_stack(A, B) -> tuple[torch.Tensor, torch.Tensor]:
+    """FLoRA weights stacked for ``flora_dense_stacked``: A (n, r_max, d_in) and B / r
+    (n, d_out, r_max), ranks padded with zero terms so mixed ranks keep their own averages."""
     r_max = max(a.shape[0] for a in A)
-    Ap = torch.stack([F.pad(a, (0, 0, 0, r_max - a.shape[0])) for a in A])          # (n, r, d_in)
-    Bp = torch.stack([F.pad(b / b.shape[1], (0, r_max - b.shape[1])) for b in B])  # (n, d_out, r)
+    Ap = torch.stack([F.pad(a, (0, 0, 0, r_max - a.shape[0])) for a in A])
+    Bp = torch.stack([F.pad(b / b.shape[1], (0, r_max - b.shape[1])) for b in B])
+    return Ap, Bp
+
+
+def flora_dense(x: torch.Tensor, slots: torch.Tensor, w0: torch.Tensor, A, B) -> torch.Tensor:
+    """y (no bias) for rows that all use FLoRA adapters: y_i = Σ_k (b_k / r) ∘ (W0 (a_k ∘ x_i))."""
+    return flora_dense_stacked(x, slots, w0, *flora_stack(A, B))
+
+
+def flora_dense_stacked(x: torch.Tensor, slots: torch.Tensor, w0: torch.Tensor, Ap: torch.Tensor,
+                        Bp: torch.Tensor) -> torch.Tensor:
+    """``flora_dense`` on weights from ``flora_stack``: one GEMM with W0 per rank term."""
+    # x: (R, T, d_in), slots: (R,) in [0, n), w0: (d_out, d_in)
     Ag, Bg = Ap[slots], Bp[slots]                                  # (R, r, d_in), (R, d_out, r)
+    if Ap.shape[1] == 1:                                           # rank 1: no sum over terms
+        return F.linear(x * Ag, w0) * Bg.transpose(1, 2)           # (R, T, d_out)
     xs = x.unsqueeze(2) * Ag.unsqueeze(1)                          # (R, T, r, d_in)
     z = F.linear(xs, w0)                                           # (R, T, r, d_out): one GEMM
     return (z * Bg.transpose(1, 2).unsqueeze(1)).sum(2)            # (R, T, d_out)

@@ -147,6 +147,19 @@ def _triton_layer(layer, plan: RowPlan, x: torch.Tensor, A, B, scales) -> torch.
     return y.view(R, T, -1)
 
 
+def _flora_stacked(layer, plan: RowPlan, A, B, needs_grad: bool):
+    """Stacked FLoRA weights; kept between calls at inference, until the weights change."""
+    if needs_grad and torch.is_grad_enabled():
+        return ops.flora_stack(A, B)
+    key = tuple(plan.flora) + tuple((id(t), t._version) for t in (*A, *B))
+    cached = getattr(layer, "_flora_stacked", None)
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            cached = (key, ops.flora_stack(A, B))
+        layer._flora_stacked = cached
+    return cached[1]
+
+
 def mixed_forward(layer, x: torch.Tensor, plan: RowPlan) -> torch.Tensor:
     """The layer's output when row i of x uses its own adapter (``plan``)."""
     x3 = x.unsqueeze(1) if x.dim() == 2 else x                   # (R, T, d_in); 2-D: tokens as rows
@@ -170,9 +183,12 @@ def mixed_forward(layer, x: torch.Tensor, plan: RowPlan) -> torch.Tensor:
     if plan.flora:
         adapters = [layer.adapters[n] for n in plan.flora]
         xf = x3.index_select(0, plan.flora_rows)
-        fn = FLORA_OPS.get(impl, ops.flora_dense)
-        yf = fn(xf, plan.flora_slots, base_weight(layer.base), [a.A for a in adapters],
-                [a.B for a in adapters])
+        A, B = [a.A for a in adapters], [a.B for a in adapters]
+        if impl in FLORA_OPS:
+            yf = FLORA_OPS[impl](xf, plan.flora_slots, base_weight(layer.base), A, B)
+        else:
+            yf = ops.flora_dense_stacked(xf, plan.flora_slots, base_weight(layer.base),
+                                         *_flora_stacked(layer, plan, A, B, needs_grad))
         if layer.base.bias is not None:
             yf = yf + layer.base.bias
         y = y.index_copy(0, plan.flora_rows, yf.to(y.dtype))
