@@ -232,10 +232,16 @@ def sweep(case: Case, configs: list[dict], device="cuda", dtype=torch.bfloat16) 
 
 
 def check_case(case: Case, device="cuda", dtype=torch.bfloat16) -> float:
-    """Relative error of the Triton add-on against a float64 loop (must be < 1e-2 in bf16)."""
+    """Relative error against a float64 loop (must be < 1e-2 in bf16): the Triton add-on,
+    or for FLoRA cases the dense path."""
     from loraflow.multi import triton_lora
 
     x, W, A, B, slots = _inputs(case, torch.Generator().manual_seed(0), device, dtype)
+    if case.kind == "flora":
+        A = [1 + 0.1 * a for a in A]
+        ref = ops.flora_loop(x.double(), slots, W.double(), [a.double() for a in A], [b.double() for b in B])
+        y = ops.flora_dense_stacked(x, slots, W, *ops.flora_stack(A, B))
+        return ((y.double() - ref).norm() / ref.norm()).item()
     ref = ops.loop(x.double(), slots, [a.double() for a in A], [b.double() for b in B], [1.0] * len(A))
     tokens = slots.repeat_interleave(case.T)
     y = triton_lora.lora_delta(x.view(case.tokens, -1), tokens, triton_lora.PackedLoRA.pack(A, B, [1.0] * len(A)))
