@@ -61,14 +61,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     return path
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = None,
-                 allow_pickle: bool = False) -> str:
-    """Load a PEFT-layout adapter folder onto ``model`` as ``name`` (default: the folder's
-    name). Everything is checked before the model is touched: a failed load leaves it as it was."""
+def read_adapter(path: str | os.PathLike, allow_pickle: bool = False):
+    """An adapter folder's config and tensors by module: (config, {module: {suffix: tensor}})."""
     path = Path(path)
-    name = name if name is not None else path.name
-    if name in list_adapters(model):
-        raise ValueError(f"the model already has an adapter named {name!r}; pass another name=")
     if not path.is_dir():
         raise FileNotFoundError(f"adapter folder {path} does not exist")
     if not (path / CONFIG_NAME).is_file():
@@ -76,7 +71,6 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     fields = json.loads((path / CONFIG_NAME).read_text())
     config = config_from_fields(fields)
     tensors = _read_weights(path, allow_pickle)
-
     pattern = re.compile(rf"^(?:{re.escape(PREFIX)})?(.+?)\.({SUFFIXES[config.kind]})$")
     by_module: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
@@ -87,7 +81,18 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
         by_module.setdefault(m.group(1), {})[m.group(2)] = t
     if not by_module:
         raise ValueError(f"{path / WEIGHTS_NAME} holds no adapter weights")
+    return config, by_module
 
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = None,
+                 allow_pickle: bool = False) -> str:
+    """Load a PEFT-layout adapter folder onto ``model`` as ``name`` (default: the folder's
+    name). Everything is checked before the model is touched: a failed load leaves it as it was."""
+    path = Path(path)
+    name = name if name is not None else path.name
+    if name in list_adapters(model):
+        raise ValueError(f"the model already has an adapter named {name!r}; pass another name=")
+    config, by_module = read_adapter(path, allow_pickle)
     linear = set(linear_module_names(model))
     modules = {}
     for mname, found in by_module.items():

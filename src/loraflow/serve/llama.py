@@ -1,0 +1,223 @@
+"""A compact Llama-family decoder for serving (gpt-fast style): Llama 2/3, SmolLM2, Mistral,
+Qwen2 from a local Hugging Face folder, with a paged KV cache and per-token adapters.
+
+One forward runs a packed batch of tokens from many sequences (prefill chunks and decode
+steps together). Every linear layer adds, for token t with adapter slot s_t (−1: none),
+Δy_t = B_{s_t} A_{s_t} x_t read from the adapter bank (serve/bank.py).
+
+    h = x + Attn(RMSNorm(x)),  y = h + W_down(silu(W_gate n) ∘ W_up n),  n = RMSNorm(h)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+
+from loraflow.serve.bank import BankedLinear
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SUPPORTED = ("llama", "mistral", "qwen2")
+
+
+@dataclass
+class LlamaArgs:
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    intermediate: int
+    norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    max_seq_len: int
+    tie_embeddings: bool
+    qkv_bias: bool
+    mlp_bias: bool
+
+    @staticmethod
+    def from_hf(cfg: dict) -> "LlamaArgs":
+        kind = cfg.get("model_type")
+        if kind not in SUPPORTED:
+            raise ValueError(f"model_type {kind!r} is not served; loraflow serves {SUPPORTED}")
+        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3"):
+            raise ValueError(f"rope type {rope_type!r} is not supported (default and llama3 are)")
+        n_heads = cfg["num_attention_heads"]
+        return LlamaArgs(
+            vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
+            n_heads=n_heads, n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
+            intermediate=cfg["intermediate_size"], norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta), rope_scaling=rope if rope_type == "llama3" else None,
+            max_seq_len=cfg.get("max_position_embeddings", 4096),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            qkv_bias=kind == "qwen2" or bool(cfg.get("attention_bias", False)),
+            mlp_bias=bool(cfg.get("mlp_bias", False)))
+
+
+def rope_frequencies(args: LlamaArgs) -> torch.Tensor:
+    """Inverse frequencies, with Llama 3's long-context scaling when configured."""
+    inv = 1.0 / args.rope_theta ** (torch.arange(0, args.head_dim, 2, dtype=torch.float64) / args.head_dim)
+    s = args.rope_scaling
+    if s:
+        factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old = s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old / lo, inv / factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        medium = (wavelen <= old / lo) & (wavelen >= old / hi)
+        inv = torch.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+    return inv.float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (N, heads, head_dim); cos, sin: (N, head_dim)
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (x * cos[:, None] + rotated * sin[:, None]).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+@dataclass
+class Batch:
+    """One step's packed tokens and where their keys and values live (built by the engine)."""
+    tokens: torch.Tensor         # (N,) token ids
+    positions: torch.Tensor      # (N,) position of each token in its sequence
+    slots: torch.Tensor          # (N,) adapter slot of each token, -1: base model
+    cache_index: torch.Tensor    # (N,) flat KV-cache row of each new token
+    q_index: torch.Tensor        # (S, q_max) packed index of each sequence's new tokens (0: pad)
+    kv_index: torch.Tensor       # (S, ctx_max) flat KV-cache rows of each sequence's context
+    mask: torch.Tensor           # (S, 1, q_max, ctx_max) bool: query may see key
+    out_index: torch.Tensor      # (N,) where each packed token sits in (S * q_max)
+    logit_index: torch.Tensor    # (S',) packed index of the tokens whose logits are needed
+
+
+class Attention(nn.Module):
+    def __init__(self, a: LlamaArgs):
+        super().__init__()
+        self.a = a
+        self.q_proj = BankedLinear(a.dim, a.n_heads * a.head_dim, a.qkv_bias)
+        self.k_proj = BankedLinear(a.dim, a.n_kv_heads * a.head_dim, a.qkv_bias)
+        self.v_proj = BankedLinear(a.dim, a.n_kv_heads * a.head_dim, a.qkv_bias)
+        self.o_proj = BankedLinear(a.n_heads * a.head_dim, a.dim, False)
+
+    def forward(self, x, b: Batch, cos, sin, cache_k, cache_v):
+        """softmax(q kᵀ / √d + mask) v over each sequence's cached context."""
+        a = self.a
+        q = self.q_proj(x, b.slots).view(-1, a.n_heads, a.head_dim)         # (N, H, D)
+        k = self.k_proj(x, b.slots).view(-1, a.n_kv_heads, a.head_dim)      # (N, Hkv, D)
+        v = self.v_proj(x, b.slots).view(-1, a.n_kv_heads, a.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        cache_k.index_copy_(0, b.cache_index, k)                              # cache: (rows, Hkv, D)
+        cache_v.index_copy_(0, b.cache_index, v)
+        S, q_max = b.q_index.shape
+        Q = q[b.q_index].transpose(1, 2)                                      # (S, H, q_max, D)
+        K = cache_k[b.kv_index].transpose(1, 2)                               # (S, Hkv, ctx, D)
+        V = cache_v[b.kv_index].transpose(1, 2)
+        o = F.scaled_dot_product_attention(Q, K, V, attn_mask=b.mask, enable_gqa=True)
+        o = o.transpose(1, 2).reshape(S * q_max, a.n_heads * a.head_dim)[b.out_index]   # (N, H·D)
+        return self.o_proj(o, b.slots)
+
+
+class MLP(nn.Module):
+    def __init__(self, a: LlamaArgs):
+        super().__init__()
+        self.gate_proj = BankedLinear(a.dim, a.intermediate, a.mlp_bias)
+        self.up_proj = BankedLinear(a.dim, a.intermediate, a.mlp_bias)
+        self.down_proj = BankedLinear(a.intermediate, a.dim, a.mlp_bias)
+
+    def forward(self, x, slots):
+        return self.down_proj(F.silu(self.gate_proj(x, slots)) * self.up_proj(x, slots), slots)
+
+
+class Block(nn.Module):
+    def __init__(self, a: LlamaArgs):
+        super().__init__()
+        self.self_attn = Attention(a)
+        self.mlp = MLP(a)
+        self.input_layernorm = RMSNorm(a.dim, a.norm_eps)
+        self.post_attention_layernorm = RMSNorm(a.dim, a.norm_eps)
+
+    def forward(self, x, b, cos, sin, cache_k, cache_v):
+        h = x + self.self_attn(self.input_layernorm(x), b, cos, sin, cache_k, cache_v)
+        return h + self.mlp(self.post_attention_layernorm(h), b.slots)
+
+
+class Decoder(nn.Module):
+    """Module names follow Hugging Face's (``model.layers.0.self_attn.q_proj``), so weight
+    files and adapter files map onto it key for key."""
+
+    def __init__(self, a: LlamaArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(a.vocab_size, a.dim)
+        self.layers = nn.ModuleList(Block(a) for _ in range(a.n_layers))
+        self.norm = RMSNorm(a.dim, a.norm_eps)
+
+
+class Llama(nn.Module):
+    def __init__(self, a: LlamaArgs):
+        super().__init__()
+        self.args = a
+        self.model = Decoder(a)
+        self.lm_head = nn.Linear(a.dim, a.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_frequencies(a), persistent=False)
+
+    def forward(self, b: Batch, caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Logits (S', vocab) of the tokens in ``b.logit_index``."""
+        angles = b.positions.float()[:, None] * self.inv_freq[None, :]          # (N, D/2)
+        angles = torch.cat((angles, angles), dim=-1)
+        x = self.model.embed_tokens(b.tokens)                                   # (N, dim)
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        for layer, (ck, cv) in zip(self.model.layers, caches):
+            x = layer(x, b, cos, sin, ck, cv)
+        x = self.model.norm(x[b.logit_index])
+        return self.lm_head(x).float()
+
+    def linear_layers(self) -> dict[str, BankedLinear]:
+        return {n: m for n, m in self.named_modules() if isinstance(m, BankedLinear)}
+
+
+def load_llama(folder: str | Path, dtype=torch.float32, device="cpu") -> Llama:
+    """Build from ``config.json`` and load ``*.safetensors`` (only safetensors) of a local folder."""
+    folder = Path(folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    args = LlamaArgs.from_hf(cfg)
+    with torch.device("meta"):
+        model = Llama(args)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {folder} (pickled weights are not loaded)")
+    state = {}
+    for f in files:
+        state.update(load_file(f, device="cpu"))
+    if args.tie_embeddings or "lm_head.weight" not in state:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    state = {k: v.to(dtype) for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    missing = [m for m in missing if m != "inv_freq"]
+    if missing or unexpected:
+        raise ValueError(f"{folder}: weights do not match the config: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    model.inv_freq = rope_frequencies(args)
+    return model.to(device).eval()

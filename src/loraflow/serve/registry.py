@@ -1,0 +1,183 @@
+"""Adapters known by name, in three tiers: disk (a path), host memory (factors on the CPU,
+LRU, ``max_cpu``) and device slots of the bank (LRU, ``max_gpu``).
+
+Loading from disk runs on a background thread, so requests for other adapters keep
+decoding; a request waits until its adapter is in host memory, then takes a device slot
+(evicting the least recently used adapter that no running request holds). An adapter that
+fails to load fails only the requests that asked for it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import threading
+from collections import Counter, OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from loraflow.adapters.files import CONFIG_NAME, read_adapter
+from loraflow.adapters.targets import pattern_value
+from loraflow.serve.bank import AdapterBank
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,127}$")
+
+
+class AdapterError(Exception):
+    """An adapter that cannot be served (unknown, malformed, or not for this base model)."""
+
+
+def factors_for_bank(path: Path, shapes: dict[str, tuple[int, int]], r_max: int) -> dict:
+    """module name -> (A (r, d_in), scale·B (d_out, r)) on the CPU, checked against the model."""
+    try:
+        config, by_module = read_adapter(path)
+    except (OSError, ValueError) as e:
+        raise AdapterError(str(e)) from e
+    out = {}
+    for module, found in by_module.items():
+        if module not in shapes:
+            raise AdapterError(f"adapter {path.name}: layer {module} is not a linear layer of the served "
+                               "model; it was trained for another base model")
+        d_out, d_in = shapes[module]
+        if config.kind == "LORA":
+            a, b = found["lora_A.weight"], found["lora_B.weight"]
+            r = a.shape[0]
+            alpha = pattern_value(module, config.alpha_pattern, config.alpha)
+            scale = alpha / math.sqrt(r) if config.use_rslora else alpha / r
+        elif config.kind == "DEEP_LORA":
+            ws = [found[f"deep_lora.{i}.weight"] for i in range(len(found))]
+            a, b, scale = ws[0], ws[-1], 1.0
+            for w in reversed(ws[1:-1]):
+                b = b @ w
+        else:
+            raise AdapterError(f"adapter {path.name} is {config.kind}: the server serves LoRA and "
+                               "Deep LoRA (additive) adapters")
+        if tuple(a.shape) != (a.shape[0], d_in) or tuple(b.shape) != (d_out, a.shape[0]):
+            raise AdapterError(f"adapter {path.name}: layer {module} has A {tuple(a.shape)} and B "
+                               f"{tuple(b.shape)}, but the served model's layer is {d_out}x{d_in}: it was "
+                               "trained for another base model")
+        if a.shape[0] > r_max:
+            raise AdapterError(f"adapter {path.name} has rank {a.shape[0]} on {module}, above the "
+                               f"server's --max-lora-rank {r_max}")
+        out[module] = (a.float(), (scale * b.float()))
+    return out
+
+
+class AdapterRegistry:
+    def __init__(self, bank: AdapterBank, max_cpu: int = 64):
+        self.bank, self.max_cpu = bank, max_cpu
+        self.shapes = bank.shapes()
+        self.paths: dict[str, Path] = {}
+        self.host: OrderedDict[str, dict] = OrderedDict()
+        self.device: OrderedDict[str, int] = OrderedDict()
+        self.free_slots = list(range(bank.n_slots - 1, -1, -1))
+        self.pins: Counter = Counter()
+        self.loading: dict = {}
+        self.errors: dict[str, str] = {}
+        self.stats = Counter(hits=0, misses=0, loads=0, evictions=0, load_failures=0)
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapter-load")
+
+    # names and paths -----------------------------------------------------------------
+    def register(self, name: str, path: str | Path) -> None:
+        if not NAME.match(name or ""):
+            raise AdapterError(f"adapter name {name!r}: use letters, digits, '.', '_' or '-' (max 128)")
+        path = Path(path)
+        if not (path / CONFIG_NAME).is_file():
+            raise AdapterError(f"{path} is not an adapter folder (no {CONFIG_NAME})")
+        with self._lock:
+            self.paths[name] = path
+            self.errors.pop(name, None)
+
+    def scan(self, folder: str | Path) -> int:
+        """Register every adapter folder directly under ``folder`` by its folder name."""
+        n = 0
+        for sub in sorted(Path(folder).iterdir()):
+            if (sub / CONFIG_NAME).is_file() and NAME.match(sub.name):
+                self.register(sub.name, sub)
+                n += 1
+        return n
+
+    def unregister(self, name: str) -> None:
+        with self._lock:
+            if name not in self.paths:
+                raise KeyError(name)
+            if self.pins[name]:
+                raise AdapterError(f"adapter {name!r} is in use by running requests; try again later")
+            del self.paths[name]
+            self.host.pop(name, None)
+            self.errors.pop(name, None)
+            slot = self.device.pop(name, None)
+        if slot is not None:
+            self.bank.clear(slot)
+            self.free_slots.append(slot)
+
+    def known(self, name: str) -> bool:
+        return name in self.paths
+
+    # tiers ------------------------------------------------------------------------------
+    def _load(self, name: str, path: Path) -> None:
+        try:
+            factors = factors_for_bank(path, self.shapes, self.bank.r_max)
+        except Exception as e:    # any failure fails only this adapter's requests
+            with self._lock:
+                self.errors[name] = str(e)
+                self.stats["load_failures"] += 1
+                self.loading.pop(name, None)
+            return
+        with self._lock:
+            self.host[name] = factors
+            self.host.move_to_end(name)
+            while len(self.host) > self.max_cpu:
+                self.host.popitem(last=False)
+            self.stats["loads"] += 1
+            self.loading.pop(name, None)
+
+    def error(self, name: str) -> str | None:
+        return self.errors.get(name)
+
+    def acquire(self, name: str) -> int | None:
+        """A device slot holding ``name``, pinned until ``release``; None while it loads or
+        while every slot is pinned. Called from the engine's thread only."""
+        with self._lock:
+            if name in self.device:
+                self.device.move_to_end(name)
+                self.pins[name] += 1
+                self.stats["hits"] += 1
+                return self.device[name]
+            if name in self.errors:
+                return None
+            factors = self.host.get(name)
+            if factors is None:
+                if name not in self.loading:
+                    self.stats["misses"] += 1
+                    self.loading[name] = self._pool.submit(self._load, name, self.paths[name])
+                return None
+            self.host.move_to_end(name)
+            if not self.free_slots:
+                victim = next((n for n in self.device if not self.pins[n]), None)
+                if victim is None:
+                    return None
+                self.free_slots.append(self.device.pop(victim))
+                self.stats["evictions"] += 1
+            slot = self.free_slots.pop()
+            self.device[name] = slot
+            self.pins[name] += 1
+        dev = next(iter(self.bank.layers.values())).weight
+        self.bank.write(slot, {m: (a.to(dev.device, dev.dtype), b.to(dev.device, dev.dtype))
+                               for m, (a, b) in factors.items()})
+        return slot
+
+    def release(self, name: str) -> None:
+        with self._lock:
+            self.pins[name] -= 1
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return {"registered": len(self.paths), "host": len(self.host), "device": len(self.device),
+                    "loading": len(self.loading), **self.stats}
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

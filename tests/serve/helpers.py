@@ -1,0 +1,48 @@
+"""A tiny random Llama saved as a Hugging Face folder with a tokenizer, and PEFT adapters for it."""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig, get_peft_model
+from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+VOCAB = 96
+WORDS = [f"w{i}" for i in range(VOCAB - 3)]
+
+
+def tiny_llama_folder(folder, seed=0, qwen=False):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      bos_token_id=0, eos_token_id=1, pad_token_id=2, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():   # larger logits: greedy choices far from ties
+        model.lm_head.weight.mul_(8)
+    model.save_pretrained(folder)
+    vocab = {"<s>": 0, "</s>": 1, "<pad>": 2} | {w: i + 3 for i, w in enumerate(WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")   # joins words with spaces
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                            unk_token="<pad>").save_pretrained(folder)
+    return model
+
+
+def peft_adapter(model_folder, out, r, targets, seed, alpha=None):
+    """A PEFT LoRA adapter with random (non-zero) weights, saved to ``out``."""
+    base = LlamaForCausalLM.from_pretrained(model_folder)
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=r, lora_alpha=alpha or 2 * r, target_modules=targets, init_lora_weights=False)
+    peft_model = get_peft_model(base, cfg)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.mul_(4)
+    peft_model.save_pretrained(out)
+    return out
+
+
+def prompt(seed, n):
+    g = torch.Generator().manual_seed(seed)
+    return " ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (n,), generator=g).tolist())

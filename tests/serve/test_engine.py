@@ -1,0 +1,118 @@
+"""The engine's greedy output equals transformers (+ PEFT) generate, request by request."""
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoTokenizer, LlamaForCausalLM
+
+import loraflow as lf
+from loraflow.serve.sampling import SamplingParams
+from helpers import peft_adapter, prompt, tiny_llama_folder
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    tiny_llama_folder(root / "base")
+    adapters = {
+        "sql": peft_adapter(root / "base", root / "sql", 4, ["q_proj", "v_proj"], seed=1),
+        "med": peft_adapter(root / "base", root / "med", 8, ["q_proj", "k_proj", "o_proj", "down_proj"], seed=2),
+        "py": peft_adapter(root / "base", root / "py", 2, "all-linear", seed=3),
+    }
+    return root, adapters
+
+
+def reference(root, adapter_path, text, max_tokens):
+    """transformers + PEFT greedy tokens for one prompt."""
+    tok = AutoTokenizer.from_pretrained(root / "base")
+    model = LlamaForCausalLM.from_pretrained(root / "base").eval()
+    if adapter_path is not None:
+        model = PeftModel.from_pretrained(model, adapter_path).eval()
+    ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                             do_sample=False, eos_token_id=1, pad_token_id=2)
+    new = out[0, ids.shape[1]:].tolist()
+    return new[:new.index(1)] if 1 in new else new
+
+
+def engine(setup, **kw):
+    root, adapters = setup
+    return lf.Engine(model=root / "base", adapters={k: str(v) for k, v in adapters.items()}, device="cpu",
+                     **kw)
+
+
+def test_greedy_equals_transformers_and_peft_per_adapter_in_one_mixed_batch(setup):
+    root, adapters = setup
+    eng = engine(setup, max_batch_tokens=64)
+    names = ["sql", None, "med", "py", "sql", "med"]
+    prompts = [prompt(i, 5 + 3 * i) for i in range(len(names))]
+    params = SamplingParams(max_tokens=12, temperature=0.0)
+    reqs = [eng.add_request(p, params, a) for p, a in zip(prompts, names)]
+    while not all(r.finished for r in reqs):
+        eng.step()
+    for r, p, a in zip(reqs, prompts, names):
+        assert r.output_ids == reference(root, adapters.get(a), p, 12), (a, p)
+    assert eng.kv.used_blocks == 0 and not eng.running
+
+
+def test_requests_arriving_mid_decode_and_chunked_prompts(setup):
+    root, adapters = setup
+    eng = engine(setup, max_batch_tokens=8)          # prompts longer than a step: chunked
+    first = eng.add_request(prompt(10, 20), SamplingParams(max_tokens=10, temperature=0), "med")
+    for _ in range(4):
+        eng.step()
+    later = [eng.add_request(prompt(11 + i, 9), SamplingParams(max_tokens=6, temperature=0), a)
+             for i, a in enumerate(["py", None, "sql"])]
+    while eng.has_work():
+        eng.step()
+    assert first.output_ids == reference(root, adapters["med"], prompt(10, 20), 10)
+    for i, (r, a) in enumerate(zip(later, ["py", None, "sql"])):
+        assert r.output_ids == reference(root, adapters.get(a), prompt(11 + i, 9), 6)
+
+
+def test_generate_api_and_sampling_options(setup):
+    eng = engine(setup)
+    outs = eng.generate([prompt(1, 6), prompt(2, 6)], adapters=["sql", None], max_tokens=5, temperature=0.0)
+    assert len(outs) == 2 and all(isinstance(o, str) and o for o in outs)
+    a = eng.generate([prompt(3, 6)], max_tokens=8, temperature=1.0, top_p=0.9, top_k=20, seed=7)
+    b = eng.generate([prompt(3, 6)], max_tokens=8, temperature=1.0, top_p=0.9, top_k=20, seed=7)
+    assert a == b
+    words = outs[0].split()
+    stopped = eng.generate([prompt(1, 6)], adapters=["sql"], max_tokens=5, temperature=0.0, stop=[words[1]])
+    assert stopped[0] == outs[0][:outs[0].index(words[1])]
+
+
+def test_bad_requests_are_refused(setup):
+    eng = engine(setup, kv_cache_bytes=64 * 2**10)
+    with pytest.raises(KeyError):
+        eng.add_request("w1 w2", adapter="nope")
+    with pytest.raises(ValueError, match="context holds"):
+        eng.add_request(prompt(0, eng.max_len + 5))
+    with pytest.raises(ValueError, match="max_tokens"):
+        SamplingParams(max_tokens=0)
+
+
+def test_eviction_with_two_slots_and_five_adapters(setup, tmp_path):
+    root, adapters = setup
+    extra = {f"x{i}": peft_adapter(root / "base", tmp_path / f"x{i}", 2, ["v_proj"], seed=20 + i) for i in range(2)}
+    eng = lf.Engine(model=root / "base", adapters={**{k: str(v) for k, v in adapters.items()}, **extra},
+                    device="cpu", max_gpu_adapters=2, max_batch_tokens=32)
+    names = ["sql", "med", "py", "x0", "x1", "sql", "py"]
+    reqs = [eng.add_request(prompt(30 + i, 6), SamplingParams(max_tokens=4, temperature=0), a)
+            for i, a in enumerate(names)]
+    while not all(r.finished for r in reqs):
+        eng.step()
+        assert len(eng.registry.device) <= 2
+    all_paths = {**adapters, **extra}
+    for i, (r, a) in enumerate(zip(reqs, names)):
+        assert r.output_ids == reference(root, all_paths[a], prompt(30 + i, 6), 4), a
+    assert eng.registry.stats["evictions"] >= 3
+
+
+def test_default_model_answers_through_the_engine():
+    eng = lf.Engine(device="cpu", max_batch_tokens=256)
+    chat = eng.tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                             add_generation_prompt=True, tokenize=False)
+    out = eng.generate([chat], max_tokens=16, temperature=0.0)
+    assert "Paris" in out[0], out
