@@ -94,6 +94,37 @@ def cmd_bench_kernels(args) -> None:
     print("wrote", *paths)
 
 
+def cmd_serve(args) -> None:
+    """Serve the OpenAI-compatible API with per-request adapters."""
+    import uvicorn
+
+    from loraflow.serve.api import create_app
+    from loraflow.serve.engine import Engine
+    from loraflow.serve.loop import EngineLoop
+
+    adapters = {}
+    for spec in args.lora or []:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            sys.exit(f"--lora takes NAME=PATH, got {spec!r}")
+        adapters[name] = path
+    if args.allow_runtime_lora and not args.adapter_dir:
+        sys.exit("--allow-runtime-lora needs --adapter-dir (adapters load only from under it)")
+    engine = Engine(model=args.model, adapters=adapters, adapter_dir=args.adapter_dir,
+                    max_batch_tokens=args.max_batch_tokens, max_gpu_adapters=args.max_gpu_adapters,
+                    max_cpu_adapters=args.max_cpu_adapters, max_lora_rank=args.max_lora_rank,
+                    max_waiting=args.max_waiting)
+    loop = EngineLoop(engine)
+    app = create_app(loop, api_key=args.api_key, adapter_dir=args.adapter_dir,
+                     allow_runtime_lora=args.allow_runtime_lora)
+    print(f"serving {engine.model_name} with {len(engine.registry.paths)} adapters on "
+          f"http://{args.host}:{args.port}/v1", flush=True)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        loop.close()
+
+
 def merge_kernel_parts(folder: str, out: str) -> None:
     """One report from the ``--part`` JSON files in ``folder`` (runs anywhere, no GPU)."""
     import json
@@ -134,6 +165,21 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("inspect", help=cmd_inspect.__doc__)
     p.add_argument("path", help="an adapter folder (adapter_config.json + adapter_model.safetensors)")
     p.set_defaults(func=cmd_inspect)
+    p = sub.add_parser("serve", help=cmd_serve.__doc__)
+    p.add_argument("--model", help="a local Hugging Face Llama-family folder (default: the embedded SmolLM2)")
+    p.add_argument("--lora", action="append", metavar="NAME=PATH", help="an adapter to serve (repeatable)")
+    p.add_argument("--adapter-dir", help="serve every adapter folder under this folder")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-gpu-adapters", type=int, default=8, help="adapters resident on the device")
+    p.add_argument("--max-cpu-adapters", type=int, default=64, help="adapters kept in host memory")
+    p.add_argument("--max-lora-rank", type=int, default=64)
+    p.add_argument("--max-batch-tokens", type=int, default=512, help="tokens per engine step")
+    p.add_argument("--max-waiting", type=int, default=1024, help="queued requests before 503")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health")
+    p.add_argument("--allow-runtime-lora", action="store_true",
+                   help="allow POST /v1/load_lora_adapter (paths under --adapter-dir only)")
+    p.set_defaults(func=cmd_serve)
     bench = sub.add_parser("bench", help="benchmarks (GPU)").add_subparsers(dest="bench", required=True)
     p = bench.add_parser("kernels", help=cmd_bench_kernels.__doc__)
     p.add_argument("--out", default="benchmarks/results", help="folder for the JSON, Markdown and PNG")

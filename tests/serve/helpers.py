@@ -24,8 +24,10 @@ def tiny_llama_folder(folder, seed=0, qwen=False):
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##")   # joins words with spaces
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                            unk_token="<pad>").save_pretrained(folder)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<pad>")
+    fast.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    fast.save_pretrained(folder)
     return model
 
 
@@ -41,6 +43,23 @@ def peft_adapter(model_folder, out, r, targets, seed, alpha=None):
                 p.mul_(4)
     peft_model.save_pretrained(out)
     return out
+
+
+def reference(model_folder, adapter_path, text, max_tokens):
+    """transformers (+ PEFT) greedy token ids for one prompt, without the end-of-sequence token."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_folder)
+    model = LlamaForCausalLM.from_pretrained(model_folder).eval()
+    if adapter_path is not None:
+        model = PeftModel.from_pretrained(model, adapter_path).eval()
+    ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                             do_sample=False, eos_token_id=1, pad_token_id=2)
+    new = out[0, ids.shape[1]:].tolist()
+    return new[:new.index(1)] if 1 in new else new
 
 
 def prompt(seed, n):

@@ -1,13 +1,11 @@
 """The engine's greedy output equals transformers (+ PEFT) generate, request by request."""
 
 import pytest
-import torch
-from peft import PeftModel
-from transformers import AutoTokenizer, LlamaForCausalLM
 
 import loraflow as lf
 from loraflow.serve.sampling import SamplingParams
 from helpers import peft_adapter, prompt, tiny_llama_folder
+from helpers import reference as hf_reference
 
 
 @pytest.fixture(scope="module")
@@ -23,17 +21,7 @@ def setup(tmp_path_factory):
 
 
 def reference(root, adapter_path, text, max_tokens):
-    """transformers + PEFT greedy tokens for one prompt."""
-    tok = AutoTokenizer.from_pretrained(root / "base")
-    model = LlamaForCausalLM.from_pretrained(root / "base").eval()
-    if adapter_path is not None:
-        model = PeftModel.from_pretrained(model, adapter_path).eval()
-    ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
-                             do_sample=False, eos_token_id=1, pad_token_id=2)
-    new = out[0, ids.shape[1]:].tolist()
-    return new[:new.index(1)] if 1 in new else new
+    return hf_reference(root / "base", adapter_path, text, max_tokens)
 
 
 def engine(setup, **kw):

@@ -43,6 +43,7 @@ class Request:
     text: str = ""
     finish_reason: str | None = None        # "stop" | "length" | "abort" | "error"
     error: str | None = None
+    error_type: str | None = None            # "adapter" (it failed to load) | "capacity"
     blocks: list[int] = field(default_factory=list)
     computed: int = 0                        # tokens whose keys and values are cached
     slot: int = -1
@@ -140,7 +141,8 @@ class Engine:
         touched = [self._finish(r, "abort") for r in list(self.running) + list(self.waiting) if r.id in aborts]
         for r in list(self.waiting):        # adapters that failed to load fail their requests
             if r.adapter and self.registry.error(r.adapter):
-                r.error = self.registry.error(r.adapter)
+                r.error = f"adapter {r.adapter!r} cannot be served: {self.registry.error(r.adapter)}"
+                r.error_type = "adapter"
                 touched.append(self._finish(r, "error"))
         plan = self._schedule()
         if not plan:
@@ -176,6 +178,7 @@ class Engine:
                 victims = [r for r in reversed(self.running) if r is not req and r.id not in planned]
                 if not victims:
                     req.error = "out of KV-cache memory for this request"
+                    req.error_type = "capacity"
                     self._finish(req, "error")
                     break
                 self._preempt(victims[0])

@@ -1,0 +1,69 @@
+"""The engine on its own thread, and the bridge from its outputs to asyncio handlers."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass
+
+from loraflow.serve.engine import Engine, Request
+from loraflow.serve.sampling import SamplingParams
+
+
+@dataclass
+class Update:
+    """A snapshot of a request after one engine step, safe to hand to another thread."""
+    text: str
+    finished: bool
+    finish_reason: str | None
+    error: str | None
+    error_type: str | None
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class EngineLoop:
+    """Runs ``engine.step()`` on a background thread while there is work."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._wake = threading.Event()
+        self._stop = False
+        self._started = time.perf_counter()
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop:
+            if self.engine.has_work():
+                if not self.engine.step():
+                    time.sleep(0.002)        # only requests whose adapter is still loading
+            else:
+                self._wake.wait(0.05)
+                self._wake.clear()
+
+    def submit(self, prompt, params: SamplingParams, adapter: str | None) -> tuple[Request, asyncio.Queue]:
+        """Queue a request; its updates arrive on the returned asyncio queue (of this loop)."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Update] = asyncio.Queue()
+        engine = self.engine
+
+        def on_output(req: Request) -> None:           # engine thread
+            update = Update(engine.stream_text(req), req.finished, req.finish_reason, req.error, req.error_type,
+                            len(req.prompt_ids), len(req.output_ids))
+            loop.call_soon_threadsafe(queue.put_nowait, update)
+
+        req = engine.add_request(prompt, params, adapter, on_output=on_output)
+        self._wake.set()
+        return req, queue
+
+    def abort(self, request_id: str) -> None:
+        self.engine.abort(request_id)
+        self._wake.set()
+
+    def close(self) -> None:
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout=5)
+        self.engine.registry.close()
