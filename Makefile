@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 WHEELS := $(wildcard /opt/wheels)
 FIND_LINKS := $(if $(WHEELS),--find-links $(WHEELS),)
 
-.PHONY: test install clean
+.PHONY: test install serve clean
 
 $(VENV)/.installed: pyproject.toml Makefile constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ install: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
+
+# The OpenAI-compatible server on the embedded default model, with the example adapters.
+serve: $(VENV)/.installed
+	$(PY) -m loraflow.cli serve --adapter-dir examples/adapters $(SERVE_ARGS)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

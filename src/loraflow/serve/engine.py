@@ -60,6 +60,18 @@ class Request:
         return self.finish_reason is not None
 
 
+def _eos_ids(folder: Path, tokenizer) -> set[int]:
+    """End-of-sequence ids: the tokenizer's and the generation config's (which may list several)."""
+    import json
+
+    ids = {tokenizer.eos_token_id} - {None}
+    for name in ("generation_config.json", "config.json"):
+        if (folder / name).is_file():
+            eos = json.loads((folder / name).read_text()).get("eos_token_id")
+            ids |= set(eos) if isinstance(eos, list) else ({eos} if isinstance(eos, int) else set())
+    return ids
+
+
 class Engine:
     def __init__(self, model: str | Path | None = None, adapters: dict[str, str] | None = None, *,
                  adapter_dir: str | Path | None = None, device: str | None = None, dtype=None,
@@ -90,8 +102,7 @@ class Engine:
         self.kv = KVCache(a.n_layers, a.n_kv_heads, a.head_dim, kv_cache_bytes, block_size, dtype, device)
         self.max_len = min(a.max_seq_len, self.kv.n_blocks * block_size)
         self.max_batch_tokens, self.max_waiting = max_batch_tokens, max_waiting
-        eos = self.tokenizer.eos_token_id
-        self.eos_ids = {eos} if eos is not None else set()
+        self.eos_ids = _eos_ids(folder, self.tokenizer)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._incoming: deque[Request] = deque()
