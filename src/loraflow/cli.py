@@ -125,6 +125,96 @@ def cmd_serve(args) -> None:
         loop.close()
 
 
+def cmd_bench_serve(args) -> None:
+    """Load-test the server on loopback with many adapters; JSON, Markdown and PNG under --out."""
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
+    from loraflow.bench import report, serve_report
+    from loraflow.bench import serve as bench
+    from loraflow.serve.engine import Engine
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    w = bench.Workload(requests=args.requests, rate=args.rate, prompt_len=args.prompt_len,
+                       output_len=args.output_len, mix=args.mix, adapters=args.adapters,
+                       registered=args.registered, rank=args.rank)
+    slots = args.max_gpu_adapters or w.adapters
+    if args.shape == "default":
+        engine = Engine(device=device, max_gpu_adapters=slots, max_cpu_adapters=max(64, w.adapters),
+                        max_lora_rank=w.rank, max_batch_tokens=args.max_batch_tokens)
+    else:
+        from loraflow.serve.llama import random_llama
+        args_7b = bench_shapes()[args.shape]
+        engine = Engine(model=random_llama(args_7b, torch.bfloat16, device), tokenizer=_numbered_tokenizer(args_7b.vocab_size),
+                        model_name=args.shape, device=device, max_gpu_adapters=slots,
+                        max_cpu_adapters=max(64, w.adapters), max_lora_rank=w.rank,
+                        max_batch_tokens=args.max_batch_tokens)
+    tmp = Path(tempfile.mkdtemp(prefix="loraflow-bench-"))
+    folders = bench.make_adapters(engine.bank.shapes(), tmp, w.adapters, w.rank)
+    result = bench.run(engine, w, folders)
+    print(json.dumps({k: result[k] for k in ("adapters", "base", "adapters_over_base")}, indent=1), flush=True)
+    Path(args.out).mkdir(parents=True, exist_ok=True)     # kept if the baseline below fails
+    (Path(args.out) / f"serve-{args.shape}-{device}.partial.json").write_text(json.dumps(result, indent=1))
+    model = engine.model
+    del engine
+    if not args.no_peft:
+        hf = _hf_twin(model, args.shape)
+        del model
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        peft_w = bench.Workload(**{**bench.asdict(w), "requests": args.peft_requests or w.requests,
+                                   "output_len": args.peft_output_len or w.output_len})
+        result["peft"] = bench.peft_baseline(hf, folders, peft_w, args.peft_batch, device)
+        result["ours_over_peft"] = result["adapters"]["output_tokens_per_s"] / result["peft"]["output_tokens_per_s"]
+    env = report.environment()
+    payload = {"environment": env, **result}
+    stem = f"serve-{args.shape}-{device}"
+    paths = report.write(args.out, stem, payload, serve_report.markdown(env, payload), serve_report.figure(payload))
+    print(serve_report.markdown(env, payload))
+    print("wrote", *paths)
+
+
+def bench_shapes():
+    from loraflow.serve.llama import LlamaArgs
+
+    return {"llama2-7b": LlamaArgs(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, head_dim=128,
+                                   intermediate=11008, norm_eps=1e-5, rope_theta=10000.0, rope_scaling=None,
+                                   max_seq_len=4096, tie_embeddings=False, qkv_bias=False, mlp_bias=False)}
+
+
+def _numbered_tokenizer(vocab: int):
+    """A word-level tokenizer whose tokens are 't0' .. 't{vocab-1}' (for random-weight models)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", eos_token="t2", pad_token="t0")
+
+
+def _hf_twin(model, shape: str):
+    """A Hugging Face LlamaForCausalLM with the same weights as our served model."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from loraflow.models.loading import default_model_path
+
+    if shape == "default":
+        hf = LlamaForCausalLM.from_pretrained(default_model_path(), dtype=next(model.parameters()).dtype)
+        return hf.to(next(model.parameters()).device).eval()
+    a = model.args
+    cfg = LlamaConfig(vocab_size=a.vocab_size, hidden_size=a.dim, intermediate_size=a.intermediate,
+                      num_hidden_layers=a.n_layers, num_attention_heads=a.n_heads, num_key_value_heads=a.n_kv_heads,
+                      max_position_embeddings=a.max_seq_len, rms_norm_eps=a.norm_eps, tie_word_embeddings=False)
+    with torch.device(next(model.parameters()).device):
+        hf = LlamaForCausalLM(cfg).to(next(model.parameters()).dtype)
+    hf.load_state_dict({k: v for k, v in model.state_dict().items() if k != "inv_freq"}, strict=False)
+    return hf.eval()
+
+
 def merge_kernel_parts(folder: str, out: str) -> None:
     """One report from the ``--part`` JSON files in ``folder`` (runs anywhere, no GPU)."""
     import json
@@ -181,6 +271,25 @@ def main(argv: list[str] | None = None) -> None:
                    help="allow POST /v1/load_lora_adapter (paths under --adapter-dir only)")
     p.set_defaults(func=cmd_serve)
     bench = sub.add_parser("bench", help="benchmarks (GPU)").add_subparsers(dest="bench", required=True)
+    p = bench.add_parser("serve", help=cmd_bench_serve.__doc__)
+    p.add_argument("--shape", default="default", choices=["default", "llama2-7b"],
+                   help="the embedded SmolLM2, or a Llama-2-7B-shaped model with random weights")
+    p.add_argument("--requests", type=int, default=64)
+    p.add_argument("--rate", type=float, default=0.0, help="Poisson arrivals per second; 0: all at once")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--mix", default="distinct", choices=["identical", "uniform", "skewed", "distinct"])
+    p.add_argument("--adapters", type=int, default=64, help="distinct adapters the requests use")
+    p.add_argument("--registered", type=int, default=1000, help="adapter names registered on the server")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--max-gpu-adapters", type=int, help="device slots (default: --adapters)")
+    p.add_argument("--max-batch-tokens", type=int, default=2048)
+    p.add_argument("--no-peft", action="store_true", help="skip the transformers + PEFT baseline")
+    p.add_argument("--peft-batch", type=int, default=64, help="rows per PEFT generate call")
+    p.add_argument("--peft-requests", type=int, help="requests for the PEFT baseline (default: --requests)")
+    p.add_argument("--peft-output-len", type=int, help="output tokens in the PEFT baseline (default: --output-len)")
+    p.add_argument("--out", default="benchmarks/results")
+    p.set_defaults(func=cmd_bench_serve)
     p = bench.add_parser("kernels", help=cmd_bench_kernels.__doc__)
     p.add_argument("--out", default="benchmarks/results", help="folder for the JSON, Markdown and PNG")
     p.add_argument("--quick", action="store_true", help="three cases only (a smoke run)")

@@ -44,6 +44,7 @@ class Sampling(BaseModel):
     stream: bool = False
     stream_options: dict | None = None
     n: int = Field(1, ge=1, le=1)
+    ignore_eos: bool = False          # vLLM's extension: generate max_tokens tokens
 
 
 class CompletionBody(Sampling):
@@ -168,7 +169,7 @@ def create_app(loop: EngineLoop, api_key: str | None = None, adapter_dir: str | 
         try:
             return SamplingParams(max_tokens=body.max_completion_tokens or body.max_tokens or 16,
                                   temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-                                  seed=body.seed, stop=body.stop or [])
+                                  seed=body.seed, stop=body.stop or [], ignore_eos=body.ignore_eos)
         except ValueError as e:
             raise APIError(400, str(e)) from e
 

@@ -23,7 +23,7 @@ import torch
 
 from loraflow.serve.bank import AdapterBank
 from loraflow.serve.kv_cache import KVCache
-from loraflow.serve.llama import Batch, load_llama
+from loraflow.serve.llama import Batch, Llama, load_llama
 from loraflow.serve.registry import AdapterRegistry
 from loraflow.serve.sampling import SamplingParams, sample
 
@@ -60,12 +60,12 @@ class Request:
         return self.finish_reason is not None
 
 
-def _eos_ids(folder: Path, tokenizer) -> set[int]:
+def _eos_ids(folder: Path | None, tokenizer) -> set[int]:
     """End-of-sequence ids: the tokenizer's and the generation config's (which may list several)."""
     import json
 
     ids = {tokenizer.eos_token_id} - {None}
-    for name in ("generation_config.json", "config.json"):
+    for name in ("generation_config.json", "config.json") if folder is not None else ():
         if (folder / name).is_file():
             eos = json.loads((folder / name).read_text()).get("eos_token_id")
             ids |= set(eos) if isinstance(eos, list) else ({eos} if isinstance(eos, int) else set())
@@ -73,8 +73,9 @@ def _eos_ids(folder: Path, tokenizer) -> set[int]:
 
 
 class Engine:
-    def __init__(self, model: str | Path | None = None, adapters: dict[str, str] | None = None, *,
+    def __init__(self, model: str | Path | Llama | None = None, adapters: dict[str, str] | None = None, *,
                  adapter_dir: str | Path | None = None, device: str | None = None, dtype=None,
+                 tokenizer=None, model_name: str | None = None,
                  max_batch_tokens: int = 512, kv_cache_bytes: int | None = None, block_size: int = 16,
                  max_gpu_adapters: int = 8, max_cpu_adapters: int = 64, max_lora_rank: int = 64,
                  max_waiting: int = 1024):
@@ -84,10 +85,16 @@ class Engine:
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-        folder = default_model_path() if model is None else Path(model)
-        self.model_name = "SmolLM2-135M-Instruct" if model is None else folder.name
-        self.model = load_llama(folder, dtype, device)
-        self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        if isinstance(model, Llama):        # a model built in memory (benchmarks): bring a tokenizer
+            if tokenizer is None:
+                raise ValueError("Engine(model=<Llama module>) needs tokenizer=")
+            self.model, self.tokenizer, folder = model, tokenizer, None
+            self.model_name = model_name or "llama"
+        else:
+            folder = default_model_path() if model is None else Path(model)
+            self.model_name = model_name or ("SmolLM2-135M-Instruct" if model is None else folder.name)
+            self.model = load_llama(folder, dtype, device)
+            self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(folder, local_files_only=True)
         self.device = torch.device(device)
         a = self.model.args
         self.bank = AdapterBank(self.model, max_gpu_adapters, max_lora_rank)

@@ -198,6 +198,20 @@ class Llama(nn.Module):
         return {n: m for n, m in self.named_modules() if isinstance(m, BankedLinear)}
 
 
+def random_llama(args: LlamaArgs, dtype=torch.bfloat16, device="cpu", seed: int = 0) -> Llama:
+    """A model of the given shape with random weights (std 0.02), for speed measurements."""
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = Llama(args).to(dtype)
+        for n, p in model.named_parameters():
+            if n.endswith("norm.weight"):
+                p.data.fill_(1.0)
+            else:
+                p.data.normal_(0.0, 0.02)
+    model.inv_freq = rope_frequencies(args).to(device)
+    return model.eval()
+
+
 def load_llama(folder: str | Path, dtype=torch.float32, device="cpu") -> Llama:
     """Build from ``config.json`` and load ``*.safetensors`` (only safetensors) of a local folder."""
     folder = Path(folder)

@@ -1,0 +1,202 @@
+"""``loraflow bench serve``: a load generator on loopback against the HTTP server.
+
+Requests arrive as a Poisson process (``rate`` per second; 0: all at once), each names an
+adapter drawn from a popularity mix (identical / uniform / skewed Zipf 1.5 / distinct) over
+``adapters`` adapters, among ``registered`` registered names, and streams its output.
+Reported: output tokens/s, time to first token and inter-token latency (p50, p99). The same
+requests also run on the base model alone (no adapters), and through Hugging Face
+transformers + PEFT mixed-batch ``generate`` for comparison.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+
+@dataclass
+class Workload:
+    requests: int = 64
+    rate: float = 0.0            # requests per second (Poisson); 0: all at once
+    prompt_len: int = 128
+    output_len: int = 128
+    mix: str = "distinct"
+    adapters: int = 64           # distinct adapters the requests draw from
+    registered: int = 1000       # names registered on the server
+    rank: int = 16
+    seed: int = 0
+
+
+def make_adapters(shapes: dict[str, tuple[int, int]], folder: Path, n: int, rank: int, seed: int = 0,
+                  dtype=torch.bfloat16) -> list[Path]:
+    """``n`` random LoRA adapters (all linear layers, rank ``rank``) in PEFT's layout."""
+    g = torch.Generator().manual_seed(seed)
+    leaves = sorted({m.rsplit(".", 1)[-1] for m in shapes})
+    out = []
+    for i in range(n):
+        path = folder / f"rand{i}"
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for module, (d_out, d_in) in shapes.items():
+            tensors[f"base_model.model.{module}.lora_A.weight"] = (torch.randn(rank, d_in, generator=g) / d_in ** 0.5).to(dtype)
+            tensors[f"base_model.model.{module}.lora_B.weight"] = (torch.randn(d_out, rank, generator=g) * 0.02).to(dtype)
+        save_file(tensors, path / "adapter_model.safetensors")
+        (path / "adapter_config.json").write_text(json.dumps(
+            {"peft_type": "LORA", "r": rank, "lora_alpha": rank, "target_modules": leaves, "task_type": "CAUSAL_LM"}))
+        out.append(path)
+    return out
+
+
+def popularity(mix: str, n_requests: int, n_adapters: int, rng: random.Random) -> list[int]:
+    if mix == "identical":
+        return [0] * n_requests
+    if mix == "uniform":
+        k = math.ceil(math.sqrt(n_adapters))
+        return [rng.randrange(k) for _ in range(n_requests)]
+    if mix == "skewed":
+        w = [1 / (i + 1) ** 1.5 for i in range(n_adapters)]
+        return rng.choices(range(n_adapters), weights=w, k=n_requests)
+    if mix == "distinct":
+        return [i % n_adapters for i in range(n_requests)]
+    raise ValueError(f"mix must be identical, uniform, skewed or distinct, got {mix!r}")
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
+
+
+async def _one(client, model: str, prompt: list[int], w: Workload, start_at: float, t0: float) -> dict:
+    await asyncio.sleep(max(0.0, start_at - (time.perf_counter() - t0)))
+    sent = time.perf_counter()
+    times, tokens = [], 0
+    body = {"model": model, "prompt": prompt, "max_tokens": w.output_len, "temperature": 0, "stream": True,
+            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    async with client.stream("POST", "/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            return {"error": f"{r.status_code}: {(await r.aread())[:200]!r}"}
+        async for line in r.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            data = json.loads(line[6:])
+            if data.get("choices") and data["choices"][0].get("text"):
+                times.append(time.perf_counter())
+            if data.get("usage"):
+                tokens = data["usage"]["completion_tokens"]
+    return {"ttft": times[0] - sent if times else float("nan"),
+            "itl": [b - a for a, b in zip(times, times[1:])], "tokens": tokens, "done": time.perf_counter()}
+
+
+async def _load(url: str, models: list[str], prompts: list[list[int]], w: Workload) -> tuple[list[dict], float]:
+    import httpx
+
+    rng = random.Random(w.seed + 1)
+    starts, t = [], 0.0
+    for _ in models:
+        starts.append(t)
+        t += rng.expovariate(w.rate) if w.rate > 0 else 0.0
+    limits = httpx.Limits(max_connections=w.requests + 8, max_keepalive_connections=w.requests + 8)
+    async with httpx.AsyncClient(base_url=url, timeout=3600, limits=limits) as client:
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*[_one(client, m, p, w, s, t0) for m, p, s in zip(models, prompts, starts)])
+    return results, t0
+
+
+def summarize(results: list[dict], t0: float) -> dict:
+    errors = [r["error"] for r in results if "error" in r]
+    ok = [r for r in results if "error" not in r]
+    wall = max(r["done"] for r in ok) - t0 if ok else float("nan")
+    itl = [x for r in ok for x in r["itl"]]
+    ttft = [r["ttft"] for r in ok]
+    total = sum(r["tokens"] for r in ok)
+    return {"requests": len(results), "errors": len(errors), "first_error": errors[0] if errors else None,
+            "output_tokens": total, "wall_s": wall, "output_tokens_per_s": total / wall if ok else 0.0,
+            "ttft_p50_ms": 1e3 * percentile(ttft, 50), "ttft_p99_ms": 1e3 * percentile(ttft, 99),
+            "itl_p50_ms": 1e3 * percentile(itl, 50), "itl_p99_ms": 1e3 * percentile(itl, 99)}
+
+
+class _Server:
+    def __init__(self, engine):
+        import uvicorn
+
+        from loraflow.serve.api import create_app
+        from loraflow.serve.loop import EngineLoop
+
+        self.loop = EngineLoop(engine)
+        self.server = uvicorn.Server(uvicorn.Config(create_app(self.loop), host="127.0.0.1", port=0,
+                                                    log_level="error"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.01)
+        self.url = f"http://127.0.0.1:{self.server.servers[0].sockets[0].getsockname()[1]}"
+
+    def close(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.loop.close()
+
+
+def run(engine, w: Workload, adapter_folders: list[Path]) -> dict:
+    """Register ``w.registered`` names over ``adapter_folders`` (the first ``w.adapters`` are
+    the ones requests use), then run the workload with adapters and on the base model."""
+    names = [f"a{i}" for i in range(w.registered)]
+    for i, name in enumerate(names):
+        engine.registry.register(name, adapter_folders[i % len(adapter_folders)])
+    rng = random.Random(w.seed)
+    vocab = engine.model.args.vocab_size
+    prompts = [[rng.randrange(3, vocab) for _ in range(w.prompt_len)] for _ in range(w.requests)]
+    chosen = [names[i] for i in popularity(w.mix, w.requests, w.adapters, rng)]
+    server = _Server(engine)
+    try:
+        used = sorted(set(chosen))        # warm-up: compile, and bring every used adapter to the device
+        asyncio.run(_load(server.url, [engine.model_name] + used, (prompts * 64)[:len(used) + 1],
+                          Workload(requests=len(used) + 1, output_len=2)))
+        with_adapters = summarize(*asyncio.run(_load(server.url, chosen, prompts, w)))
+        base_only = summarize(*asyncio.run(_load(server.url, [engine.model_name] * w.requests, prompts, w)))
+    finally:
+        server.close()
+    return {"workload": asdict(w), "adapters": with_adapters, "base": base_only,
+            "adapters_over_base": with_adapters["output_tokens_per_s"] / base_only["output_tokens_per_s"],
+            "registry": engine.registry.snapshot()}
+
+
+def peft_baseline(hf_model, adapter_folders: list[Path], w: Workload, batch: int, device) -> dict:
+    """Hugging Face transformers + PEFT: the same kind of requests, ``batch`` rows per
+    mixed-batch ``generate`` call, each row with its own adapter."""
+    from peft import PeftModel
+
+    n = min(w.adapters, len(adapter_folders))
+    model = PeftModel.from_pretrained(hf_model, adapter_folders[0], adapter_name="a0")
+    for i in range(1, n):
+        model.load_adapter(adapter_folders[i], adapter_name=f"a{i}")
+    model = model.to(device).eval()
+    rng = random.Random(w.seed)
+    vocab = hf_model.config.vocab_size
+    rows = popularity(w.mix, w.requests, n, rng)
+    total, start = 0, time.perf_counter()
+    for lo in range(0, w.requests, batch):
+        group = rows[lo:lo + batch]
+        ids = torch.randint(3, vocab, (len(group), w.prompt_len), device=device)
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=w.output_len,
+                                 min_new_tokens=w.output_len, do_sample=False,
+                                 adapter_names=[f"a{i}" for i in group], pad_token_id=0)
+        total += (out.shape[1] - ids.shape[1]) * len(group)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    return {"requests": w.requests, "batch": batch, "output_tokens": total, "wall_s": wall,
+            "output_tokens_per_s": total / wall}

@@ -1,0 +1,52 @@
+"""Tables and plots of ``loraflow bench serve``."""
+
+from __future__ import annotations
+
+
+def markdown(env: dict, p: dict) -> str:
+    from loraflow.bench.report import table
+
+    w = p["workload"]
+    rows = [dict(run="with adapters", **p["adapters"]), dict(run="base model only", **p["base"])]
+    lines = ["# Serving benchmark: many adapters per batch", "",
+             f"- device: {env['device']}; torch {env['torch']}; date: {env['date']}",
+             f"- command: `{env['command']}`",
+             f"- workload: {w['requests']} requests, {'all at once' if not w['rate'] else str(w['rate']) + ' req/s (Poisson)'}, "
+             f"prompt {w['prompt_len']} tokens, output {w['output_len']} tokens (ignore_eos), {w['mix']} mix over "
+             f"{w['adapters']} rank-{w['rank']} adapters on all linear layers, {w['registered']} adapter names registered",
+             "- streamed through the HTTP API on loopback (one process: load generator, server, engine)", "",
+             table(rows, [("run", "run", ""), ("output_tokens_per_s", "output tok/s", ".1f"),
+                          ("ttft_p50_ms", "TTFT p50 (ms)", ".0f"), ("ttft_p99_ms", "TTFT p99 (ms)", ".0f"),
+                          ("itl_p50_ms", "ITL p50 (ms)", ".1f"), ("itl_p99_ms", "ITL p99 (ms)", ".1f"),
+                          ("wall_s", "wall (s)", ".1f"), ("errors", "errors", "")]), "",
+             f"- adapters / base throughput: **{p['adapters_over_base']:.2f}** (target >= 0.90)"]
+    if "peft" in p:
+        q = p["peft"]
+        lines += [f"- transformers + PEFT mixed-batch generate ({q['requests']} requests, {q['batch']} rows per call, "
+                  f"{q['output_tokens'] // max(1, q['requests'])} output tokens each): "
+                  f"{q['output_tokens_per_s']:.1f} output tok/s; ours / PEFT: **{p['ours_over_peft']:.1f}x** (target >= 10)"]
+    return "\n".join(lines) + "\n"
+
+
+def figure(p: dict):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    names = ["with adapters", "base only"] + (["transformers + PEFT"] if "peft" in p else [])
+    values = [p["adapters"]["output_tokens_per_s"], p["base"]["output_tokens_per_s"]]
+    values += [p["peft"]["output_tokens_per_s"]] if "peft" in p else []
+    axes[0].bar(names, values, color=["tab:blue", "tab:gray", "tab:red"][:len(names)])
+    axes[0].set(ylabel="output tokens / s", title="throughput")
+    for i, v in enumerate(values):
+        axes[0].text(i, v, f"{v:.0f}", ha="center", va="bottom")
+    labels = ["TTFT p50", "TTFT p99", "ITL p50", "ITL p99"]
+    keys = ["ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms"]
+    x = range(len(keys))
+    axes[1].bar([i - 0.2 for i in x], [p["adapters"][k] for k in keys], 0.4, label="with adapters")
+    axes[1].bar([i + 0.2 for i in x], [p["base"][k] for k in keys], 0.4, label="base only", color="tab:gray")
+    axes[1].set(xticks=list(x), xticklabels=labels, ylabel="ms", yscale="log", title="latency")
+    axes[1].legend()
+    fig.tight_layout()
+    return fig
