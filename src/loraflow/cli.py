@@ -156,7 +156,8 @@ def cmd_bench_serve(args) -> None:
     result = bench.run(engine, w, folders)
     print(json.dumps({k: result[k] for k in ("adapters", "base", "adapters_over_base")}, indent=1), flush=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)     # kept if the baseline below fails
-    (Path(args.out) / f"serve-{args.shape}-{device}.partial.json").write_text(json.dumps(result, indent=1))
+    (Path(args.out) / f"serve-{args.shape}-{device}.partial.json").write_text(
+        json.dumps({"environment": report.environment(), **result}, indent=1))
     model = engine.model
     del engine
     if not args.no_peft:

@@ -25,6 +25,9 @@ def markdown(env: dict, p: dict) -> str:
         lines += [f"- transformers + PEFT mixed-batch generate ({q['requests']} requests, {q['batch']} rows per call, "
                   f"{q['output_tokens'] // max(1, q['requests'])} output tokens each): "
                   f"{q['output_tokens_per_s']:.1f} output tok/s; ours / PEFT: **{p['ours_over_peft']:.1f}x** (target >= 10)"]
+    else:
+        lines += ["- transformers + PEFT baseline: not measured in this run" +
+                  (f" ({p['peft_note']})" if p.get("peft_note") else "")]
     return "\n".join(lines) + "\n"
 
 

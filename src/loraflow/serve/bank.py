@@ -11,18 +11,43 @@ target has rank 0 in that slot.
 
 from __future__ import annotations
 
-import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loraflow.multi import ops
-
 try:
     from loraflow.multi import triton_lora
 except ImportError:
     triton_lora = None
+
+
+@dataclass
+class TokenSlots:
+    """Each token's adapter slot, and the per-step work that every layer shares: the tile
+    plan of the GPU prefill kernels, or the tokens of each slot for the CPU path."""
+    ids: torch.Tensor                       # (N,) slot of each token, -1: none
+    used: list[int]                         # distinct slots >= 0 in the batch
+    groups: list[tuple[int, torch.Tensor]]  # CPU: (slot, token indices)
+    variant: str | None = None              # GPU: "rows" | "tiles"
+    plan: object | None = None              # GPU: triton_lora.TilePlan for "tiles"
+    rows: torch.Tensor | None = None        # CPU, few tokens per slot: (N, r_max) bank rows to gather
+    valid: torch.Tensor | None = None       # (N, 1) 1.0 for tokens with an adapter
+
+    @staticmethod
+    def build(slots: list[int], n_slots: int, r_max: int, device) -> "TokenSlots":
+        ids = torch.tensor(slots, dtype=torch.long, device=device)
+        used = sorted({s for s in slots if s >= 0})
+        if torch.device(device).type == "cuda" and triton_lora is not None:
+            variant = triton_lora.choose_variant(len(slots), len(used)) if used else None
+            plan = triton_lora.tile_plan(ids, n_slots) if variant == "tiles" else None
+            return TokenSlots(ids, used, [], variant, plan)
+        if len(used) > 1 and len(slots) <= 8 * len(used):        # decode-like: gather + bmm
+            rows = ids.clamp_min(0)[:, None] * r_max + torch.arange(r_max, device=device)
+            return TokenSlots(ids, used, [], rows=rows, valid=(ids >= 0).float()[:, None])
+        groups = [(u, torch.tensor([i for i, s in enumerate(slots) if s == u], device=device)) for u in used]
+        return TokenSlots(ids, used, groups)
 
 
 class BankedLinear(nn.Module):
@@ -31,32 +56,29 @@ class BankedLinear(nn.Module):
         self.d_in, self.d_out = d_in, d_out
         self.weight = nn.Parameter(torch.empty(d_out, d_in), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(d_out), requires_grad=False) if bias else None
-        self.packed = None    # triton_lora.PackedLoRA-shaped views into the bank, set by the bank
+        self.packed = None    # a BankView over the bank's buffers, set by AdapterBank
 
-    def forward(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        # x: (N, d_in), slots: (N,)
+    def forward(self, x: torch.Tensor, slots: TokenSlots) -> torch.Tensor:
+        """y = W0 x + b + B_s A_s x for each token's slot s."""
+        # x: (N, d_in)
         p = self.packed
-        if p is None or not bool(p.any_active):
+        if p is None or not slots.used or not p.any_active:
             return F.linear(x, self.weight, self.bias)
-        if x.is_cuda and triton_lora is not None or os.environ.get("LORAFLOW_SERVE_TRITON") == "1":
-            delta = triton_lora.lora_delta(x, slots, p, bias=self.bias)
-            return torch.addmm(delta, x, self.weight.T)                  # W0 x + b + Δ
-        return F.linear(x, self.weight, self.bias) + _segmented(x, slots, p)
-
-
-def _segmented(x: torch.Tensor, slots: torch.Tensor, p) -> torch.Tensor:
-    """CPU path: one pair of matmuls per slot present in the batch."""
-    used = sorted(set(slots[slots >= 0].tolist()))
-    ranks = p.ranks_host
-    used = [s for s in used if ranks[s] > 0]
-    if not used:
-        return x.new_zeros(x.shape[0], p.bt.shape[1])
-    A = [p.a[s * p.r_max: s * p.r_max + ranks[s]] for s in used]
-    B = [p.bt[s * p.r_max: s * p.r_max + ranks[s]].T for s in used]
-    remap = torch.full((p.ranks.numel() + 1,), -1, dtype=torch.long, device=x.device)
-    remap[torch.tensor(used, device=x.device)] = torch.arange(len(used), device=x.device)
-    local = remap[slots.clamp_min(-1)]        # -1 stays -1 (index -1 reads the last entry: -1)
-    return ops.segmented(x[:, None], local, A, B, [1.0] * len(used))[:, 0]
+        if slots.variant is not None:                                     # CUDA: Triton kernels
+            delta = triton_lora.lora_delta(x, slots.ids, p, slots.variant, slots.plan, bias=self.bias)
+            return torch.addmm(delta, x, self.weight.T)                   # W0 x + b + Δ
+        y = F.linear(x, self.weight, self.bias)
+        if slots.rows is not None:                                        # CPU, decode: gather + bmm
+            h = torch.bmm(p.a[slots.rows], x.unsqueeze(2))                # (N, r_max, 1)
+            delta = torch.bmm(p.bt[slots.rows].transpose(1, 2), h)[:, :, 0]   # (N, d_out)
+            return y + delta * slots.valid.to(delta.dtype)
+        for slot, idx in slots.groups:                                    # CPU: matmuls per slot
+            r = p.ranks_host[slot]
+            if r:
+                lo = slot * p.r_max
+                h = F.linear(x.index_select(0, idx), p.a[lo:lo + r])      # (n_s, r)
+                y.index_add_(0, idx, h @ p.bt[lo:lo + r])                 # (n_s, d_out)
+        return y
 
 
 class BankView:
@@ -95,6 +117,8 @@ class AdapterBank:
         for name, m in self.layers.items():
             p = m.packed
             lo = slot * self.r_max
+            p.a[lo:lo + self.r_max].zero_()      # rows past the rank stay zero (read by gathers)
+            p.bt[lo:lo + self.r_max].zero_()
             if name in factors:
                 a, b = factors[name]
                 r = a.shape[0]

@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from loraflow.serve.bank import AdapterBank
+from loraflow.serve.bank import AdapterBank, TokenSlots
 from loraflow.serve.kv_cache import KVCache
 from loraflow.serve.llama import Batch, Llama, load_llama
 from loraflow.serve.registry import AdapterRegistry
@@ -264,7 +264,8 @@ class Engine:
                 sample_from.append(req)
         dev = self.device
         as_t = lambda v: torch.tensor(v, dtype=torch.long, device=dev)
-        batch = Batch(as_t(tokens), as_t(positions), as_t(slots), as_t(cache_index), q_index.to(dev),
+        batch = Batch(as_t(tokens), as_t(positions), TokenSlots.build(slots, self.bank.n_slots, self.bank.r_max, dev),
+                      as_t(cache_index), q_index.to(dev),
                       kv_index.to(dev), mask.to(dev), as_t(out_index), as_t(logit_index))
         return batch, sample_from
 

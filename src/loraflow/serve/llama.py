@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from loraflow.serve.bank import BankedLinear
+from loraflow.serve.bank import BankedLinear, TokenSlots
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SUPPORTED = ("llama", "mistral", "qwen2")
@@ -104,7 +104,7 @@ class Batch:
     """One step's packed tokens and where their keys and values live (built by the engine)."""
     tokens: torch.Tensor         # (N,) token ids
     positions: torch.Tensor      # (N,) position of each token in its sequence
-    slots: torch.Tensor          # (N,) adapter slot of each token, -1: base model
+    slots: TokenSlots            # adapter slot of each token (-1: base model), grouped once per step
     cache_index: torch.Tensor    # (N,) flat KV-cache row of each new token
     q_index: torch.Tensor        # (S, q_max) packed index of each sequence's new tokens (0: pad)
     kv_index: torch.Tensor       # (S, ctx_max) flat KV-cache rows of each sequence's context
