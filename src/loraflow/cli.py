@@ -110,10 +110,20 @@ def cmd_serve(args) -> None:
         adapters[name] = path
     if args.allow_runtime_lora and not args.adapter_dir:
         sys.exit("--allow-runtime-lora needs --adapter-dir (adapters load only from under it)")
-    engine = Engine(model=args.model, adapters=adapters, adapter_dir=args.adapter_dir,
+    model, extra = args.model, {}
+    if args.random_weights:                  # benchmarks: a model shape with random weights
+        import torch
+
+        from loraflow.serve.llama import SHAPES, LlamaArgs, random_llama
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        shape = LlamaArgs(**SHAPES[args.random_weights])
+        model = random_llama(shape, torch.bfloat16 if device == "cuda" else torch.float32, device)
+        extra = dict(tokenizer=_numbered_tokenizer(shape.vocab_size), model_name=args.random_weights, device=device)
+    engine = Engine(model=model, adapters=adapters, adapter_dir=args.adapter_dir,
                     max_batch_tokens=args.max_batch_tokens, max_gpu_adapters=args.max_gpu_adapters,
                     max_cpu_adapters=args.max_cpu_adapters, max_lora_rank=args.max_lora_rank,
-                    max_waiting=args.max_waiting)
+                    max_waiting=args.max_waiting, **extra)
     loop = EngineLoop(engine)
     app = create_app(loop, api_key=args.api_key, adapter_dir=args.adapter_dir,
                      allow_runtime_lora=args.allow_runtime_lora)
@@ -134,55 +144,43 @@ def cmd_bench_serve(args) -> None:
 
     from loraflow.bench import report, serve_report
     from loraflow.bench import serve as bench
-    from loraflow.serve.engine import Engine
+    from loraflow.models.loading import default_model_path
+    from loraflow.serve.llama import SHAPES, LlamaArgs, linear_shapes
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     w = bench.Workload(requests=args.requests, rate=args.rate, prompt_len=args.prompt_len,
                        output_len=args.output_len, mix=args.mix, adapters=args.adapters,
                        registered=args.registered, rank=args.rank)
-    slots = args.max_gpu_adapters or w.adapters
     if args.shape == "default":
-        engine = Engine(device=device, max_gpu_adapters=slots, max_cpu_adapters=max(64, w.adapters),
-                        max_lora_rank=w.rank, max_batch_tokens=args.max_batch_tokens)
+        shape = LlamaArgs.from_hf(json.loads((default_model_path() / "config.json").read_text()))
+        base_name, model_args = "SmolLM2-135M-Instruct", []
     else:
-        from loraflow.serve.llama import random_llama
-        args_7b = bench_shapes()[args.shape]
-        engine = Engine(model=random_llama(args_7b, torch.bfloat16, device), tokenizer=_numbered_tokenizer(args_7b.vocab_size),
-                        model_name=args.shape, device=device, max_gpu_adapters=slots,
-                        max_cpu_adapters=max(64, w.adapters), max_lora_rank=w.rank,
-                        max_batch_tokens=args.max_batch_tokens)
+        shape = LlamaArgs(**SHAPES[args.shape])
+        base_name, model_args = args.shape, ["--random-weights", args.shape]
     tmp = Path(tempfile.mkdtemp(prefix="loraflow-bench-"))
-    folders = bench.make_adapters(engine.bank.shapes(), tmp, w.adapters, w.rank)
-    result = bench.run(engine, w, folders)
+    folders = bench.make_adapters(linear_shapes(shape), tmp / "pool", w.adapters, w.rank)
+    names = bench.name_folders(tmp / "names", folders, w.registered)
+    serve_args = [*model_args, "--adapter-dir", str(names), "--max-gpu-adapters", str(args.max_gpu_adapters or w.adapters),
+                  "--max-cpu-adapters", str(max(64, w.adapters)), "--max-lora-rank", str(w.rank),
+                  "--max-batch-tokens", str(args.max_batch_tokens), "--max-waiting", str(4 * w.requests + 64)]
+    result = bench.run(serve_args, w, base_name, shape.vocab_size, tmp / "server.log")
     print(json.dumps({k: result[k] for k in ("adapters", "base", "adapters_over_base")}, indent=1), flush=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)     # kept if the baseline below fails
     (Path(args.out) / f"serve-{args.shape}-{device}.partial.json").write_text(
         json.dumps({"environment": report.environment(), **result}, indent=1))
-    model = engine.model
-    del engine
     if not args.no_peft:
-        hf = _hf_twin(model, args.shape)
-        del model
-        if device == "cuda":
-            torch.cuda.empty_cache()
         peft_w = bench.Workload(**{**bench.asdict(w), "requests": args.peft_requests or w.requests,
                                    "output_len": args.peft_output_len or w.output_len})
-        result["peft"] = bench.peft_baseline(hf, folders, peft_w, args.peft_batch, device)
+        result["peft"] = bench.peft_baseline(_hf_model(args.shape, shape, device), folders, peft_w,
+                                             args.peft_batch, device)
         result["ours_over_peft"] = result["adapters"]["output_tokens_per_s"] / result["peft"]["output_tokens_per_s"]
     env = report.environment()
     payload = {"environment": env, **result}
     stem = f"serve-{args.shape}-{device}"
     paths = report.write(args.out, stem, payload, serve_report.markdown(env, payload), serve_report.figure(payload))
+    (Path(args.out) / f"{stem}.partial.json").unlink(missing_ok=True)
     print(serve_report.markdown(env, payload))
     print("wrote", *paths)
-
-
-def bench_shapes():
-    from loraflow.serve.llama import LlamaArgs
-
-    return {"llama2-7b": LlamaArgs(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, head_dim=128,
-                                   intermediate=11008, norm_eps=1e-5, rope_theta=10000.0, rope_scaling=None,
-                                   max_seq_len=4096, tie_embeddings=False, qkv_bias=False, mlp_bias=False)}
 
 
 def _numbered_tokenizer(vocab: int):
@@ -196,24 +194,23 @@ def _numbered_tokenizer(vocab: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", eos_token="t2", pad_token="t0")
 
 
-def _hf_twin(model, shape: str):
-    """A Hugging Face LlamaForCausalLM with the same weights as our served model."""
+def _hf_model(shape_name: str, shape, device: str):
+    """The transformers model for the PEFT baseline: the default model, or the same shape
+    with random weights (speed does not depend on the values)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from loraflow.models.loading import default_model_path
 
-    if shape == "default":
-        hf = LlamaForCausalLM.from_pretrained(default_model_path(), dtype=next(model.parameters()).dtype)
-        return hf.to(next(model.parameters()).device).eval()
-    a = model.args
-    cfg = LlamaConfig(vocab_size=a.vocab_size, hidden_size=a.dim, intermediate_size=a.intermediate,
-                      num_hidden_layers=a.n_layers, num_attention_heads=a.n_heads, num_key_value_heads=a.n_kv_heads,
-                      max_position_embeddings=a.max_seq_len, rms_norm_eps=a.norm_eps, tie_word_embeddings=False)
-    with torch.device(next(model.parameters()).device):
-        hf = LlamaForCausalLM(cfg).to(next(model.parameters()).dtype)
-    hf.load_state_dict({k: v for k, v in model.state_dict().items() if k != "inv_freq"}, strict=False)
-    return hf.eval()
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    if shape_name == "default":
+        return LlamaForCausalLM.from_pretrained(default_model_path(), dtype=dtype).to(device).eval()
+    cfg = LlamaConfig(vocab_size=shape.vocab_size, hidden_size=shape.dim, intermediate_size=shape.intermediate,
+                      num_hidden_layers=shape.n_layers, num_attention_heads=shape.n_heads,
+                      num_key_value_heads=shape.n_kv_heads, max_position_embeddings=shape.max_seq_len,
+                      rms_norm_eps=shape.norm_eps, tie_word_embeddings=False)
+    with torch.device(device):
+        return LlamaForCausalLM(cfg).to(dtype).eval()
 
 
 def merge_kernel_parts(folder: str, out: str) -> None:
@@ -268,6 +265,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-batch-tokens", type=int, default=512, help="tokens per engine step")
     p.add_argument("--max-waiting", type=int, default=1024, help="queued requests before 503")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health")
+    p.add_argument("--random-weights", choices=["llama2-7b"],
+                   help="serve a model of this shape with random weights (for benchmarks)")
     p.add_argument("--allow-runtime-lora", action="store_true",
                    help="allow POST /v1/load_lora_adapter (paths under --adapter-dir only)")
     p.set_defaults(func=cmd_serve)

@@ -104,3 +104,10 @@ def test_default_model_answers_through_the_engine():
                                              add_generation_prompt=True, tokenize=False)
     out = eng.generate([chat], max_tokens=16, temperature=0.0)
     assert "Paris" in out[0], out
+
+
+def test_linear_shapes_match_the_bank(setup):
+    from loraflow.serve.llama import linear_shapes
+
+    eng = engine(setup)
+    assert linear_shapes(eng.model.args) == eng.bank.shapes()

@@ -1,4 +1,5 @@
-"""``loraflow bench serve``: a load generator on loopback against the HTTP server.
+"""``loraflow bench serve``: a load generator on loopback against the HTTP server, which
+runs as its own process (``loraflow serve``), as it would in production.
 
 Requests arrive as a Poisson process (``rate`` per second; 0: all at once), each names an
 adapter drawn from a popularity mix (identical / uniform / skewed Zipf 1.5 / distinct) over
@@ -14,8 +15,6 @@ import asyncio
 import json
 import math
 import random
-import statistics
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -127,50 +126,64 @@ def summarize(results: list[dict], t0: float) -> dict:
             "itl_p50_ms": 1e3 * percentile(itl, 50), "itl_p99_ms": 1e3 * percentile(itl, 99)}
 
 
-class _Server:
-    def __init__(self, engine):
-        import uvicorn
-
-        from loraflow.serve.api import create_app
-        from loraflow.serve.loop import EngineLoop
-
-        self.loop = EngineLoop(engine)
-        self.server = uvicorn.Server(uvicorn.Config(create_app(self.loop), host="127.0.0.1", port=0,
-                                                    log_level="error"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.01)
-        self.url = f"http://127.0.0.1:{self.server.servers[0].sockets[0].getsockname()[1]}"
-
-    def close(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-        self.loop.close()
+def name_folders(folder: Path, adapter_folders: list[Path], registered: int) -> Path:
+    """``registered`` adapter names a0, a1, ... as links to ``adapter_folders`` (round robin):
+    the server's ``--adapter-dir``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(registered):
+        (folder / f"a{i}").symlink_to(adapter_folders[i % len(adapter_folders)].resolve(), target_is_directory=True)
+    return folder
 
 
-def run(engine, w: Workload, adapter_folders: list[Path]) -> dict:
-    """Register ``w.registered`` names over ``adapter_folders`` (the first ``w.adapters`` are
-    the ones requests use), then run the workload with adapters and on the base model."""
-    names = [f"a{i}" for i in range(w.registered)]
-    for i, name in enumerate(names):
-        engine.registry.register(name, adapter_folders[i % len(adapter_folders)])
-    rng = random.Random(w.seed)
-    vocab = engine.model.args.vocab_size
-    prompts = [[rng.randrange(3, vocab) for _ in range(w.prompt_len)] for _ in range(w.requests)]
-    chosen = [names[i] for i in popularity(w.mix, w.requests, w.adapters, rng)]
-    server = _Server(engine)
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(serve_args: list[str], w: Workload, base_name: str, vocab: int, log: Path) -> dict:
+    """Start ``loraflow serve`` (with ``serve_args``) in its own process on loopback, run the
+    workload with adapters a0.. and on the base model, and stop the server."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    port = _free_port()
+    cmd = [sys.executable, "-m", "loraflow.cli", "serve", "--port", str(port), *serve_args]
+    url = f"http://127.0.0.1:{port}"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     try:
+        deadline = time.time() + 900
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the server exited ({proc.returncode}); see {log}")
+            try:
+                urllib.request.urlopen(url + "/health", timeout=2)
+                break
+            except OSError:
+                if time.time() > deadline:
+                    raise RuntimeError(f"the server did not start in 15 minutes; see {log}") from None
+                time.sleep(0.5)
+        rng = random.Random(w.seed)
+        prompts = [[rng.randrange(3, vocab) for _ in range(w.prompt_len)] for _ in range(w.requests)]
+        chosen = [f"a{i}" for i in popularity(w.mix, w.requests, w.adapters, rng)]
         used = sorted(set(chosen))        # warm-up: compile, and bring every used adapter to the device
-        asyncio.run(_load(server.url, [engine.model_name] + used, (prompts * 64)[:len(used) + 1],
+        asyncio.run(_load(url, [base_name] + used, (prompts * 64)[:len(used) + 1],
                           Workload(requests=len(used) + 1, output_len=2)))
-        with_adapters = summarize(*asyncio.run(_load(server.url, chosen, prompts, w)))
-        base_only = summarize(*asyncio.run(_load(server.url, [engine.model_name] * w.requests, prompts, w)))
+        with_adapters = summarize(*asyncio.run(_load(url, chosen, prompts, w)))
+        base_only = summarize(*asyncio.run(_load(url, [base_name] * w.requests, prompts, w)))
+        metrics = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
     finally:
-        server.close()
+        proc.terminate()
+        proc.wait(timeout=60)
+    registry = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
+                if line.startswith("loraflow_adapter")}
     return {"workload": asdict(w), "adapters": with_adapters, "base": base_only,
             "adapters_over_base": with_adapters["output_tokens_per_s"] / base_only["output_tokens_per_s"],
-            "registry": engine.registry.snapshot()}
+            "server": registry}
 
 
 def peft_baseline(hf_model, adapter_folders: list[Path], w: Workload, batch: int, device) -> dict:

@@ -14,7 +14,9 @@ def markdown(env: dict, p: dict) -> str:
              f"- workload: {w['requests']} requests, {'all at once' if not w['rate'] else str(w['rate']) + ' req/s (Poisson)'}, "
              f"prompt {w['prompt_len']} tokens, output {w['output_len']} tokens (ignore_eos), {w['mix']} mix over "
              f"{w['adapters']} rank-{w['rank']} adapters on all linear layers, {w['registered']} adapter names registered",
-             "- streamed through the HTTP API on loopback (one process: load generator, server, engine)", "",
+             "- streamed through the HTTP API on loopback; the server ran " +
+             ("in the load generator's process (engine on a thread)" if p.get("in_process")
+              else "as its own process (`loraflow serve`)"), "",
              table(rows, [("run", "run", ""), ("output_tokens_per_s", "output tok/s", ".1f"),
                           ("ttft_p50_ms", "TTFT p50 (ms)", ".0f"), ("ttft_p99_ms", "TTFT p99 (ms)", ".0f"),
                           ("itl_p50_ms", "ITL p50 (ms)", ".1f"), ("itl_p99_ms", "ITL p99 (ms)", ".1f"),

@@ -198,6 +198,22 @@ class Llama(nn.Module):
         return {n: m for n, m in self.named_modules() if isinstance(m, BankedLinear)}
 
 
+def linear_shapes(a: LlamaArgs) -> dict[str, tuple[int, int]]:
+    """(d_out, d_in) of every linear layer an adapter may target, by module name."""
+    q, kv = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
+    per = {"self_attn.q_proj": (q, a.dim), "self_attn.k_proj": (kv, a.dim), "self_attn.v_proj": (kv, a.dim),
+           "self_attn.o_proj": (a.dim, q), "mlp.gate_proj": (a.intermediate, a.dim),
+           "mlp.up_proj": (a.intermediate, a.dim), "mlp.down_proj": (a.dim, a.intermediate)}
+    return {f"model.layers.{i}.{k}": v for i in range(a.n_layers) for k, v in per.items()}
+
+
+SHAPES = {   # model shapes for benchmarks with random weights
+    "llama2-7b": dict(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, head_dim=128,
+                      intermediate=11008, norm_eps=1e-5, rope_theta=10000.0, rope_scaling=None, max_seq_len=4096,
+                      tie_embeddings=False, qkv_bias=False, mlp_bias=False),
+}
+
+
 def random_llama(args: LlamaArgs, dtype=torch.bfloat16, device="cpu", seed: int = 0) -> Llama:
     """A model of the given shape with random weights (std 0.02), for speed measurements."""
     torch.manual_seed(seed)

@@ -1,0 +1,66 @@
+"""The benchmark helpers that run on any machine: workloads, adapters, reports."""
+
+import random
+
+import pytest
+import torch
+
+from loraflow.bench import kernels, kernels_report, report, serve, serve_report
+from loraflow.serve.registry import factors_for_bank
+
+
+def test_popularity_mixes():
+    rng = random.Random(0)
+    assert set(serve.popularity("identical", 50, 64, rng)) == {0}
+    assert len(set(serve.popularity("distinct", 64, 64, rng))) == 64
+    assert max(serve.popularity("uniform", 64, 64, rng)) < 8            # ceil(sqrt(64)) adapters
+    skewed = serve.popularity("skewed", 2000, 64, rng)
+    assert skewed.count(0) > skewed.count(10) * 5                         # Zipf 1.5 favours the first
+    with pytest.raises(ValueError, match="mix"):
+        serve.popularity("zipf", 4, 4, rng)
+
+
+def test_random_adapters_load_as_served_adapters(tmp_path):
+    shapes = {"model.layers.0.self_attn.q_proj": (8, 16), "model.layers.0.mlp.down_proj": (16, 24)}
+    (folder,) = serve.make_adapters(shapes, tmp_path, 1, rank=4)
+    factors = factors_for_bank(folder, shapes, r_max=4)
+    assert {m: (a.shape, b.shape) for m, (a, b) in factors.items()} == {
+        "model.layers.0.self_attn.q_proj": ((4, 16), (8, 4)), "model.layers.0.mlp.down_proj": ((4, 24), (16, 4))}
+    names = serve.name_folders(tmp_path / "names", [folder], 3)
+    assert sorted(p.name for p in names.iterdir()) == ["a0", "a1", "a2"]
+
+
+def test_summary_percentiles():
+    results = [{"ttft": 0.1 * i, "itl": [0.01, 0.02], "tokens": 10, "done": 2.0} for i in range(1, 5)]
+    s = serve.summarize(results + [{"error": "500: boom"}], t0=0.0)
+    assert s["output_tokens"] == 40 and s["output_tokens_per_s"] == pytest.approx(20.0)
+    assert s["errors"] == 1 and s["first_error"] == "500: boom"
+    assert s["ttft_p50_ms"] == pytest.approx(300.0) and s["itl_p99_ms"] == pytest.approx(20.0)
+
+
+def test_serve_report_says_what_was_not_measured(tmp_path):
+    run = {"requests": 2, "errors": 0, "output_tokens": 8, "wall_s": 1.0, "output_tokens_per_s": 8.0,
+           "ttft_p50_ms": 1.0, "ttft_p99_ms": 2.0, "itl_p50_ms": 1.0, "itl_p99_ms": 2.0}
+    payload = {"workload": vars(serve.Workload()), "adapters": run, "base": dict(run, output_tokens_per_s=10.0),
+               "adapters_over_base": 0.8}
+    env = report.environment()
+    text = serve_report.markdown(env, payload)
+    assert "**0.80**" in text and "not measured" in text
+    paths = report.write(tmp_path, "serve", payload, text, serve_report.figure(payload))
+    assert [p.suffix for p in paths] == [".json", ".md", ".png"] and all(p.stat().st_size for p in paths)
+
+
+def test_kernel_grid_and_targets():
+    grid = kernels.grid()
+    assert {c.kind for c in grid} == {"decode", "prefill", "flora"}
+    assert {c.mix for c in grid} == set(kernels.MIXES) and {c.rank for c in grid} >= set(kernels.RANKS)
+    rows = [{"kind": "decode", "d_in": 4096, "d_out": 4096, "rows": 64, "rank": 16, "mix": "distinct",
+             "addon_over_roofline": 1.2, "triton_addon_ms": 0.005, "roofline_ms": 0.004,
+             "speedup_vs_peft": 30.0, "triton_layer_ms": 0.02, "peft_layer_ms": 0.6}]
+    t = kernels_report.targets(rows)
+    assert [x["met"] for x in t] == [True, True]
+
+
+def test_kernel_check_on_the_cpu():
+    case = kernels.Case("prefill", 32, 24, 4, 16, 4, "uniform")
+    assert kernels.check_case(case, device="cpu", dtype=torch.float32) < 1e-5
