@@ -124,15 +124,28 @@ def cmd_serve(args) -> None:
                     max_batch_tokens=args.max_batch_tokens, max_gpu_adapters=args.max_gpu_adapters,
                     max_cpu_adapters=args.max_cpu_adapters, max_lora_rank=args.max_lora_rank,
                     max_waiting=args.max_waiting, **extra)
-    loop = EngineLoop(engine)
+    import threading
+
+    loop = EngineLoop(engine, background=False)      # the engine stays on this (main) thread
     app = create_app(loop, api_key=args.api_key, adapter_dir=args.adapter_dir,
                      allow_runtime_lora=args.allow_runtime_lora)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
+    http = threading.Thread(target=server.run, name="http", daemon=True)
+    http.start()
     print(f"serving {engine.model_name} with {len(engine.registry.paths)} adapters on "
           f"http://{args.host}:{args.port}/v1", flush=True)
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM):         # graceful stop on Ctrl-C and on kill
+        signal.signal(sig, lambda *_: loop.stop())
+    stopper = threading.Thread(target=lambda: (http.join(), loop.stop()), daemon=True)
+    stopper.start()                                     # the HTTP server ended: stop the engine
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        loop.run_forever()
     finally:
+        server.should_exit = True
         loop.close()
+        http.join(timeout=10)
 
 
 def cmd_bench_serve(args) -> None:

@@ -24,17 +24,24 @@ class Update:
 
 
 class EngineLoop:
-    """Runs ``engine.step()`` on a background thread while there is work."""
+    """Runs ``engine.step()`` while there is work: on a background thread, or, with
+    ``background=False``, on the caller's thread through ``run_forever()``.
 
-    def __init__(self, engine: Engine):
+    ``loraflow serve`` runs the engine on the main thread (the one that built it) and the
+    HTTP server on a secondary one: on the CPU, PyTorch's OpenMP work from a second thread,
+    while the first thread's OpenMP team is alive, ran 2-3x slower (threads beyond the
+    cores make libgomp sleep between parallel regions instead of spinning)."""
+
+    def __init__(self, engine: Engine, background: bool = True):
         self.engine = engine
         self._wake = threading.Event()
         self._stop = False
-        self._started = time.perf_counter()
-        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
-        self._thread.start()
+        self._thread = None
+        if background:
+            self._thread = threading.Thread(target=self.run_forever, name="engine", daemon=True)
+            self._thread.start()
 
-    def _run(self) -> None:
+    def run_forever(self) -> None:
         while not self._stop:
             if self.engine.has_work():
                 if not self.engine.step():
@@ -62,8 +69,14 @@ class EngineLoop:
         self.engine.abort(request_id)
         self._wake.set()
 
+    def stop(self) -> None:
+        """Make ``run_forever`` return (safe from signal handlers and other threads)."""
+        self._stop = True
+        self._wake.set()
+
     def close(self) -> None:
         self._stop = True
         self._wake.set()
-        self._thread.join(timeout=5)
+        if self._thread is not None:
+            self._thread.join(timeout=5)
         self.engine.registry.close()
