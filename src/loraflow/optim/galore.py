@@ -1,0 +1,155 @@
+"""GaLore optimizers: Adam (or SGD) whose states live in a rank-r projection of each
+weight's gradient (Zhao et al., ICML 2024, arXiv 2403.03507, Algorithm 2).
+
+Drop-in for galore-torch: parameter groups with a ``rank`` key (and ``update_proj_gap``,
+``scale``, ``proj_type``) are GaLore groups, their 2-D parameters are projected; every
+other group is plain AdamW (or SGD).
+
+    R_t = project(G_t)                     # (m x r) or (r x n), basis from SVD(G) every T steps
+    M_t = b1 M + (1 - b1) R_t,  V_t = b2 V + (1 - b2) R_t²
+    W  -= lr · (scale · project_back(M̂_t / (√V̂_t + eps)) + wd · W)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from loraflow.optim.projector import project, project_back, side, top_singular
+
+GALORE_KEYS = ("rank", "update_proj_gap", "scale", "proj_type")
+
+
+class _GaLoreBase(torch.optim.Optimizer):
+    def _galore_grad(self, p: torch.Tensor, state: dict, group: dict) -> tuple[torch.Tensor, str | None]:
+        """The (projected) gradient, refreshing the basis every ``update_proj_gap`` steps."""
+        g = p.grad
+        if "rank" not in group or p.dim() != 2:
+            return g.float(), None
+        which = side(tuple(p.shape), group.get("proj_type", "std"))
+        rank = min(group["rank"], *p.shape)
+        if state["step"] % group.get("update_proj_gap", 200) == 0 or "proj" not in state:
+            state["proj"] = top_singular(g, rank, which, group.get("randomized_svd", False), state.get("proj"))
+        return project(g, state["proj"], which), which
+
+    def _back(self, update: torch.Tensor, state: dict, group: dict, which: str | None) -> torch.Tensor:
+        if which is None:
+            return update
+        return group.get("scale", 0.25) * project_back(update, state["proj"], which)
+
+
+class GaLoreAdamW(_GaLoreBase):
+    """AdamW with GaLore projection on the groups that carry ``rank``."""
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-6, weight_decay: float = 0.0):
+        if lr < 0 or eps < 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"invalid GaLoreAdamW settings: lr={lr}, betas={betas}, eps={eps}, "
+                             f"weight_decay={weight_decay}")
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                g, which = self._galore_grad(p, state, group)
+                if "exp_avg" not in state:
+                    state["exp_avg"] = torch.zeros_like(g, dtype=torch.float32)
+                    state["exp_avg_sq"] = torch.zeros_like(g, dtype=torch.float32)
+                state["step"] += 1
+                t = state["step"]
+                m, v = self._moments(state)
+                m.lerp_(g, 1 - b1)
+                v.mul_(b2).addcmul_(g, g, value=1 - b2)
+                self._store_moments(state, m, v)
+                denom = (v / (1 - b2 ** t)).sqrt_().add_(group["eps"])
+                update = self._back((m / (1 - b1 ** t)) / denom, state, group, which)
+                if group["weight_decay"]:
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(update.to(p.dtype), alpha=-group["lr"])
+        return loss
+
+    def _moments(self, state):
+        return state["exp_avg"], state["exp_avg_sq"]
+
+    def _store_moments(self, state, m, v):
+        pass
+
+
+class GaLoreSGD(_GaLoreBase):
+    """SGD with momentum and GaLore projection: with rank = min(m, n) it is exactly SGD
+    (the projection is an orthogonal change of basis and SGD is linear in the gradient)."""
+
+    def __init__(self, params: Iterable, lr: float = 1e-2, momentum: float = 0.0, weight_decay: float = 0.0):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                g, which = self._galore_grad(p, state, group)
+                state["step"] += 1
+                if group["momentum"]:
+                    buf = state.setdefault("momentum", torch.zeros_like(g))
+                    g = buf.mul_(group["momentum"]).add_(g)
+                if group["weight_decay"]:
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(self._back(g, state, group, which).to(p.dtype), alpha=-group["lr"])
+        return loss
+
+
+def galore_param_groups(model: nn.Module, target_modules="all-linear", rank: int = 128,
+                        update_proj_gap: int = 200, scale: float = 0.25, proj_type: str = "std") -> list[dict]:
+    """Two groups: the weights of the targeted linear layers (GaLore), everything else."""
+    from loraflow.adapters.targets import find_targets
+
+    if rank < 1 or update_proj_gap < 1 or scale <= 0:
+        raise ValueError(f"rank and update_proj_gap must be >= 1 and scale > 0, got {rank}, "
+                         f"{update_proj_gap}, {scale}")
+    chosen = {id(model.get_submodule(n).weight) for n in find_targets(model, target_modules)}
+    galore = [p for p in model.parameters() if id(p) in chosen and p.requires_grad]
+    rest = [p for p in model.parameters() if id(p) not in chosen and p.requires_grad]
+    return [{"params": galore, "rank": rank, "update_proj_gap": update_proj_gap, "scale": scale,
+             "proj_type": proj_type}, {"params": rest}]
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of every tensor in the optimizer's state."""
+    return sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
+               if torch.is_tensor(v))
+
+
+def analytic_state_bytes(optimizer: torch.optim.Optimizer, moments: int = 2, bytes_per_value: float = 4) -> int:
+    """What the states should take: ``moments`` values per entry of each (projected)
+    gradient, plus the float32 basis (m x r or n x r) of each GaLore parameter."""
+    total = 0
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if "rank" in group and p.dim() == 2:
+                m, n = p.shape
+                r = min(group["rank"], m, n)
+                which = side((m, n), group.get("proj_type", "std"))
+                low = m * r if which == "right" else r * n
+                total += math.ceil(moments * low * bytes_per_value) + 4 * (n * r if which == "right" else m * r)
+            else:
+                total += math.ceil(moments * p.numel() * bytes_per_value)
+    return total

@@ -1,0 +1,130 @@
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import loraflow as lf
+from loraflow.optim import GaLoreAdamW, GaLoreSGD, analytic_state_bytes, galore_param_groups, state_bytes
+from loraflow.optim import projector
+from conftest import ids, tiny_llama
+
+
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(12, 20), nn.Tanh(), nn.Linear(20, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def data(seed=1, n=32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 12, generator=g), torch.randn(n, 3, generator=g)
+
+
+def train(model, opt, steps=6, seed=1):
+    x, y = data(seed)
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    return model
+
+
+def weight_groups(model, **galore):
+    two_d = [p for p in model.parameters() if p.dim() == 2]
+    rest = [p for p in model.parameters() if p.dim() != 2]
+    return [{"params": two_d, **galore}, {"params": rest}]
+
+
+@pytest.mark.parametrize("momentum, gap", [(0.0, 2), (0.9, 100)])
+def test_full_rank_galore_sgd_equals_sgd(momentum, gap):
+    """The paper's exactness property. (Momentum kept in a basis that then changes is not
+    the full step any more, so with momentum the basis is held fixed.)"""
+    a, b = mlp(), mlp()
+    train(a, torch.optim.SGD(a.parameters(), lr=0.1, momentum=momentum))
+    train(b, GaLoreSGD(weight_groups(b, rank=100, update_proj_gap=gap, scale=1.0), lr=0.1, momentum=momentum))
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("proj_type", ["std", "reverse_std", "left", "right"])
+def test_low_rank_galore_trains_and_states_match_the_analytic_count(proj_type):
+    model = mlp()
+    x, y = data()
+    before = nn.functional.mse_loss(model(x), y).item()
+    opt = GaLoreAdamW(weight_groups(model, rank=2, update_proj_gap=3, scale=1.0, proj_type=proj_type), lr=2e-2)
+    train(model, opt, steps=30)
+    assert nn.functional.mse_loss(model(x), y).item() < 0.8 * before
+    assert state_bytes(opt) == analytic_state_bytes(opt)
+    w = model[0].weight
+    r_side = projector.side(tuple(w.shape), proj_type)
+    assert opt.state[w]["exp_avg"].shape == ((20, 2) if r_side == "right" else (2, 12))
+
+
+def test_galore_state_is_smaller_than_adamw_state():
+    model = tiny_llama()
+    groups = galore_param_groups(model, rank=4, update_proj_gap=5)
+    opt = GaLoreAdamW(groups, lr=1e-3)
+    plain = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    batch = ids(batch=2, seq=8)
+    for o in (opt, plain):
+        model.zero_grad()
+        model(input_ids=batch, labels=batch).loss.backward()
+        o.step()
+    assert state_bytes(opt) == analytic_state_bytes(opt)
+    adamw = sum(v.numel() * v.element_size() for s in plain.state.values() for v in s.values()
+                if torch.is_tensor(v) and v.dim() > 0)
+    assert state_bytes(opt) < 0.75 * adamw
+    assert not any(n.startswith("lm_head") or "embed" in n for n, p in model.named_parameters()
+                   if any(p is q for q in groups[0]["params"]))
+
+
+def test_state_dict_loads_with_weights_only_and_resume_is_bit_identical():
+    def make():
+        m = mlp()
+        return m, GaLoreAdamW(weight_groups(m, rank=3, update_proj_gap=4, scale=0.5), lr=1e-2, weight_decay=0.01)
+
+    straight, opt = make()
+    train(straight, opt, steps=10)
+
+    first, opt1 = make()
+    train(first, opt1, steps=5)
+    buf = io.BytesIO()
+    torch.save({"model": first.state_dict(), "opt": opt1.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    resumed, opt2 = make()
+    resumed.load_state_dict(saved["model"])
+    opt2.load_state_dict(saved["opt"])
+    train(resumed, opt2, steps=5)
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_svd_failures_fall_back_without_nans(monkeypatch):
+    g = torch.randn(6, 4)
+    calls = {"n": 0}
+    real = torch.linalg.svd
+
+    def flaky(x, full_matrices=True):
+        calls["n"] += 1
+        if x.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("did not converge")
+        return real(x, full_matrices=full_matrices)
+    monkeypatch.setattr(torch.linalg, "svd", flaky)
+    basis = projector.top_singular(g, 2, "right")          # float64 retry on the CPU
+    assert basis.dtype == torch.float32 and torch.isfinite(basis).all()
+
+    def broken(x, full_matrices=True):
+        raise torch.linalg.LinAlgError("did not converge")
+    monkeypatch.setattr(torch.linalg, "svd", broken)
+    with pytest.warns(RuntimeWarning, match="keeping the previous projection"):
+        assert torch.equal(projector.top_singular(g, 2, "right", previous=basis), basis)
+    with pytest.raises(RuntimeError, match="no previous projection"):
+        projector.top_singular(g, 2, "right")
+
+
+def test_param_groups_check_their_arguments():
+    with pytest.raises(ValueError, match="rank"):
+        galore_param_groups(tiny_llama(), rank=0)
+    with pytest.raises(ValueError, match="proj_type"):
+        projector.side((4, 3), "diagonal")
