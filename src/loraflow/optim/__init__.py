@@ -2,5 +2,7 @@
 
 from loraflow.optim.galore import (GaLoreAdamW, GaLoreSGD, analytic_state_bytes, galore_param_groups,
                                    state_bytes)
+from loraflow.optim.per_layer import PerLayerUpdates
 
-__all__ = ["GaLoreAdamW", "GaLoreSGD", "analytic_state_bytes", "galore_param_groups", "state_bytes"]
+__all__ = ["GaLoreAdamW", "GaLoreSGD", "PerLayerUpdates", "analytic_state_bytes", "galore_param_groups",
+           "state_bytes"]

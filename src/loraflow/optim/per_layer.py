@@ -1,0 +1,103 @@
+"""Per-layer weight updates: each parameter is stepped inside the backward pass, as soon as
+its gradient is complete (post-accumulate-grad hooks), and its gradient freed at once, so
+the gradients of the whole model are never held together (GaLore paper, Sec. 4.2).
+
+With gradient accumulation the optimizers step only in the backward pass of the last
+micro-batch of each step, on the summed gradients: the result equals an ordinary run.
+
+    updates = lf.PerLayerUpdates(model, lambda groups: lf.GaLoreAdamW(groups, lr=1e-3),
+                                 param_groups=lf.galore_param_groups(model, rank=128),
+                                 accumulation=4, max_grad_norm=1.0, schedule=lambda step: 1.0)
+    for batch in batches:
+        (model(**batch).loss / 4).backward()
+        updates.after_backward()
+
+Gradient-norm clipping is lagged: the global norm is only known once every parameter has
+stepped, so the gradients of step t are scaled by min(1, max_norm / ‖g_{t-1}‖), with the
+global norm measured during step t-1 (``last_grad_norm``); the first step is not clipped.
+``schedule(step)`` multiplies each optimizer's initial learning rate once per optimizer step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+
+class PerLayerUpdates:
+    def __init__(self, model: nn.Module, make_optimizer: Callable[[list[dict]], torch.optim.Optimizer],
+                 param_groups: list[dict] | None = None, accumulation: int = 1,
+                 max_grad_norm: float | None = None, schedule: Callable[[int], float] | None = None):
+        if accumulation < 1:
+            raise ValueError(f"accumulation must be >= 1, got {accumulation}")
+        if max_grad_norm is not None and max_grad_norm <= 0:
+            raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
+        groups = param_groups or [{"params": [p for p in model.parameters() if p.requires_grad]}]
+        names = {id(p): n for n, p in model.named_parameters()}
+        self.accumulation, self.max_grad_norm, self.schedule = accumulation, max_grad_norm, schedule
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self._handles = []
+        for group in groups:
+            settings = {k: v for k, v in group.items() if k != "params"}
+            for p in group["params"]:
+                name = names[id(p)]
+                opt = make_optimizer([{**settings, "params": [p]}])
+                for g in opt.param_groups:
+                    g.setdefault("initial_lr", g["lr"])
+                self.optimizers[name] = opt
+                self._handles.append(p.register_post_accumulate_grad_hook(self._hook(opt)))
+        self.micro = 0                # backward passes done
+        self.steps = 0                # optimizer steps done
+        self.last_grad_norm: float | None = None
+        self._sq = 0.0
+
+    def _boundary(self) -> bool:
+        return (self.micro + 1) % self.accumulation == 0
+
+    def _hook(self, opt: torch.optim.Optimizer):
+        def hook(p: torch.Tensor) -> None:
+            if not self._boundary():
+                return                                    # keep accumulating into p.grad
+            if self.max_grad_norm is not None:
+                self._sq += float(p.grad.detach().float().pow(2).sum())
+                if self.last_grad_norm is not None and self.last_grad_norm > self.max_grad_norm:
+                    p.grad.mul_(self.max_grad_norm / (self.last_grad_norm + 1e-6))
+            if self.schedule is not None:
+                for g in opt.param_groups:
+                    g["lr"] = g["initial_lr"] * self.schedule(self.steps)
+            opt.step()
+            p.grad = None                                 # freed right away
+        return hook
+
+    def after_backward(self) -> bool:
+        """Call after every ``loss.backward()``; True when that backward ended a step."""
+        boundary = self._boundary()
+        self.micro += 1
+        if boundary:
+            self.steps += 1
+            if self.max_grad_norm is not None:
+                self.last_grad_norm = math.sqrt(self._sq)
+                self._sq = 0.0
+        return boundary
+
+    def state_dict(self) -> dict:
+        return {"optimizers": {n: o.state_dict() for n, o in self.optimizers.items()}, "micro": self.micro,
+                "steps": self.steps, "last_grad_norm": self.last_grad_norm}
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = set(self.optimizers) - set(state["optimizers"])
+        if missing:
+            raise ValueError(f"the saved per-layer state has no optimizer for {sorted(missing)[:3]}: "
+                             "was it saved for another model?")
+        for n, o in self.optimizers.items():
+            o.load_state_dict(state["optimizers"][n])
+        self.micro, self.steps, self.last_grad_norm = state["micro"], state["steps"], state["last_grad_norm"]
+
+    def remove(self) -> None:
+        """Detach the hooks (the model trains normally again)."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
