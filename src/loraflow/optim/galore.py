@@ -12,12 +12,12 @@ other group is plain AdamW (or SGD).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 
+from loraflow.optim import quant8
 from loraflow.optim.projector import project, project_back, side, top_singular
 
 GALORE_KEYS = ("rank", "update_proj_gap", "scale", "proj_type")
@@ -66,12 +66,9 @@ class GaLoreAdamW(_GaLoreBase):
                 if not state:
                     state["step"] = 0
                 g, which = self._galore_grad(p, state, group)
-                if "exp_avg" not in state:
-                    state["exp_avg"] = torch.zeros_like(g, dtype=torch.float32)
-                    state["exp_avg_sq"] = torch.zeros_like(g, dtype=torch.float32)
                 state["step"] += 1
                 t = state["step"]
-                m, v = self._moments(state)
+                m, v = self._moments(state, g)
                 m.lerp_(g, 1 - b1)
                 v.mul_(b2).addcmul_(g, g, value=1 - b2)
                 self._store_moments(state, m, v)
@@ -82,11 +79,30 @@ class GaLoreAdamW(_GaLoreBase):
                 p.add_(update.to(p.dtype), alpha=-group["lr"])
         return loss
 
-    def _moments(self, state):
+    def _moments(self, state, g):
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(g, dtype=torch.float32)
+            state["exp_avg_sq"] = torch.zeros_like(g, dtype=torch.float32)
         return state["exp_avg"], state["exp_avg_sq"]
 
     def _store_moments(self, state, m, v):
         pass
+
+
+class GaLoreAdamW8bit(GaLoreAdamW):
+    """GaLoreAdamW whose two moments are stored block-wise in 8 bits (``quant8``): one byte
+    per value plus a float32 scale per 256 values. Groups without ``rank`` are 8-bit AdamW."""
+
+    def _moments(self, state, g):
+        if "exp_avg_codes" not in state:
+            return torch.zeros_like(g, dtype=torch.float32), torch.zeros_like(g, dtype=torch.float32)
+        shape = g.shape
+        return (quant8.dequantize(state["exp_avg_codes"], state["exp_avg_absmax"], shape, signed=True),
+                quant8.dequantize(state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"], shape, signed=False))
+
+    def _store_moments(self, state, m, v):
+        state["exp_avg_codes"], state["exp_avg_absmax"] = quant8.quantize(m, signed=True)
+        state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"] = quant8.quantize(v, signed=False)
 
 
 class GaLoreSGD(_GaLoreBase):
@@ -138,9 +154,11 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
                if torch.is_tensor(v))
 
 
-def analytic_state_bytes(optimizer: torch.optim.Optimizer, moments: int = 2, bytes_per_value: float = 4) -> int:
+def analytic_state_bytes(optimizer: torch.optim.Optimizer, moments: int = 2, bits: int = 32) -> int:
     """What the states should take: ``moments`` values per entry of each (projected)
-    gradient, plus the float32 basis (m x r or n x r) of each GaLore parameter."""
+    gradient (4 bytes, or with ``bits=8`` one byte plus 4 per block of 256), plus the
+    float32 basis (m x r or n x r) of each GaLore parameter."""
+    per = (lambda n: 4 * n) if bits == 32 else quant8.quantized_bytes
     total = 0
     for group in optimizer.param_groups:
         for p in group["params"]:
@@ -149,7 +167,7 @@ def analytic_state_bytes(optimizer: torch.optim.Optimizer, moments: int = 2, byt
                 r = min(group["rank"], m, n)
                 which = side((m, n), group.get("proj_type", "std"))
                 low = m * r if which == "right" else r * n
-                total += math.ceil(moments * low * bytes_per_value) + 4 * (n * r if which == "right" else m * r)
+                total += moments * per(low) + 4 * (n * r if which == "right" else m * r)
             else:
-                total += math.ceil(moments * p.numel() * bytes_per_value)
+                total += moments * per(p.numel())
     return total
