@@ -128,3 +128,17 @@ def test_param_groups_check_their_arguments():
         galore_param_groups(tiny_llama(), rank=0)
     with pytest.raises(ValueError, match="proj_type"):
         projector.side((4, 3), "diagonal")
+
+
+@pytest.mark.parametrize("beta1", [None, 0.9])
+def test_galore_adafactor_trains_with_factored_states(beta1):
+    from loraflow.optim import GaLoreAdafactor
+
+    model = mlp()
+    x, y = data()
+    before = nn.functional.mse_loss(model(x), y).item()
+    opt = GaLoreAdafactor(weight_groups(model, rank=4, update_proj_gap=5, scale=1.0), lr=1e-2, beta1=beta1)
+    train(model, opt, steps=40)
+    assert nn.functional.mse_loss(model(x), y).item() < 0.8 * before
+    w = model[0].weight                                   # 20 x 12, right projection: R is 20 x 4
+    assert opt.state[w]["exp_avg_sq_row"].shape == (20,) and opt.state[w]["exp_avg_sq_col"].shape == (4,)

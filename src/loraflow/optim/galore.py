@@ -171,3 +171,52 @@ def analytic_state_bytes(optimizer: torch.optim.Optimizer, moments: int = 2, bit
             else:
                 total += moments * per(p.numel())
     return total
+
+
+class GaLoreAdafactor(_GaLoreBase):
+    """Adafactor (Shazeer & Stern, 2018) with GaLore projection: the second moment of each
+    2-D (projected) gradient is kept as row and column means (factored), the update is
+    clipped to RMS ``clip_threshold``, optional first moment ``beta1``. Settings as
+    transformers' Adafactor with an explicit lr (relative_step=False, scale_parameter=False)."""
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, eps: tuple[float, float] = (1e-30, 1e-3),
+                 clip_threshold: float = 1.0, decay_rate: float = -0.8, beta1: float | None = None,
+                 weight_decay: float = 0.0):
+        if lr <= 0 or clip_threshold <= 0 or not decay_rate < 0:
+            raise ValueError(f"invalid GaLoreAdafactor settings: lr={lr}, clip_threshold={clip_threshold}, "
+                             f"decay_rate={decay_rate}")
+        super().__init__(params, dict(lr=lr, eps=eps, clip_threshold=clip_threshold, decay_rate=decay_rate,
+                                      beta1=beta1, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                g, which = self._galore_grad(p, state, group)
+                state["step"] += 1
+                beta2 = 1.0 - state["step"] ** group["decay_rate"]
+                sq = g * g + group["eps"][0]
+                if g.dim() == 2:                                       # factored: rows and columns
+                    row = state.setdefault("exp_avg_sq_row", torch.zeros(g.shape[0], device=g.device))
+                    col = state.setdefault("exp_avg_sq_col", torch.zeros(g.shape[1], device=g.device))
+                    row.mul_(beta2).add_(sq.mean(1), alpha=1 - beta2)
+                    col.mul_(beta2).add_(sq.mean(0), alpha=1 - beta2)
+                    update = g * torch.rsqrt(torch.outer(row / row.mean(), col))
+                else:
+                    v = state.setdefault("exp_avg_sq", torch.zeros_like(g))
+                    v.mul_(beta2).add_(sq, alpha=1 - beta2)
+                    update = g * torch.rsqrt(v)
+                update.div_(max(1.0, float(update.pow(2).mean().sqrt()) / group["clip_threshold"]))
+                if group["beta1"]:
+                    m = state.setdefault("exp_avg", torch.zeros_like(update))
+                    update = m.lerp_(update, 1 - group["beta1"])
+                if group["weight_decay"]:
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(self._back(update, state, group, which).to(p.dtype), alpha=-group["lr"])
+        return loss
