@@ -7,11 +7,11 @@
 
 from loraflow.adapters import *  # noqa: F401,F403
 from loraflow.adapters import __all__ as _adapters_all
-from loraflow.models import cache_dir, load_model
+from loraflow.models import cache_dir, llama_config, load_model
 from loraflow.multi.rows import use_adapters
 from loraflow.optim import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, GaLoreSGD, PerLayerUpdates, galore_param_groups
 from loraflow.serve.engine import Engine
 
 __version__ = "0.1.0"
-__all__ = [*_adapters_all, "cache_dir", "load_model", "use_adapters", "Engine", "GaLoreAdafactor", "GaLoreAdamW",
+__all__ = [*_adapters_all, "cache_dir", "llama_config", "load_model", "use_adapters", "Engine", "GaLoreAdafactor", "GaLoreAdamW",
            "GaLoreAdamW8bit", "GaLoreSGD", "PerLayerUpdates", "galore_param_groups", "__version__"]

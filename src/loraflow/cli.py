@@ -259,10 +259,17 @@ def merge_kernel_parts(folder: str, out: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["pretrain"]:                      # a recipe with its own arguments
+        from loraflow.train.pretrain import main as pretrain
+
+        print(json.dumps(pretrain(argv[1:])))
+        return
     parser = argparse.ArgumentParser(prog="loraflow", description=__doc__)
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("prepare", help=cmd_prepare.__doc__).set_defaults(func=cmd_prepare)
+    sub.add_parser("pretrain", help="train a LLaMA from scratch (loraflow pretrain --help)")
     p = sub.add_parser("inspect", help=cmd_inspect.__doc__)
     p.add_argument("path", help="an adapter folder (adapter_config.json + adapter_model.safetensors)")
     p.set_defaults(func=cmd_inspect)
