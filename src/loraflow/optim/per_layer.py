@@ -33,6 +33,9 @@ class PerLayerUpdates:
                  max_grad_norm: float | None = None, schedule: Callable[[int], float] | None = None):
         if accumulation < 1:
             raise ValueError(f"accumulation must be >= 1, got {accumulation}")
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            raise ValueError("per-layer updates step each weight before DDP has averaged its gradient "
+                             "across processes: use an ordinary optimizer step with DDP")
         if max_grad_norm is not None and max_grad_norm <= 0:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
         groups = param_groups or [{"params": [p for p in model.parameters() if p.requires_grad]}]

@@ -1,0 +1,38 @@
+"""Run by test_ddp.py under torchrun (2 processes, gloo): GaLore training with DDP, each
+process on half of every global batch; rank 0 saves the final weights."""
+
+import sys
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+from torch.nn.parallel import DistributedDataParallel
+
+sys.path.insert(0, sys.argv[2])          # tests/ (for conftest's tiny models)
+import loraflow as lf                    # noqa: E402
+from conftest import tiny_llama          # noqa: E402
+
+
+def global_batches(steps=4, size=4):
+    g = torch.Generator().manual_seed(5)
+    return [torch.randint(0, 128, (size, 10), generator=g) for _ in range(steps)]
+
+
+def train(model, rank=0, world=1):
+    opt = lf.GaLoreAdamW(lf.galore_param_groups(model.module if world > 1 else model, rank=4, update_proj_gap=2),
+                         lr=1e-2)
+    for x in global_batches():
+        part = x.chunk(world)[rank]
+        model(input_ids=part, labels=part).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model.module if world > 1 else model
+
+
+if __name__ == "__main__":
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = train(DistributedDataParallel(tiny_llama()), rank, world)
+    if rank == 0:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, sys.argv[1])
+    dist.destroy_process_group()

@@ -1,0 +1,34 @@
+"""GaLore under DDP (2 CPU processes, gloo, torchrun) equals one process on the global batch."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from conftest import rel_err, tiny_llama
+from ddp_worker import train
+
+HERE = Path(__file__).parent
+
+
+def test_two_process_ddp_equals_one_process(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "ddp.safetensors"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          f"--master_port={port}", "--master_addr=127.0.0.1", str(HERE / "ddp_worker.py"), str(out),
+                          str(HERE.parent)], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ddp = load_file(out)
+    single = train(tiny_llama()).state_dict()
+    changed = 0
+    for name, w in single.items():
+        assert rel_err(ddp[name], w) < 1e-5, name
+        changed += int(not torch.equal(w, tiny_llama().state_dict()[name]))
+    assert changed > 10
