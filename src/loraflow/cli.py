@@ -226,6 +226,33 @@ def _hf_model(shape_name: str, shape, device: str):
         return LlamaForCausalLM(cfg).to(dtype).eval()
 
 
+def cmd_bench_train(args) -> None:
+    """Peak memory, optimizer-state bytes and tokens/s of the optimizers on LLaMA sizes (GPU)."""
+    import torch
+    from tqdm import tqdm
+
+    from loraflow.bench import report, train_report
+    from loraflow.bench.train import TrainCase, run_case
+
+    if not torch.cuda.is_available() and not args.cpu:
+        sys.exit("loraflow bench train measures GPU memory: run it on a CUDA machine (or --cpu for a smoke run)")
+    ranks = {"tiny": 16, "60m": 128, "130m": 256, "350m": 256, "1b": 512, "7b": 1024}
+    cases = []
+    for config in args.configs.split(","):
+        for variant in args.variants.split(","):
+            for per_layer in (False, True):
+                cases.append(TrainCase(config, variant, per_layer, ranks[config], batch=args.batch, steps=args.steps,
+                                       checkpointing=config == "7b"))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = [run_case(c, device, torch.bfloat16 if device == "cuda" else torch.float32)
+            for c in tqdm(cases, desc="train cases")]
+    env = report.environment()
+    payload = {"environment": env, "targets": train_report.targets(rows), "cases": rows}
+    paths = report.write(args.out, f"train-{device}", payload, train_report.markdown(env, rows), train_report.figure(rows))
+    print(train_report.markdown(env, rows).split("## Runs")[0])
+    print("wrote", *paths)
+
+
 def merge_kernel_parts(folder: str, out: str) -> None:
     """One report from the ``--part`` JSON files in ``folder`` (runs anywhere, no GPU)."""
     import json
@@ -310,6 +337,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--peft-output-len", type=int, help="output tokens in the PEFT baseline (default: --output-len)")
     p.add_argument("--out", default="benchmarks/results")
     p.set_defaults(func=cmd_bench_serve)
+    p = bench.add_parser("train", help=cmd_bench_train.__doc__)
+    p.add_argument("--configs", default="60m,130m,350m,1b,7b")
+    p.add_argument("--variants", default="adamw,adamw8bit,galore,galore8bit,galore-torch,galore-torch8bit")
+    p.add_argument("--batch", type=int, default=1, help="sequences of 256 tokens per step")
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--cpu", action="store_true", help="allow a smoke run without a GPU")
+    p.add_argument("--out", default="benchmarks/results")
+    p.set_defaults(func=cmd_bench_train)
     p = bench.add_parser("kernels", help=cmd_bench_kernels.__doc__)
     p.add_argument("--out", default="benchmarks/results", help="folder for the JSON, Markdown and PNG")
     p.add_argument("--quick", action="store_true", help="three cases only (a smoke run)")

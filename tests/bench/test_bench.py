@@ -64,3 +64,14 @@ def test_kernel_grid_and_targets():
 def test_kernel_check_on_the_cpu():
     case = kernels.Case("prefill", 32, 24, 4, 16, 4, "uniform")
     assert kernels.check_case(case, device="cpu", dtype=torch.float32) < 1e-5
+
+
+def test_train_bench_runs_and_counts_states_on_the_cpu():
+    from loraflow.bench import train, train_report
+
+    rows = [train.run_case(train.TrainCase("tiny", v, pl, rank=8, steps=3, seq=32), device="cpu", dtype=torch.float32)
+            for v, pl in [("adamw", False), ("galore", True), ("galore-torch", False)]]
+    assert rows[0]["state_bytes"] == rows[0]["analytic_state_bytes"] and rows[0]["tokens_per_s"] > 0
+    assert rows[1]["state_bytes"] == rows[1]["analytic_state_bytes"] < rows[0]["state_bytes"]
+    assert "error" in rows[2] or rows[2]["tokens_per_s"] > 0           # galore-torch only where installed
+    assert train_report.targets(rows)[0]["met"] is True
