@@ -62,15 +62,11 @@ def _slot_info(slot_ptr_or_val, rank_ptr, off_ptr):
 
 
 @triton.jit
-def _shrink_rows(x_ptr, slot_ptr, a_ptr, off_ptr, rank_ptr, hp_ptr, K, K_SPLIT, stride_x, stride_a,
-                 stride_hs, stride_hm, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    """hp[split, m, :r] = A_s[:, chunk] · x_m[chunk] for one token m and one chunk of d_in."""
-    m = tl.program_id(0)
-    split = tl.program_id(1)
-    r, off = _slot_info(tl.load(slot_ptr + m), rank_ptr, off_ptr)
+def _shrink_chunk(x_ptr, a_ptr, m, k_lo, K, K_SPLIT, r, off, stride_x, stride_a,
+                  BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A_s[:, k_lo : k_lo + K_SPLIT] · x_m[k_lo : k_lo + K_SPLIT] as (BLOCK_R,) float32."""
     rs = tl.arange(0, BLOCK_R)
     acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    k_lo = split * K_SPLIT
     for k0 in range(0, K_SPLIT, BLOCK_K):
         ks = k_lo + k0 + tl.arange(0, BLOCK_K)
         kmask = (ks < K) & (ks < k_lo + K_SPLIT) & (r > 0)
@@ -78,6 +74,18 @@ def _shrink_rows(x_ptr, slot_ptr, a_ptr, off_ptr, rank_ptr, hp_ptr, K, K_SPLIT, 
         a = tl.load(a_ptr + (off + rs)[:, None] * stride_a + ks[None, :],
                     mask=(rs[:, None] < r) & kmask[None, :], other=0.0).to(tl.float32)
         acc += tl.sum(a * xk[None, :], axis=1)
+    return acc
+
+
+@triton.jit
+def _shrink_rows(x_ptr, slot_ptr, a_ptr, off_ptr, rank_ptr, hp_ptr, K, K_SPLIT, stride_x, stride_a,
+                 stride_hs, stride_hm, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """hp[split, m, :r] = A_s[:, chunk] · x_m[chunk] for one token m and one chunk of d_in."""
+    m = tl.program_id(0)
+    split = tl.program_id(1)
+    r, off = _slot_info(tl.load(slot_ptr + m), rank_ptr, off_ptr)
+    rs = tl.arange(0, BLOCK_R)
+    acc = _shrink_chunk(x_ptr, a_ptr, m, split * K_SPLIT, K, K_SPLIT, r, off, stride_x, stride_a, BLOCK_R, BLOCK_K)
     tl.store(hp_ptr + split * stride_hs + m * stride_hm + rs, acc, mask=rs < r)
 
 
@@ -114,15 +122,7 @@ def _lora_rows_fused(x_ptr, slot_ptr, a_ptr, bt_ptr, off_ptr, rank_ptr, bias_ptr
     split = tl.program_id(1)
     r, off = _slot_info(tl.load(slot_ptr + m), rank_ptr, off_ptr)
     rs = tl.arange(0, BLOCK_R)
-    acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    k_lo = split * K_SPLIT
-    for k0 in range(0, K_SPLIT, BLOCK_K):
-        ks = k_lo + k0 + tl.arange(0, BLOCK_K)
-        kmask = (ks < K) & (ks < k_lo + K_SPLIT) & (r > 0)
-        xk = tl.load(x_ptr + m * stride_x + ks, mask=kmask, other=0.0).to(tl.float32)
-        a = tl.load(a_ptr + (off + rs)[:, None] * stride_a + ks[None, :],
-                    mask=(rs[:, None] < r) & kmask[None, :], other=0.0).to(tl.float32)
-        acc += tl.sum(a * xk[None, :], axis=1)
+    acc = _shrink_chunk(x_ptr, a_ptr, m, split * K_SPLIT, K, K_SPLIT, r, off, stride_x, stride_a, BLOCK_R, BLOCK_K)
     tl.store(hp_ptr + split * stride_hs + m * stride_hm + rs, acc, mask=rs < r)
     done = tl.atomic_add(count_ptr + m, 1, sem="acq_rel")
     if done == SPLIT_K - 1:
@@ -268,7 +268,7 @@ def lora_delta(x: torch.Tensor, slots: torch.Tensor, packed: PackedLoRA, variant
     cfg = {**DEFAULTS.get(variant, {}), **(config or {})}
     has_bias = bias is not None
     bias = bias if has_bias else out          # a valid pointer, never read
-    if variant == "fused":
+    if variant in ("rows", "fused"):
         slots = slots.to(torch.int32)
         block_r = _block_r(packed.r_max, 1)
         block_k = min(cfg["block_k"], triton.next_power_of_2(K))
@@ -276,6 +276,7 @@ def lora_delta(x: torch.Tensor, slots: torch.Tensor, packed: PackedLoRA, variant
         k_split = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k
         split_k = triton.cdiv(K, k_split)
         hp = torch.empty(split_k, N, packed.r_max, device=x.device, dtype=torch.float32)
+    if variant == "fused":
         block_n = min(cfg["block_n"], triton.next_power_of_2(D))
         _lora_rows_fused[(N, split_k)](x, slots, packed.a, packed.bt, packed.offsets, packed.ranks, bias, out,
                                        hp, _counters(x.device, N), K, D, k_split, split_k, x.stride(0),
@@ -283,13 +284,6 @@ def lora_delta(x: torch.Tensor, slots: torch.Tensor, packed: PackedLoRA, variant
                                        out.stride(0), BLOCK_R=block_r, BLOCK_K=block_k, BLOCK_N=block_n,
                                        HAS_BIAS=has_bias, num_warps=cfg["warps"])
     elif variant == "rows":
-        slots = slots.to(torch.int32)
-        block_r = _block_r(packed.r_max, 1)
-        block_k = min(cfg["block_k"], triton.next_power_of_2(K))
-        split_k = cfg["split_k"] or max(1, min(triton.cdiv(K, block_k), triton.cdiv(1024, N)))
-        k_split = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k
-        split_k = triton.cdiv(K, k_split)
-        hp = torch.empty(split_k, N, packed.r_max, device=x.device, dtype=torch.float32)
         _shrink_rows[(N, split_k)](x, slots, packed.a, packed.offsets, packed.ranks, hp, K, k_split,
                                    x.stride(0), packed.a.stride(0), hp.stride(0), hp.stride(1),
                                    BLOCK_R=block_r, BLOCK_K=block_k, num_warps=cfg["warps"])

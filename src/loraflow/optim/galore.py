@@ -24,6 +24,20 @@ GALORE_KEYS = ("rank", "update_proj_gap", "scale", "proj_type")
 
 
 class _GaLoreBase(torch.optim.Optimizer):
+    def _each(self):
+        """(group, parameter, state, (projected) gradient, projection side) of every parameter
+        with a gradient; counts the step."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                g, which = self._galore_grad(p, state, group)
+                state["step"] += 1
+                yield group, p, state, g, which
+
     def _galore_grad(self, p: torch.Tensor, state: dict, group: dict) -> tuple[torch.Tensor, str | None]:
         """The (projected) gradient, refreshing the basis every ``update_proj_gap`` steps."""
         g = p.grad
@@ -57,26 +71,18 @@ class GaLoreAdamW(_GaLoreBase):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        for group, p, state, g, which in self._each():
             b1, b2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                g, which = self._galore_grad(p, state, group)
-                state["step"] += 1
-                t = state["step"]
-                m, v = self._moments(state, g)
-                m.lerp_(g, 1 - b1)
-                v.mul_(b2).addcmul_(g, g, value=1 - b2)
-                self._store_moments(state, m, v)
-                denom = (v / (1 - b2 ** t)).sqrt_().add_(group["eps"])
-                update = self._back((m / (1 - b1 ** t)) / denom, state, group, which)
-                if group["weight_decay"]:
-                    p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(update.to(p.dtype), alpha=-group["lr"])
+            t = state["step"]
+            m, v = self._moments(state, g)
+            m.lerp_(g, 1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            self._store_moments(state, m, v)
+            denom = (v / (1 - b2 ** t)).sqrt_().add_(group["eps"])
+            update = self._back((m / (1 - b1 ** t)) / denom, state, group, which)
+            if group["weight_decay"]:
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+            p.add_(update.to(p.dtype), alpha=-group["lr"])
         return loss
 
     def _moments(self, state, g):
@@ -115,21 +121,13 @@ class GaLoreSGD(_GaLoreBase):
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                g, which = self._galore_grad(p, state, group)
-                state["step"] += 1
-                if group["momentum"]:
-                    buf = state.setdefault("momentum", torch.zeros_like(g))
-                    g = buf.mul_(group["momentum"]).add_(g)
-                if group["weight_decay"]:
-                    p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(self._back(g, state, group, which).to(p.dtype), alpha=-group["lr"])
+        for group, p, state, g, which in self._each():
+            if group["momentum"]:
+                buf = state.setdefault("momentum", torch.zeros_like(g))
+                g = buf.mul_(group["momentum"]).add_(g)
+            if group["weight_decay"]:
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+            p.add_(self._back(g, state, group, which).to(p.dtype), alpha=-group["lr"])
         return loss
 
 
@@ -191,32 +189,24 @@ class GaLoreAdafactor(_GaLoreBase):
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                g, which = self._galore_grad(p, state, group)
-                state["step"] += 1
-                beta2 = 1.0 - state["step"] ** group["decay_rate"]
-                sq = g * g + group["eps"][0]
-                if g.dim() == 2:                                       # factored: rows and columns
-                    row = state.setdefault("exp_avg_sq_row", torch.zeros(g.shape[0], device=g.device))
-                    col = state.setdefault("exp_avg_sq_col", torch.zeros(g.shape[1], device=g.device))
-                    row.mul_(beta2).add_(sq.mean(1), alpha=1 - beta2)
-                    col.mul_(beta2).add_(sq.mean(0), alpha=1 - beta2)
-                    update = g * torch.rsqrt(torch.outer(row / row.mean(), col))
-                else:
-                    v = state.setdefault("exp_avg_sq", torch.zeros_like(g))
-                    v.mul_(beta2).add_(sq, alpha=1 - beta2)
-                    update = g * torch.rsqrt(v)
-                update.div_(max(1.0, float(update.pow(2).mean().sqrt()) / group["clip_threshold"]))
-                if group["beta1"]:
-                    m = state.setdefault("exp_avg", torch.zeros_like(update))
-                    update = m.lerp_(update, 1 - group["beta1"])
-                if group["weight_decay"]:
-                    p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(self._back(update, state, group, which).to(p.dtype), alpha=-group["lr"])
+        for group, p, state, g, which in self._each():
+            beta2 = 1.0 - state["step"] ** group["decay_rate"]
+            sq = g * g + group["eps"][0]
+            if g.dim() == 2:                                       # factored: rows and columns
+                row = state.setdefault("exp_avg_sq_row", torch.zeros(g.shape[0], device=g.device))
+                col = state.setdefault("exp_avg_sq_col", torch.zeros(g.shape[1], device=g.device))
+                row.mul_(beta2).add_(sq.mean(1), alpha=1 - beta2)
+                col.mul_(beta2).add_(sq.mean(0), alpha=1 - beta2)
+                update = g * torch.rsqrt(torch.outer(row / row.mean(), col))
+            else:
+                v = state.setdefault("exp_avg_sq", torch.zeros_like(g))
+                v.mul_(beta2).add_(sq, alpha=1 - beta2)
+                update = g * torch.rsqrt(v)
+            update.div_(max(1.0, float(update.pow(2).mean().sqrt()) / group["clip_threshold"]))
+            if group["beta1"]:
+                m = state.setdefault("exp_avg", torch.zeros_like(update))
+                update = m.lerp_(update, 1 - group["beta1"])
+            if group["weight_decay"]:
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+            p.add_(self._back(update, state, group, which).to(p.dtype), alpha=-group["lr"])
         return loss
