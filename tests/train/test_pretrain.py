@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from loraflow.train.pretrain import lr_factor, main
 
-DATA = Path(__file__).parents[3] / "shared" / "data" / "tinyshakespeare" / "input.txt"
+DATA = Path(__file__).parents[2] / "examples" / "data" / "tinyshakespeare" / "input.txt"
 ARGS = ["--data", str(DATA), "--config", "tiny", "--rank", "8", "--update-proj-gap", "4", "--warmup", "2",
         "--batch", "4", "--seq", "48", "--lr", "3e-3", "--eval-seqs", "8", "--device", "cpu"]
 

@@ -30,6 +30,8 @@ TEXT = (".txt", ".md", ".py", ".rst", ".json", ".c", ".h", ".js", ".ts", ".java"
 
 
 def read_corpus(folder: Path, tokenizer, eval_fraction: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:
+    if not folder.exists():
+        raise FileNotFoundError(f"--data {folder} does not exist")
     files = [folder] if folder.is_file() else sorted(p for p in folder.rglob("*") if p.suffix in TEXT and p.is_file())
     if not files:
         raise FileNotFoundError(f"no text files ({', '.join(TEXT)}) under {folder}")
