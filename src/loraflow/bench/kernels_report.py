@@ -77,9 +77,9 @@ def markdown(env: dict, bandwidth: float, rows: list[dict]) -> str:
 
 
 def figure(rows: list[dict]):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from loraflow.bench.report import pyplot
+
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
     ax = axes[0]

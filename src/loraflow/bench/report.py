@@ -26,6 +26,17 @@ def environment() -> dict:
     return env
 
 
+def pyplot():
+    """matplotlib's pyplot without a display, or an error that says what to install."""
+    try:
+        import matplotlib
+    except ModuleNotFoundError as e:
+        raise ModuleNotFoundError("benchmark plots need matplotlib: pip install 'loraflow[bench]'") from e
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
 def write(out_dir: str | os.PathLike, stem: str, payload: dict, markdown: str, figure) -> list[Path]:
     """Write ``stem``.json, .md and .png atomically-enough (temp file, then rename)."""
     out = Path(out_dir)

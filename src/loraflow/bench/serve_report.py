@@ -34,9 +34,9 @@ def markdown(env: dict, p: dict) -> str:
 
 
 def figure(p: dict):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from loraflow.bench.report import pyplot
+
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     names = ["with adapters", "base only"] + (["transformers + PEFT"] if "peft" in p else [])

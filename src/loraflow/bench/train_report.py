@@ -58,9 +58,9 @@ def markdown(env: dict, rows: list[dict]) -> str:
 
 
 def figure(rows: list[dict]):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from loraflow.bench.report import pyplot
+
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     configs = list(dict.fromkeys(r["config"] for r in rows))
