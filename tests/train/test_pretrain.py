@@ -41,3 +41,19 @@ def test_schedule_and_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no text files"):
         main(ARGS[2:] + ["--data", str(tmp_path / "empty"), "--steps", "1", "--out", str(tmp_path / "o")])
+
+
+def test_low_rank_baseline_and_a_trained_tokenizer(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    import loraflow as lf
+    from loraflow.train.lowrank import LowRankLinear, to_low_rank
+
+    model = LlamaForCausalLM(lf.llama_config("tiny", vocab_size=300))
+    full = sum(p.numel() for p in model.parameters())
+    names = to_low_rank(model, 4)
+    assert len(names) == 14 and isinstance(model.model.layers[0].mlp.down_proj, LowRankLinear)
+    assert sum(p.numel() for p in model.parameters()) < full
+    result = main(ARGS + ["--optimizer", "adamw", "--steps", "4", "--eval-every", "4", "--low-rank", "4",
+                          "--train-tokenizer", "400", "--out", str(tmp_path)])
+    assert result["eval_loss"] > 0 and (tmp_path / "tokenizer" / "tokenizer.json").is_file()

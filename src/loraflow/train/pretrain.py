@@ -26,15 +26,37 @@ from tqdm import tqdm
 import loraflow as lf
 
 OPTIMIZERS = ("adamw", "adamw8bit", "galore", "galore8bit", "galore-adafactor")
-TEXT = (".txt", ".md", ".py", ".rst", ".json", ".c", ".h", ".js", ".ts", ".java", ".go", ".rs")
+SPECIAL = ["<|endoftext|>"]
 
 
-def read_corpus(folder: Path, tokenizer, eval_fraction: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:
+def train_tokenizer(files: list[Path], vocab_size: int, out: Path):
+    """A byte-level BPE tokenizer trained on ``files`` (no download), saved under ``out``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train([str(f) for f in files], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=SPECIAL[0], pad_token=SPECIAL[0])
+    fast.save_pretrained(out)
+    return fast
+
+
+def text_files(folder: Path) -> list[Path]:
     if not folder.exists():
         raise FileNotFoundError(f"--data {folder} does not exist")
     files = [folder] if folder.is_file() else sorted(p for p in folder.rglob("*") if p.suffix in TEXT and p.is_file())
     if not files:
         raise FileNotFoundError(f"no text files ({', '.join(TEXT)}) under {folder}")
+    return files
+TEXT = (".txt", ".md", ".py", ".rst", ".json", ".c", ".h", ".js", ".ts", ".java", ".go", ".rs")
+
+
+def read_corpus(folder: Path, tokenizer, eval_fraction: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:
+    files = text_files(folder)
     eos = tokenizer.eos_token_id
     def tokens(paths):
         out = []
@@ -109,6 +131,10 @@ def main(argv: list[str] | None = None) -> dict:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="a folder of text/code files, or one text file")
     ap.add_argument("--tokenizer", help="a local tokenizer folder (default: the embedded SmolLM2's)")
+    ap.add_argument("--train-tokenizer", type=int, metavar="VOCAB",
+                    help="train a byte-level BPE tokenizer of this size on the training files instead")
+    ap.add_argument("--low-rank", type=int, metavar="R",
+                    help="the paper's baseline: train every linear weight as W = BA of rank R")
     ap.add_argument("--config", default="60m", help="60m, 130m, 350m, 1b, 7b or tiny")
     ap.add_argument("--optimizer", default="galore", choices=OPTIMIZERS)
     ap.add_argument("--rank", type=int, default=128)
@@ -138,12 +164,21 @@ def main(argv: list[str] | None = None) -> dict:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tok = (AutoTokenizer.from_pretrained(args.tokenizer, local_files_only=True) if args.tokenizer
-           else AutoTokenizer.from_pretrained(lf.models.default_model_path(), local_files_only=True))
+    if args.train_tokenizer:
+        files = text_files(Path(args.data))
+        held_out = max(1, math.ceil(len(files) * 0.05)) if len(files) > 1 else 0
+        tok = train_tokenizer(files[:len(files) - held_out], args.train_tokenizer, out / "tokenizer")
+    elif args.tokenizer:
+        tok = AutoTokenizer.from_pretrained(args.tokenizer, local_files_only=True)
+    else:
+        tok = AutoTokenizer.from_pretrained(lf.models.default_model_path(), local_files_only=True)
     train_ids, eval_ids = read_corpus(Path(args.data), tok)
     train_seqs, eval_seqs = pack(train_ids, args.seq), pack(eval_ids, args.seq)[:args.eval_seqs]
     torch.manual_seed(args.seed)
     model = LlamaForCausalLM(lf.llama_config(args.config, vocab_size=len(tok), max_seq_len=args.seq))
+    if args.low_rank:
+        from loraflow.train.lowrank import to_low_rank
+        to_low_rank(model, args.low_rank)
     model.to(args.device, getattr(torch, args.dtype)).train()
     if args.activation_checkpointing:
         model.gradient_checkpointing_enable()
