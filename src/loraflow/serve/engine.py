@@ -238,35 +238,36 @@ class Engine:
         self.waiting.appendleft(req)
 
     def _batch(self, plan) -> tuple[Batch, list[Request]]:
-        tokens, positions, slots, cache_index, out_index = [], [], [], [], []
-        q_max = max(n for _, n in plan)
-        ctx_max = max(r.computed + n for r, n in plan)
-        S = len(plan)
-        q_index = torch.zeros(S, q_max, dtype=torch.long)
-        kv_index = torch.zeros(S, ctx_max, dtype=torch.long)
-        mask = torch.zeros(S, 1, q_max, ctx_max, dtype=torch.bool)
-        mask[:, 0, :, 0] = True               # padded query rows see one key (then dropped)
-        logit_index, sample_from = [], []
-        for s, (req, n) in enumerate(plan):
-            start = len(tokens)
-            ids = req.ids
-            tokens += ids[req.computed:req.computed + n]
-            positions += range(req.computed, req.computed + n)
+        """The step's packed tokens and attention metadata. Per-sequence numbers and block
+        tables come from Python (small); the index and mask tensors are built on the device."""
+        dev, bs = self.device, self.kv.block_size
+        tokens, slots, logit_index, sample_from = [], [], [], []
+        for req, n in plan:
+            tokens += req.ids[req.computed:req.computed + n]
             slots += [req.slot] * n
-            cache_index += self.kv.rows(req.blocks, req.computed, req.computed + n)
-            out_index += [s * q_max + i for i in range(n)]
-            q_index[s, :n] = torch.arange(start, start + n)
-            ctx = req.computed + n
-            kv_index[s, :ctx] = torch.tensor(self.kv.rows(req.blocks, 0, ctx))
-            mask[s, 0, :n, :ctx] = torch.ones(n, ctx, dtype=torch.bool).tril(diagonal=req.computed)
-            if ctx == len(ids):               # the prompt is all in: a new token comes next
-                logit_index.append(start + n - 1)
+            if req.computed + n == len(req.ids):   # the prompt is all in: a new token comes next
+                logit_index.append(len(tokens) - 1)
                 sample_from.append(req)
-        dev = self.device
         as_t = lambda v: torch.tensor(v, dtype=torch.long, device=dev)
-        batch = Batch(as_t(tokens), as_t(positions), TokenSlots.build(slots, self.bank.n_slots, self.bank.r_max, dev),
-                      as_t(cache_index), q_index.to(dev),
-                      kv_index.to(dev), mask.to(dev), as_t(out_index), as_t(logit_index))
+        n_new = as_t([n for _, n in plan])                                  # (S,)
+        done = as_t([r.computed for r, _ in plan])                          # (S,) cached before
+        width = max(len(r.blocks) for r, _ in plan)
+        table = as_t([r.blocks + [0] * (width - len(r.blocks)) for r, _ in plan])   # (S, blocks)
+        S, q_max, ctx_max = len(plan), int(max(n for _, n in plan)), int(max(r.computed + n for r, n in plan))
+        start = torch.cumsum(n_new, 0) - n_new                              # first packed token of each
+        seq = torch.repeat_interleave(torch.arange(S, device=dev), n_new)   # (N,) sequence of each token
+        i = torch.arange(len(tokens), device=dev) - start[seq]              # (N,) index among its new tokens
+        positions = done[seq] + i
+        cache_index = table[seq, positions // bs] * bs + positions % bs
+        qi = torch.arange(q_max, device=dev)
+        kj = torch.arange(ctx_max, device=dev)
+        q_index = torch.where(qi[None] < n_new[:, None], start[:, None] + qi[None], 0)   # (S, q_max)
+        kv_index = table.gather(1, (kj // bs).clamp_max(width - 1).expand(S, -1)) * bs + kj % bs   # (S, ctx)
+        real_q = qi[None, :, None] < n_new[:, None, None]
+        causal = kj[None, None, :] <= done[:, None, None] + qi[None, :, None]
+        mask = (real_q & causal) | (~real_q & (kj == 0)[None, None, :])   # padded queries see key 0
+        batch = Batch(as_t(tokens), positions, TokenSlots.build(slots, self.bank.n_slots, self.bank.r_max, dev),
+                      cache_index, q_index, kv_index, mask[:, None], seq * q_max + i, as_t(logit_index))
         return batch, sample_from
 
     def _check_stop(self, req: Request, token: int) -> None:
