@@ -142,3 +142,12 @@ def test_galore_adafactor_trains_with_factored_states(beta1):
     assert nn.functional.mse_loss(model(x), y).item() < 0.8 * before
     w = model[0].weight                                   # 20 x 12, right projection: R is 20 x 4
     assert opt.state[w]["exp_avg_sq_row"].shape == (20,) and opt.state[w]["exp_avg_sq_col"].shape == (4,)
+
+
+def test_randomized_svd_finds_the_same_subspace():
+    g = torch.randn(40, 3) @ torch.randn(3, 30) + 1e-3 * torch.randn(40, 30)   # rank 3 plus noise
+    exact = projector.top_singular(g, 3, "right")
+    fast = projector.top_singular(g, 3, "right", randomized=True)
+    assert torch.allclose(exact @ exact.T, fast @ fast.T, atol=1e-3)       # same projector
+    groups = galore_param_groups(tiny_llama(), rank=4, randomized_svd=True)
+    assert groups[0]["randomized_svd"] is True

@@ -132,8 +132,10 @@ class GaLoreSGD(_GaLoreBase):
 
 
 def galore_param_groups(model: nn.Module, target_modules="all-linear", rank: int = 128,
-                        update_proj_gap: int = 200, scale: float = 0.25, proj_type: str = "std") -> list[dict]:
-    """Two groups: the weights of the targeted linear layers (GaLore), everything else."""
+                        update_proj_gap: int = 200, scale: float = 0.25, proj_type: str = "std",
+                        randomized_svd: bool = False) -> list[dict]:
+    """Two groups: the weights of the targeted linear layers (GaLore), everything else.
+    ``randomized_svd`` finds the basis with ``torch.svd_lowrank`` (faster on large weights)."""
     from loraflow.adapters.targets import find_targets
 
     if rank < 1 or update_proj_gap < 1 or scale <= 0:
@@ -143,7 +145,7 @@ def galore_param_groups(model: nn.Module, target_modules="all-linear", rank: int
     galore = [p for p in model.parameters() if id(p) in chosen and p.requires_grad]
     rest = [p for p in model.parameters() if id(p) not in chosen and p.requires_grad]
     return [{"params": galore, "rank": rank, "update_proj_gap": update_proj_gap, "scale": scale,
-             "proj_type": proj_type}, {"params": rest}]
+             "proj_type": proj_type, "randomized_svd": randomized_svd}, {"params": rest}]
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
