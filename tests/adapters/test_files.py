@@ -6,7 +6,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
 import loraflow as lf
-from conftest import clone, ids, make, outputs, randomize, rel_err, targets, tiny_llama
+from conftest import ids, make, outputs, randomize, rel_err, targets, tiny_llama
 
 
 def peft_outputs(peft_model, x):

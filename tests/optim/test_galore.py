@@ -4,7 +4,6 @@ import pytest
 import torch
 from torch import nn
 
-import loraflow as lf
 from loraflow.optim import GaLoreAdamW, GaLoreSGD, analytic_state_bytes, galore_param_groups, state_bytes
 from loraflow.optim import projector
 from conftest import ids, tiny_llama

@@ -1,7 +1,6 @@
 """The HTTP API through the official openai client and raw HTTP, on a live local server."""
 
 import asyncio
-import json
 import threading
 import time
 

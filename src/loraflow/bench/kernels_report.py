@@ -48,7 +48,7 @@ def targets(rows: list[dict]) -> list[dict]:
 def markdown(env: dict, bandwidth: float, rows: list[dict]) -> str:
     from loraflow.bench.report import table
 
-    lines = [f"# Kernel benchmark: many adapters per batch", "",
+    lines = ["# Kernel benchmark: many adapters per batch", "",
              f"- device: {env['device']}; torch {env['torch']}; triton {env.get('triton', '-')}",
              f"- date: {env['date']}", f"- command: `{env['command']}`",
              f"- measured copy bandwidth: {bandwidth:.0f} GB/s (read + write)",

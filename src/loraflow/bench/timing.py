@@ -78,7 +78,7 @@ def copy_bandwidth_gbs() -> float:
         src = torch.randn(gib * 2**29, device="cuda", dtype=torch.bfloat16)
         dst = torch.empty_like(src)
         for graph in (True, False):
-            ms = time_ms([lambda: dst.copy_(src)], graph=graph, reps=10, inner=3)
+            ms = time_ms([lambda d=dst, s=src: d.copy_(s)], graph=graph, reps=10, inner=3)
             best = max(best, 2 * src.numel() * 2 / (ms * 1e-3) / 1e9)
         del src, dst
     return best

@@ -214,6 +214,17 @@ SHAPES = {   # model shapes for benchmarks with random weights
 }
 
 
+def numbered_tokenizer(vocab: int):
+    """A word-level tokenizer whose tokens are 't0' .. 't{vocab-1}' (for random-weight models)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", eos_token="t2", pad_token="t0")
+
+
 def random_llama(args: LlamaArgs, dtype=torch.bfloat16, device="cpu", seed: int = 0) -> Llama:
     """A model of the given shape with random weights (std 0.02), for speed measurements."""
     torch.manual_seed(seed)

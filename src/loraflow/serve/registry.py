@@ -16,7 +16,6 @@ from collections import Counter, OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import torch
 
 from loraflow.adapters.files import CONFIG_NAME, read_adapter
 from loraflow.adapters.targets import pattern_value

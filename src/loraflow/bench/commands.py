@@ -1,0 +1,193 @@
+"""The ``loraflow bench ...`` commands: thin scripts over loraflow.bench."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+def cmd_bench_kernels(args) -> None:
+    """Time the per-row adapter ops (GPU); write JSON, Markdown and PNG under --out."""
+    import torch
+    from tqdm import tqdm
+
+    from loraflow.bench import kernels, kernels_report, report
+    from loraflow.bench.timing import copy_bandwidth_gbs, warm_up_gpu
+
+    if args.merge:
+        return merge_kernel_parts(args.merge, args.out)
+    if not torch.cuda.is_available():
+        sys.exit("loraflow bench kernels needs a CUDA GPU (its figures are GPU figures)")
+    cases = kernels.grid(quick=args.quick, kind=args.kind)
+    warm_up_gpu()
+    bandwidth = copy_bandwidth_gbs()
+    if args.sweep:
+        import itertools
+        decode = kernels.Case("decode", 4096, 4096, 64, 1, 16, "distinct")
+        prefill = kernels.Case("prefill", 4096, 4096, 16, 256, 16, "distinct")
+        rows_cfgs = [dict(variant=v, block_k=bk, split_k=sk, block_n=bn, warps=w) for v, bk, sk, bn, w in
+                     itertools.product(["rows", "fused"], [256, 512], [8, 16, 32], [512, 1024], [4, 8])]
+        tile_cfgs = [dict(block_m=bm, block_k=bk, split_k=sk, block_n=bn, warps=w) for bm, bk, sk, bn, w in
+                     itertools.product([32, 64], [64, 128], [2, 4, 8], [128, 256], [4, 8])]
+        for case, cfgs in [(decode, rows_cfgs), (prefill, tile_cfgs)]:
+            res = sorted(kernels.sweep(case, cfgs), key=lambda r: r["addon_us"])
+            print(f"{case.kind}: copy bandwidth {bandwidth:.0f} GB/s; best of {len(res)}:")
+            for r in res[:8] + res[-2:]:
+                print("  ", r)
+            for v in ["rows", "fused"]:
+                best = [r for r in res if r["variant"] == v][:1]
+                if best:
+                    print("   best", v, best[0])
+        return
+    errors = {f"{c.kind} {c.rows}x{c.T} r{c.rank} {c.mix}": kernels.check_case(c)
+              for c in cases if c.d_in == 4096 and c.d_out == 4096}
+    bad = {k: e for k, e in errors.items() if not e < 1e-2}
+    if bad:
+        sys.exit(f"kernels disagree with the float64 loop: {bad}")
+    if args.part:
+        i, k = (int(v) for v in args.part.split("/"))
+        cases = cases[i - 1::k]
+    rows = []
+    for case in tqdm(cases, desc="cases"):
+        rows.append(kernels.run_case(case, bandwidth, peft=not args.no_peft))
+    env = report.environment()
+    if args.part:   # a share of the grid: JSON only, ``--merge`` makes the report
+        import json
+        from pathlib import Path
+        path = Path(args.out) / f"kernels.part{i}of{k}{'.' + args.kind if args.kind else ''}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"environment": env, "copy_bandwidth_gbs": bandwidth,
+                                    "max_rel_error_bf16": max(errors.values()), "cases": rows}, indent=1))
+        print("wrote", path)
+        return
+    payload = {"environment": env, "copy_bandwidth_gbs": bandwidth, "max_rel_error_bf16": max(errors.values()),
+               "targets": kernels_report.targets(rows), "cases": rows}
+    paths = report.write(args.out, "kernels" + ("-quick" if args.quick else ""), payload,
+                         kernels_report.markdown(env, bandwidth, rows), kernels_report.figure(rows))
+    print(kernels_report.markdown(env, bandwidth, rows).split("## decode")[0])
+    print("wrote", *paths)
+
+
+def cmd_bench_serve(args) -> None:
+    """Load-test the server on loopback with many adapters; JSON, Markdown and PNG under --out."""
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
+    from loraflow.bench import report, serve_report
+    from loraflow.bench import serve as bench
+    from loraflow.models.loading import default_model_path
+    from loraflow.serve.llama import SHAPES, LlamaArgs, linear_shapes
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    w = bench.Workload(requests=args.requests, rate=args.rate, prompt_len=args.prompt_len,
+                       output_len=args.output_len, mix=args.mix, adapters=args.adapters,
+                       registered=args.registered, rank=args.rank)
+    if args.shape == "default":
+        shape = LlamaArgs.from_hf(json.loads((default_model_path() / "config.json").read_text()))
+        base_name, model_args = "SmolLM2-135M-Instruct", []
+    else:
+        shape = LlamaArgs(**SHAPES[args.shape])
+        base_name, model_args = args.shape, ["--random-weights", args.shape]
+    tmp = Path(tempfile.mkdtemp(prefix="loraflow-bench-"))
+    folders = bench.make_adapters(linear_shapes(shape), tmp / "pool", w.adapters, w.rank)
+    names = bench.name_folders(tmp / "names", folders, w.registered)
+    serve_args = [*model_args, "--adapter-dir", str(names), "--max-gpu-adapters", str(args.max_gpu_adapters or w.adapters),
+                  "--max-cpu-adapters", str(max(64, w.adapters)), "--max-lora-rank", str(w.rank),
+                  "--max-batch-tokens", str(args.max_batch_tokens), "--max-waiting", str(4 * w.requests + 64)]
+    result = bench.run(serve_args, w, base_name, shape.vocab_size, tmp / "server.log")
+    print(json.dumps({k: result[k] for k in ("adapters", "base", "adapters_over_base")}, indent=1), flush=True)
+    Path(args.out).mkdir(parents=True, exist_ok=True)     # kept if the baseline below fails
+    (Path(args.out) / f"serve-{args.shape}-{device}.partial.json").write_text(
+        json.dumps({"environment": report.environment(), **result}, indent=1))
+    if not args.no_peft:
+        peft_w = bench.Workload(**{**bench.asdict(w), "requests": args.peft_requests or w.requests,
+                                   "output_len": args.peft_output_len or w.output_len})
+        result["peft"] = bench.peft_baseline(_hf_model(args.shape, shape, device), folders, peft_w,
+                                             args.peft_batch, device)
+        result["ours_over_peft"] = result["adapters"]["output_tokens_per_s"] / result["peft"]["output_tokens_per_s"]
+    env = report.environment()
+    payload = {"environment": env, **result}
+    stem = f"serve-{args.shape}-{device}"
+    paths = report.write(args.out, stem, payload, serve_report.markdown(env, payload), serve_report.figure(payload))
+    (Path(args.out) / f"{stem}.partial.json").unlink(missing_ok=True)
+    print(serve_report.markdown(env, payload))
+    print("wrote", *paths)
+
+
+def _hf_model(shape_name: str, shape, device: str):
+    """The transformers model for the PEFT baseline: the default model, or the same shape
+    with random weights (speed does not depend on the values)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from loraflow.models.loading import default_model_path
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    if shape_name == "default":
+        return LlamaForCausalLM.from_pretrained(default_model_path(), dtype=dtype).to(device).eval()
+    cfg = LlamaConfig(vocab_size=shape.vocab_size, hidden_size=shape.dim, intermediate_size=shape.intermediate,
+                      num_hidden_layers=shape.n_layers, num_attention_heads=shape.n_heads,
+                      num_key_value_heads=shape.n_kv_heads, max_position_embeddings=shape.max_seq_len,
+                      rms_norm_eps=shape.norm_eps, tie_word_embeddings=False)
+    with torch.device(device):
+        return LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+def cmd_bench_train(args) -> None:
+    """Peak memory, optimizer-state bytes and tokens/s of the optimizers on LLaMA sizes (GPU)."""
+    import torch
+    from tqdm import tqdm
+
+    from loraflow.bench import report, train_report
+    from loraflow.bench.train import TrainCase, run_case
+
+    if not torch.cuda.is_available() and not args.cpu:
+        sys.exit("loraflow bench train measures GPU memory: run it on a CUDA machine (or --cpu for a smoke run)")
+    ranks = {"tiny": 16, "60m": 128, "130m": 256, "350m": 256, "1b": 512, "7b": 1024}
+    cases = []
+    for config in args.configs.split(","):
+        for variant in args.variants.split(","):
+            for per_layer in (False, True):
+                cases.append(TrainCase(config, variant, per_layer, ranks[config], batch=args.batch, steps=args.steps,
+                                       checkpointing=config == "7b"))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = [run_case(c, device, torch.bfloat16 if device == "cuda" else torch.float32)
+            for c in tqdm(cases, desc="train cases")]
+    env = report.environment()
+    payload = {"environment": env, "targets": train_report.targets(rows), "cases": rows}
+    paths = report.write(args.out, f"train-{device}", payload, train_report.markdown(env, rows), train_report.figure(rows))
+    print(train_report.markdown(env, rows).split("## Runs")[0])
+    print("wrote", *paths)
+
+
+def merge_kernel_parts(folder: str, out: str) -> None:
+    """One report from the ``--part`` JSON files in ``folder`` (runs anywhere, no GPU)."""
+    import json
+    from pathlib import Path
+
+    from loraflow.bench import kernels_report, report
+
+    parts = sorted(Path(folder).glob("kernels.part*.json"))
+    if not parts:
+        sys.exit(f"no kernels.part*.json files in {folder}")
+    loaded = [json.loads(p.read_text()) for p in parts]
+    env = dict(loaded[0]["environment"])
+    env["command"] = "; ".join(sorted({d["environment"]["command"] for d in loaded}))
+    bandwidth = max(d["copy_bandwidth_gbs"] for d in loaded)
+    by_key = {}   # a later part (e.g. a re-run of one kind) replaces the same case
+    for d in sorted(loaded, key=lambda d: d["environment"]["date"]):
+        for r in d["cases"]:
+            by_key[tuple(r[k] for k in ("kind", "d_in", "d_out", "rows", "T", "rank", "mix"))] = r
+    rows = list(by_key.values())
+    for r in rows:   # one roofline for the whole report: the best bandwidth any part measured
+        if "addon_bytes" in r:
+            r["roofline_ms"] = r["addon_bytes"] / (bandwidth * 1e9) * 1e3
+            r["addon_over_roofline"] = r["triton_addon_ms"] / r["roofline_ms"]
+    payload = {"environment": env, "copy_bandwidth_gbs": bandwidth,
+               "max_rel_error_bf16": max(d["max_rel_error_bf16"] for d in loaded),
+               "targets": kernels_report.targets(rows), "cases": rows}
+    markdown = kernels_report.markdown(env, bandwidth, rows)
+    paths = report.write(out, "kernels", payload, markdown, kernels_report.figure(rows))
+    print(markdown.split("## decode")[0])
+    print("wrote", *paths)
