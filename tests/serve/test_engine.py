@@ -111,3 +111,19 @@ def test_linear_shapes_match_the_bank(setup):
 
     eng = engine(setup)
     assert linear_shapes(eng.model.args) == eng.bank.shapes()
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="the engine's CUDA path (Triton) needs a GPU")
+def test_cuda_engine_equals_transformers_and_peft(setup):
+    import torch
+
+    root, adapters = setup
+    eng = lf.Engine(model=root / "base", adapters={k: str(v) for k, v in adapters.items()}, device="cuda",
+                    dtype=torch.float32, max_batch_tokens=64)
+    names = ["sql", None, "med", "py"]
+    prompts = [prompt(50 + i, 6 + 2 * i) for i in range(len(names))]
+    reqs = [eng.add_request(p, SamplingParams(max_tokens=8, temperature=0.0), a) for p, a in zip(prompts, names)]
+    while not all(r.finished for r in reqs):
+        eng.step()
+    for r, p, a in zip(reqs, prompts, names):
+        assert r.output_ids == reference(root, adapters.get(a), p, 8), (a, p)
