@@ -78,6 +78,17 @@ def _shrink_chunk(x_ptr, a_ptr, m, k_lo, K, K_SPLIT, r, off, stride_x, stride_a,
 
 
 @triton.jit
+def _expand_block(h, bt_ptr, bias_ptr, out_ptr, m, off, r, rs, ns, N, stride_b, stride_o, HAS_BIAS: tl.constexpr):
+    """out[m, ns] = h · (scale · B_s)ᵀ[:, ns] (+ bias[ns]) for one token and one block of d_out."""
+    b = tl.load(bt_ptr + (off + rs)[:, None] * stride_b + ns[None, :],
+                mask=(rs[:, None] < r) & (ns[None, :] < N), other=0.0).to(tl.float32)
+    out = tl.sum(h[:, None] * b, axis=0)
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + ns, mask=ns < N, other=0.0).to(tl.float32)
+    tl.store(out_ptr + m * stride_o + ns, out.to(out_ptr.dtype.element_ty), mask=ns < N)
+
+
+@triton.jit
 def _shrink_rows(x_ptr, slot_ptr, a_ptr, off_ptr, rank_ptr, hp_ptr, K, K_SPLIT, stride_x, stride_a,
                  stride_hs, stride_hm, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """hp[split, m, :r] = A_s[:, chunk] · x_m[chunk] for one token m and one chunk of d_in."""
@@ -102,12 +113,7 @@ def _expand_rows(hp_ptr, slot_ptr, bt_ptr, off_ptr, rank_ptr, bias_ptr, out_ptr,
     h = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for sp in range(0, SPLIT_K):
         h += tl.load(hp_ptr + sp * stride_hs + m * stride_hm + rs, mask=rs < r, other=0.0)
-    b = tl.load(bt_ptr + (off + rs)[:, None] * stride_b + ns[None, :],
-                mask=(rs[:, None] < r) & (ns[None, :] < N), other=0.0).to(tl.float32)
-    out = tl.sum(h[:, None] * b, axis=0)
-    if HAS_BIAS:
-        out += tl.load(bias_ptr + ns, mask=ns < N, other=0.0).to(tl.float32)
-    tl.store(out_ptr + m * stride_o + ns, out.to(out_ptr.dtype.element_ty), mask=ns < N)
+    _expand_block(h, bt_ptr, bias_ptr, out_ptr, m, off, r, rs, ns, N, stride_b, stride_o, HAS_BIAS)
 
 
 @triton.jit
@@ -131,12 +137,7 @@ def _lora_rows_fused(x_ptr, slot_ptr, a_ptr, bt_ptr, off_ptr, rank_ptr, bias_ptr
             h += tl.load(hp_ptr + sp * stride_hs + m * stride_hm + rs, mask=rs < r, other=0.0, volatile=True)
         for n0 in range(0, N, BLOCK_N):
             ns = n0 + tl.arange(0, BLOCK_N)
-            b = tl.load(bt_ptr + (off + rs)[:, None] * stride_b + ns[None, :],
-                        mask=(rs[:, None] < r) & (ns[None, :] < N), other=0.0).to(tl.float32)
-            out = tl.sum(h[:, None] * b, axis=0)
-            if HAS_BIAS:
-                out += tl.load(bias_ptr + ns, mask=ns < N, other=0.0).to(tl.float32)
-            tl.store(out_ptr + m * stride_o + ns, out.to(out_ptr.dtype.element_ty), mask=ns < N)
+            _expand_block(h, bt_ptr, bias_ptr, out_ptr, m, off, r, rs, ns, N, stride_b, stride_o, HAS_BIAS)
         tl.atomic_xchg(count_ptr + m, 0)
 
 
