@@ -30,23 +30,31 @@ def engine(setup, **kw):
                      **kw)
 
 
-def test_greedy_equals_transformers_and_peft_per_adapter_in_one_mixed_batch(setup):
+@pytest.mark.parametrize("graphs", [False, True], ids=["gathered", "paged-decode"])
+def test_greedy_equals_transformers_and_peft_per_adapter_in_one_mixed_batch(setup, graphs):
+    """``graphs``: decode-only steps through the fixed buffers, paged attention and Triton
+    LoRA kernels of the CUDA-graph path (run eagerly here, under Triton's interpreter)."""
     root, adapters = setup
-    eng = engine(setup, max_batch_tokens=64)
+    eng = engine(setup, max_batch_tokens=64, decode_graphs=graphs)
     names = ["sql", None, "med", "py", "sql", "med"]
     prompts = [prompt(i, 5 + 3 * i) for i in range(len(names))]
     params = SamplingParams(max_tokens=12, temperature=0.0)
     reqs = [eng.add_request(p, params, a) for p, a in zip(prompts, names)]
+    decode_steps = 0
     while not all(r.finished for r in reqs):
+        decode_steps += bool(eng.running) and all(len(r.ids) - r.computed == 1 for r in eng.running) and not eng.waiting
         eng.step()
+    assert decode_steps >= 10
+    assert (eng.graphs.steps == decode_steps) if graphs else eng.graphs is None, (decode_steps, eng.graphs and eng.graphs.steps)
     for r, p, a in zip(reqs, prompts, names):
         assert r.output_ids == reference(root, adapters.get(a), p, 12), (a, p)
     assert eng.kv.used_blocks == 0 and not eng.running
 
 
-def test_requests_arriving_mid_decode_and_chunked_prompts(setup):
+@pytest.mark.parametrize("graphs", [False, True], ids=["gathered", "paged-decode"])
+def test_requests_arriving_mid_decode_and_chunked_prompts(setup, graphs):
     root, adapters = setup
-    eng = engine(setup, max_batch_tokens=8)          # prompts longer than a step: chunked
+    eng = engine(setup, max_batch_tokens=8, decode_graphs=graphs)    # prompts longer than a step: chunked
     first = eng.add_request(prompt(10, 20), SamplingParams(max_tokens=10, temperature=0), "med")
     for _ in range(4):
         eng.step()
@@ -123,7 +131,11 @@ def test_cuda_engine_equals_transformers_and_peft(setup):
     names = ["sql", None, "med", "py"]
     prompts = [prompt(50 + i, 6 + 2 * i) for i in range(len(names))]
     reqs = [eng.add_request(p, SamplingParams(max_tokens=8, temperature=0.0), a) for p, a in zip(prompts, names)]
+    decode_steps = 0
     while not all(r.finished for r in reqs):
+        decode_steps += bool(eng.running) and all(len(r.ids) - r.computed == 1 for r in eng.running) and not eng.waiting
         eng.step()
+    assert decode_steps >= 5 and eng.graphs.steps == decode_steps     # decode steps replayed CUDA graphs
+    assert eng.graphs.graphs
     for r, p, a in zip(reqs, prompts, names):
         assert r.output_ids == reference(root, adapters.get(a), p, 8), (a, p)

@@ -170,9 +170,11 @@ def run(serve_args: list[str], w: Workload, base_name: str, vocab: int, log: Pat
         rng = random.Random(w.seed)
         prompts = [[rng.randrange(3, vocab) for _ in range(w.prompt_len)] for _ in range(w.requests)]
         chosen = [f"a{i}" for i in popularity(w.mix, w.requests, w.adapters, rng)]
-        used = sorted(set(chosen))        # warm-up: compile, and bring every used adapter to the device
-        asyncio.run(_load(url, [base_name] + used, (prompts * 64)[:len(used) + 1],
-                          Workload(requests=len(used) + 1, output_len=2)))
+        # warm-up, untimed: the same batches with a few output tokens compile the kernels,
+        # capture the decode graphs of these batch sizes and bring every used adapter to the device
+        warm = Workload(**{**asdict(w), "output_len": 4})
+        asyncio.run(_load(url, chosen, prompts, warm))
+        asyncio.run(_load(url, [base_name] * w.requests, prompts, warm))
         with_adapters = summarize(*asyncio.run(_load(url, chosen, prompts, w)))
         base_only = summarize(*asyncio.run(_load(url, [base_name] * w.requests, prompts, w)))
         metrics = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()

@@ -87,7 +87,7 @@ class BankView:
     def __init__(self, a, bt, offsets, ranks, r_max):
         self.a, self.bt, self.offsets, self.ranks, self.r_max = a, bt, offsets, ranks, r_max
         self.ranks_host = [0] * ranks.numel()
-        self.any_active = False
+        self.any_active = False     # some slot has an adapter on this layer (stays True once set)
 
 
 class AdapterBank:
@@ -95,6 +95,7 @@ class AdapterBank:
 
     def __init__(self, model: nn.Module, n_slots: int, r_max: int):
         self.n_slots, self.r_max = n_slots, r_max
+        self.layout = 0    # bumped when a layer first gets an adapter: CUDA graphs of older layouts are stale
         self.layers: dict[str, BankedLinear] = {n: m for n, m in model.named_modules()
                                                 if isinstance(m, BankedLinear)}
         for m in self.layers.values():
@@ -128,7 +129,9 @@ class AdapterBank:
                 r = 0
             p.ranks[slot] = r
             p.ranks_host[slot] = r
-            p.any_active = any(p.ranks_host)
+            if r and not p.any_active:
+                p.any_active = True
+                self.layout += 1
 
     def clear(self, slot: int) -> None:
         self.write(slot, {})

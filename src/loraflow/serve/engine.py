@@ -23,7 +23,8 @@ import torch
 
 from loraflow.serve.bank import AdapterBank, TokenSlots
 from loraflow.serve.kv_cache import KVCache
-from loraflow.serve.llama import Batch, Llama, load_llama
+from loraflow.serve.decode_graphs import BUCKETS, DecodeGraphs
+from loraflow.serve.llama import Batch, Llama, load_llama, paged_decode_attention
 from loraflow.serve.registry import AdapterRegistry
 from loraflow.serve.sampling import SamplingParams, sample
 
@@ -50,6 +51,8 @@ class Request:
     arrival: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     generator: torch.Generator | None = None
+    prefix_offset: int = 0                   # incremental detokenization: output ids[prefix_offset:read_offset]
+    read_offset: int = 0                     # were decoded into the tail of ``text``
 
     @property
     def ids(self) -> list[int]:
@@ -78,7 +81,7 @@ class Engine:
                  tokenizer=None, model_name: str | None = None,
                  max_batch_tokens: int = 512, kv_cache_bytes: int | None = None, block_size: int = 16,
                  max_gpu_adapters: int = 8, max_cpu_adapters: int = 64, max_lora_rank: int = 64,
-                 max_waiting: int = 1024):
+                 max_waiting: int = 1024, decode_graphs: bool | None = None):
         from transformers import AutoTokenizer
 
         from loraflow.models.loading import default_model_path
@@ -110,6 +113,10 @@ class Engine:
         self.max_len = min(a.max_seq_len, self.kv.n_blocks * block_size)
         self.max_batch_tokens, self.max_waiting = max_batch_tokens, max_waiting
         self.eos_ids = _eos_ids(folder, self.tokenizer)
+        if decode_graphs is None:
+            decode_graphs = self.device.type == "cuda" and paged_decode_attention is not None
+        self.graphs = (DecodeGraphs(self.model, self.kv, self.bank, min(max_batch_tokens, BUCKETS[-1]), self.max_len,
+                                    capture=self.device.type == "cuda") if decode_graphs else None)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._incoming: deque[Request] = deque()
@@ -165,13 +172,19 @@ class Engine:
         plan = self._schedule()
         if not plan:
             return [r for r in touched if r]
-        batch, sample_from = self._batch(plan)
-        with torch.inference_mode():
-            logits = self.model(batch, self.kv.layers)
+        if self.graphs is not None and len(plan) <= self.graphs.size and all(n == 1 for _, n in plan):
+            logits = self.graphs.run([(r.ids[r.computed], r.computed, r.slot, r.blocks) for r, _ in plan])
+            rows = [(i, r) for i, (r, _) in enumerate(plan) if r.computed + 1 == len(r.ids)]
+        else:
+            batch, sample_from = self._batch(plan)
+            with torch.inference_mode():
+                logits = self.model(batch, self.kv.layers)
+            rows = list(enumerate(sample_from))
         for req, n in plan:
             req.computed += n
-        for row, req in enumerate(sample_from):
-            token = sample(logits[row], req.params, req.generator)
+        greedy = logits.argmax(-1).tolist() if any(r.params.temperature == 0 for _, r in rows) else None
+        for row, req in rows:
+            token = greedy[row] if req.params.temperature == 0 else sample(logits[row], req.params, req.generator)
             req.output_ids.append(token)
             req.first_token_at = req.first_token_at or time.perf_counter()
             self.stats["generated_tokens"] += 1
@@ -277,7 +290,7 @@ class Engine:
             req.text = self._decode(req)
             self._finish(req, "stop")
             return
-        req.text = self._decode(req)
+        self._append_text(req)
         for s in p.stop:
             at = req.text.find(s)
             if at >= 0:
@@ -285,7 +298,19 @@ class Engine:
                 self._finish(req, "stop")
                 return
         if len(req.output_ids) >= p.max_tokens or len(req.ids) >= self.max_len:
+            req.text = self._decode(req)
             self._finish(req, "length")
+
+    def _append_text(self, req: Request) -> None:
+        """Extend ``req.text`` by the new token's text, decoding only a short window: the
+        text of ids[prefix:] minus that of ids[prefix:read] (a token's text can depend on its
+        neighbours), held back while it ends in an unfinished multi-byte character."""
+        ids = req.output_ids
+        before = self.tokenizer.decode(ids[req.prefix_offset:req.read_offset], skip_special_tokens=True)
+        after = self.tokenizer.decode(ids[req.prefix_offset:], skip_special_tokens=True)
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            req.text += after[len(before):]
+            req.prefix_offset, req.read_offset = req.read_offset, len(ids)
 
     def _decode(self, req: Request) -> str:
         return self.tokenizer.decode(req.output_ids, skip_special_tokens=True)

@@ -1,5 +1,7 @@
 """The paged KV cache: per layer, K and V as (blocks · block_size, kv_heads, head_dim) rows;
-each sequence owns a list of blocks (its block table), allocated from a memory budget."""
+each sequence owns a list of blocks (its block table), allocated from a memory budget.
+One extra block, never handed out, takes the writes of the padding rows of a CUDA-graph
+decode batch."""
 
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ class KVCache:
             raise ValueError(f"a KV-cache budget of {budget_bytes} bytes holds {self.n_blocks} blocks of "
                              f"{per_block} bytes; give at least {2 * per_block} bytes")
         self.block_size = block_size
-        rows = self.n_blocks * block_size
+        self.trash_block = self.n_blocks                    # padding rows write here
+        rows = (self.n_blocks + 1) * block_size
         self.layers = [(torch.zeros(rows, n_kv_heads, head_dim, dtype=dtype, device=device),
                         torch.zeros(rows, n_kv_heads, head_dim, dtype=dtype, device=device))
                        for _ in range(n_layers)]

@@ -22,6 +22,11 @@ from torch import nn
 
 from loraflow.serve.bank import BankedLinear, TokenSlots
 
+try:
+    from loraflow.serve.paged_attention import paged_decode_attention
+except ImportError:          # no Triton: decode steps use the gathered-context path
+    paged_decode_attention = None
+
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SUPPORTED = ("llama", "mistral", "qwen2")
 
@@ -101,16 +106,21 @@ class RMSNorm(nn.Module):
 
 @dataclass
 class Batch:
-    """One step's packed tokens and where their keys and values live (built by the engine)."""
+    """One step's packed tokens and where their keys and values live (built by the engine).
+    Steps with prompt chunks use the gathered-context fields; decode-only steps (one new
+    token per sequence) use the block tables, read by the paged attention kernel."""
     tokens: torch.Tensor         # (N,) token ids
     positions: torch.Tensor      # (N,) position of each token in its sequence
     slots: TokenSlots            # adapter slot of each token (-1: base model), grouped once per step
     cache_index: torch.Tensor    # (N,) flat KV-cache row of each new token
-    q_index: torch.Tensor        # (S, q_max) packed index of each sequence's new tokens (0: pad)
-    kv_index: torch.Tensor       # (S, ctx_max) flat KV-cache rows of each sequence's context
-    mask: torch.Tensor           # (S, 1, q_max, ctx_max) bool: query may see key
-    out_index: torch.Tensor      # (N,) where each packed token sits in (S * q_max)
-    logit_index: torch.Tensor    # (S',) packed index of the tokens whose logits are needed
+    q_index: torch.Tensor | None = None      # (S, q_max) packed index of each sequence's new tokens (0: pad)
+    kv_index: torch.Tensor | None = None     # (S, ctx_max) flat KV-cache rows of each sequence's context
+    mask: torch.Tensor | None = None         # (S, 1, q_max, ctx_max) bool: query may see key
+    out_index: torch.Tensor | None = None    # (N,) where each packed token sits in (S * q_max)
+    logit_index: torch.Tensor | None = None  # (S',) packed index of the tokens whose logits are needed; None: all
+    block_table: torch.Tensor | None = None  # decode: (N, max_blocks) int32 block ids of each sequence
+    seq_lens: torch.Tensor | None = None     # decode: (N,) context length, the new token included
+    block_size: int = 0
 
 
 class Attention(nn.Module):
@@ -131,6 +141,9 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         cache_k.index_copy_(0, b.cache_index, k)                              # cache: (rows, Hkv, D)
         cache_v.index_copy_(0, b.cache_index, v)
+        if b.block_table is not None:                                         # decode: paged kernel
+            o = paged_decode_attention(q, cache_k, cache_v, b.block_table, b.seq_lens, b.block_size)
+            return self.o_proj(o.view(-1, a.n_heads * a.head_dim), b.slots)
         S, q_max = b.q_index.shape
         Q = q[b.q_index].transpose(1, 2)                                      # (S, H, q_max, D)
         K = cache_k[b.kv_index].transpose(1, 2)                               # (S, Hkv, ctx, D)
@@ -191,7 +204,7 @@ class Llama(nn.Module):
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         for layer, (ck, cv) in zip(self.model.layers, caches):
             x = layer(x, b, cos, sin, ck, cv)
-        x = self.model.norm(x[b.logit_index])
+        x = self.model.norm(x if b.logit_index is None else x[b.logit_index])
         return self.lm_head(x).float()
 
     def linear_layers(self) -> dict[str, BankedLinear]:

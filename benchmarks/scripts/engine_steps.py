@@ -1,0 +1,77 @@
+"""The engine alone, no HTTP: seconds per decode step of a Llama-2-7B-shaped model (random
+weights) with 64 requests, base model vs 64 distinct rank-16 adapters on all linear layers,
+with and without CUDA-graph decode. Separates the engine's cost from the server's.
+
+    python benchmarks/scripts/engine_steps.py OUT.json [--requests 64] [--steps 48]
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+import loraflow as lf
+from loraflow.bench import serve as bench
+from loraflow.serve.llama import SHAPES, LlamaArgs, linear_shapes, numbered_tokenizer, random_llama
+from loraflow.serve.sampling import SamplingParams
+
+
+def decode_steps(eng, adapters, prompt_len, n_steps):
+    """Median seconds of the decode-only steps of one batch of requests."""
+    params = SamplingParams(max_tokens=n_steps + 1, temperature=0.0, ignore_eos=True)
+    reqs = [eng.add_request([3 + (7 * i + j) % 30000 for j in range(prompt_len)], params, a)
+            for i, a in enumerate(adapters)]
+    times = []
+    while not all(r.finished for r in reqs):
+        decode = bool(eng.running) and not eng.waiting and not eng._incoming and \
+            all(len(r.ids) - r.computed == 1 for r in eng.running)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        eng.step()
+        torch.cuda.synchronize()
+        if decode:
+            times.append(time.perf_counter() - t)
+    return statistics.median(times[2:])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=48)
+    args = ap.parse_args()
+    shape = LlamaArgs(**SHAPES["llama2-7b"])
+    tmp = Path(tempfile.mkdtemp())
+    folders = bench.make_adapters(linear_shapes(shape), tmp, args.requests, 16)
+    model = random_llama(shape, device="cuda")
+    rows = []
+    for graphs in (True, False):
+        eng = lf.Engine(model=model, tokenizer=numbered_tokenizer(shape.vocab_size), max_batch_tokens=4096,
+                        max_gpu_adapters=args.requests, max_cpu_adapters=args.requests, max_lora_rank=16,
+                        decode_graphs=graphs, kv_cache_bytes=16 * 2**30,
+                        adapters={f"a{i}": str(f) for i, f in enumerate(folders)})
+        for name, adapters in (("base", [None] * args.requests), ("64 distinct r16", [f"a{i}" for i in range(args.requests)])):
+            decode_steps(eng, adapters, args.prompt_len, 4)           # warm-up: loads, compiles, captures
+            s = decode_steps(eng, adapters, args.prompt_len, args.steps)
+            rows.append({"graphs": graphs, "adapters": name, "decode_step_ms": 1e3 * s,
+                         "tokens_per_s": args.requests / s})
+            print(rows[-1], flush=True)
+        eng.registry.close()
+        del eng
+        torch.cuda.empty_cache()
+    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
+           "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+           "command": f"python benchmarks/scripts/engine_steps.py {args.out} --requests {args.requests} "
+                      f"--prompt-len {args.prompt_len} --steps {args.steps}", "rows": rows}
+    Path(args.out).write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()

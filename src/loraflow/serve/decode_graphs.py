@@ -1,0 +1,94 @@
+"""Decode-only steps through fixed buffers, captured in CUDA graphs.
+
+A decode step (one new token per running sequence) has the same shapes from one step to
+the next once its batch is padded to a bucket size: the token ids, positions, adapter
+slots, KV-cache rows, context lengths and block tables are copied into fixed device
+buffers, and the whole forward (every layer's GEMMs, the per-row LoRA kernels and the paged
+attention kernel) replays from one CUDA graph per bucket: one launch instead of a thousand.
+Padding rows read and write the KV cache's spare block and use no adapter.
+
+Graphs are keyed by (bucket, adapter layout): with no adapter in the batch the layers run
+the base GEMMs alone; with adapters, the layers that some slot adapts run the Triton
+kernels, and a new layout (a layer adapted for the first time) captures anew. Without CUDA
+(tests, Triton's interpreter) the same buffers and kernels run eagerly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from loraflow.serve.bank import AdapterBank, TokenSlots
+from loraflow.serve.kv_cache import KVCache
+from loraflow.serve.llama import Batch, Llama
+
+BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512)
+
+
+def bucket(n: int) -> int:
+    return next(b for b in BUCKETS if b >= n)
+
+
+class DecodeGraphs:
+    def __init__(self, model: Llama, kv: KVCache, bank: AdapterBank, max_batch: int, max_len: int,
+                 capture: bool = True):
+        if max_batch > BUCKETS[-1]:
+            raise ValueError(f"decode graphs hold at most {BUCKETS[-1]} sequences, got max_batch={max_batch}")
+        self.model, self.kv, self.bank, self.capture = model, kv, bank, capture
+        dev = kv.layers[0][0].device
+        self.size = bucket(max_batch)
+        width = -(-max_len // kv.block_size)
+        self.host = np.zeros((5, self.size), dtype=np.int64)     # tokens, positions, slots, rows, lengths
+        self.host_table = np.zeros((self.size, width), dtype=np.int32)
+        self.inputs = torch.zeros(5, self.size, dtype=torch.long, device=dev)
+        self.table = torch.zeros(self.size, width, dtype=torch.int32, device=dev)
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = torch.cuda.graph_pool_handle() if capture else None
+        self.steps = 0                       # decode steps run through this path
+
+    def _batch(self, n: int, adapters: bool) -> Batch:
+        tokens, positions, slots, rows, lengths = self.inputs[:, :n]
+        ts = TokenSlots(slots, [0] if adapters else [], [], variant="rows" if adapters else None)
+        return Batch(tokens, positions, ts, rows, block_table=self.table[:n], seq_lens=lengths,
+                     block_size=self.kv.block_size)
+
+    @torch.inference_mode()
+    def run(self, steps: list[tuple[int, int, int, list[int]]]) -> torch.Tensor:
+        """Logits (n, vocab) for ``steps``: per sequence (token, position, slot, block table)."""
+        n, bs = len(steps), self.kv.block_size
+        size = bucket(n)
+        h, ht = self.host, self.host_table
+        trash = self.kv.trash_block
+        for i, (token, pos, slot, blocks) in enumerate(steps):
+            h[:, i] = (token, pos, slot, blocks[pos // bs] * bs + pos % bs, pos + 1)
+            ht[i, :len(blocks)] = blocks
+        h[:, n:size] = np.array((0, 0, -1, trash * bs, 1))[:, None]
+        ht[n:size, 0] = trash
+        self.inputs[:, :size].copy_(torch.from_numpy(h[:, :size]))
+        self.table[:size].copy_(torch.from_numpy(ht[:size]))
+        adapters = any(s[2] >= 0 for s in steps)
+        self.steps += 1
+        if not self.capture:
+            return self.model(self._batch(size, adapters), self.kv.layers)[:n]
+        key = (size, self.bank.layout if adapters else None)
+        if key not in self.graphs:
+            self.graphs = {k: v for k, v in self.graphs.items() if k[1] in (None, self.bank.layout)}
+            self.graphs[key] = self._capture(size, adapters)
+        graph, logits = self.graphs[key]
+        graph.replay()
+        return logits[:n]
+
+    def _capture(self, size: int, adapters: bool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """Warm up on a side stream (compiles the Triton kernels), then capture. The buffers
+        hold this step's inputs: running them writes the same keys and values twice."""
+        batch = self._batch(size, adapters)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self.model(batch, self.kv.layers)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self.model(batch, self.kv.layers)
+        return graph, logits
