@@ -33,7 +33,7 @@ class QueueFull(Exception):
     """The waiting queue is full: retry later."""
 
 
-@dataclass
+@dataclass(eq=False)          # identity: the scheduler's membership tests stay O(1) per comparison
 class Request:
     id: str
     prompt_ids: list[int]
@@ -57,6 +57,14 @@ class Request:
     @property
     def ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def token(self, i: int) -> int:
+        n = len(self.prompt_ids)
+        return self.prompt_ids[i] if i < n else self.output_ids[i - n]
 
     @property
     def finished(self) -> bool:
@@ -113,6 +121,11 @@ class Engine:
         self.max_len = min(a.max_seq_len, self.kv.n_blocks * block_size)
         self.max_batch_tokens, self.max_waiting = max_batch_tokens, max_waiting
         self.eos_ids = _eos_ids(folder, self.tokenizer)
+        # streaming decodes a few ids per request and step: straight to the Rust tokenizer
+        # (transformers' wrapper costs ~30 us a call) when its clean-up step would not change the text
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        plain = backend is not None and not getattr(self.tokenizer, "clean_up_tokenization_spaces", False)
+        self._window_decode = backend.decode if plain else self.tokenizer.decode
         if decode_graphs is None:
             decode_graphs = self.device.type == "cuda" and paged_decode_attention is not None
         self.graphs = (DecodeGraphs(self.model, self.kv, self.bank, min(max_batch_tokens, BUCKETS[-1]), self.max_len,
@@ -173,8 +186,8 @@ class Engine:
         if not plan:
             return [r for r in touched if r]
         if self.graphs is not None and len(plan) <= self.graphs.size and all(n == 1 for _, n in plan):
-            logits = self.graphs.run([(r.ids[r.computed], r.computed, r.slot, r.blocks) for r, _ in plan])
-            rows = [(i, r) for i, (r, _) in enumerate(plan) if r.computed + 1 == len(r.ids)]
+            logits = self.graphs.run([(r.token(r.computed), r.computed, r.slot, r.blocks) for r, _ in plan])
+            rows = [(i, r) for i, (r, _) in enumerate(plan) if r.computed + 1 == r.n_tokens]
         else:
             batch, sample_from = self._batch(plan)
             with torch.inference_mode():
@@ -199,12 +212,12 @@ class Engine:
     def _schedule(self) -> list[tuple[Request, int]]:
         budget = self.max_batch_tokens
         plan, planned = [], set()
-        for req in sorted(self.running, key=lambda r: len(r.ids) - r.computed):   # decodes first
+        for req in sorted(self.running, key=lambda r: r.n_tokens - r.computed):   # decodes first
             if budget <= 0:
                 break
             if req not in self.running:       # preempted below for an earlier request
                 continue
-            n = min(len(req.ids) - req.computed, budget)
+            n = min(req.n_tokens - req.computed, budget)
             while not self.kv.grow(req.blocks, req.computed + n):
                 victims = [r for r in reversed(self.running) if r is not req and r.id not in planned]
                 if not victims:
@@ -258,7 +271,7 @@ class Engine:
         for req, n in plan:
             tokens += req.ids[req.computed:req.computed + n]
             slots += [req.slot] * n
-            if req.computed + n == len(req.ids):   # the prompt is all in: a new token comes next
+            if req.computed + n == req.n_tokens:   # the prompt is all in: a new token comes next
                 logit_index.append(len(tokens) - 1)
                 sample_from.append(req)
         as_t = lambda v: torch.tensor(v, dtype=torch.long, device=dev)
@@ -297,7 +310,7 @@ class Engine:
                 req.text = req.text[:at]
                 self._finish(req, "stop")
                 return
-        if len(req.output_ids) >= p.max_tokens or len(req.ids) >= self.max_len:
+        if len(req.output_ids) >= p.max_tokens or req.n_tokens >= self.max_len:
             req.text = self._decode(req)
             self._finish(req, "length")
 
@@ -305,9 +318,9 @@ class Engine:
         """Extend ``req.text`` by the new token's text, decoding only a short window: the
         text of ids[prefix:] minus that of ids[prefix:read] (a token's text can depend on its
         neighbours), held back while it ends in an unfinished multi-byte character."""
-        ids = req.output_ids
-        before = self.tokenizer.decode(ids[req.prefix_offset:req.read_offset], skip_special_tokens=True)
-        after = self.tokenizer.decode(ids[req.prefix_offset:], skip_special_tokens=True)
+        ids, decode = req.output_ids, self._window_decode
+        before = decode(ids[req.prefix_offset:req.read_offset], skip_special_tokens=True)
+        after = decode(ids[req.prefix_offset:], skip_special_tokens=True)
         if len(after) > len(before) and not after.endswith("\ufffd"):
             req.text += after[len(before):]
             req.prefix_offset, req.read_offset = req.read_offset, len(ids)
