@@ -15,7 +15,7 @@ def environment() -> dict:
     import torch
 
     env = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-           "command": " ".join(["loraflow"] + sys.argv[1:]) if sys.argv[0].endswith("loraflow")
+           "command": " ".join(["loraflow"] + sys.argv[1:]) if sys.argv[0].endswith(("loraflow", "loraflow/cli.py"))
            else " ".join(sys.argv), "python": platform.python_version(), "torch": torch.__version__,
            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"}
     try:

@@ -70,6 +70,25 @@ def popularity(mix: str, n_requests: int, n_adapters: int, rng: random.Random) -
     raise ValueError(f"mix must be identical, uniform, skewed or distinct, got {mix!r}")
 
 
+def decode_roofline(shape, w: Workload, bytes_per_value: int = 2) -> dict:
+    """Bytes a decode step of the whole batch must read, and the best adapters/base
+    throughput ratio they allow when decoding is bound by memory bandwidth: weights once,
+    every sequence's cached keys and values (at the average context of the run), and each
+    distinct adapter in the batch once (rank x (d_in + d_out) per adapted layer)."""
+    from loraflow.serve.llama import linear_shapes
+
+    layers = linear_shapes(shape)
+    params = sum(o * i for o, i in layers.values()) + 2 * shape.vocab_size * shape.dim
+    kv_per_token = 2 * shape.n_layers * shape.n_kv_heads * shape.head_dim * bytes_per_value
+    context = w.prompt_len + w.output_len / 2
+    distinct = len(set(popularity(w.mix, w.requests, w.adapters, random.Random(w.seed))))
+    weights = params * bytes_per_value
+    kv = w.requests * context * kv_per_token
+    adapters = distinct * w.rank * sum(o + i for o, i in layers.values()) * bytes_per_value
+    return {"weights_gb": weights / 1e9, "kv_gb": kv / 1e9, "adapters_gb": adapters / 1e9,
+            "distinct_adapters": distinct, "ratio_bound": (weights + kv) / (weights + kv + adapters)}
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")

@@ -22,6 +22,11 @@ def markdown(env: dict, p: dict) -> str:
                           ("itl_p50_ms", "ITL p50 (ms)", ".1f"), ("itl_p99_ms", "ITL p99 (ms)", ".1f"),
                           ("wall_s", "wall (s)", ".1f"), ("errors", "errors", "")]), "",
              f"- adapters / base throughput: **{p['adapters_over_base']:.2f}** (target >= 0.90)"]
+    if "roofline" in p:
+        r = p["roofline"]
+        lines += [f"- bandwidth bound of that ratio for this workload: {r['ratio_bound']:.2f} (a decode step of the "
+                  f"batch reads {r['weights_gb']:.1f} GB of weights and {r['kv_gb']:.1f} GB of keys and values at the "
+                  f"average context; its {r['distinct_adapters']} distinct adapters add {r['adapters_gb']:.1f} GB)"]
     if "peft" in p:
         q = p["peft"]
         lines += [f"- transformers + PEFT mixed-batch generate ({q['requests']} requests, {q['batch']} rows per call, "
