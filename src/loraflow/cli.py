@@ -145,8 +145,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--variants", default="adamw,adamw8bit,galore,galore8bit,galore-torch,galore-torch8bit")
     p.add_argument("--batch", type=int, default=1, help="sequences of 256 tokens per step")
     p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--randomized-svd", action="store_true",
+                   help="our GaLore finds its bases with torch.svd_lowrank (galore-torch always runs a full SVD)")
     p.add_argument("--cpu", action="store_true", help="allow a smoke run without a GPU")
     p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--merge", nargs="+", metavar="JSON", help="one report (train-NAME.*) from these runs' JSON files")
+    p.add_argument("--name", default="cuda", help="with --merge: the report's name, train-NAME.*")
     p.set_defaults(func=cmd_bench_train)
     p = bench.add_parser("kernels", help=cmd_bench_kernels.__doc__)
     p.add_argument("--out", default="benchmarks/results", help="folder for the JSON, Markdown and PNG")

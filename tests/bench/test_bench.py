@@ -69,9 +69,43 @@ def test_kernel_check_on_the_cpu():
 def test_train_bench_runs_and_counts_states_on_the_cpu():
     from loraflow.bench import train, train_report
 
-    rows = [train.run_case(train.TrainCase("tiny", v, pl, rank=8, steps=3, seq=32), device="cpu", dtype=torch.float32)
-            for v, pl in [("adamw", False), ("galore", True), ("galore-torch", False)]]
+    rows = [train.run_case(train.TrainCase("tiny", v, pl, rank=8, steps=3, seq=32, update_proj_gap=4), device="cpu",
+                           dtype=torch.float32)
+            for v, pl in [("adamw", False), ("galore", True), ("galore", False), ("galore-torch", False)]]
     assert rows[0]["state_bytes"] == rows[0]["analytic_state_bytes"] and rows[0]["tokens_per_s"] > 0
+    assert rows[0]["svd_seconds"] is None and rows[0]["tokens_per_s"] == rows[0]["steady_tokens_per_s"]
     assert rows[1]["state_bytes"] == rows[1]["analytic_state_bytes"] < rows[0]["state_bytes"]
-    assert "error" in rows[2] or rows[2]["tokens_per_s"] > 0           # galore-torch only where installed
+    assert "error" in rows[3] or rows[3]["tokens_per_s"] > 0           # galore-torch only where installed
+    for r in [r for r in rows[1:] if "error" not in r]:               # the SVD, amortised over T = 4 steps
+        step_s = r["batch"] * r["seq"] / r["steady_tokens_per_s"]
+        assert r["svd_seconds"] > 0 and r["tokens_per_s"] == pytest.approx(32 / (step_s + r["svd_seconds"] / 4))
+        assert r["tokens_per_s"] < r["steady_tokens_per_s"]
     assert train_report.targets(rows)[0]["met"] is True
+    with pytest.raises(ValueError, match="must be <= update_proj_gap"):
+        train.TrainCase("tiny", "galore", False, rank=8, steps=6, update_proj_gap=4)
+
+
+def test_refresh_timing_counts_one_svd_per_weight_shape(monkeypatch):
+    import time
+
+    from transformers import LlamaForCausalLM
+
+    import loraflow as lf
+    from loraflow.bench import train
+
+    model = LlamaForCausalLM(lf.llama_config("tiny", vocab_size=300, max_seq_len=16))
+    group = lf.galore_param_groups(model, rank=4)[0]
+    shapes = []
+
+    def routine(g, grp):                                            # 20 ms per SVD
+        shapes.append(tuple(g.shape))
+        time.sleep(0.02)
+
+    monkeypatch.setattr(train, "basis_routine", lambda variant: routine)
+    seconds = train.refresh_seconds(model, torch.randint(0, 300, (2, 16)), group, "galore", "cpu")
+    assert sorted(shapes) == [(64, 64), (64, 172), (172, 64)]       # one of each: 8 + 2 + 4 weights of 2 layers
+    assert 14 * 0.02 <= seconds < 14 * 0.02 + 0.1
+    assert all(p.grad is None for p in model.parameters())
+    monkeypatch.undo()
+    basis = train.basis_routine("galore")(torch.randn(64, 172), group)   # 64 x 172 projects on the left
+    assert basis.shape == (64, 4) and torch.allclose(basis.T @ basis, torch.eye(4), atol=1e-5)

@@ -14,11 +14,17 @@ ARGS = ["--data", str(DATA), "--config", "tiny", "--rank", "8", "--update-proj-g
         "--batch", "4", "--seq", "48", "--lr", "3e-3", "--eval-seqs", "8", "--device", "cpu"]
 
 
-def test_pretraining_lowers_the_held_out_loss(tmp_path):
-    main(ARGS + ["--optimizer", "galore", "--steps", "16", "--eval-every", "4", "--out", str(tmp_path)])
-    evals = [r["eval_loss"] for r in map(json.loads, open(tmp_path / "log.jsonl")) if "eval_loss" in r]
-    assert len(evals) == 4 and evals[-1] < evals[0] - 0.5
+@pytest.mark.parametrize("dtype", ["float32", "bf16-mixed"])
+def test_pretraining_lowers_the_held_out_loss(tmp_path, dtype):
+    main(ARGS + ["--optimizer", "galore", "--steps", "16", "--eval-every", "4", "--dtype", dtype, "--out", str(tmp_path)])
+    records = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    evals = [r for r in records if "eval_loss" in r]
+    assert len(evals) == 4 and evals[-1]["eval_loss"] < evals[0]["eval_loss"] - 0.5
+    assert [r["tokens"] for r in evals] == [4 * 48 * k for k in (4, 8, 12, 16)]
+    assert all(r["tokens_per_s"] > 0 for r in evals) and not any("tokens_per_s" in r for r in records if r not in evals)
     assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == ["config.json", "model.safetensors", "state.pt"]
+    weights = load_file(tmp_path / "checkpoint" / "model.safetensors")
+    assert {w.dtype for w in weights.values()} == {torch.float32}     # bf16-mixed: float32 weights too
 
 
 @pytest.mark.parametrize("extra", [["--optimizer", "galore8bit"], ["--optimizer", "galore", "--per-layer",
@@ -31,6 +37,22 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, extra):
     a = load_file(tmp_path / "straight" / "checkpoint" / "model.safetensors")
     b = load_file(tmp_path / "split" / "checkpoint" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_time_limit_stops_with_a_checkpoint_and_resume_finishes_the_same_run(tmp_path):
+    common = ARGS + ["--eval-every", "3", "--steps", "6"]
+    main(common + ["--out", str(tmp_path / "straight")])
+    stopped = main(common + ["--out", str(tmp_path / "split"), "--time-limit", "0"])
+    assert stopped["step"] == 1 and "stopped at step 1 of 6" in stopped["stopped"] and stopped["tokens_per_s"] > 0
+    with open(tmp_path / "split" / "log.jsonl", "a") as log:           # written after the checkpoint, then killed
+        log.write(json.dumps({"step": 2, "loss": 99.0}) + "\n")
+    main(common + ["--out", str(tmp_path / "split"), "--resume"])
+    a = load_file(tmp_path / "straight" / "checkpoint" / "model.safetensors")
+    b = load_file(tmp_path / "split" / "checkpoint" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    records = [json.loads(line) for line in open(tmp_path / "split" / "log.jsonl")]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6] and 99.0 not in [r["loss"] for r in records]
+    assert [r["step"] for r in records if "eval_loss" in r] == [1, 3, 6]
 
 
 def test_schedule_and_errors(tmp_path):
@@ -57,3 +79,64 @@ def test_low_rank_baseline_and_a_trained_tokenizer(tmp_path):
     result = main(ARGS + ["--optimizer", "adamw", "--steps", "4", "--eval-every", "4", "--low-rank", "4",
                           "--train-tokenizer", "400", "--out", str(tmp_path)])
     assert result["eval_loss"] > 0 and (tmp_path / "tokenizer" / "tokenizer.json").is_file()
+
+
+def _corpus(folder: Path, n: int, chars: int) -> Path:
+    """``n`` files of tinyshakespeare, ``chars`` characters each."""
+    text = DATA.read_text()
+    folder.mkdir()
+    for i in range(n):
+        (folder / f"part{i:02d}.txt").write_text(text[i * chars:(i + 1) * chars])
+    return folder
+
+
+def test_batched_tokenization_equals_one_call_per_file(tmp_path):
+    import loraflow as lf
+    from transformers import AutoTokenizer
+
+    from loraflow.train.pretrain import read_corpus, spread, text_files, tokenize_files, tokenizer_sample
+
+    files = text_files(_corpus(tmp_path / "c", 12, 3000))
+    tok = AutoTokenizer.from_pretrained(lf.models.default_model_path(), local_files_only=True)
+    per_file = [tok(f.read_text(), add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for f in files]
+    batched = tokenize_files(files, tok, files_per_call=5)          # calls of 5, 5 and 2 files
+    assert batched.tolist() == [t for ids in per_file for t in ids]
+    assert (batched == tok.eos_token_id).sum() == 12 and len(batched) > 12 * 500
+    train, held_out = read_corpus(tmp_path / "c", tok)               # the last file (5% of 12, rounded up)
+    assert held_out.tolist() == per_file[-1] and len(train) == len(batched) - len(per_file[-1])
+    assert tokenizer_sample(files, 0.0075) == files[:2] and tokenizer_sample(files, 1e-6) == files[:1]
+    assert spread(torch.arange(10).view(10, 1), 4).flatten().tolist() == [0, 3, 6, 9]
+
+
+def test_tokens_cache_round_trip(tmp_path, monkeypatch):
+    from loraflow.train import pretrain
+
+    run = ARGS + ["--optimizer", "galore", "--steps", "4", "--eval-every", "2"]
+    cache = tmp_path / "ids.safetensors"
+    plain = main(run + ["--out", str(tmp_path / "plain")])
+    written = main(run + ["--out", str(tmp_path / "written"), "--tokens-cache", str(cache)])
+    monkeypatch.setattr(pretrain, "corpus_ids", lambda *a: pytest.fail("the cache was not used"))
+    loaded = main(run + ["--out", str(tmp_path / "loaded"), "--tokens-cache", str(cache)])
+    assert plain["eval_loss"] == written["eval_loss"] == loaded["eval_loss"]
+    losses = [[r["loss"] for r in map(json.loads, open(tmp_path / name / "log.jsonl"))] for name in ("plain", "loaded")]
+    assert losses[0] == losses[1] and len(losses[0]) == 4
+    ids = load_file(cache)
+    monkeypatch.undo()
+    train, held_out = pretrain.read_corpus(DATA, pretrain.load_tokenizer(pretrain.parse_args(run + ["--out", "x"]), tmp_path))
+    assert ids["train"].dtype == torch.int32 and torch.equal(ids["train"].long(), train)
+    assert torch.equal(ids["eval"].long(), held_out)
+
+
+def test_prepare_only_and_a_cache_of_another_tokenizer(tmp_path):
+    cache = str(tmp_path / "ids.safetensors")
+    prep = ARGS + ["--prepare-only", "--tokens-cache", cache]
+    counts = main(prep + ["--out", str(tmp_path / "a")])
+    ids = load_file(cache)
+    total = counts["train_tokens"] + counts["eval_tokens"]
+    assert counts["train_tokens"] == len(ids["train"]) == int(0.95 * total) and len(ids["eval"]) == total - int(0.95 * total)
+    assert not (tmp_path / "a" / "log.jsonl").exists()
+    with pytest.raises(ValueError, match=f"a tokenizer of {counts['vocab_size']} tokens, this one has 300"):
+        main(prep + ["--train-tokenizer", "300", "--out", str(tmp_path / "b")])
+    folder = _corpus(tmp_path / "c", 3, 2000)
+    with pytest.raises(ValueError, match="made from 1 files, --data .* has 3"):
+        main(prep[2:] + ["--data", str(folder), "--out", str(tmp_path / "c")])

@@ -137,12 +137,22 @@ def _hf_model(shape_name: str, shape, device: str):
 
 def cmd_bench_train(args) -> None:
     """Peak memory, optimizer-state bytes and tokens/s of the optimizers on LLaMA sizes (GPU)."""
+    from pathlib import Path
+
     import torch
     from tqdm import tqdm
 
     from loraflow.bench import report, train_report
     from loraflow.bench.train import TrainCase, run_case
 
+    if args.merge:        # one report from the JSON files of several runs (e.g. 7B in a call of its own)
+        rows = [row for f in args.merge for row in json.loads(Path(f).read_text())["cases"]]
+        env = json.loads(Path(args.merge[0]).read_text())["environment"]
+        env["command"] = " + ".join(json.loads(Path(f).read_text())["environment"]["command"] for f in args.merge)
+        payload = {"environment": env, "targets": train_report.targets(rows), "cases": rows}
+        print("wrote", *report.write(args.out, f"train-{args.name}", payload, train_report.markdown(env, rows),
+                                     train_report.figure(rows)))
+        return
     if not torch.cuda.is_available() and not args.cpu:
         sys.exit("loraflow bench train measures GPU memory: run it on a CUDA machine (or --cpu for a smoke run)")
     ranks = {"tiny": 16, "60m": 128, "130m": 256, "350m": 256, "1b": 512, "7b": 1024}
@@ -151,13 +161,19 @@ def cmd_bench_train(args) -> None:
         for variant in args.variants.split(","):
             for per_layer in (False, True):
                 cases.append(TrainCase(config, variant, per_layer, ranks[config], batch=args.batch, steps=args.steps,
-                                       checkpointing=config == "7b"))
+                                       checkpointing=config == "7b", randomized_svd=args.randomized_svd))
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    rows = [run_case(c, device, torch.bfloat16 if device == "cuda" else torch.float32)
-            for c in tqdm(cases, desc="train cases")]
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    partial = Path(args.out) / f"train-{device}.partial.jsonl"     # each case as it ends: kept if the run is cut
+    rows = []
+    for c in tqdm(cases, desc="train cases"):
+        rows.append(run_case(c, device, torch.bfloat16 if device == "cuda" else torch.float32))
+        with open(partial, "a") as f:
+            f.write(json.dumps(rows[-1]) + "\n")
     env = report.environment()
     payload = {"environment": env, "targets": train_report.targets(rows), "cases": rows}
     paths = report.write(args.out, f"train-{device}", payload, train_report.markdown(env, rows), train_report.figure(rows))
+    partial.unlink()
     print(train_report.markdown(env, rows).split("## Runs")[0])
     print("wrote", *paths)
 

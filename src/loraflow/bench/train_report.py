@@ -27,8 +27,8 @@ def targets(rows: list[dict]) -> list[dict]:
     g1, a1 = _get(rows, config="1b", variant="galore", per_layer=False), _get(rows, config="1b", variant="adamw", per_layer=False)
     if g1 and a1:
         r = g1["tokens_per_s"] / a1["tokens_per_s"]
-        out.append({"target": "1B, GaLore rank 512, T=200: tokens/s at least 0.9x AdamW's", "measured": f"{r:.2f}x",
-                    "met": r >= 0.9})
+        out.append({"target": "1B, GaLore rank 512, T=200: tokens/s (SVD amortised) at least 0.9x AdamW's",
+                    "measured": f"{r:.2f}x", "met": r >= 0.9})
     t1 = _get(rows, config="1b", variant="galore-torch", per_layer=False)
     if g1 and t1:
         faster = g1["tokens_per_s"] >= t1["tokens_per_s"]
@@ -48,12 +48,16 @@ def markdown(env: dict, rows: list[dict]) -> str:
     return "\n".join([
         "# Training benchmark: GaLore and friends", "",
         f"- device: {env['device']}; torch {env['torch']}; date: {env['date']}", f"- command: `{env['command']}`",
-        "- bf16 weights, random tokens, sequence 256; tokens/s over the steps after two warm-up steps", "",
+        "- bf16 weights, random tokens, sequence 256; steady tokens/s over the steps after two warm-up steps",
+        "- GaLore rows (ours and galore-torch's): `svd (s)` is one refresh of every projected weight's basis (each "
+        "implementation's own SVD routine on real gradients, timed on its own); tokens/s amortises it over "
+        "T = update_proj_gap steps: tokens per step / (steady step time + svd / T)", "",
         "## Targets", "", table(targets(rows), [("target", "target", ""), ("measured", "measured", ""), ("met", "met", "")]),
         "", "## Runs", "", table(view, [
             ("config", "config", ""), ("variant", "optimizer", ""), ("per_layer", "per-layer", ""), ("rank", "rank", ""),
-            ("checkpointing", "ckpt", ""), ("batch", "batch", ""), ("state_gb", "states (GB)", ".3f"),
-            ("analytic_gb", "analytic (GB)", ".3f"), ("peak_gb", "peak (GB)", ".2f"), ("tokens_per_s", "tokens/s", ".0f"),
+            ("checkpointing", "ckpt", ""), ("randomized_svd", "rand. SVD", ""), ("batch", "batch", ""), ("state_gb", "states (GB)", ".3f"),
+            ("analytic_gb", "analytic (GB)", ".3f"), ("peak_gb", "peak (GB)", ".2f"), ("steady_tokens_per_s", "steady tokens/s", ".0f"),
+            ("svd_seconds", "svd (s)", ".3f"), ("tokens_per_s", "tokens/s", ".0f"),
             ("error", "note", "")]), ""])
 
 

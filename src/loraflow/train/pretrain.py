@@ -3,30 +3,49 @@
     loraflow pretrain --data corpus/ --config 60m --optimizer galore --rank 128 --steps 10000 --out runs/60m
 
 Files (.txt, .md, .py, ...) are tokenized with a given tokenizer (default: the embedded
-SmolLM2's), joined with the end-of-sequence token, and packed into sequences of ``--seq``
-tokens; the last 5% of the files (or of the tokens, for one file) are held out for
-perplexity. Cosine schedule with warmup, optional per-layer updates, bf16, activation
-checkpointing, a progress bar, periodic evaluation, atomic checkpoints and exact resume.
+SmolLM2's; or ``--train-tokenizer VOCAB``: a byte-level BPE trained on the first
+``--tokenizer-sample-mb`` MB of the training files), 256 files per call so the fast
+tokenizer encodes them in parallel, joined with the end-of-sequence token, and packed into
+sequences of ``--seq`` tokens; the last 5% of the files (or of the tokens, for one file) are
+held out for perplexity. ``--tokens-cache FILE.safetensors`` keeps the token ids: a later
+run (another optimizer, say) loads them instead of tokenizing again; ``--prepare-only``
+stops there. Cosine schedule with warmup, optional per-layer updates, float32, bfloat16 or
+bf16-mixed (float32 weights and optimizer states, bfloat16 autocast), ``--compile``,
+activation checkpointing, a progress bar, periodic evaluation, atomic checkpoints and
+exact resume.
+
+OUT/log.jsonl holds one record per step (step, tokens, loss, time); every ``--eval-every``
+steps, at the last one and where ``--time-limit`` stops the run, also eval_loss, eval_ppl
+and tokens_per_s: the training speed since the previous such record (evaluation and
+checkpoint time left out). A resumed run first drops the records past its checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
 import json
 import math
 import os
 import shutil
 import time
+from collections.abc import Callable
+from itertools import chain
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 import loraflow as lf
 
 OPTIMIZERS = ("adamw", "adamw8bit", "galore", "galore8bit", "galore-adafactor")
+DTYPES = ("float32", "bfloat16", "bf16-mixed")
 SPECIAL = ["<|endoftext|>"]
+TEXT = (".txt", ".md", ".py", ".rst", ".json", ".c", ".h", ".js", ".ts", ".java", ".go", ".rs")
+EVAL_FRACTION = 0.05
 
 
 def train_tokenizer(files: list[Path], vocab_size: int, out: Path):
@@ -45,6 +64,21 @@ def train_tokenizer(files: list[Path], vocab_size: int, out: Path):
     return fast
 
 
+def tokenizer_sample(files: list[Path], max_mb: float) -> list[Path]:
+    """The first of ``files``, whole and in order, up to ``max_mb`` MB (10^6 bytes) in all;
+    at least one file."""
+    if max_mb <= 0:
+        raise ValueError(f"--tokenizer-sample-mb must be > 0, got {max_mb}")
+    chosen, total = [], 0
+    for f in files:
+        size = f.stat().st_size
+        if chosen and total + size > max_mb * 1e6:
+            break
+        chosen.append(f)
+        total += size
+    return chosen
+
+
 def text_files(folder: Path) -> list[Path]:
     if not folder.exists():
         raise FileNotFoundError(f"--data {folder} does not exist")
@@ -52,23 +86,80 @@ def text_files(folder: Path) -> list[Path]:
     if not files:
         raise FileNotFoundError(f"no text files ({', '.join(TEXT)}) under {folder}")
     return files
-TEXT = (".txt", ".md", ".py", ".rst", ".json", ".c", ".h", ".js", ".ts", ".java", ".go", ".rs")
 
 
-def read_corpus(folder: Path, tokenizer, eval_fraction: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:
-    files = text_files(folder)
-    eos = tokenizer.eos_token_id
-    def tokens(paths):
-        out = []
-        for p in paths:
-            out += tokenizer(p.read_text(errors="ignore"), add_special_tokens=False)["input_ids"] + [eos]
-        return torch.tensor(out, dtype=torch.long)
+def split_files(files: list[Path], eval_fraction: float = EVAL_FRACTION) -> tuple[list[Path], list[Path]]:
+    """(training files, held-out files): the last ``eval_fraction`` of the files, at least one;
+    a single file is split by tokens instead (``read_corpus``), so it is all training here."""
     if len(files) == 1:
-        ids = tokens(files)
+        return files, []
+    n_eval = max(1, math.ceil(len(files) * eval_fraction))
+    return files[:-n_eval], files[-n_eval:]
+
+
+def tokenize_files(paths: list[Path], tokenizer, files_per_call: int = 256) -> torch.Tensor:
+    """The tokens of ``paths`` in order, each file followed by the end-of-sequence token.
+    The tokenizer gets ``files_per_call`` texts per call: a fast tokenizer encodes them in
+    parallel; the ids are those of one call per file."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no eos_token: give one that has (files are joined with it)")
+    parts = [torch.zeros(0, dtype=torch.long)]
+    for i in range(0, len(paths), files_per_call):
+        texts = [p.read_text(errors="ignore") for p in paths[i:i + files_per_call]]
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        parts.append(torch.tensor(list(chain.from_iterable(x + [eos] for x in ids)), dtype=torch.long))
+    return torch.cat(parts)
+
+
+def read_corpus(folder: Path, tokenizer, eval_fraction: float = EVAL_FRACTION) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training ids, held-out ids) of the text files under ``folder``."""
+    return corpus_ids(text_files(folder), tokenizer, eval_fraction)
+
+
+def corpus_ids(files: list[Path], tokenizer, eval_fraction: float = EVAL_FRACTION) -> tuple[torch.Tensor, torch.Tensor]:
+    train_files, eval_files = split_files(files, eval_fraction)
+    if not eval_files:
+        ids = tokenize_files(files, tokenizer)
         cut = int(len(ids) * (1 - eval_fraction))
         return ids[:cut], ids[cut:]
-    n_eval = max(1, math.ceil(len(files) * eval_fraction))
-    return tokens(files[:-n_eval]), tokens(files[-n_eval:])
+    return tokenize_files(train_files, tokenizer), tokenize_files(eval_files, tokenizer)
+
+
+def _vocab_digest(tokenizer) -> str:
+    vocab = sorted(tokenizer.get_vocab().items())
+    return hashlib.sha1(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def cached_corpus(folder: Path, tokenizer, cache: Path | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``read_corpus``, through the .safetensors file ``cache`` when given: loaded when it
+    exists (after checking it was made with this tokenizer from as many files), else
+    written (a temporary file, then renamed: concurrent runs never see half a file)."""
+    files = text_files(folder)
+    meta = {"vocab_size": str(len(tokenizer)), "vocab_sha1": _vocab_digest(tokenizer), "files": str(len(files))}
+    if cache is not None and cache.is_file():
+        with safe_open(cache, framework="pt") as f:
+            saved = f.metadata() or {}
+        redo = "delete it to tokenize again"
+        if saved.get("vocab_size") != meta["vocab_size"]:
+            raise ValueError(f"--tokens-cache {cache} was made with a tokenizer of {saved.get('vocab_size')} tokens, "
+                             f"this one has {meta['vocab_size']}: give the tokenizer it was made with "
+                             f"(--tokenizer FOLDER), or {redo}")
+        if saved.get("vocab_sha1") != meta["vocab_sha1"]:
+            raise ValueError(f"--tokens-cache {cache} was made with another tokenizer of the same size: give the "
+                             f"tokenizer it was made with (--tokenizer FOLDER), or {redo}")
+        if saved.get("files") != meta["files"]:
+            raise ValueError(f"--tokens-cache {cache} was made from {saved.get('files')} files, --data {folder} "
+                             f"has {meta['files']}: give the same --data, or {redo}")
+        ids = load_file(cache)
+        return ids["train"].long(), ids["eval"].long()
+    train, held_out = corpus_ids(files, tokenizer)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+        save_file({"train": train.int(), "eval": held_out.int()}, tmp, metadata=meta)
+        os.replace(tmp, cache)
+    return train, held_out
 
 
 def pack(ids: torch.Tensor, seq: int) -> torch.Tensor:
@@ -76,6 +167,14 @@ def pack(ids: torch.Tensor, seq: int) -> torch.Tensor:
     if n == 0:
         raise ValueError(f"{len(ids)} tokens are fewer than one sequence of {seq}: give more data or a smaller --seq")
     return ids[: n * seq].view(n, seq)
+
+
+def spread(seqs: torch.Tensor, k: int) -> torch.Tensor:
+    """``k`` sequences evenly spaced over ``seqs`` (all of them when there are no more than
+    ``k``): the evaluation covers every part of the held-out files, not only the first ones."""
+    if len(seqs) <= k:
+        return seqs
+    return seqs[torch.linspace(0, len(seqs) - 1, k).round().long()]
 
 
 def lr_factor(step: int, total: int, warmup: int, floor: float = 0.1) -> float:
@@ -100,13 +199,21 @@ def optimizer_parts(name: str, model, args):
     return groups, lambda g: cls(g, **kw)
 
 
+def autocast_for(dtype: str, device: str) -> Callable[[], contextlib.AbstractContextManager]:
+    """A context factory: bfloat16 autocast for "bf16-mixed" (CUDA or CPU), else nothing."""
+    if dtype == "bf16-mixed":
+        return lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
 @torch.no_grad()
-def evaluate(model, seqs: torch.Tensor, batch: int, device) -> float:
+def evaluate(model, seqs: torch.Tensor, batch: int, device, autocast=contextlib.nullcontext) -> float:
     model.eval()
     total, n = 0.0, 0
     for i in range(0, len(seqs), batch):
         x = seqs[i:i + batch].to(device)
-        total += model(input_ids=x, labels=x).loss.item() * len(x)
+        with autocast():
+            total += model(input_ids=x, labels=x).loss.item() * len(x)
         n += len(x)
     model.train()
     return total / max(1, n)
@@ -126,13 +233,27 @@ def save_checkpoint(out: Path, model, opt_state: dict, step: int) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def _synchronize(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="loraflow pretrain", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="a folder of text/code files, or one text file")
     ap.add_argument("--tokenizer", help="a local tokenizer folder (default: the embedded SmolLM2's)")
     ap.add_argument("--train-tokenizer", type=int, metavar="VOCAB",
-                    help="train a byte-level BPE tokenizer of this size on the training files instead")
+                    help="train a byte-level BPE tokenizer of this size on the training files instead "
+                         "(saved to OUT/tokenizer)")
+    ap.add_argument("--tokenizer-sample-mb", type=float, default=100.0, metavar="MB",
+                    help="--train-tokenizer learns from the first training files, whole and in order, up to "
+                         "this many MB (default 100: a 32000 vocabulary in well under a minute)")
+    ap.add_argument("--tokens-cache", metavar="FILE",
+                    help="a .safetensors file of the token ids: loaded when it exists (it must have been made "
+                         "with the same tokenizer and --data), else written")
+    ap.add_argument("--prepare-only", action="store_true",
+                    help="stop after the tokenizer and the token ids (with --tokens-cache: build it once)")
     ap.add_argument("--low-rank", type=int, metavar="R",
                     help="the paper's baseline: train every linear weight as W = BA of rank R")
     ap.add_argument("--config", default="60m", help="60m, 130m, 350m, 1b, 7b or tiny")
@@ -149,39 +270,66 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--per-layer", action="store_true", help="step each weight inside the backward pass")
     ap.add_argument("--max-grad-norm", type=float, default=None)
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--dtype", default="float32", choices=DTYPES,
+                    help="weights' dtype; bf16-mixed: float32 weights and optimizer states, bfloat16 autocast")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model")
     ap.add_argument("--activation-checkpointing", action="store_true")
     ap.add_argument("--eval-every", type=int, default=200)
-    ap.add_argument("--eval-seqs", type=int, default=256, help="held-out sequences per evaluation")
+    ap.add_argument("--eval-seqs", type=int, default=256,
+                    help="held-out sequences per evaluation, evenly spaced over the held-out tokens")
     ap.add_argument("--save-every", type=int, default=500)
     ap.add_argument("--out", required=True, help="folder for checkpoints and log.jsonl")
     ap.add_argument("--resume", action="store_true", help="continue from --out/checkpoint")
+    ap.add_argument("--time-limit", type=float, metavar="SECONDS",
+                    help="stop once this much wall time has passed since the start, with an evaluation and a "
+                         "checkpoint (--resume continues)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
-    from transformers import AutoTokenizer, LlamaForCausalLM
+
+def load_tokenizer(args: argparse.Namespace, out: Path):
+    from transformers import AutoTokenizer
+
+    if args.train_tokenizer:
+        train_files, _ = split_files(text_files(Path(args.data)))
+        return train_tokenizer(tokenizer_sample(train_files, args.tokenizer_sample_mb), args.train_tokenizer,
+                               out / "tokenizer")
+    return AutoTokenizer.from_pretrained(args.tokenizer or lf.models.default_model_path(), local_files_only=True)
+
+
+def trim_log(path: Path, step: int) -> None:
+    """Drop the records past ``step``: those a run wrote after the checkpoint it resumes from."""
+    if path.is_file():
+        lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in lines))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    started = time.time()
+    args = parse_args(argv)
+    deadline = started + args.time_limit if args.time_limit is not None else math.inf
+    from transformers import LlamaForCausalLM
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.train_tokenizer:
-        files = text_files(Path(args.data))
-        held_out = max(1, math.ceil(len(files) * 0.05)) if len(files) > 1 else 0
-        tok = train_tokenizer(files[:len(files) - held_out], args.train_tokenizer, out / "tokenizer")
-    elif args.tokenizer:
-        tok = AutoTokenizer.from_pretrained(args.tokenizer, local_files_only=True)
-    else:
-        tok = AutoTokenizer.from_pretrained(lf.models.default_model_path(), local_files_only=True)
-    train_ids, eval_ids = read_corpus(Path(args.data), tok)
-    train_seqs, eval_seqs = pack(train_ids, args.seq), pack(eval_ids, args.seq)[:args.eval_seqs]
+    tok = load_tokenizer(args, out)
+    cache = Path(args.tokens_cache) if args.tokens_cache else None
+    train_ids, eval_ids = cached_corpus(Path(args.data), tok, cache)
+    if args.prepare_only:
+        return {"train_tokens": len(train_ids), "eval_tokens": len(eval_ids), "vocab_size": len(tok)}
+    train_seqs, eval_seqs = pack(train_ids, args.seq), spread(pack(eval_ids, args.seq), args.eval_seqs)
     torch.manual_seed(args.seed)
     model = LlamaForCausalLM(lf.llama_config(args.config, vocab_size=len(tok), max_seq_len=args.seq))
     if args.low_rank:
         from loraflow.train.lowrank import to_low_rank
         to_low_rank(model, args.low_rank)
-    model.to(args.device, getattr(torch, args.dtype)).train()
+    model.to(args.device, torch.float32 if args.dtype == "bf16-mixed" else getattr(torch, args.dtype)).train()
     if args.activation_checkpointing:
         model.gradient_checkpointing_enable()
+    if args.compile:
+        model.compile()          # in place: state_dict keys and checkpoints stay those of the plain model
+    autocast = autocast_for(args.dtype, args.device)
     groups, make = optimizer_parts(args.optimizer, model, args)
     schedule = lambda step: lr_factor(step, args.steps, args.warmup)
     if args.per_layer:
@@ -199,17 +347,21 @@ def main(argv: list[str] | None = None) -> dict:
         state = torch.load(ckpt / "state.pt", weights_only=True)
         opt.load_state_dict(state["optimizer"])
         step = state["step"]
+        trim_log(out / "log.jsonl", step)
     order = torch.randperm(len(train_seqs), generator=torch.Generator().manual_seed(args.seed))
     per_step = args.batch * args.accumulation
     log = open(out / "log.jsonl", "a")
     result = {}
     bar = tqdm(total=args.steps, initial=step, desc=f"pretrain {args.config} {args.optimizer}")
+    interval_tokens, interval_seconds = 0, 0.0        # training since the last evaluation record
     while step < args.steps:
+        start = time.perf_counter()
         losses = []
         for micro in range(args.accumulation):
             idx = [(step * per_step + micro * args.batch + i) % len(order) for i in range(args.batch)]
             x = train_seqs[order[idx]].to(args.device)
-            loss = model(input_ids=x, labels=x).loss / args.accumulation
+            with autocast():
+                loss = model(input_ids=x, labels=x).loss / args.accumulation
             loss.backward()
             losses.append(loss.item())
             if args.per_layer:
@@ -222,16 +374,29 @@ def main(argv: list[str] | None = None) -> dict:
             opt.step()
             opt.zero_grad(set_to_none=True)
         step += 1
+        stopping = step < args.steps and time.time() >= deadline
+        evaluating = step % args.eval_every == 0 or step == args.steps or stopping
+        if evaluating:
+            _synchronize(args.device)                  # the last step's kernels count as training
+        interval_seconds += time.perf_counter() - start
+        interval_tokens += per_step * args.seq
+        record = {"step": step, "tokens": step * per_step * args.seq, "loss": sum(losses), "time": time.time()}
         bar.update(1)
-        bar.set_postfix(loss=f"{sum(losses):.3f}")
-        record = {"step": step, "loss": sum(losses), "time": time.time()}
-        if step % args.eval_every == 0 or step == args.steps:
-            record["eval_loss"] = evaluate(model, eval_seqs, args.batch, args.device)
+        bar.set_postfix(loss=f"{sum(losses):.3f}", tok_s=f"{interval_tokens / interval_seconds:.0f}")
+        if evaluating:
+            record["tokens_per_s"] = interval_tokens / interval_seconds
+            interval_tokens, interval_seconds = 0, 0.0
+            record["eval_loss"] = evaluate(model, eval_seqs, args.batch, args.device, autocast)
             record["eval_ppl"] = math.exp(min(record["eval_loss"], 50))
             result = record
         log.write(json.dumps(record) + "\n")
         log.flush()
-        if step % args.save_every == 0 or step == args.steps:
+        if step % args.save_every == 0 or step == args.steps or stopping:
             save_checkpoint(out, model, opt.state_dict(), step)
+        if stopping:
+            result = {**result, "stopped": f"--time-limit {args.time_limit:g} s: stopped at step {step} of "
+                                            f"{args.steps}; --resume continues"}
+            break
     bar.close()
+    log.close()
     return result
