@@ -59,6 +59,25 @@ def test_low_rank_galore_trains_and_states_match_the_analytic_count(proj_type):
     assert opt.state[w]["exp_avg"].shape == ((20, 2) if r_side == "right" else (2, 12))
 
 
+@pytest.mark.parametrize("bits", [32, 8])
+def test_bf16_weights_keep_bf16_bases_and_the_count_follows(bits):
+    """Bases of 16-bit weights are stored in 16 bits (projections run in float32)."""
+    from loraflow.optim import GaLoreAdamW8bit
+
+    model = mlp().to(torch.bfloat16)
+    x, y = data()
+    cls = GaLoreAdamW if bits == 32 else GaLoreAdamW8bit
+    opt = cls(weight_groups(model, rank=2, update_proj_gap=3, scale=1.0), lr=1e-2)
+    for _ in range(4):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x.bfloat16()).float(), y).backward()
+        opt.step()
+    w = model[0].weight
+    assert opt.state[w]["proj"].dtype == torch.bfloat16 and opt.state[w]["proj"].shape == (12, 2)
+    assert state_bytes(opt) == analytic_state_bytes(opt, bits=bits)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_galore_state_is_smaller_than_adamw_state():
     model = tiny_llama()
     groups = galore_param_groups(model, rank=4, update_proj_gap=5)

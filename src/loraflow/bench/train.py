@@ -26,6 +26,7 @@ weight) alongside; for the optimizers without projection the two speeds are the 
 
 from __future__ import annotations
 
+import gc
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -144,12 +145,18 @@ def run_case(c: TrainCase, device: str = "cuda", dtype=torch.bfloat16) -> dict:
         cls = _optimizer_class(c.variant)
     except (ImportError, AttributeError) as e:
         return {**out, "error": f"not available: {e}"}
-    if device == "cuda":
+    gc.collect()                      # the previous case's cycles (hooks, closures) hold GPU memory
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)    # built in the training dtype: a float32 7B would take 27 GB first
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(lf.llama_config(c.config, max_seq_len=c.seq))
+    finally:
+        torch.set_default_dtype(default)
+    if device == "cuda":              # the peak from here on: weights, then whatever training adds
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(lf.llama_config(c.config, max_seq_len=c.seq)).to(dtype)
     if c.checkpointing:
         model.gradient_checkpointing_enable()
     model.train()

@@ -23,6 +23,13 @@ from loraflow.optim.projector import project, project_back, side, top_singular
 GALORE_KEYS = ("rank", "update_proj_gap", "scale", "proj_type")
 
 
+def basis_dtype(p: torch.Tensor) -> torch.dtype:
+    """The stored basis follows a 16-bit weight's dtype (as galore-torch's does: at 7B, rank
+    1024, float32 bases would take 3.8 GB, bfloat16 1.9 GB); the projections themselves run
+    in float32. Float32 weights keep float32 bases."""
+    return p.dtype if p.dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+
 class _GaLoreBase(torch.optim.Optimizer):
     def _each(self):
         """(group, parameter, state, (projected) gradient, projection side) of every parameter
@@ -46,7 +53,8 @@ class _GaLoreBase(torch.optim.Optimizer):
         which = side(tuple(p.shape), group.get("proj_type", "std"))
         rank = min(group["rank"], *p.shape)
         if state["step"] % group.get("update_proj_gap", 200) == 0 or "proj" not in state:
-            state["proj"] = top_singular(g, rank, which, group.get("randomized_svd", False), state.get("proj"))
+            basis = top_singular(g, rank, which, group.get("randomized_svd", False), state.get("proj"))
+            state["proj"] = basis.to(basis_dtype(p))
         return project(g, state["proj"], which), which
 
     def _back(self, update: torch.Tensor, state: dict, group: dict, which: str | None) -> torch.Tensor:
@@ -156,8 +164,8 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 def analytic_state_bytes(optimizer: torch.optim.Optimizer, moments: int = 2, bits: int = 32) -> int:
     """What the states should take: ``moments`` values per entry of each (projected)
-    gradient (4 bytes, or with ``bits=8`` one byte plus 4 per block of 256), plus the
-    float32 basis (m x r or n x r) of each GaLore parameter."""
+    gradient (4 bytes, or with ``bits=8`` one byte plus 4 per block of 256), plus the basis
+    (m x r or n x r) of each GaLore parameter, in ``basis_dtype``."""
     per = (lambda n: 4 * n) if bits == 32 else quant8.quantized_bytes
     total = 0
     for group in optimizer.param_groups:
@@ -167,7 +175,8 @@ def analytic_state_bytes(optimizer: torch.optim.Optimizer, moments: int = 2, bit
                 r = min(group["rank"], m, n)
                 which = side((m, n), group.get("proj_type", "std"))
                 low = m * r if which == "right" else r * n
-                total += moments * per(low) + 4 * (n * r if which == "right" else m * r)
+                basis = n * r if which == "right" else m * r
+                total += moments * per(low) + basis * torch.empty(0, dtype=basis_dtype(p)).element_size()
             else:
                 total += moments * per(p.numel())
     return total

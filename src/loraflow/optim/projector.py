@@ -59,9 +59,12 @@ def top_singular(g: torch.Tensor, rank: int, which: str, randomized: bool = Fals
 
 
 def project(g: torch.Tensor, basis: torch.Tensor, which: str) -> torch.Tensor:
+    """R = Pᵀ G (left) or G Q (right), in float32 (the basis may be stored in 16 bits)."""
     # g: (m, n); basis: (m, r) left or (n, r) right
+    basis = basis.float()
     return basis.T @ g.float() if which == "left" else g.float() @ basis
 
 
 def project_back(r: torch.Tensor, basis: torch.Tensor, which: str) -> torch.Tensor:
+    basis = basis.float()
     return basis @ r if which == "left" else r @ basis.T
