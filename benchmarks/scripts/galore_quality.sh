@@ -40,7 +40,7 @@ export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
 export TQDM_MININTERVAL=60 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 mkdir -p "$OUT" "$WORK"
 
-STEPS=$(( TOKENS / (BATCH * SEQ) ))
+STEPS=$(( (TOKENS + BATCH * SEQ - 1) / (BATCH * SEQ) ))     # at least TOKENS
 WARMUP=$(( STEPS / 10 > 0 ? STEPS / 10 : 1 ))
 if (( STEPS < 1 )); then echo "TOKENS=$TOKENS is less than one step of $BATCH x $SEQ tokens" >&2; exit 2; fi
 

@@ -72,7 +72,7 @@ def targets(rows: list[dict]) -> list[dict]:
     if galore is None:
         return []
     return [{"target": f"GaLore's held-out perplexity within {100 * TARGET:.0f}% of AdamW's",
-             "measured": f"{100 * galore['ppl_vs_adamw']:+.2f}% at {galore['tokens'] / 1e6:.1f}M tokens",
+             "measured": f"{100 * galore['ppl_vs_adamw']:+.2f}% at {galore['tokens']:,} tokens",
              "met": galore["ppl_vs_adamw"] <= TARGET}]
 
 
@@ -93,12 +93,13 @@ def markdown(env: dict, at: int, rows: list[dict]) -> str:
         f"- {env.get('batch', '?')} sequences of {env.get('seq', '?')} tokens per step, {env.get('steps', '?')} steps, "
         f"warmup {env.get('warmup', '?')} then cosine to 10%; bf16 autocast, float32 weights and optimizer states; "
         f"held-out loss on {env.get('eval_seqs', '?')} sequences spread over the held-out files",
-        "- the three runs shared one GPU at once: tokens/s is each run's share (evaluation excluded)",
+        "- the runs trained at the same time, sharing GPUs, so tokens/s is each run's share (evaluation "
+        "excluded); calls: " + "; ".join(f"{c['wall_s']} s, {c['status']}" for c in env.get("calls", [])),
         f"- compared at step {at}, the last evaluation every run reached", "",
         "## Target", "", report.table(targets(rows), [("target", "target", ""), ("measured", "measured", ""),
                                                       ("met", "met", "")]), "",
         "## Runs", "", report.table(view, [
-            ("label", "run", ""), ("tokens_m", "tokens (M)", ".1f"), ("eval_loss", "held-out loss", ".4f"),
+            ("label", "run", ""), ("tokens_m", "tokens (M)", ".3f"), ("eval_loss", "held-out loss", ".4f"),
             ("eval_ppl", "perplexity", ".2f"), ("vs", "vs AdamW", ""), ("tokens_per_s", "tokens/s", ".0f"),
             ("done", "steps done", "")]), "",
         f"For scale: {PAPER}. Different data (Python sources here, C4 there) and "
