@@ -48,6 +48,7 @@ def markdown(env: dict, rows: list[dict]) -> str:
     return "\n".join([
         "# Training benchmark: GaLore and friends", "",
         f"- device: {env['device']}; torch {env['torch']}; date: {env['date']}", f"- command: `{env['command']}`",
+        *([f"- note: {env['note']}"] if env.get("note") else []),
         "- bf16 weights, random tokens, sequence 256; steady tokens/s over the steps after two warm-up steps",
         "- GaLore rows (ours and galore-torch's): `svd (s)` is one refresh of every projected weight's basis (each "
         "implementation's own SVD routine on real gradients, timed on its own); tokens/s amortises it over "

@@ -58,13 +58,23 @@ def top_singular(g: torch.Tensor, rank: int, which: str, randomized: bool = Fals
                        "(is the gradient finite?)")
 
 
+def _compute_dtype(basis: torch.Tensor, g: torch.Tensor) -> torch.dtype:
+    """16-bit weights (16-bit gradients and bases) project on the tensor cores in their own
+    dtype, as galore-torch does; anything else in float32."""
+    return basis.dtype if basis.dtype == g.dtype and basis.dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+
 def project(g: torch.Tensor, basis: torch.Tensor, which: str) -> torch.Tensor:
-    """R = Pᵀ G (left) or G Q (right), in float32 (the basis may be stored in 16 bits)."""
+    """R = Pᵀ G (left) or G Q (right), returned in float32 for the optimizer's moments."""
     # g: (m, n); basis: (m, r) left or (n, r) right
-    basis = basis.float()
-    return basis.T @ g.float() if which == "left" else g.float() @ basis
+    dt = _compute_dtype(basis, g)
+    basis, g = basis.to(dt), g.to(dt)
+    return (basis.T @ g if which == "left" else g @ basis).float()
 
 
 def project_back(r: torch.Tensor, basis: torch.Tensor, which: str) -> torch.Tensor:
-    basis = basis.float()
+    """P N (left) or N Qᵀ (right): in the basis's dtype when it is 16-bit (the update then
+    goes into a 16-bit weight), else float32."""
+    basis = basis if basis.dtype in (torch.bfloat16, torch.float16) else basis.float()
+    r = r.to(basis.dtype)
     return basis @ r if which == "left" else r @ basis.T
