@@ -18,6 +18,11 @@ import torch
 from torch import nn
 
 from loraflow.optim import quant8
+
+try:
+    from loraflow.optim import adam8bit_triton
+except ImportError:         # no Triton: the PyTorch path
+    adam8bit_triton = None
 from loraflow.optim.projector import project, project_back, side, top_singular
 
 GALORE_KEYS = ("rank", "update_proj_gap", "scale", "proj_type")
@@ -80,18 +85,22 @@ class GaLoreAdamW(_GaLoreBase):
             with torch.enable_grad():
                 loss = closure()
         for group, p, state, g, which in self._each():
-            b1, b2 = group["betas"]
-            t = state["step"]
-            m, v = self._moments(state, g)
-            m.lerp_(g, 1 - b1)
-            v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            self._store_moments(state, m, v)
-            denom = (v / (1 - b2 ** t)).sqrt_().add_(group["eps"])
-            update = self._back((m / (1 - b1 ** t)) / denom, state, group, which)
+            update = self._back(self._direction(state, g, group), state, group, which)
             if group["weight_decay"]:
                 p.mul_(1 - group["lr"] * group["weight_decay"])
             p.add_(update.to(p.dtype), alpha=-group["lr"])
         return loss
+
+    def _direction(self, state: dict, g: torch.Tensor, group: dict) -> torch.Tensor:
+        """Adam's direction m̂ / (√v̂ + eps) for the (projected) gradient, moments updated."""
+        b1, b2 = group["betas"]
+        t = state["step"]
+        m, v = self._moments(state, g)
+        m.lerp_(g, 1 - b1)
+        v.mul_(b2).addcmul_(g, g, value=1 - b2)
+        self._store_moments(state, m, v)
+        denom = (v / (1 - b2 ** t)).sqrt_().add_(group["eps"])
+        return (m / (1 - b1 ** t)) / denom
 
     def _moments(self, state, g):
         if "exp_avg" not in state:
@@ -105,7 +114,25 @@ class GaLoreAdamW(_GaLoreBase):
 
 class GaLoreAdamW8bit(GaLoreAdamW):
     """GaLoreAdamW whose two moments are stored block-wise in 8 bits (``quant8``): one byte
-    per value plus a float32 scale per 256 values. Groups without ``rank`` are 8-bit AdamW."""
+    per value plus a float32 scale per 256 values. Groups without ``rank`` are 8-bit AdamW.
+
+    ``fused``: on CUDA (None: when Triton is there) each step is one Triton kernel per
+    parameter (``adam8bit_triton``) instead of about ten PyTorch ops over float32 copies of
+    the states; the stored states are the same either way."""
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-6, weight_decay: float = 0.0, fused: bool | None = None):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        self.fused = fused
+
+    def _direction(self, state: dict, g: torch.Tensor, group: dict) -> torch.Tensor:
+        fused = self.fused if self.fused is not None else (g.is_cuda and adam8bit_triton is not None)
+        if not fused:
+            return super()._direction(state, g, group)
+        if adam8bit_triton is None:
+            raise RuntimeError("GaLoreAdamW8bit(fused=True) needs Triton; install it or pass fused=False")
+        b1, b2 = group["betas"]
+        return adam8bit_triton.adam8bit_direction(state, g, b1, b2, group["eps"], state["step"])
 
     def _moments(self, state, g):
         if "exp_avg_codes" not in state:
