@@ -69,16 +69,19 @@ def test_kernel_check_on_the_cpu():
 def test_train_bench_runs_and_counts_states_on_the_cpu():
     from loraflow.bench import train, train_report
 
-    rows = [train.run_case(train.TrainCase("tiny", v, pl, rank=8, steps=3, seq=32, update_proj_gap=4), device="cpu",
-                           dtype=torch.float32)
-            for v, pl in [("adamw", False), ("galore", True), ("galore", False), ("galore-torch", False)]]
+    rows = [train.run_case(train.TrainCase("tiny", v, pl, rank=8, steps=3, seq=32, update_proj_gap=4, accumulation=acc),
+                           device="cpu", dtype=torch.float32)
+            for v, pl, acc in [("adamw", False, 1), ("galore", True, 1), ("galore", False, 1), ("galore-torch", False, 1),
+                               ("galore", True, 2)]]
     assert rows[0]["state_bytes"] == rows[0]["analytic_state_bytes"] and rows[0]["tokens_per_s"] > 0
     assert rows[0]["svd_seconds"] is None and rows[0]["tokens_per_s"] == rows[0]["steady_tokens_per_s"]
     assert rows[1]["state_bytes"] == rows[1]["analytic_state_bytes"] < rows[0]["state_bytes"]
     assert "error" in rows[3] or rows[3]["tokens_per_s"] > 0           # galore-torch only where installed
+    assert rows[4]["state_bytes"] == rows[1]["state_bytes"]             # accumulation adds no state
     for r in [r for r in rows[1:] if "error" not in r]:               # the SVD, amortised over T = 4 steps
-        step_s = r["batch"] * r["seq"] / r["steady_tokens_per_s"]
-        assert r["svd_seconds"] > 0 and r["tokens_per_s"] == pytest.approx(32 / (step_s + r["svd_seconds"] / 4))
+        tokens = r["batch"] * r["seq"] * r["accumulation"]                # 32 or 64 a step
+        step_s = tokens / r["steady_tokens_per_s"]
+        assert r["svd_seconds"] > 0 and r["tokens_per_s"] == pytest.approx(tokens / (step_s + r["svd_seconds"] / 4))
         assert r["tokens_per_s"] < r["steady_tokens_per_s"]
     assert train_report.targets(rows)[0]["met"] is True
     with pytest.raises(ValueError, match="must be <= update_proj_gap"):
@@ -109,3 +112,17 @@ def test_refresh_timing_counts_one_svd_per_weight_shape(monkeypatch):
     monkeypatch.undo()
     basis = train.basis_routine("galore")(torch.randn(64, 172), group)   # 64 x 172 projects on the left
     assert basis.shape == (64, 4) and torch.allclose(basis.T @ basis, torch.eye(4), atol=1e-5)
+
+
+def test_decode_roofline_counts_weights_cache_and_adapters():
+    from loraflow.serve.llama import SHAPES, LlamaArgs
+
+    shape = LlamaArgs(**SHAPES["llama2-7b"])
+    r = serve.decode_roofline(shape, serve.Workload(requests=64, prompt_len=128, output_len=128, adapters=64))
+    assert abs(r["weights_gb"] - 6.738e9 * 2 / 1e9) < 0.01                      # Llama-2-7B: 6.74B parameters
+    assert r["kv_gb"] == 64 * 192 * (2 * 32 * 4096 * 2) / 1e9                   # 512 KB per token at context 192
+    assert r["distinct_adapters"] == 64
+    assert abs(r["adapters_gb"] / 64 - 16 * 32 * (4 * 8192 + 3 * 15104) * 2 / 1e9) < 1e-9
+    assert 0.79 < r["ratio_bound"] < 0.80
+    one = serve.decode_roofline(shape, serve.Workload(mix="identical"))
+    assert one["distinct_adapters"] == 1 and one["ratio_bound"] > 0.99

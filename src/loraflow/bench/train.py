@@ -54,7 +54,8 @@ class TrainCase:
     per_layer: bool
     rank: int
     update_proj_gap: int = 200
-    batch: int = 1                     # sequences per step
+    batch: int = 1                     # sequences per micro-batch
+    accumulation: int = 1              # micro-batches per optimizer step
     seq: int = 256
     steps: int = 6                     # the first 2 are warm-up, not timed
     checkpointing: bool = False
@@ -63,6 +64,8 @@ class TrainCase:
     def __post_init__(self):
         if self.variant not in VARIANTS:
             raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {self.variant!r}")
+        if self.accumulation < 1:
+            raise ValueError(f"accumulation must be >= 1, got {self.accumulation}")
         if self.steps < 3:
             raise ValueError(f"steps must be >= 3 (two warm-up steps, then timed ones), got {self.steps}")
         if VARIANTS[self.variant][1] and self.steps > self.update_proj_gap:
@@ -165,18 +168,19 @@ def run_case(c: TrainCase, device: str = "cuda", dtype=torch.bfloat16) -> dict:
                                      randomized_svd=c.randomized_svd) if galore
               else [{"params": list(model.parameters())}])
     make = lambda g: cls(g, lr=1e-4)
-    opt = lf.PerLayerUpdates(model, make, groups) if c.per_layer else make(groups)
-    tokens = torch.randint(3, 32000, (c.steps, c.batch, c.seq), device=device)
+    opt = lf.PerLayerUpdates(model, make, groups, c.accumulation) if c.per_layer else make(groups)
+    tokens = torch.randint(3, 32000, (c.steps, c.accumulation, c.batch, c.seq), device=device)
     times = []
     try:
         for i in range(c.steps):
             _sync(device)
             start = time.perf_counter()
-            loss = model(input_ids=tokens[i], labels=tokens[i]).loss
-            loss.backward()
-            if c.per_layer:
-                opt.after_backward()
-            else:
+            for micro in tokens[i]:
+                loss = model(input_ids=micro, labels=micro).loss / c.accumulation
+                loss.backward()
+                if c.per_layer:
+                    opt.after_backward()
+            if not c.per_layer:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             _sync(device)
@@ -188,13 +192,13 @@ def run_case(c: TrainCase, device: str = "cuda", dtype=torch.bfloat16) -> dict:
         if galore:
             if c.per_layer:
                 opt.remove()                     # no optimizer steps in the timing pass
-            svd = refresh_seconds(model, tokens[-1], groups[0], c.variant, device)
+            svd = refresh_seconds(model, tokens[-1, 0], groups[0], c.variant, device)
     except torch.OutOfMemoryError as e:
         return {**out, "error": f"out of memory: {str(e)[:120]}"}
     bits = VARIANTS[c.variant][2]
     analytic = sum(analytic_state_bytes(o, bits=bits) for o in optimizers) if not c.variant.startswith("galore-torch") else None
     steady = sum(times[2:]) / len(times[2:])
-    per_step = c.batch * c.seq
+    per_step = c.batch * c.seq * c.accumulation
     out.update(params=sum(p.numel() for p in model.parameters()), state_bytes=measured, analytic_state_bytes=analytic,
                steady_tokens_per_s=per_step / steady, svd_seconds=svd,
                tokens_per_s=per_step / (steady + (svd or 0.0) / c.update_proj_gap), loss=float(loss.detach()),
