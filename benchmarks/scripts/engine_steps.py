@@ -50,7 +50,7 @@ def main():
     args = ap.parse_args()
     shape = LlamaArgs(**SHAPES["llama2-7b"])
     tmp = Path(tempfile.mkdtemp())
-    folders = bench.make_adapters(linear_shapes(shape), tmp, args.requests, 16)
+    folders = bench.make_adapters(linear_shapes(shape), tmp, args.requests, 16, device="cuda")
     model = random_llama(shape, device="cuda")
     rows = []
     for graphs in (True, False):

@@ -90,7 +90,7 @@ def cmd_bench_serve(args) -> None:
         shape = LlamaArgs(**SHAPES[args.shape])
         base_name, model_args = args.shape, ["--random-weights", args.shape]
     tmp = Path(tempfile.mkdtemp(prefix="loraflow-bench-"))
-    folders = bench.make_adapters(linear_shapes(shape), tmp / "pool", w.adapters, w.rank)
+    folders = bench.make_adapters(linear_shapes(shape), tmp / "pool", w.adapters, w.rank, device=device)
     names = bench.name_folders(tmp / "names", folders, w.registered)
     serve_args = [*model_args, "--adapter-dir", str(names), "--max-gpu-adapters", str(args.max_gpu_adapters or w.adapters),
                   "--max-cpu-adapters", str(max(64, w.adapters)), "--max-lora-rank", str(w.rank),
