@@ -89,6 +89,7 @@ class DecodeGraphs:
                 self.model(batch, self.kv.layers)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread-local: the adapter registry's loader thread may copy to the device meanwhile
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             logits = self.model(batch, self.kv.layers)
         return graph, logits
