@@ -78,6 +78,41 @@ def test_bf16_weights_keep_bf16_bases_and_the_count_follows(bits):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+@pytest.mark.parametrize("bits", [32, 8])
+def test_loading_a_state_keeps_its_dtypes_for_bf16_weights(bits):
+    """torch's load_state_dict casts floating states to the weights' dtype; ours must not
+    (float32 moments and scales, uint8 codes), and a resumed run continues exactly."""
+    from loraflow.optim import GaLoreAdamW8bit
+
+    cls = GaLoreAdamW if bits == 32 else GaLoreAdamW8bit
+    x, y = data()
+
+    def run(model, opt, steps):
+        for _ in range(steps):
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x.bfloat16()).float(), y).backward()
+            opt.step()
+
+    a = mlp().to(torch.bfloat16)
+    opt_a = cls(weight_groups(a, rank=2, update_proj_gap=3, scale=1.0), lr=1e-2)
+    run(a, opt_a, 4)
+    buffer = io.BytesIO()
+    torch.save(opt_a.state_dict(), buffer)
+    b = mlp().to(torch.bfloat16)
+    b.load_state_dict(a.state_dict())
+    opt_b = cls(weight_groups(b, rank=2, update_proj_gap=3, scale=1.0), lr=1e-2)
+    buffer.seek(0)
+    opt_b.load_state_dict(torch.load(buffer, weights_only=True))
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        for key, value in opt_a.state[pa].items():
+            if torch.is_tensor(value):
+                assert opt_b.state[pb][key].dtype == value.dtype and torch.equal(opt_b.state[pb][key], value), key
+    run(a, opt_a, 3)
+    run(b, opt_b, 3)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+
+
 def test_galore_state_is_smaller_than_adamw_state():
     model = tiny_llama()
     groups = galore_param_groups(model, rank=4, update_proj_gap=5)

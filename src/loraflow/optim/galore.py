@@ -36,6 +36,19 @@ def basis_dtype(p: torch.Tensor) -> torch.dtype:
 
 
 class _GaLoreBase(torch.optim.Optimizer):
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As torch's, but every state tensor keeps the dtype it was saved with: torch casts
+        floating-point states to the parameter's dtype, which for bf16 weights would turn
+        float32 moments and scales into bf16 and the 8-bit codes into 2-byte floats."""
+        saved = state_dict["state"]
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, values in saved.items():
+            p = params[index]
+            for key, value in values.items():
+                if torch.is_tensor(value) and key != "step":
+                    self.state[p][key] = value.to(device=p.device, copy=True)
+
     def _each(self):
         """(group, parameter, state, (projected) gradient, projection side) of every parameter
         with a gradient; counts the step."""
