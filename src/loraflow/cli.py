@@ -147,6 +147,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--accumulation", type=int, default=1,
                    help="micro-batches per optimizer step (the paper's 1B runs: 512 x 256 tokens a step)")
+    p.add_argument("--state-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="Adam moments of our 32-bit variants (galore-torch keeps them in the weights' bf16)")
     p.add_argument("--randomized-svd", action="store_true",
                    help="our GaLore finds its bases with torch.svd_lowrank (galore-torch always runs a full SVD)")
     p.add_argument("--cpu", action="store_true", help="allow a smoke run without a GPU")

@@ -162,7 +162,7 @@ def cmd_bench_train(args) -> None:
         for variant in args.variants.split(","):
             for per_layer in (False, True):
                 cases.append(TrainCase(config, variant, per_layer, ranks[config], batch=args.batch,
-                                       accumulation=args.accumulation, steps=args.steps,
+                                       accumulation=args.accumulation, steps=args.steps, state_dtype=args.state_dtype,
                                        checkpointing=config == "7b", randomized_svd=args.randomized_svd))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -60,10 +60,13 @@ class TrainCase:
     steps: int = 6                     # the first 2 are warm-up, not timed
     checkpointing: bool = False
     randomized_svd: bool = False       # ours only: torch.svd_lowrank instead of a full SVD
+    state_dtype: str = "float32"       # ours, 32-bit variants: Adam moments in float32 or bfloat16
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
             raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {self.variant!r}")
+        if self.state_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"state_dtype must be float32 or bfloat16, got {self.state_dtype!r}")
         if self.accumulation < 1:
             raise ValueError(f"accumulation must be >= 1, got {self.accumulation}")
         if self.steps < 3:
@@ -167,7 +170,9 @@ def run_case(c: TrainCase, device: str = "cuda", dtype=torch.bfloat16) -> dict:
     groups = (lf.galore_param_groups(model, rank=c.rank, update_proj_gap=c.update_proj_gap, scale=0.25,
                                      randomized_svd=c.randomized_svd) if galore
               else [{"params": list(model.parameters())}])
-    make = lambda g: cls(g, lr=1e-4)
+    ours_32bit = c.variant in ("adamw", "galore")
+    kw = {"state_dtype": getattr(torch, c.state_dtype)} if ours_32bit else {}
+    make = lambda g: cls(g, lr=1e-4, **kw)
     opt = lf.PerLayerUpdates(model, make, groups, c.accumulation) if c.per_layer else make(groups)
     tokens = torch.randint(3, 32000, (c.steps, c.accumulation, c.batch, c.seq), device=device)
     times = []

@@ -56,7 +56,7 @@ def markdown(env: dict, rows: list[dict]) -> str:
         "## Targets", "", table(targets(rows), [("target", "target", ""), ("measured", "measured", ""), ("met", "met", "")]),
         "", "## Runs", "", table(view, [
             ("config", "config", ""), ("variant", "optimizer", ""), ("per_layer", "per-layer", ""), ("rank", "rank", ""),
-            ("checkpointing", "ckpt", ""), ("randomized_svd", "rand. SVD", ""), ("batch", "batch", ""), ("accumulation", "accum.", ""), ("state_gb", "states (GB)", ".3f"),
+            ("checkpointing", "ckpt", ""), ("randomized_svd", "rand. SVD", ""), ("state_dtype", "moments", ""), ("batch", "batch", ""), ("accumulation", "accum.", ""), ("state_gb", "states (GB)", ".3f"),
             ("analytic_gb", "analytic (GB)", ".3f"), ("peak_gb", "peak (GB)", ".2f"), ("steady_tokens_per_s", "steady tokens/s", ".0f"),
             ("svd_seconds", "svd (s)", ".3f"), ("tokens_per_s", "tokens/s", ".0f"),
             ("error", "note", "")]), ""])

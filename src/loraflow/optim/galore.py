@@ -82,14 +82,21 @@ class _GaLoreBase(torch.optim.Optimizer):
 
 
 class GaLoreAdamW(_GaLoreBase):
-    """AdamW with GaLore projection on the groups that carry ``rank``."""
+    """AdamW with GaLore projection on the groups that carry ``rank``.
+
+    ``state_dtype``: the moments are kept in float32 (default), or in bfloat16 (half the
+    memory, as torch's AdamW and galore-torch keep them for bf16 weights); the update itself
+    is computed in float32 either way."""
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-6, weight_decay: float = 0.0):
+                 eps: float = 1e-6, weight_decay: float = 0.0, state_dtype: torch.dtype = torch.float32):
         if lr < 0 or eps < 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
             raise ValueError(f"invalid GaLoreAdamW settings: lr={lr}, betas={betas}, eps={eps}, "
                              f"weight_decay={weight_decay}")
+        if state_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"state_dtype must be torch.float32 or torch.bfloat16, got {state_dtype}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.state_dtype = state_dtype
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -117,12 +124,15 @@ class GaLoreAdamW(_GaLoreBase):
 
     def _moments(self, state, g):
         if "exp_avg" not in state:
-            state["exp_avg"] = torch.zeros_like(g, dtype=torch.float32)
-            state["exp_avg_sq"] = torch.zeros_like(g, dtype=torch.float32)
-        return state["exp_avg"], state["exp_avg_sq"]
+            state["exp_avg"] = torch.zeros_like(g, dtype=self.state_dtype)
+            state["exp_avg_sq"] = torch.zeros_like(g, dtype=self.state_dtype)
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        return (m, v) if m.dtype == torch.float32 else (m.float(), v.float())   # float32: updated in place
 
     def _store_moments(self, state, m, v):
-        pass
+        if state["exp_avg"].dtype != torch.float32:
+            state["exp_avg"].copy_(m)
+            state["exp_avg_sq"].copy_(v)
 
 
 class GaLoreAdamW8bit(GaLoreAdamW):
@@ -135,7 +145,7 @@ class GaLoreAdamW8bit(GaLoreAdamW):
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-6, weight_decay: float = 0.0, fused: bool | None = None):
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)     # states: 8-bit
         self.fused = fused
 
     def _direction(self, state: dict, g: torch.Tensor, group: dict) -> torch.Tensor:
@@ -204,9 +214,11 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 def analytic_state_bytes(optimizer: torch.optim.Optimizer, moments: int = 2, bits: int = 32) -> int:
     """What the states should take: ``moments`` values per entry of each (projected)
-    gradient (4 bytes, or with ``bits=8`` one byte plus 4 per block of 256), plus the basis
-    (m x r or n x r) of each GaLore parameter, in ``basis_dtype``."""
-    per = (lambda n: 4 * n) if bits == 32 else quant8.quantized_bytes
+    gradient (4 bytes, 2 with ``state_dtype=torch.bfloat16``, or with ``bits=8`` one byte
+    plus 4 per block of 256), plus the basis (m x r or n x r) of each GaLore parameter, in
+    ``basis_dtype``."""
+    width = torch.empty(0, dtype=getattr(optimizer, "state_dtype", torch.float32)).element_size()
+    per = (lambda n: width * n) if bits == 32 else quant8.quantized_bytes
     total = 0
     for group in optimizer.param_groups:
         for p in group["params"]:
