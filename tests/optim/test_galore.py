@@ -113,6 +113,24 @@ def test_loading_a_state_keeps_its_dtypes_for_bf16_weights(bits):
         assert torch.equal(pa, pb)
 
 
+def test_bf16_moments_halve_the_states_and_still_train():
+    runs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = mlp()
+        x, y = data()
+        before = nn.functional.mse_loss(model(x), y).item()
+        opt = GaLoreAdamW(weight_groups(model, rank=2, update_proj_gap=3, scale=1.0), lr=2e-2, state_dtype=dtype)
+        train(model, opt, steps=30)
+        assert opt.state[model[0].weight]["exp_avg"].dtype == dtype
+        assert state_bytes(opt) == analytic_state_bytes(opt)
+        runs[dtype] = (nn.functional.mse_loss(model(x), y).item(), state_bytes(opt), opt)
+    assert runs[torch.bfloat16][0] < 0.8 * before and abs(runs[torch.bfloat16][0] - runs[torch.float32][0]) < 0.05 * before
+    bases = sum(s["proj"].numel() * 4 for s in runs[torch.float32][2].state.values() if "proj" in s)
+    assert runs[torch.bfloat16][1] - bases == (runs[torch.float32][1] - bases) // 2
+    with pytest.raises(ValueError, match="state_dtype"):
+        GaLoreAdamW(mlp().parameters(), state_dtype=torch.float16)
+
+
 def test_galore_state_is_smaller_than_adamw_state():
     model = tiny_llama()
     groups = galore_param_groups(model, rank=4, update_proj_gap=5)
