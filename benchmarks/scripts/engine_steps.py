@@ -1,7 +1,7 @@
 """The engine alone, no HTTP: seconds per decode step of a Llama-2-7B-shaped model (random
 weights) with 64 requests, base model vs 64 distinct rank-16 adapters on all linear layers,
-with and without CUDA-graph decode, and the captured step replayed alone (the GPU's
-share of a step). Separates the engine's cost from the server's, and the host's from the GPU's.
+with and without CUDA-graph decode, the adapters through the masked whole bank and through
+the per-row Triton kernels, and the captured step replayed alone (the GPU's share of a step). Separates the engine's cost from the server's, and the host's from the GPU's.
 
     python benchmarks/scripts/engine_steps.py OUT.json [--requests 64] [--steps 48]
 """
@@ -53,17 +53,24 @@ def main():
     folders = bench.make_adapters(linear_shapes(shape), tmp, args.requests, 16, device="cuda")
     model = random_llama(shape, device="cuda")
     rows = []
-    for graphs in (True, False):
+    # (CUDA graphs, bank slots): 64 slots for 64 adapters -> the masked whole-bank path;
+    # 129 slots (more than twice those in use) -> the per-row Triton kernels
+    for graphs, slots in ((True, args.requests), (True, 2 * args.requests + 1), (False, args.requests)):
         eng = lf.Engine(model=model, tokenizer=numbered_tokenizer(shape.vocab_size), max_batch_tokens=4096,
-                        max_gpu_adapters=args.requests, max_cpu_adapters=args.requests, max_lora_rank=16,
+                        max_gpu_adapters=slots, max_cpu_adapters=slots, max_lora_rank=16,
                         decode_graphs=graphs, kv_cache_bytes=16 * 2**30,
                         adapters={f"a{i}": str(f) for i, f in enumerate(folders)})
-        for name, adapters in (("base", [None] * args.requests), ("64 distinct r16", [f"a{i}" for i in range(args.requests)])):
+        runs = [("64 distinct r16", [f"a{i}" for i in range(args.requests)])]
+        if slots == args.requests:
+            runs.insert(0, ("base", [None] * args.requests))
+        for name, adapters in runs:
             decode_steps(eng, adapters, args.prompt_len, 4)           # warm-up: loads, compiles, captures
             s = decode_steps(eng, adapters, args.prompt_len, args.steps)
-            row = {"graphs": graphs, "adapters": name, "decode_step_ms": 1e3 * s, "tokens_per_s": args.requests / s}
+            path = None if not adapters[0] else "mask" if slots <= 2 * args.requests else "rows"
+            row = {"graphs": graphs, "bank_slots": slots, "adapters": name, "path": path,
+                   "decode_step_ms": 1e3 * s, "tokens_per_s": args.requests / s}
             if graphs:      # the GPU's share: the captured step replayed alone (writes only freed cache blocks)
-                key = (args.requests, eng.bank.layout if adapters[0] else None)
+                key = (args.requests, eng.bank.layout if path else None, path)
                 graph = eng.graphs.graphs[key][0]
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()

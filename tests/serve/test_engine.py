@@ -34,12 +34,15 @@ GRAPHS = [False, pytest.param(True, marks=pytest.mark.skipif(
     __import__("torch").cuda.is_available(), reason="CPU tensors through the Triton interpreter; on a GPU see the CUDA test"))]
 
 
+@pytest.mark.parametrize("slots", [8, 4], ids=["bank-8", "bank-4"])
 @pytest.mark.parametrize("graphs", GRAPHS, ids=["gathered", "paged-decode"])
-def test_greedy_equals_transformers_and_peft_per_adapter_in_one_mixed_batch(setup, graphs):
-    """``graphs``: decode-only steps through the fixed buffers, paged attention and Triton
-    LoRA kernels of the CUDA-graph path (run eagerly here, under Triton's interpreter)."""
+def test_greedy_equals_transformers_and_peft_per_adapter_in_one_mixed_batch(setup, graphs, slots):
+    """``graphs``: decode-only steps through the fixed buffers, paged attention and LoRA of
+    the CUDA-graph path (run eagerly here, under Triton's interpreter). ``slots``: 3 adapters
+    in a bank of 8 go through the per-row kernels (gathered rows on the CPU), in a bank of 4
+    through the masked whole bank."""
     root, adapters = setup
-    eng = engine(setup, max_batch_tokens=64, decode_graphs=graphs)
+    eng = engine(setup, max_batch_tokens=64, decode_graphs=graphs, max_gpu_adapters=slots)
     names = ["sql", None, "med", "py", "sql", "med"]
     prompts = [prompt(i, 5 + 3 * i) for i in range(len(names))]
     params = SamplingParams(max_tokens=12, temperature=0.0)

@@ -34,25 +34,32 @@ class TokenSlots:
     plan: object | None = None              # GPU: triton_lora.TilePlan for "tiles"
     rows: torch.Tensor | None = None        # CPU, few tokens per slot: (N, r_max) bank rows to gather
     valid: torch.Tensor | None = None       # (N, 1) 1.0 for tokens with an adapter
-    mask: torch.Tensor | None = None        # CPU, bank mostly in use: (N, slots · r_max) 1.0 on each token's rows
+    mask: torch.Tensor | None = None        # decode, bank mostly in use: (N, slots · r_max) 1 on each token's rows
 
     @staticmethod
-    def build(slots: list[int], n_slots: int, r_max: int, device) -> "TokenSlots":
+    def build(slots: list[int], n_slots: int, r_max: int, device, dtype=torch.float32) -> "TokenSlots":
         ids = torch.tensor(slots, dtype=torch.long, device=device)
         used = sorted({s for s in slots if s >= 0})
+        decode_like = len(used) > 1 and len(slots) <= 8 * len(used)
+        if decode_like and n_slots <= 2 * len(used):     # the bank is mostly in use: read it whole
+            return TokenSlots(ids, used, [], mask=TokenSlots.slot_mask(ids, n_slots, r_max, dtype))
         if torch.device(device).type == "cuda" and triton_lora is not None:
             variant = triton_lora.choose_variant(len(slots), len(used)) if used else None
             plan = triton_lora.tile_plan(ids, n_slots) if variant == "tiles" else None
             return TokenSlots(ids, used, [], variant, plan)
-        if len(used) > 1 and len(slots) <= 8 * len(used):        # decode-like
+        if decode_like:                                     # CPU: gather each token's rows
             rows = ids.clamp_min(0)[:, None] * r_max + torch.arange(r_max, device=device)
-            valid = (ids >= 0).float()[:, None]
-            if n_slots <= 2 * len(slots):     # the whole bank costs less to read than copies of the rows in use
-                mask = torch.zeros(len(slots), n_slots * r_max, device=device).scatter_(1, rows, valid.expand(-1, r_max))
-                return TokenSlots(ids, used, [], mask=mask)
-            return TokenSlots(ids, used, [], rows=rows, valid=valid)
+            return TokenSlots(ids, used, [], rows=rows, valid=(ids >= 0).float()[:, None])
         groups = [(u, torch.tensor([i for i, s in enumerate(slots) if s == u], device=device)) for u in used]
         return TokenSlots(ids, used, groups)
+
+    @staticmethod
+    def slot_mask(ids: torch.Tensor, n_slots: int, r_max: int, dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, n_slots · r_max): 1 on the bank rows of each token's slot, 0 elsewhere (and for -1)."""
+        rows = ids.clamp_min(0)[:, None] * r_max + torch.arange(r_max, device=ids.device)
+        valid = (ids >= 0).to(dtype)[:, None].expand(-1, r_max)
+        out = torch.zeros(len(ids), n_slots * r_max, dtype=dtype, device=ids.device) if out is None else out.zero_()
+        return out.scatter_(1, rows, valid)
 
 
 class BankedLinear(nn.Module):
@@ -69,13 +76,13 @@ class BankedLinear(nn.Module):
         p = self.packed
         if p is None or not slots.used or not p.any_active:
             return F.linear(x, self.weight, self.bias)
+        if slots.mask is not None:          # decode over a mostly used bank: two dense matmuls, no gathers
+            h = F.linear(x, p.a) * slots.mask.to(x.dtype)                 # (N, slots · r_max): own slot's rows only
+            return torch.addmm(F.linear(x, self.weight, self.bias), h, p.bt)   # W0 x + b + Σ_r h_r (s·B)ᵀ_r
         if slots.variant is not None:                                     # CUDA: Triton kernels
             delta = triton_lora.lora_delta(x, slots.ids, p, slots.variant, slots.plan, bias=self.bias)
             return torch.addmm(delta, x, self.weight.T)                   # W0 x + b + Δ
         y = F.linear(x, self.weight, self.bias)
-        if slots.mask is not None:                                        # CPU, decode: the whole bank, masked
-            h = F.linear(x, p.a) * slots.mask.to(x.dtype)                 # (N, slots · r_max): own slot's rows only
-            return torch.addmm(y, h, p.bt)                                # y + Σ_r h_r (scale · B)ᵀ_r
         if slots.rows is not None:                                        # CPU, decode: gather + bmm
             h = torch.bmm(p.a[slots.rows], x.unsqueeze(2))                # (N, r_max, 1)
             delta = torch.bmm(p.bt[slots.rows].transpose(1, 2), h)[:, :, 0]   # (N, d_out)

@@ -7,10 +7,14 @@ buffers, and the whole forward (every layer's GEMMs, the per-row LoRA kernels an
 attention kernel) replays from one CUDA graph per bucket: one launch instead of a thousand.
 Padding rows read and write the KV cache's spare block and use no adapter.
 
-Graphs are keyed by (bucket, adapter layout): with no adapter in the batch the layers run
-the base GEMMs alone; with adapters, the layers that some slot adapts run the Triton
-kernels, and a new layout (a layer adapted for the first time) captures anew. Without CUDA
-(tests, Triton's interpreter) the same buffers and kernels run eagerly.
+Graphs are keyed by (bucket, adapter layout, adapter path): with no adapter in the batch
+the layers run the base GEMMs alone; with adapters, the layers that some slot adapts add
+B_s A_s x either through the per-row Triton kernels, or, when at least half the bank's slots
+are in the batch, through two dense matmuls over the whole bank and a per-token mask of its
+own slot's rows (``TokenSlots.slot_mask``, refreshed in a fixed buffer before each replay):
+every adapter is read once by cuBLAS. A new layout (a layer adapted for the first time)
+captures anew. Without CUDA (tests, Triton's interpreter) the same buffers and kernels run
+eagerly.
 """
 
 from __future__ import annotations
@@ -42,13 +46,16 @@ class DecodeGraphs:
         self.host_table = np.zeros((self.size, width), dtype=np.int32)
         self.inputs = torch.zeros(5, self.size, dtype=torch.long, device=dev)
         self.table = torch.zeros(self.size, width, dtype=torch.int32, device=dev)
+        self.mask = torch.zeros(self.size, bank.n_slots * bank.r_max, dtype=kv.layers[0][0].dtype, device=dev)
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         self.steps = 0                       # decode steps run through this path
 
-    def _batch(self, n: int, adapters: bool) -> Batch:
+    def _batch(self, n: int, path: str | None) -> Batch:
+        """``path``: None (no adapters), "rows" (Triton kernels) or "mask" (the whole bank)."""
         tokens, positions, slots, rows, lengths = self.inputs[:, :n]
-        ts = TokenSlots(slots, [0] if adapters else [], [], variant="rows" if adapters else None)
+        ts = TokenSlots(slots, [0] if path else [], [], variant="rows" if path == "rows" else None,
+                        mask=self.mask[:n] if path == "mask" else None)
         return Batch(tokens, positions, ts, rows, block_table=self.table[:n], seq_lens=lengths,
                      block_size=self.kv.block_size)
 
@@ -66,22 +73,26 @@ class DecodeGraphs:
         ht[n:size, 0] = trash
         self.inputs[:, :size].copy_(torch.from_numpy(h[:, :size]))
         self.table[:size].copy_(torch.from_numpy(ht[:size]))
-        adapters = any(s[2] >= 0 for s in steps)
+        used = {s[2] for s in steps} - {-1}
+        path = None if not used else "mask" if self.bank.n_slots <= 2 * len(used) else "rows"
+        if path == "mask":
+            TokenSlots.slot_mask(self.inputs[2, :size], self.bank.n_slots, self.bank.r_max, self.mask.dtype,
+                                 out=self.mask[:size])
         self.steps += 1
         if not self.capture:
-            return self.model(self._batch(size, adapters), self.kv.layers)[:n]
-        key = (size, self.bank.layout if adapters else None)
+            return self.model(self._batch(size, path), self.kv.layers)[:n]
+        key = (size, self.bank.layout if path else None, path)
         if key not in self.graphs:
             self.graphs = {k: v for k, v in self.graphs.items() if k[1] in (None, self.bank.layout)}
-            self.graphs[key] = self._capture(size, adapters)
+            self.graphs[key] = self._capture(size, path)
         graph, logits = self.graphs[key]
         graph.replay()
         return logits[:n]
 
-    def _capture(self, size: int, adapters: bool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def _capture(self, size: int, path: str | None) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """Warm up on a side stream (compiles the Triton kernels), then capture. The buffers
         hold this step's inputs: running them writes the same keys and values twice."""
-        batch = self._batch(size, adapters)
+        batch = self._batch(size, path)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
