@@ -29,7 +29,7 @@ def test_cpu_paths_equal_the_direct_computation():
              "rows": [5, 1],                              # 2 tokens: gather their rows
              "groups": [1] * 20 + [4] * 20 + [-1] * 3}    # many tokens per slot: a matmul per slot
     for path, slots in cases.items():
-        ts = TokenSlots.build(slots, bank.n_slots, bank.r_max, "cpu")
+        ts = TokenSlots.build(slots, bank, "cpu")
         assert {"mask": ts.mask, "rows": ts.rows, "groups": ts.groups or None}[path] is not None, path
         x = torch.randn(len(slots), 24)
         y = layer(x, ts)

@@ -34,15 +34,16 @@ GRAPHS = [False, pytest.param(True, marks=pytest.mark.skipif(
     __import__("torch").cuda.is_available(), reason="CPU tensors through the Triton interpreter; on a GPU see the CUDA test"))]
 
 
-@pytest.mark.parametrize("slots", [8, 4], ids=["bank-8", "bank-4"])
+@pytest.mark.parametrize("slots,rank", [(8, 64), (3, 8)], ids=["bank-8x64", "bank-3x8"])
 @pytest.mark.parametrize("graphs", GRAPHS, ids=["gathered", "paged-decode"])
-def test_greedy_equals_transformers_and_peft_per_adapter_in_one_mixed_batch(setup, graphs, slots):
+def test_greedy_equals_transformers_and_peft_per_adapter_in_one_mixed_batch(setup, graphs, slots, rank):
     """``graphs``: decode-only steps through the fixed buffers, paged attention and LoRA of
-    the CUDA-graph path (run eagerly here, under Triton's interpreter). ``slots``: 3 adapters
-    in a bank of 8 go through the per-row kernels (gathered rows on the CPU), in a bank of 4
-    through the masked whole bank."""
+    the CUDA-graph path (run eagerly here, under Triton's interpreter). The adapters (ranks
+    4, 8, 2) in a bank of 8 slots x 64 rows go through the per-row kernels (gathered rows on
+    the CPU); in a bank of 3 x 8, through the masked whole bank while all three decode."""
     root, adapters = setup
-    eng = engine(setup, max_batch_tokens=64, decode_graphs=graphs, max_gpu_adapters=slots)
+    eng = engine(setup, max_batch_tokens=64, decode_graphs=graphs, max_gpu_adapters=slots, max_lora_rank=rank)
+    assert eng.bank.n_slots == slots and eng.bank.r_max == rank
     names = ["sql", None, "med", "py", "sql", "med"]
     prompts = [prompt(i, 5 + 3 * i) for i in range(len(names))]
     params = SamplingParams(max_tokens=12, temperature=0.0)
@@ -53,6 +54,9 @@ def test_greedy_equals_transformers_and_peft_per_adapter_in_one_mixed_batch(setu
         eng.step()
     assert decode_steps >= 10
     assert (eng.graphs.steps == decode_steps) if graphs else eng.graphs is None, (decode_steps, eng.graphs and eng.graphs.steps)
+    if graphs:
+        assert eng.graphs.paths["mask" if slots == 3 else "rows"] >= 5
+        assert slots == 3 or not eng.graphs.paths["mask"]
     for r, p, a in zip(reqs, prompts, names):
         assert r.output_ids == reference(root, adapters.get(a), p, 12), (a, p)
     assert eng.kv.used_blocks == 0 and not eng.running

@@ -37,11 +37,12 @@ class TokenSlots:
     mask: torch.Tensor | None = None        # decode, bank mostly in use: (N, slots · r_max) 1 on each token's rows
 
     @staticmethod
-    def build(slots: list[int], n_slots: int, r_max: int, device, dtype=torch.float32) -> "TokenSlots":
+    def build(slots: list[int], bank: "AdapterBank", device, dtype=torch.float32) -> "TokenSlots":
         ids = torch.tensor(slots, dtype=torch.long, device=device)
         used = sorted({s for s in slots if s >= 0})
+        n_slots, r_max = bank.n_slots, bank.r_max
         decode_like = len(used) > 1 and len(slots) <= 8 * len(used)
-        if decode_like and n_slots <= 2 * len(used):     # the bank is mostly in use: read it whole
+        if decode_like and bank.dense_pays(used):          # the bank is mostly in use: read it whole
             return TokenSlots(ids, used, [], mask=TokenSlots.slot_mask(ids, n_slots, r_max, dtype))
         if torch.device(device).type == "cuda" and triton_lora is not None:
             variant = triton_lora.choose_variant(len(slots), len(used)) if used else None
@@ -110,6 +111,7 @@ class AdapterBank:
 
     def __init__(self, model: nn.Module, n_slots: int, r_max: int):
         self.n_slots, self.r_max = n_slots, r_max
+        self.slot_ranks = [0] * n_slots    # each slot's largest rank over the layers
         self.layout = 0    # bumped when a layer first gets an adapter: CUDA graphs of older layouts are stale
         self.layers: dict[str, BankedLinear] = {n: m for n, m in model.named_modules()
                                                 if isinstance(m, BankedLinear)}
@@ -119,6 +121,12 @@ class AdapterBank:
             m.packed = BankView(torch.zeros(n_slots * r_max, m.d_in, device=w.device, dtype=w.dtype),
                                 torch.zeros(n_slots * r_max, m.d_out, device=w.device, dtype=w.dtype),
                                 offsets, torch.zeros(n_slots, dtype=torch.int32, device=w.device), r_max)
+
+    def dense_pays(self, used) -> bool:
+        """Whether reading the whole bank (``n_slots · r_max`` rows a layer, by two dense
+        matmuls) costs at most twice the rows of the adapters in use (the per-row kernels
+        read only those, but at a few times their bandwidth floor)."""
+        return self.n_slots * self.r_max <= 2 * sum(self.slot_ranks[s] for s in used)
 
     def shapes(self) -> dict[str, tuple[int, int]]:
         """(d_out, d_in) of every adapted layer, by module name."""
@@ -130,6 +138,7 @@ class AdapterBank:
     @torch.no_grad()
     def write(self, slot: int, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Put an adapter in ``slot``: module name -> (A (r, d_in), scale·B (d_out, r))."""
+        self.slot_ranks[slot] = max((a.shape[0] for a, _ in factors.values()), default=0)
         for name, m in self.layers.items():
             p = m.packed
             lo = slot * self.r_max

@@ -9,15 +9,17 @@ Padding rows read and write the KV cache's spare block and use no adapter.
 
 Graphs are keyed by (bucket, adapter layout, adapter path): with no adapter in the batch
 the layers run the base GEMMs alone; with adapters, the layers that some slot adapts add
-B_s A_s x either through the per-row Triton kernels, or, when at least half the bank's slots
-are in the batch, through two dense matmuls over the whole bank and a per-token mask of its
-own slot's rows (``TokenSlots.slot_mask``, refreshed in a fixed buffer before each replay):
+B_s A_s x either through the per-row Triton kernels, or, when the adapters in the batch
+hold at least half the bank's rows (``AdapterBank.dense_pays``), through two dense matmuls
+over the whole bank and a per-token mask of its own slot's rows (``TokenSlots.slot_mask``, refreshed in a fixed buffer before each replay):
 every adapter is read once by cuBLAS. A new layout (a layer adapted for the first time)
 captures anew. Without CUDA (tests, Triton's interpreter) the same buffers and kernels run
 eagerly.
 """
 
 from __future__ import annotations
+
+from collections import Counter
 
 import numpy as np
 import torch
@@ -50,6 +52,7 @@ class DecodeGraphs:
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         self.steps = 0                       # decode steps run through this path
+        self.paths: Counter = Counter()      # ... by adapter path: None, "rows", "mask"
 
     def _batch(self, n: int, path: str | None) -> Batch:
         """``path``: None (no adapters), "rows" (Triton kernels) or "mask" (the whole bank)."""
@@ -74,11 +77,12 @@ class DecodeGraphs:
         self.inputs[:, :size].copy_(torch.from_numpy(h[:, :size]))
         self.table[:size].copy_(torch.from_numpy(ht[:size]))
         used = {s[2] for s in steps} - {-1}
-        path = None if not used else "mask" if self.bank.n_slots <= 2 * len(used) else "rows"
+        path = None if not used else "mask" if self.bank.dense_pays(used) else "rows"
         if path == "mask":
             TokenSlots.slot_mask(self.inputs[2, :size], self.bank.n_slots, self.bank.r_max, self.mask.dtype,
                                  out=self.mask[:size])
         self.steps += 1
+        self.paths[path] += 1
         if not self.capture:
             return self.model(self._batch(size, path), self.kv.layers)[:n]
         key = (size, self.bank.layout if path else None, path)

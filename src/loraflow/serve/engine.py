@@ -292,8 +292,7 @@ class Engine:
         real_q = qi[None, :, None] < n_new[:, None, None]
         causal = kj[None, None, :] <= done[:, None, None] + qi[None, :, None]
         mask = (real_q & causal) | (~real_q & (kj == 0)[None, None, :])   # padded queries see key 0
-        batch = Batch(as_t(tokens), positions, TokenSlots.build(slots, self.bank.n_slots, self.bank.r_max, dev,
-                                                                  self.model.lm_head.weight.dtype),
+        batch = Batch(as_t(tokens), positions, TokenSlots.build(slots, self.bank, dev, self.model.lm_head.weight.dtype),
                       cache_index, q_index, kv_index, mask[:, None], seq * q_max + i, as_t(logit_index))
         return batch, sample_from
 
