@@ -133,12 +133,13 @@ def test_linear_shapes_match_the_bank(setup):
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="the engine's CUDA path (Triton) needs a GPU")
-def test_cuda_engine_equals_transformers_and_peft(setup):
+@pytest.mark.parametrize("slots,rank,path", [(8, 64, "rows"), (3, 8, "mask")])
+def test_cuda_engine_equals_transformers_and_peft(setup, slots, rank, path):
     import torch
 
     root, adapters = setup
     eng = lf.Engine(model=root / "base", adapters={k: str(v) for k, v in adapters.items()}, device="cuda",
-                    dtype=torch.float32, max_batch_tokens=64)
+                    dtype=torch.float32, max_batch_tokens=64, max_gpu_adapters=slots, max_lora_rank=rank)
     names = ["sql", None, "med", "py"]
     prompts = [prompt(50 + i, 6 + 2 * i) for i in range(len(names))]
     reqs = [eng.add_request(p, SamplingParams(max_tokens=8, temperature=0.0), a) for p, a in zip(prompts, names)]
@@ -147,6 +148,6 @@ def test_cuda_engine_equals_transformers_and_peft(setup):
         decode_steps += bool(eng.running) and all(len(r.ids) - r.computed == 1 for r in eng.running) and not eng.waiting
         eng.step()
     assert decode_steps >= 5 and eng.graphs.steps == decode_steps     # decode steps replayed CUDA graphs
-    assert eng.graphs.graphs
+    assert eng.graphs.graphs and eng.graphs.paths[path] >= 3
     for r, p, a in zip(reqs, prompts, names):
         assert r.output_ids == reference(root, adapters.get(a), p, 8), (a, p)
