@@ -30,6 +30,15 @@ def engine(setup, **kw):
                      **kw)
 
 
+def decode_only_step(eng, reqs) -> bool:
+    """Run one step; whether every request it advanced advanced by one token (a decode-only
+    step: the CUDA-graph path runs exactly these)."""
+    before = [r.computed for r in reqs]
+    eng.step()
+    moved = [r.computed - c for r, c in zip(reqs, before) if r.computed != c]
+    return bool(moved) and all(m == 1 for m in moved)
+
+
 GRAPHS = [False, pytest.param(True, marks=pytest.mark.skipif(
     __import__("torch").cuda.is_available(), reason="CPU tensors through the Triton interpreter; on a GPU see the CUDA test"))]
 
@@ -50,8 +59,7 @@ def test_greedy_equals_transformers_and_peft_per_adapter_in_one_mixed_batch(setu
     reqs = [eng.add_request(p, params, a) for p, a in zip(prompts, names)]
     decode_steps = 0
     while not all(r.finished for r in reqs):
-        decode_steps += bool(eng.running) and all(len(r.ids) - r.computed == 1 for r in eng.running) and not eng.waiting
-        eng.step()
+        decode_steps += decode_only_step(eng, reqs)
     assert decode_steps >= 10
     assert (eng.graphs.steps == decode_steps) if graphs else eng.graphs is None, (decode_steps, eng.graphs and eng.graphs.steps)
     if graphs:
@@ -145,8 +153,7 @@ def test_cuda_engine_equals_transformers_and_peft(setup, slots, rank, path):
     reqs = [eng.add_request(p, SamplingParams(max_tokens=8, temperature=0.0), a) for p, a in zip(prompts, names)]
     decode_steps = 0
     while not all(r.finished for r in reqs):
-        decode_steps += bool(eng.running) and all(len(r.ids) - r.computed == 1 for r in eng.running) and not eng.waiting
-        eng.step()
+        decode_steps += decode_only_step(eng, reqs)
     assert decode_steps >= 5 and eng.graphs.steps == decode_steps     # decode steps replayed CUDA graphs
     assert eng.graphs.graphs and eng.graphs.paths[path] >= 3
     for r, p, a in zip(reqs, prompts, names):
