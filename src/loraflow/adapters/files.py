@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
@@ -28,6 +27,7 @@ from loraflow.adapters.layer import AdapterLinear, adapter_layers
 from loraflow.adapters.lora import LoRAConfig
 from loraflow.adapters.manage import active_adapter, attach, build_adapter, list_adapters
 from loraflow.adapters.targets import find_targets, is_conv1d, linear_module_names
+from loraflow.atomic import atomic_write
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -56,8 +56,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     fields = _config_fields(model, config, [m for m, _ in layers])
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path / WEIGHTS_NAME, lambda f: save_file(tensors, f, metadata={"format": "pt"}))
-    _atomic_write(path / CONFIG_NAME, lambda f: Path(f).write_text(json.dumps(fields, indent=2) + "\n"))
+    atomic_write(path / WEIGHTS_NAME, lambda f: save_file(tensors, f, metadata={"format": "pt"}))
+    atomic_write(path / CONFIG_NAME, lambda f: Path(f).write_text(json.dumps(fields, indent=2) + "\n"))
     return path
 
 
@@ -203,17 +203,3 @@ def _read_weights(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
                 "trust its source")
         return torch.load(path / PICKLE_NAME, map_location="cpu", weights_only=True)
     raise FileNotFoundError(f"{path / WEIGHTS_NAME} is missing")
-
-
-def _atomic_write(target: Path, write) -> None:
-    """Write through ``write(tmp_path)`` to a temporary file beside ``target``, then rename."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

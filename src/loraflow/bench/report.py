@@ -10,6 +10,8 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+from loraflow.atomic import atomic_write
+
 
 def environment() -> dict:
     import torch
@@ -38,16 +40,14 @@ def pyplot():
 
 
 def write(out_dir: str | os.PathLike, stem: str, payload: dict, markdown: str, figure) -> list[Path]:
-    """Write ``stem``.json, .md and .png atomically-enough (temp file, then rename)."""
+    """Write ``stem``.json, .md and .png, each atomically (temp file, then rename)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{stem}.json", out / f"{stem}.md", out / f"{stem}.png"]
     for path, write_to in [(paths[0], lambda p: p.write_text(json.dumps(payload, indent=1) + "\n")),
                            (paths[1], lambda p: p.write_text(markdown)),
                            (paths[2], lambda p: figure.savefig(p, dpi=110, bbox_inches="tight", format="png"))]:
-        tmp = path.with_name(f".{path.name}.tmp")
-        write_to(tmp)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: write_to(Path(tmp)))
     return paths
 
 

@@ -49,18 +49,21 @@ class TokenSlots:
             plan = triton_lora.tile_plan(ids, n_slots) if variant == "tiles" else None
             return TokenSlots(ids, used, [], variant, plan)
         if decode_like:                                     # CPU: gather each token's rows
-            rows = ids.clamp_min(0)[:, None] * r_max + torch.arange(r_max, device=device)
-            return TokenSlots(ids, used, [], rows=rows, valid=(ids >= 0).float()[:, None])
+            return TokenSlots(ids, used, [], rows=TokenSlots.bank_rows(ids, r_max), valid=(ids >= 0).float()[:, None])
         groups = [(u, torch.tensor([i for i, s in enumerate(slots) if s == u], device=device)) for u in used]
         return TokenSlots(ids, used, groups)
 
     @staticmethod
+    def bank_rows(ids: torch.Tensor, r_max: int) -> torch.Tensor:
+        """(N, r_max): the bank rows of each token's slot (slot 0's for -1; mask those out)."""
+        return ids.clamp_min(0)[:, None] * r_max + torch.arange(r_max, device=ids.device)
+
+    @staticmethod
     def slot_mask(ids: torch.Tensor, n_slots: int, r_max: int, dtype, out: torch.Tensor | None = None) -> torch.Tensor:
         """(N, n_slots · r_max): 1 on the bank rows of each token's slot, 0 elsewhere (and for -1)."""
-        rows = ids.clamp_min(0)[:, None] * r_max + torch.arange(r_max, device=ids.device)
         valid = (ids >= 0).to(dtype)[:, None].expand(-1, r_max)
         out = torch.zeros(len(ids), n_slots * r_max, dtype=dtype, device=ids.device) if out is None else out.zero_()
-        return out.scatter_(1, rows, valid)
+        return out.scatter_(1, TokenSlots.bank_rows(ids, r_max), valid)
 
 
 class BankedLinear(nn.Module):

@@ -11,8 +11,8 @@ Graphs are keyed by (bucket, adapter layout, adapter path): with no adapter in t
 the layers run the base GEMMs alone; with adapters, the layers that some slot adapts add
 B_s A_s x either through the per-row Triton kernels, or, when the adapters in the batch
 hold at least half the bank's rows (``AdapterBank.dense_pays``), through two dense matmuls
-over the whole bank and a per-token mask of its own slot's rows (``TokenSlots.slot_mask``, refreshed in a fixed buffer before each replay):
-every adapter is read once by cuBLAS. A new layout (a layer adapted for the first time)
+over the whole bank and a per-token mask of its own slot's rows (``TokenSlots.slot_mask``,
+refreshed in a fixed buffer before each replay): every adapter is read once by cuBLAS. A new layout (a layer adapted for the first time)
 captures anew. Without CUDA (tests, Triton's interpreter) the same buffers and kernels run
 eagerly.
 """

@@ -40,6 +40,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 import loraflow as lf
+from loraflow.atomic import atomic_write
 
 OPTIMIZERS = ("adamw", "adamw8bit", "galore", "galore8bit", "galore-adafactor")
 DTYPES = ("float32", "bfloat16", "bf16-mixed")
@@ -156,9 +157,7 @@ def cached_corpus(folder: Path, tokenizer, cache: Path | None) -> tuple[torch.Te
     train, held_out = corpus_ids(files, tokenizer)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
-        save_file({"train": train.int(), "eval": held_out.int()}, tmp, metadata=meta)
-        os.replace(tmp, cache)
+        atomic_write(cache, lambda tmp: save_file({"train": train.int(), "eval": held_out.int()}, tmp, metadata=meta))
     return train, held_out
 
 
