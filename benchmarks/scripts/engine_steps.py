@@ -1,12 +1,14 @@
 """The engine alone, no HTTP: seconds per decode step of a Llama-2-7B-shaped model (random
 weights) with 64 requests, base model vs 64 distinct rank-16 adapters on all linear layers,
-with and without CUDA-graph decode, the adapters through the masked whole bank and through
-the per-row Triton kernels, and the captured step replayed alone (the GPU's share of a step). Separates the engine's cost from the server's, and the host's from the GPU's.
+with and without CUDA-graph decode, and the captured step replayed alone (the GPU's share of
+a step); with --profile, also the GPU time of each kernel of the replayed steps (OUT.kernels.txt).
+Separates the engine's cost from the server's, and the host's from the GPU's.
 
-    python benchmarks/scripts/engine_steps.py OUT.json [--requests 64] [--steps 48]
+    python benchmarks/scripts/engine_steps.py OUT.json [--requests 64] [--steps 48] [--profile]
 """
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
@@ -41,32 +43,65 @@ def decode_steps(eng, adapters, prompt_len, n_steps):
     return statistics.median(times[2:])
 
 
+def mixed_step(eng, adapters, prompt_len, long_len, profile):
+    """Seconds of one eager step holding a decode token of each of len(adapters) - 1 requests and
+    a chunk of one new long prompt (the server's steps while requests arrive), and with
+    ``profile`` its table of CUDA kernel time. Returns (seconds, table or None)."""
+    params = SamplingParams(max_tokens=10_000, temperature=0.0, ignore_eos=True)
+    reqs = [eng.add_request([3 + (7 * i + j) % 30000 for j in range(prompt_len)], params, a)
+            for i, a in enumerate(adapters[:-1])]
+    while any(r.computed < len(r.prompt_ids) for r in reqs) or eng.waiting or eng._incoming:
+        eng.step()
+    reqs.append(eng.add_request([5 + j % 30000 for j in range(long_len)], params, adapters[-1]))
+    torch.cuda.synchronize()
+    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) if profile else None
+    t = time.perf_counter()
+    with prof or contextlib.nullcontext():
+        eng.step()
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t
+    for r in reqs:
+        eng.abort(r.id)
+    while eng.has_work():
+        eng.step()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=70) if prof else None
+    return seconds, table
+
+
+def kernel_table(graph, replays: int = 5) -> str:
+    """GPU time per kernel over `replays` replays of a captured step, top kernels first."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            graph.replay()
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--steps", type=int, default=48)
+    ap.add_argument("--profile", action="store_true",
+                    help="also write OUT.kernels.txt: GPU time per kernel of the replayed graphs")
     args = ap.parse_args()
     shape = LlamaArgs(**SHAPES["llama2-7b"])
     tmp = Path(tempfile.mkdtemp())
     folders = bench.make_adapters(linear_shapes(shape), tmp, args.requests, 16, device="cuda")
     model = random_llama(shape, device="cuda")
-    rows = []
-    # (CUDA graphs, bank slots): 64 slots for 64 adapters -> the masked whole-bank path;
-    # 129 slots (more than twice those in use) -> the per-row Triton kernels
-    for graphs, slots in ((True, args.requests), (True, 2 * args.requests + 1), (False, args.requests)):
+    rows, profiles = [], []
+    for graphs in (True, False):
+        slots = args.requests
         eng = lf.Engine(model=model, tokenizer=numbered_tokenizer(shape.vocab_size), max_batch_tokens=4096,
                         max_gpu_adapters=slots, max_cpu_adapters=slots, max_lora_rank=16,
                         decode_graphs=graphs, kv_cache_bytes=16 * 2**30,
                         adapters={f"a{i}": str(f) for i, f in enumerate(folders)})
-        runs = [("64 distinct r16", [f"a{i}" for i in range(args.requests)])]
-        if slots == args.requests:
-            runs.insert(0, ("base", [None] * args.requests))
+        runs = [("base", [None] * args.requests), ("64 distinct r16", [f"a{i}" for i in range(args.requests)])]
         for name, adapters in runs:
             decode_steps(eng, adapters, args.prompt_len, 4)           # warm-up: loads, compiles, captures
             s = decode_steps(eng, adapters, args.prompt_len, args.steps)
-            path = None if not adapters[0] else "mask" if slots <= 2 * args.requests else "rows"
+            path = None if not adapters[0] else "rows"
             row = {"graphs": graphs, "bank_slots": slots, "adapters": name, "path": path,
                    "decode_step_ms": 1e3 * s, "tokens_per_s": args.requests / s}
             if graphs:      # the GPU's share: the captured step replayed alone (writes only freed cache blocks)
@@ -79,6 +114,14 @@ def main():
                 end.record()
                 end.synchronize()
                 row["graph_replay_ms"] = start.elapsed_time(end) / 20
+                if args.profile:
+                    profiles.append(f"## {name}, path {path}\n" + kernel_table(graph))
+            if not graphs:  # an eager step of 63 decode tokens and a new 4,000-token prompt
+                mixed_step(eng, adapters, args.prompt_len, 4000, False)                    # warm-up
+                row["mixed_step_ms"] = 1e3 * statistics.median(
+                    mixed_step(eng, adapters, args.prompt_len, 4000, False)[0] for _ in range(3))
+                if args.profile:
+                    profiles.append(f"## mixed step, {name}\n" + mixed_step(eng, adapters, args.prompt_len, 4000, True)[1])
             rows.append(row)
             print(rows[-1], flush=True)
         eng.registry.close()
@@ -87,8 +130,10 @@ def main():
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "command": f"python benchmarks/scripts/engine_steps.py {args.out} --requests {args.requests} "
-                      f"--prompt-len {args.prompt_len} --steps {args.steps}", "rows": rows}
+                      f"--prompt-len {args.prompt_len} --steps {args.steps}" + " --profile" * args.profile, "rows": rows}
     Path(args.out).write_text(json.dumps(out, indent=1))
+    if profiles:
+        Path(args.out).with_suffix(".kernels.txt").write_text(out["command"] + "\n\n" + "\n\n".join(profiles))
 
 
 if __name__ == "__main__":

@@ -62,8 +62,13 @@ def cmd_serve(args) -> None:
                     max_batch_tokens=args.max_batch_tokens, max_gpu_adapters=args.max_gpu_adapters,
                     max_cpu_adapters=args.max_cpu_adapters, max_lora_rank=args.max_lora_rank,
                     max_waiting=args.max_waiting, **extra)
+    import sys
     import threading
 
+    # The engine thread lets go of the GIL while the GPU runs a step; when the step ends it
+    # must get it back from the HTTP thread, which keeps it for up to the switch interval
+    # (5 ms by default, a third of a decode step). Ask for it back sooner.
+    sys.setswitchinterval(0.0005)
     loop = EngineLoop(engine, background=False)      # the engine stays on this (main) thread
     app = create_app(loop, api_key=args.api_key, adapter_dir=args.adapter_dir,
                      allow_runtime_lora=args.allow_runtime_lora)

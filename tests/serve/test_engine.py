@@ -141,8 +141,8 @@ def test_linear_shapes_match_the_bank(setup):
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="the engine's CUDA path (Triton) needs a GPU")
-@pytest.mark.parametrize("slots,rank,path", [(8, 64, "rows"), (3, 8, "mask")])
-def test_cuda_engine_equals_transformers_and_peft(setup, slots, rank, path):
+@pytest.mark.parametrize("slots,rank", [(8, 64), (3, 8)])       # a bank mostly free, one all in use
+def test_cuda_engine_equals_transformers_and_peft(setup, slots, rank):
     import torch
 
     root, adapters = setup
@@ -155,6 +155,6 @@ def test_cuda_engine_equals_transformers_and_peft(setup, slots, rank, path):
     while not all(r.finished for r in reqs):
         decode_steps += decode_only_step(eng, reqs)
     assert decode_steps >= 5 and eng.graphs.steps == decode_steps     # decode steps replayed CUDA graphs
-    assert eng.graphs.graphs and eng.graphs.paths[path] >= 3
+    assert eng.graphs.graphs and eng.graphs.paths["rows"] >= 3 and not eng.graphs.paths["mask"]   # Triton on CUDA
     for r, p, a in zip(reqs, prompts, names):
         assert r.output_ids == reference(root, adapters.get(a), p, 8), (a, p)

@@ -35,7 +35,7 @@ def _nearest(y, mids_ptr):
 
 @triton.jit
 def _adam8bit(g_ptr, m_codes, m_absmax, v_codes, v_absmax, out_ptr, n,
-              m_levels, m_mids, v_levels, v_mids, b1, b2, eps, c1, c2,
+              m_levels, m_mids, v_levels, v_mids, w1, b2, w2, eps, c1, c2,
               FIRST: tl.constexpr, BLOCK: tl.constexpr):
     blk = tl.program_id(0)
     offs = blk * BLOCK + tl.arange(0, BLOCK)
@@ -51,16 +51,18 @@ def _adam8bit(g_ptr, m_codes, m_absmax, v_codes, v_absmax, out_ptr, n,
         v = tl.load(v_levels + vc) * tl.load(v_absmax + blk)
         m = tl.where(mask, m, 0.0)
         v = tl.where(mask, v, 0.0)
-    m = m + (1 - b1) * (g - m)
-    v = v * b2 + (1 - b2) * (g * g)
-    u = (m / c1) / (tl.sqrt(v / c2) + eps)
+    m = m + w1 * (g - m)
+    v = v * b2 + w2 * (g * g)
+    # IEEE division and square root (Triton's defaults on the GPU are approximate), so the
+    # codes match quant8's: a value near a midpoint between levels must round the same way
+    u = tl.math.div_rn(tl.math.div_rn(m, c1), tl.sqrt_rn(tl.math.div_rn(v, c2)) + eps)
     tl.store(out_ptr + offs, u, mask=mask)
     am = tl.maximum(tl.max(tl.abs(m), axis=0), 1e-30)
     av = tl.maximum(tl.max(v, axis=0), 1e-30)
     tl.store(m_absmax + blk, am)
     tl.store(v_absmax + blk, av)
-    tl.store(m_codes + offs, _nearest(m / am, m_mids).to(tl.uint8), mask=mask)
-    tl.store(v_codes + offs, _nearest(v / av, v_mids).to(tl.uint8), mask=mask)
+    tl.store(m_codes + offs, _nearest(tl.math.div_rn(m, am), m_mids).to(tl.uint8), mask=mask)
+    tl.store(v_codes + offs, _nearest(tl.math.div_rn(v, av), v_mids).to(tl.uint8), mask=mask)
 
 
 def _tables(signed: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,6 +85,6 @@ def adam8bit_direction(state: dict, g: torch.Tensor, b1: float, b2: float, eps: 
     out = torch.empty(g.shape, dtype=torch.float32, device=g.device)
     (ml, mm), (vl, vm) = _tables(True, g.device), _tables(False, g.device)
     _adam8bit[(blocks,)](g, state["exp_avg_codes"], state["exp_avg_absmax"], state["exp_avg_sq_codes"],
-                         state["exp_avg_sq_absmax"], out, n, ml, mm, vl, vm, b1, b2, eps,
+                         state["exp_avg_sq_absmax"], out, n, ml, mm, vl, vm, 1 - b1, b2, 1 - b2, eps,
                          1 - b1 ** step, 1 - b2 ** step, FIRST=first, BLOCK=quant8.BLOCK)
     return out

@@ -38,16 +38,17 @@ class TokenSlots:
 
     @staticmethod
     def build(slots: list[int], bank: "AdapterBank", device, dtype=torch.float32) -> "TokenSlots":
-        ids = torch.tensor(slots, dtype=torch.long, device=device)
         used = sorted({s for s in slots if s >= 0})
         n_slots, r_max = bank.n_slots, bank.r_max
         decode_like = len(used) > 1 and len(slots) <= 8 * len(used)
-        if decode_like and bank.dense_pays(used):          # the bank is mostly in use: read it whole
-            return TokenSlots(ids, used, [], mask=TokenSlots.slot_mask(ids, n_slots, r_max, dtype))
         if torch.device(device).type == "cuda" and triton_lora is not None:
+            ids = torch.tensor(slots, dtype=torch.int32, device=device)     # the kernels' slot type
             variant = triton_lora.choose_variant(len(slots), len(used)) if used else None
             plan = triton_lora.tile_plan(ids, n_slots) if variant == "tiles" else None
             return TokenSlots(ids, used, [], variant, plan)
+        ids = torch.tensor(slots, dtype=torch.long, device=device)
+        if decode_like and bank.dense_pays(used):          # the bank is mostly in use: read it whole
+            return TokenSlots(ids, used, [], mask=TokenSlots.slot_mask(ids, n_slots, r_max, dtype))
         if decode_like:                                     # CPU: gather each token's rows
             return TokenSlots(ids, used, [], rows=TokenSlots.bank_rows(ids, r_max), valid=(ids >= 0).float()[:, None])
         groups = [(u, torch.tensor([i for i, s in enumerate(slots) if s == u], device=device)) for u in used]
@@ -85,7 +86,7 @@ class BankedLinear(nn.Module):
             return torch.addmm(F.linear(x, self.weight, self.bias), h, p.bt)   # W0 x + b + Σ_r h_r (s·B)ᵀ_r
         if slots.variant is not None:                                     # CUDA: Triton kernels
             delta = triton_lora.lora_delta(x, slots.ids, p, slots.variant, slots.plan, bias=self.bias)
-            return torch.addmm(delta, x, self.weight.T)                   # W0 x + b + Δ
+            return delta.addmm_(x, self.weight.T)                         # W0 x + b + Δ, in place: no copy of Δ
         y = F.linear(x, self.weight, self.bias)
         if slots.rows is not None:                                        # CPU, decode: gather + bmm
             h = torch.bmm(p.a[slots.rows], x.unsqueeze(2))                # (N, r_max, 1)
@@ -114,6 +115,7 @@ class AdapterBank:
 
     def __init__(self, model: nn.Module, n_slots: int, r_max: int):
         self.n_slots, self.r_max = n_slots, r_max
+        self.device = next(model.parameters()).device
         self.slot_ranks = [0] * n_slots    # each slot's largest rank over the layers
         self.layout = 0    # bumped when a layer first gets an adapter: CUDA graphs of older layouts are stale
         self.layers: dict[str, BankedLinear] = {n: m for n, m in model.named_modules()
@@ -126,9 +128,14 @@ class AdapterBank:
                                 offsets, torch.zeros(n_slots, dtype=torch.int32, device=w.device), r_max)
 
     def dense_pays(self, used) -> bool:
-        """Whether reading the whole bank (``n_slots · r_max`` rows a layer, by two dense
-        matmuls) costs at most twice the rows of the adapters in use (the per-row kernels
-        read only those, but at a few times their bandwidth floor)."""
+        """Whether to read the whole bank (``n_slots · r_max`` rows a layer, by two dense
+        matmuls and a slot mask) instead of each token's rows: on the CPU when it is at most
+        twice the rows of the adapters in use (4.5x faster than gathering them there,
+        ``results/bank-decode-paths-cpu.txt``); never on CUDA, where the per-row Triton
+        kernels were faster even with all 64 slots in use (a Llama-2-7B decode step 14.4 ms
+        against 15.5, ``results/engine-steps-h200-v2.json``)."""
+        if self.device.type == "cuda":
+            return False
         return self.n_slots * self.r_max <= 2 * sum(self.slot_ranks[s] for s in used)
 
     def shapes(self) -> dict[str, tuple[int, int]]:

@@ -9,12 +9,13 @@ Padding rows read and write the KV cache's spare block and use no adapter.
 
 Graphs are keyed by (bucket, adapter layout, adapter path): with no adapter in the batch
 the layers run the base GEMMs alone; with adapters, the layers that some slot adapts add
-B_s A_s x either through the per-row Triton kernels, or, when the adapters in the batch
-hold at least half the bank's rows (``AdapterBank.dense_pays``), through two dense matmuls
-over the whole bank and a per-token mask of its own slot's rows (``TokenSlots.slot_mask``,
-refreshed in a fixed buffer before each replay): every adapter is read once by cuBLAS. A new layout (a layer adapted for the first time)
-captures anew. Without CUDA (tests, Triton's interpreter) the same buffers and kernels run
-eagerly.
+B_s A_s x through the per-row Triton kernels (on CUDA always: they read only the rows in
+use and measured faster than the whole bank's dense matmuls, ``AdapterBank.dense_pays``),
+or, on the CPU when the batch's adapters hold at least half the bank's rows, through two
+dense matmuls over the whole bank and a per-token mask of its own slot's rows
+(``TokenSlots.slot_mask``, refreshed in a fixed buffer before each step). A new layout (a
+layer adapted for the first time) captures anew. Without CUDA (tests, Triton's
+interpreter) the same buffers and kernels run eagerly.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class DecodeGraphs:
         self.host_table = np.zeros((self.size, width), dtype=np.int32)
         self.inputs = torch.zeros(5, self.size, dtype=torch.long, device=dev)
         self.table = torch.zeros(self.size, width, dtype=torch.int32, device=dev)
+        self.slots32 = torch.zeros(self.size, dtype=torch.int32, device=dev)  # the Triton kernels' slot type
         self.mask = torch.zeros(self.size, bank.n_slots * bank.r_max, dtype=kv.layers[0][0].dtype, device=dev)
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle() if capture else None
@@ -57,7 +59,8 @@ class DecodeGraphs:
     def _batch(self, n: int, path: str | None) -> Batch:
         """``path``: None (no adapters), "rows" (Triton kernels) or "mask" (the whole bank)."""
         tokens, positions, slots, rows, lengths = self.inputs[:, :n]
-        ts = TokenSlots(slots, [0] if path else [], [], variant="rows" if path == "rows" else None,
+        ts = TokenSlots(self.slots32[:n] if path == "rows" else slots, [0] if path else [], [],
+                        variant="rows" if path == "rows" else None,
                         mask=self.mask[:n] if path == "mask" else None)
         return Batch(tokens, positions, ts, rows, block_table=self.table[:n], seq_lens=lengths,
                      block_size=self.kv.block_size)
@@ -76,6 +79,7 @@ class DecodeGraphs:
         ht[n:size, 0] = trash
         self.inputs[:, :size].copy_(torch.from_numpy(h[:, :size]))
         self.table[:size].copy_(torch.from_numpy(ht[:size]))
+        self.slots32[:size].copy_(self.inputs[2, :size])        # one cast a step, not one a layer
         used = {s[2] for s in steps} - {-1}
         path = None if not used else "mask" if self.bank.dense_pays(used) else "rows"
         if path == "mask":

@@ -36,6 +36,7 @@ class EngineLoop:
         self.engine = engine
         self._wake = threading.Event()
         self._stop = False
+        self._outbox: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue, Update]] = []   # this step's updates
         self._thread = None
         if background:
             self._thread = threading.Thread(target=self.run_forever, name="engine", daemon=True)
@@ -44,7 +45,9 @@ class EngineLoop:
     def run_forever(self) -> None:
         while not self._stop:
             if self.engine.has_work():
-                if not self.engine.step():
+                touched = self.engine.step()
+                self._deliver()
+                if not touched:
                     time.sleep(0.002)        # only requests whose adapter is still loading
             else:
                 self._wake.wait(0.05)
@@ -56,14 +59,24 @@ class EngineLoop:
         queue: asyncio.Queue[Update] = asyncio.Queue()
         engine = self.engine
 
-        def on_output(req: Request) -> None:           # engine thread
+        def on_output(req: Request) -> None:           # engine thread, inside step()
             update = Update(engine.stream_text(req), req.finished, req.finish_reason, req.error, req.error_type,
                             len(req.prompt_ids), len(req.output_ids))
-            loop.call_soon_threadsafe(queue.put_nowait, update)
+            self._outbox.append((loop, queue, update))
 
         req = engine.add_request(prompt, params, adapter, on_output=on_output)
         self._wake.set()
         return req, queue
+
+    def _deliver(self) -> None:
+        """Hand a step's updates to their event loops: one wake-up per loop and step, not
+        one per request (each wake-up is a write to the loop's self-pipe and a pass of it)."""
+        outbox, self._outbox = self._outbox, []
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for loop, queue, update in outbox:
+            by_loop.setdefault(loop, []).append((queue, update))
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, items)
 
     def abort(self, request_id: str) -> None:
         self.engine.abort(request_id)
@@ -80,3 +93,8 @@ class EngineLoop:
         if self._thread is not None:
             self._thread.join(timeout=5)
         self.engine.registry.close()
+
+
+def _put_all(items: list[tuple[asyncio.Queue, Update]]) -> None:
+    for queue, update in items:
+        queue.put_nowait(update)
