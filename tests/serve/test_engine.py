@@ -74,6 +74,14 @@ def test_greedy_equals_transformers_and_peft_per_adapter_in_one_mixed_batch(setu
 def test_requests_arriving_mid_decode_and_chunked_prompts(setup, graphs):
     root, adapters = setup
     eng = engine(setup, max_batch_tokens=8, decode_graphs=graphs)    # prompts longer than a step: chunked
+    n_groups, build = [], eng._batch
+
+    def spy(plan):
+        batch, sample_from = build(plan)
+        n_groups.append(len(batch.groups))
+        return batch, sample_from
+
+    eng._batch = spy
     first = eng.add_request(prompt(10, 20), SamplingParams(max_tokens=10, temperature=0), "med")
     for _ in range(4):
         eng.step()
@@ -81,6 +89,7 @@ def test_requests_arriving_mid_decode_and_chunked_prompts(setup, graphs):
              for i, a in enumerate(["py", None, "sql"])]
     while eng.has_work():
         eng.step()
+    assert 2 in n_groups        # steps with decode tokens and prompt chunks: two attention groups
     assert first.output_ids == reference(root, adapters["med"], prompt(10, 20), 10)
     for i, (r, a) in enumerate(zip(later, ["py", None, "sql"])):
         assert r.output_ids == reference(root, adapters.get(a), prompt(11 + i, 9), 6)

@@ -75,8 +75,9 @@ def popularity(mix: str, n_requests: int, n_adapters: int, rng: random.Random) -
 
 
 def decode_roofline(shape, w: Workload, bytes_per_value: int = 2) -> dict:
-    """Bytes a decode step of the whole batch must read, and the best adapters/base
-    throughput ratio they allow when decoding is bound by memory bandwidth: weights once,
+    """Bytes a decode step of the whole batch must read, and the adapters/base throughput
+    ratio when both decode at the memory bandwidth (``ratio_bound``; an engine whose base
+    steps are slower than that can measure a higher ratio): weights once,
     every sequence's cached keys and values (at the average context of the run), and each
     distinct adapter in the batch once (rank x (d_in + d_out) per adapted layer)."""
     from loraflow.serve.llama import linear_shapes

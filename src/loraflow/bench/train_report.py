@@ -34,7 +34,9 @@ def targets(rows: list[dict]) -> list[dict]:
         faster = g1["tokens_per_s"] >= t1["tokens_per_s"]
         leaner = (g1.get("peak_memory_bytes") or 0) <= (t1.get("peak_memory_bytes") or 0)
         out.append({"target": "1B: at least galore-torch's speed at no more memory",
-                    "measured": f"{g1['tokens_per_s'] / t1['tokens_per_s']:.2f}x speed, "
+                    "measured": f"{g1['tokens_per_s'] / t1['tokens_per_s']:.2f}x speed "
+                                f"(between refreshes {g1['steady_tokens_per_s'] / t1['steady_tokens_per_s']:.2f}x; "
+                                f"SVD: ours {_svd_kind(g1)}, theirs full), "
                                 f"{(g1['peak_memory_bytes'] or 0) / 1e9:.1f} vs {(t1['peak_memory_bytes'] or 0) / 1e9:.1f} GB",
                     "met": faster and leaner})
     return out
@@ -44,7 +46,7 @@ def markdown(env: dict, rows: list[dict]) -> str:
     from loraflow.bench.report import table
 
     view = [dict(r, state_gb=(r.get("state_bytes") or 0) / 1e9, analytic_gb=(r.get("analytic_state_bytes") or 0) / 1e9,
-                 peak_gb=(r.get("peak_memory_bytes") or 0) / 1e9) for r in rows]
+                 peak_gb=(r.get("peak_memory_bytes") or 0) / 1e9, **_options(r)) for r in rows]
     return "\n".join([
         "# Training benchmark: GaLore and friends", "",
         f"- device: {env['device']}; torch {env['torch']}; date: {env['date']}", f"- command: `{env['command']}`",
@@ -55,11 +57,25 @@ def markdown(env: dict, rows: list[dict]) -> str:
         "T = update_proj_gap steps: tokens per step / (steady step time + svd / T)", "",
         "## Targets", "", table(targets(rows), [("target", "target", ""), ("measured", "measured", ""), ("met", "met", "")]),
         "", "## Runs", "", table(view, [
-            ("config", "config", ""), ("variant", "optimizer", ""), ("per_layer", "per-layer", ""), ("rank", "rank", ""),
-            ("checkpointing", "ckpt", ""), ("randomized_svd", "rand. SVD", ""), ("state_dtype", "moments", ""), ("batch", "batch", ""), ("accumulation", "accum.", ""), ("state_gb", "states (GB)", ".3f"),
+            ("config", "config", ""), ("variant", "optimizer", ""), ("per_layer", "per-layer", ""), ("rank_shown", "rank", ""),
+            ("checkpointing", "ckpt", ""), ("svd_kind", "SVD", ""), ("moments", "moments", ""), ("batch", "batch", ""), ("accumulation", "accum.", ""), ("state_gb", "states (GB)", ".3f"),
             ("analytic_gb", "analytic (GB)", ".3f"), ("peak_gb", "peak (GB)", ".2f"), ("steady_tokens_per_s", "steady tokens/s", ".0f"),
             ("svd_seconds", "svd (s)", ".3f"), ("tokens_per_s", "tokens/s", ".0f"),
             ("error", "note", "")]), ""])
+
+
+def _svd_kind(r: dict) -> str:
+    return "randomized" if r.get("randomized_svd") else "full"
+
+
+def _options(r: dict) -> dict:
+    """What each run's options mean for its optimizer: rank and SVD only for GaLore rows
+    (galore-torch always runs its own full SVD), moments as that optimizer stores them."""
+    v = r["variant"]
+    galore, theirs = v.startswith("galore"), v.startswith("galore-torch")
+    svd = "full (its own)" if theirs else _svd_kind(r) if galore else "-"
+    moments = "8-bit" if v.endswith("8bit") else "weights' dtype" if theirs else r.get("state_dtype", "float32")
+    return {"rank_shown": r["rank"] if galore else "-", "svd_kind": svd, "moments": moments}
 
 
 def figure(rows: list[dict]):

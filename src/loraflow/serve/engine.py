@@ -24,7 +24,7 @@ import torch
 from loraflow.serve.bank import AdapterBank, TokenSlots
 from loraflow.serve.kv_cache import KVCache
 from loraflow.serve.decode_graphs import BUCKETS, DecodeGraphs
-from loraflow.serve.llama import Batch, Llama, load_llama, paged_decode_attention
+from loraflow.serve.llama import AttnGroup, Batch, Llama, load_llama, paged_decode_attention
 from loraflow.serve.registry import AdapterRegistry
 from loraflow.serve.sampling import SamplingParams, sample
 
@@ -279,22 +279,40 @@ class Engine:
         done = as_t([r.computed for r, _ in plan])                          # (S,) cached before
         width = max(len(r.blocks) for r, _ in plan)
         table = as_t([r.blocks + [0] * (width - len(r.blocks)) for r, _ in plan])   # (S, blocks)
-        S, q_max, ctx_max = len(plan), int(max(n for _, n in plan)), int(max(r.computed + n for r, n in plan))
         start = torch.cumsum(n_new, 0) - n_new                              # first packed token of each
-        seq = torch.repeat_interleave(torch.arange(S, device=dev), n_new)   # (N,) sequence of each token
+        seq = torch.repeat_interleave(torch.arange(len(plan), device=dev), n_new)   # (N,) sequence of each token
         i = torch.arange(len(tokens), device=dev) - start[seq]              # (N,) index among its new tokens
         positions = done[seq] + i
         cache_index = table[seq, positions // bs] * bs + positions % bs
+        # decode sequences and prompt chunks attend in separate groups, each padded to its own longest
+        groups = []
+        for members in ([j for j, (_, n) in enumerate(plan) if n == 1], [j for j, (_, n) in enumerate(plan) if n > 1]):
+            if members:
+                groups.append(self._attn_group(members, plan, as_t(members), start, n_new, done, table))
+        batch = Batch(as_t(tokens), positions, TokenSlots.build(slots, self.bank, dev, self.model.lm_head.weight.dtype),
+                      cache_index, groups, as_t(logit_index))
+        return batch, sample_from
+
+    def _attn_group(self, members: list[int], plan, m: torch.Tensor, start, n_new, done, table) -> AttnGroup:
+        """Attention indices for the sequences ``members`` (positions in ``plan``; ``m`` the
+        same on the device) of a step, padded to their own longest new-token run and context."""
+        dev, bs = self.device, self.kv.block_size
+        q_max = max(plan[j][1] for j in members)
+        ctx_max = max(plan[j][0].computed + plan[j][1] for j in members)
+        start, n_new, done, table = start[m], n_new[m], done[m], table[m]
+        width = table.shape[1]
         qi = torch.arange(q_max, device=dev)
         kj = torch.arange(ctx_max, device=dev)
         q_index = torch.where(qi[None] < n_new[:, None], start[:, None] + qi[None], 0)   # (S, q_max)
-        kv_index = table.gather(1, (kj // bs).clamp_max(width - 1).expand(S, -1)) * bs + kj % bs   # (S, ctx)
+        kv_index = table.gather(1, (kj // bs).clamp_max(width - 1).expand(len(members), -1)) * bs + kj % bs
         real_q = qi[None, :, None] < n_new[:, None, None]
         causal = kj[None, None, :] <= done[:, None, None] + qi[None, :, None]
         mask = (real_q & causal) | (~real_q & (kj == 0)[None, None, :])   # padded queries see key 0
-        batch = Batch(as_t(tokens), positions, TokenSlots.build(slots, self.bank, dev, self.model.lm_head.weight.dtype),
-                      cache_index, q_index, kv_index, mask[:, None], seq * q_max + i, as_t(logit_index))
-        return batch, sample_from
+        first = list(itertools.accumulate((n for _, n in plan), initial=0))   # packed index of each one's first token
+        tokens = [first[j] + k for j in members for k in range(plan[j][1])]
+        out_index = [row * q_max + k for row, j in enumerate(members) for k in range(plan[j][1])]
+        as_t = lambda v: torch.tensor(v, dtype=torch.long, device=dev)
+        return AttnGroup(as_t(tokens), q_index, kv_index, mask[:, None], as_t(out_index))
 
     def _check_stop(self, req: Request, token: int) -> None:
         p = req.params

@@ -105,6 +105,18 @@ class RMSNorm(nn.Module):
 
 
 @dataclass
+class AttnGroup:
+    """Sequences whose new tokens are padded to one length for attention. A step's decode
+    sequences (one new token) and its prompt chunks form separate groups, so a long chunk
+    does not pad every decode query to its length."""
+    tokens: torch.Tensor         # (n,) packed index of the group's new tokens
+    q_index: torch.Tensor        # (S, q_max) packed index of each sequence's new tokens (0: pad)
+    kv_index: torch.Tensor       # (S, ctx_max) flat KV-cache rows of each sequence's context
+    mask: torch.Tensor           # (S, 1, q_max, ctx_max) bool: query may see key
+    out_index: torch.Tensor      # (n,) where each of ``tokens`` sits in (S * q_max)
+
+
+@dataclass
 class Batch:
     """One step's packed tokens and where their keys and values live (built by the engine).
     Steps with prompt chunks use the gathered-context fields; decode-only steps (one new
@@ -113,10 +125,7 @@ class Batch:
     positions: torch.Tensor      # (N,) position of each token in its sequence
     slots: TokenSlots            # adapter slot of each token (-1: base model), grouped once per step
     cache_index: torch.Tensor    # (N,) flat KV-cache row of each new token
-    q_index: torch.Tensor | None = None      # (S, q_max) packed index of each sequence's new tokens (0: pad)
-    kv_index: torch.Tensor | None = None     # (S, ctx_max) flat KV-cache rows of each sequence's context
-    mask: torch.Tensor | None = None         # (S, 1, q_max, ctx_max) bool: query may see key
-    out_index: torch.Tensor | None = None    # (N,) where each packed token sits in (S * q_max)
+    groups: list[AttnGroup] | None = None    # steps with prompt chunks: sequences padded together
     logit_index: torch.Tensor | None = None  # (S',) packed index of the tokens whose logits are needed; None: all
     block_table: torch.Tensor | None = None  # decode: (N, max_blocks) int32 block ids of each sequence
     seq_lens: torch.Tensor | None = None     # decode: (N,) context length, the new token included
@@ -144,13 +153,15 @@ class Attention(nn.Module):
         if b.block_table is not None:                                         # decode: paged kernel
             o = paged_decode_attention(q, cache_k, cache_v, b.block_table, b.seq_lens, b.block_size)
             return self.o_proj(o.view(-1, a.n_heads * a.head_dim), b.slots)
-        S, q_max = b.q_index.shape
-        Q = q[b.q_index].transpose(1, 2)                                      # (S, H, q_max, D)
-        K = cache_k[b.kv_index].transpose(1, 2)                               # (S, Hkv, ctx, D)
-        V = cache_v[b.kv_index].transpose(1, 2)
-        o = F.scaled_dot_product_attention(Q, K, V, attn_mask=b.mask, enable_gqa=True)
-        o = o.transpose(1, 2).reshape(S * q_max, a.n_heads * a.head_dim)[b.out_index]   # (N, H·D)
-        return self.o_proj(o, b.slots)
+        out = q.new_empty(q.shape[0], a.n_heads * a.head_dim)                 # (N, H·D)
+        for g in b.groups:
+            S, q_max = g.q_index.shape
+            Q = q[g.q_index].transpose(1, 2)                                  # (S, H, q_max, D)
+            K = cache_k[g.kv_index].transpose(1, 2)                           # (S, Hkv, ctx, D)
+            V = cache_v[g.kv_index].transpose(1, 2)
+            o = F.scaled_dot_product_attention(Q, K, V, attn_mask=g.mask, enable_gqa=True)
+            out[g.tokens] = o.transpose(1, 2).reshape(S * q_max, -1)[g.out_index]
+        return self.o_proj(out, b.slots)
 
 
 class MLP(nn.Module):
