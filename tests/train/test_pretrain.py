@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from loraflow.train.pretrain import lr_factor, main
+from test_corpus import _corpus   # n files of tinyshakespeare
 
 DATA = Path(__file__).parents[2] / "examples" / "data" / "tinyshakespeare" / "input.txt"
 ARGS = ["--data", str(DATA), "--config", "tiny", "--rank", "8", "--update-proj-gap", "4", "--warmup", "2",
@@ -81,48 +82,21 @@ def test_low_rank_baseline_and_a_trained_tokenizer(tmp_path):
     assert result["eval_loss"] > 0 and (tmp_path / "tokenizer" / "tokenizer.json").is_file()
 
 
-def _corpus(folder: Path, n: int, chars: int) -> Path:
-    """``n`` files of tinyshakespeare, ``chars`` characters each."""
-    text = DATA.read_text()
-    folder.mkdir()
-    for i in range(n):
-        (folder / f"part{i:02d}.txt").write_text(text[i * chars:(i + 1) * chars])
-    return folder
-
-
-def test_batched_tokenization_equals_one_call_per_file(tmp_path):
-    import loraflow as lf
-    from transformers import AutoTokenizer
-
-    from loraflow.train.pretrain import read_corpus, spread, text_files, tokenize_files, tokenizer_sample
-
-    files = text_files(_corpus(tmp_path / "c", 12, 3000))
-    tok = AutoTokenizer.from_pretrained(lf.models.default_model_path(), local_files_only=True)
-    per_file = [tok(f.read_text(), add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for f in files]
-    batched = tokenize_files(files, tok, files_per_call=5)          # calls of 5, 5 and 2 files
-    assert batched.tolist() == [t for ids in per_file for t in ids]
-    assert (batched == tok.eos_token_id).sum() == 12 and len(batched) > 12 * 500
-    train, held_out = read_corpus(tmp_path / "c", tok)               # the last file (5% of 12, rounded up)
-    assert held_out.tolist() == per_file[-1] and len(train) == len(batched) - len(per_file[-1])
-    assert tokenizer_sample(files, 0.0075) == files[:2] and tokenizer_sample(files, 1e-6) == files[:1]
-    assert spread(torch.arange(10).view(10, 1), 4).flatten().tolist() == [0, 3, 6, 9]
-
-
 def test_tokens_cache_round_trip(tmp_path, monkeypatch):
-    from loraflow.train import pretrain
+    from loraflow.train import corpus, pretrain
 
     run = ARGS + ["--optimizer", "galore", "--steps", "4", "--eval-every", "2"]
     cache = tmp_path / "ids.safetensors"
     plain = main(run + ["--out", str(tmp_path / "plain")])
     written = main(run + ["--out", str(tmp_path / "written"), "--tokens-cache", str(cache)])
-    monkeypatch.setattr(pretrain, "corpus_ids", lambda *a: pytest.fail("the cache was not used"))
+    monkeypatch.setattr(corpus, "corpus_ids", lambda *a: pytest.fail("the cache was not used"))
     loaded = main(run + ["--out", str(tmp_path / "loaded"), "--tokens-cache", str(cache)])
     assert plain["eval_loss"] == written["eval_loss"] == loaded["eval_loss"]
     losses = [[r["loss"] for r in map(json.loads, open(tmp_path / name / "log.jsonl"))] for name in ("plain", "loaded")]
     assert losses[0] == losses[1] and len(losses[0]) == 4
     ids = load_file(cache)
     monkeypatch.undo()
-    train, held_out = pretrain.read_corpus(DATA, pretrain.load_tokenizer(pretrain.parse_args(run + ["--out", "x"]), tmp_path))
+    train, held_out = corpus.read_corpus(DATA, pretrain.load_tokenizer(pretrain.parse_args(run + ["--out", "x"]), tmp_path))
     assert ids["train"].dtype == torch.int32 and torch.equal(ids["train"].long(), train)
     assert torch.equal(ids["eval"].long(), held_out)
 
