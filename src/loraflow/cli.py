@@ -67,8 +67,10 @@ def cmd_serve(args) -> None:
 
     # The engine thread lets go of the GIL while the GPU runs a step; when the step ends it
     # must get it back from the HTTP thread, which keeps it for up to the switch interval
-    # (5 ms by default, a third of a decode step). Ask for it back sooner.
-    sys.setswitchinterval(0.0005)
+    # (5 ms by default, a third of a decode step). Ask for it back sooner (measured on the
+    # H200 only: benchmarks/NOTES-serve.md).
+    if engine.device.type == "cuda":
+        sys.setswitchinterval(0.0005)
     loop = EngineLoop(engine, background=False)      # the engine stays on this (main) thread
     app = create_app(loop, api_key=args.api_key, adapter_dir=args.adapter_dir,
                      allow_runtime_lora=args.allow_runtime_lora)

@@ -211,3 +211,40 @@ def test_api_key_and_busy_server(files):
         assert "busy" in r.json()["error"]["message"]
     finally:
         s.close()
+
+
+def test_the_serve_command_answers_with_each_adapter_and_stops_on_sigterm(files):
+    """``loraflow serve`` as a user starts it: its own process, the engine on the main
+    thread and HTTP on another; greedy answers equal transformers + PEFT; SIGTERM stops it."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    root, adapters = files
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "loraflow.cli", "serve", "--model", str(root / "base"),
+                             "--lora", f"sql={adapters['sql']}", "--lora", f"py={adapters['py']}",
+                             "--port", str(port), "--max-batch-tokens", "64"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                assert time.time() < deadline, "the server did not start in 2 minutes"
+                time.sleep(0.2)
+        api = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        for name in ("sql", "py"):
+            out = api.completions.create(model=name, prompt=prompt(7, 6), max_tokens=5, temperature=0)
+            assert out.usage.completion_tokens == 5
+            assert out.choices[0].text == decode(files, reference(root / "base", adapters[name], prompt(7, 6), 5))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=30)
+    assert code == 0, proc.stdout.read()
