@@ -89,3 +89,22 @@ def test_state_saves_loads_with_weights_only_and_resumes_bit_identically():
 def test_bad_settings_are_explained():
     with pytest.raises(ValueError, match="accumulation"):
         lf.PerLayerUpdates(tiny_llama(), lambda g: torch.optim.SGD(g, lr=0.1), accumulation=0)
+
+
+def test_a_dropped_model_and_its_updates_are_freed():
+    """The hooks sit in the parameters' C++ autograd data, out of the garbage collector's
+    sight: were they to hold the optimizers, the model and its states would never be freed."""
+    import gc
+    import weakref
+
+    model = tiny_llama()
+    updates = lf.PerLayerUpdates(model, lambda g: lf.GaLoreAdamW(g, lr=1e-3))
+    x = batches(1)[0]
+    model(input_ids=x, labels=x).loss.backward()
+    updates.after_backward()
+    state = next(iter(updates.optimizers.values())).state
+    assert state                                                    # stepped inside the backward pass
+    alive = [weakref.ref(model), weakref.ref(updates), weakref.ref(next(iter(state.values()))["exp_avg"])]
+    del model, updates, state
+    gc.collect()
+    assert [r() for r in alive] == [None, None, None]

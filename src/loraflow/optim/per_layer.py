@@ -21,6 +21,7 @@ global norm measured during step t-1 (``last_grad_norm``); the first step is not
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -51,7 +52,12 @@ class PerLayerUpdates:
                 for g in opt.param_groups:
                     g.setdefault("initial_lr", g["lr"])
                 self.optimizers[name] = opt
-                self._handles.append(p.register_post_accumulate_grad_hook(self._hook(opt)))
+                self._handles.append(p.register_post_accumulate_grad_hook(self._hook(name)))
+        # The hooks live in the parameters' C++ autograd data, where Python's garbage collector
+        # cannot see them: a hook holding this object (or an optimizer, which holds the
+        # parameter) would keep the model and every state alive forever. They hold a weak
+        # reference instead, and are removed when this object goes.
+        weakref.finalize(self, _remove, self._handles)
         self.micro = 0                # backward passes done
         self.steps = 0                # optimizer steps done
         self.last_grad_norm: float | None = None
@@ -60,17 +66,21 @@ class PerLayerUpdates:
     def _boundary(self) -> bool:
         return (self.micro + 1) % self.accumulation == 0
 
-    def _hook(self, opt: torch.optim.Optimizer):
+    def _hook(self, name: str):
+        owner = weakref.ref(self)
+
         def hook(p: torch.Tensor) -> None:
-            if not self._boundary():
+            updates = owner()
+            if updates is None or not updates._boundary():
                 return                                    # keep accumulating into p.grad
-            if self.max_grad_norm is not None:
-                self._sq += float(p.grad.detach().float().pow(2).sum())
-                if self.last_grad_norm is not None and self.last_grad_norm > self.max_grad_norm:
-                    p.grad.mul_(self.max_grad_norm / (self.last_grad_norm + 1e-6))
-            if self.schedule is not None:
+            opt = updates.optimizers[name]
+            if updates.max_grad_norm is not None:
+                updates._sq += float(p.grad.detach().float().pow(2).sum())
+                if updates.last_grad_norm is not None and updates.last_grad_norm > updates.max_grad_norm:
+                    p.grad.mul_(updates.max_grad_norm / (updates.last_grad_norm + 1e-6))
+            if updates.schedule is not None:
                 for g in opt.param_groups:
-                    g["lr"] = g["initial_lr"] * self.schedule(self.steps)
+                    g["lr"] = g["initial_lr"] * updates.schedule(updates.steps)
             opt.step()
             p.grad = None                                 # freed right away
         return hook
@@ -101,6 +111,10 @@ class PerLayerUpdates:
 
     def remove(self) -> None:
         """Detach the hooks (the model trains normally again)."""
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        _remove(self._handles)
+
+
+def _remove(handles: list) -> None:
+    for h in handles:
+        h.remove()
+    handles.clear()
