@@ -19,8 +19,14 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from loraflow.serve.bank import BankedLinear, TokenSlots
+
+# Attention of steps with prompt chunks: every backend but cuDNN's, which builds an execution
+# plan for each new shape (hundreds of milliseconds), while these shapes (sequences, new
+# tokens, context) change from one step to the next. The decode steps use their own kernel.
+SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 try:
     from loraflow.serve.paged_attention import paged_decode_attention
@@ -159,7 +165,8 @@ class Attention(nn.Module):
             Q = q[g.q_index].transpose(1, 2)                                  # (S, H, q_max, D)
             K = cache_k[g.kv_index].transpose(1, 2)                           # (S, Hkv, ctx, D)
             V = cache_v[g.kv_index].transpose(1, 2)
-            o = F.scaled_dot_product_attention(Q, K, V, attn_mask=g.mask, enable_gqa=True)
+            with sdpa_kernel(SDPA_BACKENDS):
+                o = F.scaled_dot_product_attention(Q, K, V, attn_mask=g.mask, enable_gqa=a.n_kv_heads != a.n_heads)
             out[g.tokens] = o.transpose(1, 2).reshape(S * q_max, -1)[g.out_index]
         return self.o_proj(out, b.slots)
 
