@@ -99,7 +99,9 @@ def main():
                         adapters={f"a{i}": str(f) for i, f in enumerate(folders)})
         runs = [("base", [None] * args.requests), ("64 distinct r16", [f"a{i}" for i in range(args.requests)])]
         for name, adapters in runs:
-            decode_steps(eng, adapters, args.prompt_len, 4)           # warm-up: loads, compiles, captures
+            # warm-up over the same steps: loads, compiles, captures, and meets every shape the
+            # timed run meets (a backend that plans per shape must not bill whichever run is first)
+            decode_steps(eng, adapters, args.prompt_len, args.steps)
             s = decode_steps(eng, adapters, args.prompt_len, args.steps)
             path = None if not adapters[0] else "rows"
             row = {"graphs": graphs, "bank_slots": slots, "adapters": name, "path": path,
