@@ -285,18 +285,19 @@ class Engine:
         positions = done[seq] + i
         cache_index = table[seq, positions // bs] * bs + positions % bs
         # decode sequences and prompt chunks attend in separate groups, each padded to its own longest
-        groups = []
-        for members in ([j for j, (_, n) in enumerate(plan) if n == 1], [j for j, (_, n) in enumerate(plan) if n > 1]):
-            if members:
-                groups.append(self._attn_group(members, plan, as_t(members), start, n_new, done, table))
+        groups = [self._attn_group(members, plan, start, n_new, done, table)
+                  for members in ([j for j, (_, n) in enumerate(plan) if n == 1],
+                                  [j for j, (_, n) in enumerate(plan) if n > 1]) if members]
         batch = Batch(as_t(tokens), positions, TokenSlots.build(slots, self.bank, dev, self.model.lm_head.weight.dtype),
                       cache_index, groups, as_t(logit_index))
         return batch, sample_from
 
-    def _attn_group(self, members: list[int], plan, m: torch.Tensor, start, n_new, done, table) -> AttnGroup:
-        """Attention indices for the sequences ``members`` (positions in ``plan``; ``m`` the
-        same on the device) of a step, padded to their own longest new-token run and context."""
+    def _attn_group(self, members: list[int], plan, start, n_new, done, table) -> AttnGroup:
+        """Attention indices for the sequences ``members`` (positions in ``plan``) of a step,
+        padded to their own longest new-token run and context."""
         dev, bs = self.device, self.kv.block_size
+        as_t = lambda v: torch.tensor(v, dtype=torch.long, device=dev)
+        m = as_t(members)
         q_max = max(plan[j][1] for j in members)
         ctx_max = max(plan[j][0].computed + plan[j][1] for j in members)
         start, n_new, done, table = start[m], n_new[m], done[m], table[m]
@@ -311,7 +312,6 @@ class Engine:
         first = list(itertools.accumulate((n for _, n in plan), initial=0))   # packed index of each one's first token
         tokens = [first[j] + k for j in members for k in range(plan[j][1])]
         out_index = [row * q_max + k for row, j in enumerate(members) for k in range(plan[j][1])]
-        as_t = lambda v: torch.tensor(v, dtype=torch.long, device=dev)
         return AttnGroup(as_t(tokens), q_index, kv_index, mask[:, None], as_t(out_index))
 
     def _check_stop(self, req: Request, token: int) -> None:

@@ -10,6 +10,7 @@ steps together). Every linear layer adds, for token t with adapter slot s_t (−
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import dataclass
@@ -165,8 +166,8 @@ class Attention(nn.Module):
             Q = q[g.q_index].transpose(1, 2)                                  # (S, H, q_max, D)
             K = cache_k[g.kv_index].transpose(1, 2)                           # (S, Hkv, ctx, D)
             V = cache_v[g.kv_index].transpose(1, 2)
-            with sdpa_kernel(SDPA_BACKENDS):
-                o = F.scaled_dot_product_attention(Q, K, V, attn_mask=g.mask, enable_gqa=a.n_kv_heads != a.n_heads)
+            o = F.scaled_dot_product_attention(Q, K, V, attn_mask=g.mask,    # backends: SDPA_BACKENDS
+                                               enable_gqa=a.n_kv_heads != a.n_heads)
             out[g.tokens] = o.transpose(1, 2).reshape(S * q_max, -1)[g.out_index]
         return self.o_proj(out, b.slots)
 
@@ -220,8 +221,9 @@ class Llama(nn.Module):
         angles = torch.cat((angles, angles), dim=-1)
         x = self.model.embed_tokens(b.tokens)                                   # (N, dim)
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-        for layer, (ck, cv) in zip(self.model.layers, caches):
-            x = layer(x, b, cos, sin, ck, cv)
+        with sdpa_kernel(SDPA_BACKENDS) if b.groups else contextlib.nullcontext():   # once, not per layer
+            for layer, (ck, cv) in zip(self.model.layers, caches):
+                x = layer(x, b, cos, sin, ck, cv)
         x = self.model.norm(x if b.logit_index is None else x[b.logit_index])
         return self.lm_head(x).float()
 
