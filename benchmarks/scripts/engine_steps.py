@@ -1,8 +1,11 @@
 """The engine alone, no HTTP: seconds per decode step of a Llama-2-7B-shaped model (random
 weights) with 64 requests, base model vs 64 distinct rank-16 adapters on all linear layers,
-with and without CUDA-graph decode, and the captured step replayed alone (the GPU's share of
-a step); with --profile, also the GPU time of each kernel of the replayed steps (OUT.kernels.txt).
-Separates the engine's cost from the server's, and the host's from the GPU's.
+with and without CUDA-graph decode (the adapters through either decode kernel: "rows", a
+shrink and an expand launch per layer, or "fused", one), and the captured step replayed
+alone: back to back (the GPU's share of a step), and one at a time from an idle GPU (the
+host's launch call, and launch to finish: what a step pays); with --profile, also the GPU
+time of each kernel of the replayed steps (OUT.kernels.txt). Separates the engine's cost
+from the server's, and the host's from the GPU's.
 
     python benchmarks/scripts/engine_steps.py OUT.json [--requests 64] [--steps 48] [--profile]
 """
@@ -77,6 +80,29 @@ def kernel_table(graph, replays: int = 5) -> str:
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70)
 
 
+def replay_times(graph, n: int = 20) -> dict:
+    """Milliseconds of a captured step: replayed back to back (GPU time per replay, launches
+    overlapped), and one at a time from an idle GPU: the host's ``replay()`` call alone and
+    launch to finish (median)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(n):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    launch, single = [], []
+    for _ in range(n):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        graph.replay()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        launch.append(t1 - t0)
+        single.append(time.perf_counter() - t0)
+    return {"graph_replay_ms": start.elapsed_time(end) / n, "graph_launch_call_ms": 1e3 * statistics.median(launch),
+            "graph_single_replay_ms": 1e3 * statistics.median(single)}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
@@ -97,27 +123,26 @@ def main():
                         max_gpu_adapters=slots, max_cpu_adapters=slots, max_lora_rank=16,
                         decode_graphs=graphs, kv_cache_bytes=16 * 2**30,
                         adapters={f"a{i}": str(f) for i, f in enumerate(folders)})
-        runs = [("base", [None] * args.requests), ("64 distinct r16", [f"a{i}" for i in range(args.requests)])]
-        for name, adapters in runs:
+        distinct = [f"a{i}" for i in range(args.requests)]
+        runs = [("base", [None] * args.requests, "rows"), ("64 distinct r16", distinct, "rows")]
+        runs += [("64 distinct r16", distinct, "fused")] if graphs else []
+        for name, adapters, kernel in runs:
+            if graphs:
+                eng.graphs.kernel = kernel
             # warm-up over the same steps: loads, compiles, captures, and meets every shape the
             # timed run meets (a backend that plans per shape must not bill whichever run is first)
             decode_steps(eng, adapters, args.prompt_len, args.steps)
             s = decode_steps(eng, adapters, args.prompt_len, args.steps)
             path = None if not adapters[0] else "rows"
             row = {"graphs": graphs, "bank_slots": slots, "adapters": name, "path": path,
+                   "kernel": kernel if path and graphs else None,
                    "decode_step_ms": 1e3 * s, "tokens_per_s": args.requests / s}
-            if graphs:      # the GPU's share: the captured step replayed alone (writes only freed cache blocks)
-                key = (args.requests, eng.bank.layout if path else None, path)
+            if graphs:      # the captured step replayed alone (writes only freed cache blocks)
+                key = (args.requests, eng.bank.layout if path else None, path, kernel if path else None)
                 graph = eng.graphs.graphs[key][0]
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                for _ in range(20):
-                    graph.replay()
-                end.record()
-                end.synchronize()
-                row["graph_replay_ms"] = start.elapsed_time(end) / 20
+                row.update(replay_times(graph))
                 if args.profile:
-                    profiles.append(f"## {name}, path {path}\n" + kernel_table(graph))
+                    profiles.append(f"## {name}, path {path}, kernel {row['kernel']}\n" + kernel_table(graph))
             if not graphs:  # an eager step of 63 decode tokens and a new 4,000-token prompt
                 mixed_step(eng, adapters, args.prompt_len, 4000, False)                    # warm-up
                 row["mixed_step_ms"] = 1e3 * statistics.median(

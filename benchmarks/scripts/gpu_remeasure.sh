@@ -1,52 +1,79 @@
 #!/usr/bin/env bash
-# The GPU measurements for the open items of NOTES-serve.md and NOTES-galore.md, in calls of
-# under ten minutes each on one H200, each writing under $OUT (at most 8 files come back):
+# The GPU measurements for the open items of NOTES-serve.md and NOTES-galore.md, as parts that
+# one call (under ten minutes on one H200, at most 8 files back from $OUT) runs in sequence:
 #
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
 #       --target /tmp/site .whl/*.whl .whl-bnb/*.whl && export PYTHONPATH=/tmp/site:$PWD/src
-#   bash benchmarks/scripts/gpu_remeasure.sh engine   # ~7 minutes
-#   bash benchmarks/scripts/gpu_remeasure.sh serve    # ~9 minutes; carry .whl (FastAPI, uvicorn)
-#   bash benchmarks/scripts/gpu_remeasure.sh train    # ~9 minutes; carry .whl and .whl-bnb
+#   bash benchmarks/scripts/gpu_remeasure.sh tests steps serve long   # ~8 minutes; carry .whl
+#   bash benchmarks/scripts/gpu_remeasure.sh train                    # ~9 minutes; carry .whl and .whl-bnb
+#   bash benchmarks/scripts/gpu_remeasure.sh train1b peft             # ~8 minutes
+#
+#   tests     the GPU tests of the kernels and the engine (~1 minute)
+#   steps     the engine alone: decode steps (both decode kernels), launch vs replay, a mixed step, kernel tables (~2-3 minutes)
+#   workload  the engine alone on the 1,024-token workload, time split by kind of step (~3 minutes)
+#   serve     the server at 128 + 128 tokens, adapters vs base (~1.5 minutes)
+#   long      the server at 1,024 + 128 tokens (~2.5 minutes)
+#   peft      the 128 + 128 workload with the transformers + PEFT baseline (~5 minutes, most of it PEFT)
+#   train     the grid 60M-350M, every variant, and the 8-bit baselines at 1B (~9 minutes)
+#   train1b   1B: AdamW, GaLore, galore-torch, 8-bit GaLore (~5 minutes)
 #
 # Then here: loraflow bench train --merge <the train JSON files> --out benchmarks/results, and
 # the serve JSON files into benchmarks/results.
 set -uo pipefail
 OUT=${OUT:?set OUT}
 export PYTHONPATH=${PYTHONPATH:-$PWD/src} PYTHONUNBUFFERED=1
+SERVE=(python3 -m loraflow.cli bench serve --shape llama2-7b --requests 64 --output-len 128 --adapters 64 --registered 1000)
+quiet() { grep -v -i warn | tail -"$1"; }
 
-train() {   # the rest of the grid with the fixed peak measurement: 60M-350M, and the 8-bit baselines at 1B
+tests() {
+    timeout 60 python3 -m pytest -q -p no:cacheprovider tests/optim/test_adam8bit_triton.py \
+        tests/serve/test_paged_attention.py tests/serve/test_engine.py -k "not default_model" 2>&1 | tail -3
+}
+steps() {
+    mkdir -p "$OUT/e"
+    timeout 240 python3 benchmarks/scripts/engine_steps.py "$OUT/e/engine-steps-h200.json" --profile 2>&1 | quiet 8
+}
+workload() {
+    mkdir -p "$OUT/e"
+    timeout 200 python3 benchmarks/scripts/engine_workload.py "$OUT/e/engine-workload-h200.json" 2>&1 | quiet 3
+}
+serve() {
+    mkdir -p "$OUT/s"
+    timeout 150 "${SERVE[@]}" --prompt-len 128 --no-peft --out "$OUT/s" 2>&1 | quiet 6
+    rm -f "$OUT"/s/*.md "$OUT"/s/*.png
+}
+long() {
+    mkdir -p "$OUT/l"
+    timeout 180 "${SERVE[@]}" --prompt-len 1024 --no-peft --out "$OUT/l" 2>&1 | quiet 6
+    rm -f "$OUT"/l/*.md "$OUT"/l/*.png
+}
+peft() {
+    mkdir -p "$OUT/p"
+    timeout 360 "${SERVE[@]}" --prompt-len 128 --peft-requests 64 --peft-output-len 32 --peft-batch 64 \
+        --out "$OUT/p" 2>&1 | quiet 8
+    rm -f "$OUT"/p/*.md "$OUT"/p/*.png
+}
+train() {
     mkdir -p "$OUT/ts" "$OUT/t8"
     timeout 300 python3 -m loraflow.cli bench train --configs 350m,130m,60m \
         --variants adamw,adamw8bit,galore,galore8bit,galore-torch,galore-torch8bit \
-        --batch 16 --state-dtype bfloat16 --randomized-svd --out "$OUT/ts" 2>&1 | grep -v -i warn | tail -8
+        --batch 16 --state-dtype bfloat16 --randomized-svd --out "$OUT/ts" 2>&1 | quiet 8
     timeout 240 python3 -m loraflow.cli bench train --configs 1b --variants adamw8bit,galore-torch8bit \
-        --batch 16 --accumulation 4 --randomized-svd --out "$OUT/t8" 2>&1 | grep -v -i warn | tail -8
+        --batch 16 --accumulation 4 --randomized-svd --out "$OUT/t8" 2>&1 | quiet 8
     rm -f "$OUT"/ts/*.md "$OUT"/ts/*.png "$OUT"/t8/*.md "$OUT"/t8/*.png
 }
-
-engine() {  # tests, the engine alone: decode steps and a mixed step (kernel tables), the long workload
-    mkdir -p "$OUT/e"
-    timeout 45 python3 -m pytest -q -p no:cacheprovider tests/optim/test_adam8bit_triton.py \
-        tests/serve/test_paged_attention.py tests/serve/test_engine.py -k "not default_model" 2>&1 | tail -3
-    timeout 200 python3 benchmarks/scripts/engine_steps.py "$OUT/e/engine-steps-h200.json" --profile 2>&1 \
-        | grep -v -i warn | tail -5
-    timeout 200 python3 benchmarks/scripts/engine_workload.py "$OUT/e/engine-workload-h200.json" 2>&1 \
-        | grep -v -i warn | tail -3
+train1b() {
+    mkdir -p "$OUT/t1"
+    timeout 330 python3 -m loraflow.cli bench train --configs 1b --variants adamw,galore,galore-torch,galore8bit \
+        --batch 16 --accumulation 4 --state-dtype bfloat16 --randomized-svd --out "$OUT/t1" 2>&1 | quiet 8
+    rm -f "$OUT"/t1/*.md "$OUT"/t1/*.png
 }
 
-serve() {   # the server at 128 + 128 tokens with the PEFT baseline (it alone takes ~3 minutes), then 1,024 + 128
-    mkdir -p "$OUT/s/long"
-    timeout 360 python3 -m loraflow.cli bench serve --shape llama2-7b --requests 64 --output-len 128 --prompt-len 128 \
-        --adapters 64 --registered 1000 --peft-requests 64 --peft-output-len 32 --peft-batch 64 --out "$OUT/s" \
-        2>&1 | grep -v -i warn | tail -8
-    timeout 150 python3 -m loraflow.cli bench serve --shape llama2-7b --requests 64 --output-len 128 --prompt-len 1024 \
-        --adapters 64 --registered 1000 --no-peft --out "$OUT/s/long" 2>&1 | grep -v -i warn | tail -6
-    rm -f "$OUT"/s/*.png "$OUT"/s/long/*.md "$OUT"/s/long/*.png
-}
-
-case "${1:?engine, serve or train}" in
-    engine) engine ;;
-    serve) serve ;;
-    train) train ;;
-    *) echo "usage: gpu_remeasure.sh engine|serve|train" >&2; exit 2 ;;
-esac
+[ $# -gt 0 ] || { echo "usage: gpu_remeasure.sh PART... (tests steps workload serve long peft train train1b)" >&2; exit 2; }
+for part in "$@"; do
+    case "$part" in
+        tests|steps|workload|serve|long|peft|train|train1b) echo "== $part $(date -u +%H:%M:%S)"; "$part" ;;
+        *) echo "unknown part $part (tests steps workload serve long peft train train1b)" >&2; exit 2 ;;
+    esac
+done
+echo "== done $(date -u +%H:%M:%S)"

@@ -7,7 +7,7 @@ buffers, and the whole forward (every layer's GEMMs, the per-row LoRA kernels an
 attention kernel) replays from one CUDA graph per bucket: one launch instead of a thousand.
 Padding rows read and write the KV cache's spare block and use no adapter.
 
-Graphs are keyed by (bucket, adapter layout, adapter path): with no adapter in the batch
+Graphs are keyed by (bucket, adapter layout, adapter path, kernel): with no adapter in the batch
 the layers run the base GEMMs alone; with adapters, the layers that some slot adapts add
 B_s A_s x through the per-row Triton kernels (on CUDA always: they read only the rows in
 use and measured faster than the whole bank's dense matmuls, ``AdapterBank.dense_pays``),
@@ -53,6 +53,7 @@ class DecodeGraphs:
         self.mask = torch.zeros(self.size, bank.n_slots * bank.r_max, dtype=kv.layers[0][0].dtype, device=dev)
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle() if capture else None
+        self.kernel = "rows"                 # the decode LoRA kernel: "rows" (shrink, expand) or "fused" (one launch)
         self.steps = 0                       # decode steps run through this path
         self.paths: Counter = Counter()      # ... by adapter path: None, "rows", "mask"
 
@@ -60,7 +61,7 @@ class DecodeGraphs:
         """``path``: None (no adapters), "rows" (Triton kernels) or "mask" (the whole bank)."""
         tokens, positions, slots, rows, lengths = self.inputs[:, :n]
         ts = TokenSlots(self.slots32[:n] if path == "rows" else slots, [0] if path else [], [],
-                        variant="rows" if path == "rows" else None,
+                        variant=self.kernel if path == "rows" else None,
                         mask=self.mask[:n] if path == "mask" else None)
         return Batch(tokens, positions, ts, rows, block_table=self.table[:n], seq_lens=lengths,
                      block_size=self.kv.block_size)
@@ -89,7 +90,7 @@ class DecodeGraphs:
         self.paths[path] += 1
         if not self.capture:
             return self.model(self._batch(size, path), self.kv.layers)[:n]
-        key = (size, self.bank.layout if path else None, path)
+        key = (size, self.bank.layout if path else None, path, self.kernel if path == "rows" else None)
         if key not in self.graphs:
             self.graphs = {k: v for k, v in self.graphs.items() if k[1] in (None, self.bank.layout)}
             self.graphs[key] = self._capture(size, path)
