@@ -37,10 +37,11 @@ workload() {
     mkdir -p "$OUT/e"
     timeout 200 python3 benchmarks/scripts/engine_workload.py "$OUT/e/engine-workload-h200.json" 2>&1 | quiet 3
 }
-serve() {
-    mkdir -p "$OUT/s"
-    timeout 150 "${SERVE[@]}" --prompt-len 128 --no-peft --out "$OUT/s" 2>&1 | quiet 6
-    rm -f "$OUT"/s/*.md "$OUT"/s/*.png
+serve() {    # each run in its own folder: a call may repeat the part to see the run-to-run spread
+    local d="$OUT/s-$(date -u +%H%M%S)"
+    mkdir -p "$d"
+    timeout 150 "${SERVE[@]}" --prompt-len 128 --no-peft --out "$d" 2>&1 | quiet 6
+    rm -f "$d"/*.md "$d"/*.png
 }
 long() {
     mkdir -p "$OUT/l"

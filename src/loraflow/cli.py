@@ -141,6 +141,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--max-gpu-adapters", type=int, help="device slots (default: --adapters)")
     p.add_argument("--max-batch-tokens", type=int, default=2048)
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed runs of each kind, in turn; the report takes each kind's median run")
     p.add_argument("--no-peft", action="store_true", help="skip the transformers + PEFT baseline")
     p.add_argument("--peft-batch", type=int, default=64, help="rows per PEFT generate call")
     p.add_argument("--peft-requests", type=int, help="requests for the PEFT baseline (default: --requests)")

@@ -50,6 +50,18 @@ def test_serve_report_says_what_was_not_measured(tmp_path):
     assert [p.suffix for p in paths] == [".json", ".md", ".png"] and all(p.stat().st_size for p in paths)
 
 
+def test_repeated_runs_report_each_kinds_median_run_and_every_pair():
+    runs = [{"output_tokens_per_s": v, "ttft_p50_ms": v / 10} for v in (30.0, 10.0, 20.0)]
+    assert serve.median_run(runs)["ttft_p50_ms"] == 2.0 and serve.median_run(runs[:2])["output_tokens_per_s"] == 10.0
+    run = {"requests": 2, "errors": 0, "output_tokens": 8, "wall_s": 1.0, "output_tokens_per_s": 9.0,
+           "ttft_p50_ms": 1.0, "ttft_p99_ms": 2.0, "itl_p50_ms": 1.0, "itl_p99_ms": 2.0}
+    pairs = [{"adapters_tokens_per_s": a, "base_tokens_per_s": 10.0, "ratio": a / 10.0} for a in (8.0, 9.0, 10.0)]
+    payload = {"workload": vars(serve.Workload()), "adapters": run, "base": dict(run, output_tokens_per_s=10.0),
+               "adapters_over_base": 0.9, "pairs": pairs}
+    text = serve_report.markdown(report.environment(), payload)
+    assert "**0.90**" in text and "median run of 3" in text and "8 / 10 = 0.80, 9 / 10 = 0.90, 10 / 10 = 1.00" in text
+
+
 def test_kernel_grid_and_targets():
     grid = kernels.grid()
     assert {c.kind for c in grid} == {"decode", "prefill", "flora"}

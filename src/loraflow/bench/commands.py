@@ -95,7 +95,7 @@ def cmd_bench_serve(args) -> None:
     serve_args = [*model_args, "--adapter-dir", str(names), "--max-gpu-adapters", str(args.max_gpu_adapters or w.adapters),
                   "--max-cpu-adapters", str(max(64, w.adapters)), "--max-lora-rank", str(w.rank),
                   "--max-batch-tokens", str(args.max_batch_tokens), "--max-waiting", str(4 * w.requests + 64)]
-    result = bench.run(serve_args, w, base_name, shape.vocab_size, tmp / "server.log")
+    result = bench.run(serve_args, w, base_name, shape.vocab_size, tmp / "server.log", args.repeats)
     if device == "cuda":      # where a batch-64 decode step is bound by memory bandwidth
         result["roofline"] = bench.decode_roofline(shape, w)
     print(json.dumps({k: result[k] for k in ("adapters", "base", "adapters_over_base")}, indent=1), flush=True)

@@ -167,9 +167,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(serve_args: list[str], w: Workload, base_name: str, vocab: int, log: Path) -> dict:
+def run(serve_args: list[str], w: Workload, base_name: str, vocab: int, log: Path, repeats: int = 3) -> dict:
     """Start ``loraflow serve`` (with ``serve_args``) in its own process on loopback, run the
-    workload with adapters a0.. and on the base model, and stop the server."""
+    workload with adapters a0.. and on the base model, ``repeats`` times in turn, and stop
+    the server. Each kind's figures are from its run of median throughput; the ratio is
+    theirs (one run of a few seconds varies by up to 20% on the H200, NOTES-serve.md)."""
     import subprocess
     import sys
     import urllib.request
@@ -199,17 +201,27 @@ def run(serve_args: list[str], w: Workload, base_name: str, vocab: int, log: Pat
         warm = Workload(**{**asdict(w), "output_len": 4})
         asyncio.run(_load(url, chosen, prompts, warm))
         asyncio.run(_load(url, [base_name] * w.requests, prompts, warm))
-        with_adapters = summarize(*asyncio.run(_load(url, chosen, prompts, w)))
-        base_only = summarize(*asyncio.run(_load(url, [base_name] * w.requests, prompts, w)))
+        pairs = []      # (with adapters, base only), back to back, ``repeats`` times
+        for _ in range(repeats):
+            pairs.append((summarize(*asyncio.run(_load(url, chosen, prompts, w))),
+                           summarize(*asyncio.run(_load(url, [base_name] * w.requests, prompts, w)))))
         metrics = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
     finally:
         proc.terminate()
         proc.wait(timeout=60)
     registry = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
                 if line.startswith("loraflow_adapter")}
-    return {"workload": asdict(w), "adapters": with_adapters, "base": base_only,
+    with_adapters, base_only = median_run([a for a, _ in pairs]), median_run([b for _, b in pairs])
+    return {"workload": asdict(w), "repeats": repeats, "adapters": with_adapters, "base": base_only,
             "adapters_over_base": with_adapters["output_tokens_per_s"] / base_only["output_tokens_per_s"],
+            "pairs": [{"adapters_tokens_per_s": a["output_tokens_per_s"], "base_tokens_per_s": b["output_tokens_per_s"],
+                       "ratio": a["output_tokens_per_s"] / b["output_tokens_per_s"]} for a, b in pairs],
             "server": registry}
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run of median throughput (the lower middle one of an even count)."""
+    return sorted(runs, key=lambda r: r["output_tokens_per_s"])[(len(runs) - 1) // 2]
 
 
 def peft_baseline(hf_model, adapter_folders: list[Path], w: Workload, batch: int, device) -> dict:

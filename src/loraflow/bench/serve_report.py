@@ -21,7 +21,10 @@ def markdown(env: dict, p: dict) -> str:
                           ("ttft_p50_ms", "TTFT p50 (ms)", ".0f"), ("ttft_p99_ms", "TTFT p99 (ms)", ".0f"),
                           ("itl_p50_ms", "ITL p50 (ms)", ".1f"), ("itl_p99_ms", "ITL p99 (ms)", ".1f"),
                           ("wall_s", "wall (s)", ".1f"), ("errors", "errors", "")]), "",
-             f"- adapters / base throughput: **{p['adapters_over_base']:.2f}** (target >= 0.90)"]
+             f"- adapters / base throughput: **{p['adapters_over_base']:.2f}** (target >= 0.90)" +
+             (f" from each kind's median run of {len(p['pairs'])}; the runs in turn: " +
+              ", ".join(f"{q['adapters_tokens_per_s']:.0f} / {q['base_tokens_per_s']:.0f} = {q['ratio']:.2f}"
+                        for q in p["pairs"]) if len(p.get("pairs", [])) > 1 else "")]
     if "roofline" in p:
         r = p["roofline"]
         lines += [f"- that ratio at the roofline, with every decode step at the copy bandwidth: {r['ratio_bound']:.2f} "
