@@ -100,6 +100,26 @@ def test_train_bench_runs_and_counts_states_on_the_cpu():
         train.TrainCase("tiny", "galore", False, rank=8, steps=6, update_proj_gap=4)
 
 
+def test_train_merge_keeps_every_part_and_its_date_and_command(tmp_path):
+    import json
+
+    from loraflow.bench import train
+    from loraflow.cli import main
+
+    row = train.run_case(train.TrainCase("tiny", "adamw", False, rank=8, steps=3, seq=32), device="cpu", dtype=torch.float32)
+    files = []
+    for i, (date, variant) in enumerate([("2026-11-29 02:22 UTC", "adamw"), ("2026-11-29 03:37 UTC", "galore")]):
+        env = dict(report.environment(), date=date, command=f"part {i}")
+        files.append(tmp_path / f"p{i}.json")
+        files[-1].write_text(json.dumps({"environment": env, "cases": [dict(row, variant=variant)]}))
+    main(["bench", "train", "--merge", *map(str, files), "--out", str(tmp_path / "out")])
+    merged = json.loads((tmp_path / "out" / "train-cuda.json").read_text())
+    assert [c["variant"] for c in merged["cases"]] == ["adamw", "galore"]
+    assert merged["environment"]["date"] == "2026-11-29 02:22 UTC, 2026-11-29 03:37 UTC"
+    assert merged["environment"]["command"] == "part 0 + part 1"
+    assert "2026-11-29 03:37 UTC" in (tmp_path / "out" / "train-cuda.md").read_text()
+
+
 def test_refresh_timing_counts_one_svd_per_weight_shape(monkeypatch):
     import time
 

@@ -114,3 +114,18 @@ def test_prepare_only_and_a_cache_of_another_tokenizer(tmp_path):
     folder = _corpus(tmp_path / "c", 3, 2000)
     with pytest.raises(ValueError, match="made from 1 files, --data .* has 3"):
         main(prep[2:] + ["--data", str(folder), "--out", str(tmp_path / "c")])
+
+
+def test_randomized_svd_flag_reaches_the_galore_group():
+    from types import SimpleNamespace
+
+    from transformers import LlamaForCausalLM
+
+    import loraflow as lf
+    from loraflow.train.pretrain import optimizer_parts
+
+    model = LlamaForCausalLM(lf.llama_config("tiny", vocab_size=64, max_seq_len=16))
+    for flag in (False, True):
+        args = SimpleNamespace(rank=4, update_proj_gap=2, scale=0.25, randomized_svd=flag, lr=1e-3, weight_decay=0.0)
+        groups, make = optimizer_parts("galore", model, args)
+        assert groups[0]["randomized_svd"] is flag and make(groups).param_groups[0]["randomized_svd"] is flag

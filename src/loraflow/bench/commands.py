@@ -147,9 +147,11 @@ def cmd_bench_train(args) -> None:
     from loraflow.bench.train import TrainCase, run_case
 
     if args.merge:        # one report from the JSON files of several runs (e.g. 7B in a call of its own)
-        rows = [row for f in args.merge for row in json.loads(Path(f).read_text())["cases"]]
-        env = json.loads(Path(args.merge[0]).read_text())["environment"]
-        env["command"] = " + ".join(json.loads(Path(f).read_text())["environment"]["command"] for f in args.merge)
+        parts = [json.loads(Path(f).read_text()) for f in args.merge]
+        rows = [row for p in parts for row in p["cases"]]
+        env = dict(parts[0]["environment"])
+        env["command"] = " + ".join(p["environment"]["command"] for p in parts)
+        env["date"] = ", ".join(dict.fromkeys(p["environment"]["date"] for p in parts))    # each part's, in order
         payload = {"environment": env, "targets": train_report.targets(rows), "cases": rows}
         print("wrote", *report.write(args.out, f"train-{args.name}", payload, train_report.markdown(env, rows),
                                      train_report.figure(rows)))

@@ -196,11 +196,13 @@ def run(serve_args: list[str], w: Workload, base_name: str, vocab: int, log: Pat
         rng = random.Random(w.seed)
         prompts = [[rng.randrange(3, vocab) for _ in range(w.prompt_len)] for _ in range(w.requests)]
         chosen = [f"a{i}" for i in popularity(w.mix, w.requests, w.adapters, rng)]
-        # warm-up, untimed: the same batches with a few output tokens compile the kernels,
-        # capture the decode graphs of these batch sizes and bring every used adapter to the device
-        warm = Workload(**{**asdict(w), "output_len": 4})
-        asyncio.run(_load(url, chosen, prompts, warm))
-        asyncio.run(_load(url, [base_name] * w.requests, prompts, warm))
+        # warm-up, untimed: the whole workload once per kind compiles the kernels, brings every
+        # used adapter to the device and captures the decode graphs of every batch size the
+        # timed runs meet (requests start and finish at different steps, so the batch passes
+        # through several sizes; a warm-up of 4 output tokens left some of those captures to
+        # the first timed run of each kind, NOTES-serve.md)
+        asyncio.run(_load(url, chosen, prompts, w))
+        asyncio.run(_load(url, [base_name] * w.requests, prompts, w))
         pairs = []      # (with adapters, base only), back to back, ``repeats`` times
         for _ in range(repeats):
             pairs.append((summarize(*asyncio.run(_load(url, chosen, prompts, w))),

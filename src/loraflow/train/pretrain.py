@@ -55,7 +55,8 @@ def optimizer_parts(name: str, model, args):
     if name not in OPTIMIZERS:
         raise ValueError(f"--optimizer must be one of {OPTIMIZERS}, got {name!r}")
     if name.startswith("galore"):
-        groups = lf.galore_param_groups(model, rank=args.rank, update_proj_gap=args.update_proj_gap, scale=args.scale)
+        groups = lf.galore_param_groups(model, rank=args.rank, update_proj_gap=args.update_proj_gap, scale=args.scale,
+                                        randomized_svd=args.randomized_svd)
     else:
         groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
     cls = {"adamw": lf.GaLoreAdamW, "galore": lf.GaLoreAdamW, "adamw8bit": lf.GaLoreAdamW8bit,
@@ -126,6 +127,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--rank", type=int, default=128)
     ap.add_argument("--update-proj-gap", type=int, default=200)
     ap.add_argument("--scale", type=float, default=0.25)
+    ap.add_argument("--randomized-svd", action="store_true",
+                    help="GaLore bases by torch.svd_lowrank (rank + 8 columns, 2 power iterations) instead of a full SVD")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--weight-decay", type=float, default=0.0)
     ap.add_argument("--steps", type=int, default=1000)
