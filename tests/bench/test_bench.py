@@ -1,6 +1,7 @@
 """The benchmark helpers that run on any machine: workloads, adapters, reports."""
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -60,6 +61,8 @@ def test_repeated_runs_report_each_kinds_median_run_and_every_pair():
                "adapters_over_base": 0.9, "pairs": pairs}
     text = serve_report.markdown(report.environment(), payload)
     assert "**0.90**" in text and "median run of 3" in text and "8 / 10 = 0.80, 9 / 10 = 0.90, 10 / 10 = 1.00" in text
+    with pytest.raises(ValueError, match="--repeats must be at least 1"):
+        serve.run([], serve.Workload(), "base", 100, Path("unused.log"), repeats=0)
 
 
 def test_kernel_grid_and_targets():

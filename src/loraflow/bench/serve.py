@@ -176,6 +176,8 @@ def run(serve_args: list[str], w: Workload, base_name: str, vocab: int, log: Pat
     import sys
     import urllib.request
 
+    if repeats < 1:
+        raise ValueError(f"--repeats must be at least 1, got {repeats}")
     port = _free_port()
     cmd = [sys.executable, "-m", "loraflow.cli", "serve", "--port", str(port), *serve_args]
     url = f"http://127.0.0.1:{port}"
