@@ -21,10 +21,11 @@ from typing import Callable
 
 import torch
 
-from loraflow.serve.bank import AdapterBank, TokenSlots
+from loraflow.serve.bank import AdapterBank
 from loraflow.serve.kv_cache import KVCache
 from loraflow.serve.decode_graphs import BUCKETS, DecodeGraphs
-from loraflow.serve.llama import AttnGroup, Batch, Llama, load_llama, paged_decode_attention
+from loraflow.serve.llama import Batch, Llama, load_llama, paged_decode_attention
+from loraflow.serve.packing import pack
 from loraflow.serve.registry import AdapterRegistry
 from loraflow.serve.sampling import SamplingParams, sample
 
@@ -264,55 +265,8 @@ class Engine:
         self.waiting.appendleft(req)
 
     def _batch(self, plan) -> tuple[Batch, list[Request]]:
-        """The step's packed tokens and attention metadata. Per-sequence numbers and block
-        tables come from Python (small); the index and mask tensors are built on the device."""
-        dev, bs = self.device, self.kv.block_size
-        tokens, slots, logit_index, sample_from = [], [], [], []
-        for req, n in plan:
-            tokens += req.ids[req.computed:req.computed + n]
-            slots += [req.slot] * n
-            if req.computed + n == req.n_tokens:   # the prompt is all in: a new token comes next
-                logit_index.append(len(tokens) - 1)
-                sample_from.append(req)
-        as_t = lambda v: torch.tensor(v, dtype=torch.long, device=dev)
-        n_new = as_t([n for _, n in plan])                                  # (S,)
-        done = as_t([r.computed for r, _ in plan])                          # (S,) cached before
-        width = max(len(r.blocks) for r, _ in plan)
-        table = as_t([r.blocks + [0] * (width - len(r.blocks)) for r, _ in plan])   # (S, blocks)
-        start = torch.cumsum(n_new, 0) - n_new                              # first packed token of each
-        seq = torch.repeat_interleave(torch.arange(len(plan), device=dev), n_new)   # (N,) sequence of each token
-        i = torch.arange(len(tokens), device=dev) - start[seq]              # (N,) index among its new tokens
-        positions = done[seq] + i
-        cache_index = table[seq, positions // bs] * bs + positions % bs
-        # decode sequences and prompt chunks attend in separate groups, each padded to its own longest
-        groups = [self._attn_group(members, plan, start, n_new, done, table)
-                  for members in ([j for j, (_, n) in enumerate(plan) if n == 1],
-                                  [j for j, (_, n) in enumerate(plan) if n > 1]) if members]
-        batch = Batch(as_t(tokens), positions, TokenSlots.build(slots, self.bank, dev, self.model.lm_head.weight.dtype),
-                      cache_index, groups, as_t(logit_index))
-        return batch, sample_from
-
-    def _attn_group(self, members: list[int], plan, start, n_new, done, table) -> AttnGroup:
-        """Attention indices for the sequences ``members`` (positions in ``plan``) of a step,
-        padded to their own longest new-token run and context."""
-        dev, bs = self.device, self.kv.block_size
-        as_t = lambda v: torch.tensor(v, dtype=torch.long, device=dev)
-        m = as_t(members)
-        q_max = max(plan[j][1] for j in members)
-        ctx_max = max(plan[j][0].computed + plan[j][1] for j in members)
-        start, n_new, done, table = start[m], n_new[m], done[m], table[m]
-        width = table.shape[1]
-        qi = torch.arange(q_max, device=dev)
-        kj = torch.arange(ctx_max, device=dev)
-        q_index = torch.where(qi[None] < n_new[:, None], start[:, None] + qi[None], 0)   # (S, q_max)
-        kv_index = table.gather(1, (kj // bs).clamp_max(width - 1).expand(len(members), -1)) * bs + kj % bs
-        real_q = qi[None, :, None] < n_new[:, None, None]
-        causal = kj[None, None, :] <= done[:, None, None] + qi[None, :, None]
-        mask = (real_q & causal) | (~real_q & (kj == 0)[None, None, :])   # padded queries see key 0
-        first = list(itertools.accumulate((n for _, n in plan), initial=0))   # packed index of each one's first token
-        tokens = [first[j] + k for j in members for k in range(plan[j][1])]
-        out_index = [row * q_max + k for row, j in enumerate(members) for k in range(plan[j][1])]
-        return AttnGroup(as_t(tokens), q_index, kv_index, mask[:, None], as_t(out_index))
+        """The step's packed tokens and attention metadata (``serve/packing.py``)."""
+        return pack(plan, self.bank, self.kv.block_size, self.device, self.model.lm_head.weight.dtype)
 
     def _check_stop(self, req: Request, token: int) -> None:
         p = req.params
