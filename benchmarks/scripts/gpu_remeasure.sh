@@ -11,6 +11,7 @@
 #   tests     the GPU tests of the kernels and the engine (~1 minute)
 #   steps     the engine alone: decode steps (both decode kernels), launch vs replay, a mixed step, kernel tables (~2-3 minutes)
 #   workload  the engine alone on the 1,024-token workload, time split by kind of step (~3 minutes)
+#   launch    what a CUDA graph's launch costs by what it holds: PyTorch ops, LoRA kernels (~1 minute)
 #   serve     the server at 128 + 128 tokens, adapters vs base (~1.5 minutes)
 #   long      the server at 1,024 + 128 tokens (~2.5 minutes)
 #   peft      the 128 + 128 workload with the transformers + PEFT baseline (~5 minutes, most of it PEFT)
@@ -36,6 +37,10 @@ steps() {
 workload() {
     mkdir -p "$OUT/e"
     timeout 200 python3 benchmarks/scripts/engine_workload.py "$OUT/e/engine-workload-h200.json" 2>&1 | quiet 3
+}
+launch() {
+    mkdir -p "$OUT/e"
+    timeout 120 python3 benchmarks/scripts/graph_launch.py "$OUT/e/graph-launch-h200.json" 2>&1 | quiet 20
 }
 serve() {    # each run in its own folder: a call may repeat the part to see the run-to-run spread
     local d="$OUT/s-$(date -u +%H%M%S)"
@@ -70,11 +75,11 @@ train1b() {
     rm -f "$OUT"/t1/*.md "$OUT"/t1/*.png
 }
 
-[ $# -gt 0 ] || { echo "usage: gpu_remeasure.sh PART... (tests steps workload serve long peft train train1b)" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: gpu_remeasure.sh PART... (tests steps workload launch serve long peft train train1b)" >&2; exit 2; }
 for part in "$@"; do
     case "$part" in
-        tests|steps|workload|serve|long|peft|train|train1b) echo "== $part $(date -u +%H:%M:%S)"; "$part" ;;
-        *) echo "unknown part $part (tests steps workload serve long peft train train1b)" >&2; exit 2 ;;
+        tests|steps|workload|launch|serve|long|peft|train|train1b) echo "== $part $(date -u +%H:%M:%S)"; "$part" ;;
+        *) echo "unknown part $part (tests steps workload launch serve long peft train train1b)" >&2; exit 2 ;;
     esac
 done
 echo "== done $(date -u +%H:%M:%S)"
