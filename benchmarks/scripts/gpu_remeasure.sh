@@ -28,7 +28,8 @@ quiet() { grep -v -i warn | tail -"$1"; }
 
 tests() {
     timeout 60 python3 -m pytest -q -p no:cacheprovider tests/optim/test_adam8bit_triton.py \
-        tests/serve/test_paged_attention.py tests/serve/test_engine.py -k "not default_model" 2>&1 | tail -3
+        tests/serve/test_paged_attention.py tests/serve/test_engine.py tests/multi/test_triton_siblings.py \
+        -k "not default_model" 2>&1 | tail -3
 }
 steps() {
     mkdir -p "$OUT/e"

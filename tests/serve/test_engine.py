@@ -43,16 +43,16 @@ GRAPHS = [False, pytest.param(True, marks=pytest.mark.skipif(
     __import__("torch").cuda.is_available(), reason="CPU tensors through the Triton interpreter; on a GPU see the CUDA test"))]
 
 
-@pytest.mark.parametrize("slots,rank,kernel", [(8, 64, "rows"), (8, 64, "fused"), (3, 8, "rows")],
-                         ids=["bank-8x64", "bank-8x64-fused", "bank-3x8"])
+@pytest.mark.parametrize("slots,rank,kernel", [(8, 64, "rows"), (8, 64, "fused"), (8, 64, "siblings"), (3, 8, "rows")],
+                         ids=["bank-8x64", "bank-8x64-fused", "bank-8x64-siblings", "bank-3x8"])
 @pytest.mark.parametrize("graphs", GRAPHS, ids=["gathered", "paged-decode"])
 def test_greedy_equals_transformers_and_peft_per_adapter_in_one_mixed_batch(setup, graphs, slots, rank, kernel):
     """``graphs``: decode-only steps through the fixed buffers, paged attention and LoRA of
     the CUDA-graph path (run eagerly here, under Triton's interpreter). The adapters (ranks
     4, 8, 2) in a bank of 8 slots x 64 rows go through the per-row kernels (``kernel``: shrink
-    and expand, or both in one launch; gathered rows on the CPU); in a bank of 3 x 8, through
-    the masked whole bank while all three decode."""
-    if kernel == "fused" and not graphs:
+    and expand, both in one launch, or q/k/v and gate/up sharing theirs; gathered rows on the
+    CPU); in a bank of 3 x 8, through the masked whole bank while all three decode."""
+    if kernel != "rows" and not graphs:
         pytest.skip("the decode kernel is a choice of the paged-decode path")
     root, adapters = setup
     eng = engine(setup, max_batch_tokens=64, decode_graphs=graphs, max_gpu_adapters=slots, max_lora_rank=rank)
