@@ -156,13 +156,15 @@ def test_linear_shapes_match_the_bank(setup):
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="the engine's CUDA path (Triton) needs a GPU")
-@pytest.mark.parametrize("slots,rank", [(8, 64), (3, 8)])       # a bank mostly free, one all in use
-def test_cuda_engine_equals_transformers_and_peft(setup, slots, rank):
+@pytest.mark.parametrize("slots,rank,kernel", [(8, 64, "rows"), (3, 8, "rows"), (8, 64, "fused"), (8, 64, "siblings")],
+                         ids=["bank-8x64", "bank-3x8", "bank-8x64-fused", "bank-8x64-siblings"])   # mostly free, all in use
+def test_cuda_engine_equals_transformers_and_peft(setup, slots, rank, kernel):
     import torch
 
     root, adapters = setup
     eng = lf.Engine(model=root / "base", adapters={k: str(v) for k, v in adapters.items()}, device="cuda",
                     dtype=torch.float32, max_batch_tokens=64, max_gpu_adapters=slots, max_lora_rank=rank)
+    eng.graphs.kernel = kernel          # the decode graphs' LoRA launches
     names = ["sql", None, "med", "py"]
     prompts = [prompt(50 + i, 6 + 2 * i) for i in range(len(names))]
     reqs = [eng.add_request(p, SamplingParams(max_tokens=8, temperature=0.0), a) for p, a in zip(prompts, names)]
