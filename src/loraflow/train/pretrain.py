@@ -128,7 +128,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--update-proj-gap", type=int, default=200)
     ap.add_argument("--scale", type=float, default=0.25)
     ap.add_argument("--randomized-svd", action="store_true",
-                    help="GaLore bases by torch.svd_lowrank (rank + 8 columns, 2 power iterations) instead of a full SVD")
+                    help="GaLore bases by torch.svd_lowrank (rank + 8 columns, 2 power iterations) instead of a "
+                         "full SVD: faster refreshes, about 2%% higher perplexity in a small check")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--weight-decay", type=float, default=0.0)
     ap.add_argument("--steps", type=int, default=1000)
