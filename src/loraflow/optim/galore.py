@@ -193,8 +193,8 @@ def galore_param_groups(model: nn.Module, target_modules="all-linear", rank: int
                         update_proj_gap: int = 200, scale: float = 0.25, proj_type: str = "std",
                         randomized_svd: bool = False) -> list[dict]:
     """Two groups: the weights of the targeted linear layers (GaLore), everything else.
-    ``randomized_svd`` finds the basis with ``torch.svd_lowrank``: 6x faster than galore-torch's full SVD
-    at 1B on an H200, but 2% higher perplexity in a small check (benchmarks/NOTES-galore.md)."""
+    ``randomized_svd`` finds the basis with ``torch.svd_lowrank``: 6x faster than galore-torch's
+    full SVD at 1B on an H200, but 2% higher perplexity in a small check (NOTES-galore.md)."""
     from loraflow.adapters.targets import find_targets
 
     if rank < 1 or update_proj_gap < 1 or scale <= 0:
