@@ -17,6 +17,7 @@
 #   peft      the 128 + 128 workload with the transformers + PEFT baseline (~5 minutes, most of it PEFT)
 #   train     the grid 60M-350M, every variant, and the 8-bit baselines at 1B (~9 minutes)
 #   train1b   1B: AdamW, GaLore, galore-torch, 8-bit GaLore (~5 minutes)
+#   svd1b     1B: GaLore and 8-bit GaLore with the Gram-matrix basis (exact), and GaLore with the full SVD (~5 minutes)
 #
 # Then here: loraflow bench train --merge <the train JSON files> --out benchmarks/results, and
 # the serve JSON files into benchmarks/results.
@@ -75,12 +76,20 @@ train1b() {
         --batch 16 --accumulation 4 --state-dtype bfloat16 --randomized-svd --out "$OUT/t1" 2>&1 | quiet 8
     rm -f "$OUT"/t1/*.md "$OUT"/t1/*.png
 }
+svd1b() {
+    mkdir -p "$OUT/tg" "$OUT/tf"
+    timeout 200 python3 -m loraflow.cli bench train --configs 1b --variants galore,galore8bit --svd gram \
+        --batch 16 --accumulation 4 --state-dtype bfloat16 --out "$OUT/tg" 2>&1 | quiet 8
+    timeout 150 python3 -m loraflow.cli bench train --configs 1b --variants galore --svd full \
+        --batch 16 --accumulation 4 --state-dtype bfloat16 --out "$OUT/tf" 2>&1 | quiet 8
+    rm -f "$OUT"/tg/*.md "$OUT"/tg/*.png "$OUT"/tf/*.md "$OUT"/tf/*.png
+}
 
-[ $# -gt 0 ] || { echo "usage: gpu_remeasure.sh PART... (tests steps workload launch serve long peft train train1b)" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: gpu_remeasure.sh PART... (tests steps workload launch serve long peft train train1b svd1b)" >&2; exit 2; }
 for part in "$@"; do
     case "$part" in
-        tests|steps|workload|launch|serve|long|peft|train|train1b) echo "== $part $(date -u +%H:%M:%S)"; "$part" ;;
-        *) echo "unknown part $part (tests steps workload launch serve long peft train train1b)" >&2; exit 2 ;;
+        tests|steps|workload|launch|serve|long|peft|train|train1b|svd1b) echo "== $part $(date -u +%H:%M:%S)"; "$part" ;;
+        *) echo "unknown part $part (tests steps workload launch serve long peft train train1b svd1b)" >&2; exit 2 ;;
     esac
 done
 echo "== done $(date -u +%H:%M:%S)"

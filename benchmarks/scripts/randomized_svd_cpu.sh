@@ -2,7 +2,8 @@
 # GaLore's basis by a full SVD against torch.svd_lowrank (--randomized-svd), on the CPU:
 # LLaMA 60M (the paper's GaLore settings: rank 128, scale 0.25, lr 0.01; T = 50 so that
 # 400 steps see 8 refreshes) on tinyshakespeare with a 4,000-token BPE, 400 steps of
-# 8 x 128 tokens, two seeds, and AdamW (lr 1e-3, seed 0) for scale. About 50 minutes on
+# 8 x 128 tokens, two seeds, AdamW (lr 1e-3, seed 0) for scale, and the Gram-matrix basis
+# (--svd gram, seed 0), which should equal the full SVD. About 60 minutes on
 # 2 cores. From the repository root:
 #
 #     WORK=/tmp/rsvd bash benchmarks/scripts/randomized_svd_cpu.sh
@@ -20,3 +21,4 @@ for seed in 0 1; do
     "$PY" -m loraflow.cli pretrain "${COMMON[@]}" --seed "$seed" "${GALORE[@]}" --randomized-svd --out "$WORK/randomized$s"
 done
 "$PY" -m loraflow.cli pretrain "${COMMON[@]}" --seed 0 --optimizer adamw --lr 1e-3 --out "$WORK/adamw"
+"$PY" -m loraflow.cli pretrain "${COMMON[@]}" --seed 0 "${GALORE[@]}" --svd gram --out "$WORK/gram"

@@ -218,7 +218,36 @@ def test_galore_adafactor_trains_with_factored_states(beta1):
 def test_randomized_svd_finds_the_same_subspace():
     g = torch.randn(40, 3) @ torch.randn(3, 30) + 1e-3 * torch.randn(40, 30)   # rank 3 plus noise
     exact = projector.top_singular(g, 3, "right")
-    fast = projector.top_singular(g, 3, "right", randomized=True)
+    fast = projector.top_singular(g, 3, "right", "randomized")
     assert torch.allclose(exact @ exact.T, fast @ fast.T, atol=1e-3)       # same projector
-    groups = galore_param_groups(tiny_llama(), rank=4, randomized_svd=True)
-    assert groups[0]["randomized_svd"] is True
+    groups = galore_param_groups(tiny_llama(), rank=4, svd="randomized")
+    assert groups[0]["svd"] == "randomized"
+    with pytest.raises(ValueError, match="svd must be one of"):
+        galore_param_groups(tiny_llama(), rank=4, svd="qr")
+
+
+@pytest.mark.parametrize("which", ["left", "right"])
+def test_gram_basis_is_the_svd_basis(which):
+    """A full-rank gradient with a decaying spectrum (no exact low-rank structure): the Gram
+    matrix's top eigenvectors span the SVD's top singular subspace, largest first."""
+    g = torch.randn(48, 48) @ torch.diag(torch.logspace(0, -3, 48)) @ torch.randn(48, 70)
+    g = g if which == "right" else g.T
+    exact = projector.top_singular(g, 8, which)
+    gram = projector.top_singular(g, 8, which, "gram")
+    assert gram.shape == exact.shape and gram.dtype == torch.float32
+    assert torch.allclose(exact @ exact.T, gram @ gram.T, atol=1e-4)        # the same projector
+    assert torch.allclose((exact * gram).sum(0).abs(), torch.ones(8), atol=1e-4)   # the same order, up to sign
+
+
+def test_older_optimizer_states_with_the_randomized_flag_still_load_their_method(monkeypatch):
+    from loraflow.optim import galore
+
+    model = nn.Sequential(nn.Linear(12, 20, bias=False))
+    groups = weight_groups(model, rank=4, update_proj_gap=5, scale=1.0, randomized_svd=True)   # before "svd"
+    opt = GaLoreAdamW(groups, lr=1e-2)
+    seen, real = [], galore.top_singular
+    monkeypatch.setattr(galore, "top_singular", lambda g, rank, which, method, previous:
+                        seen.append(method) or real(g, rank, which, method, previous))
+    model(torch.randn(3, 12)).sum().backward()
+    opt.step()
+    assert seen == ["randomized"]

@@ -116,16 +116,14 @@ def test_prepare_only_and_a_cache_of_another_tokenizer(tmp_path):
         main(prep[2:] + ["--data", str(folder), "--out", str(tmp_path / "c")])
 
 
-def test_randomized_svd_flag_reaches_the_galore_group():
-    from types import SimpleNamespace
-
+def test_svd_choice_reaches_the_galore_group():
     from transformers import LlamaForCausalLM
 
     import loraflow as lf
-    from loraflow.train.pretrain import optimizer_parts
+    from loraflow.train.pretrain import optimizer_parts, parse_args
 
     model = LlamaForCausalLM(lf.llama_config("tiny", vocab_size=64, max_seq_len=16))
-    for flag in (False, True):
-        args = SimpleNamespace(rank=4, update_proj_gap=2, scale=0.25, randomized_svd=flag, lr=1e-3, weight_decay=0.0)
+    for flags, method in [([], "full"), (["--svd", "gram"], "gram"), (["--randomized-svd"], "randomized")]:
+        args = parse_args(["--data", "x", "--out", "y", "--rank", "4", *flags])
         groups, make = optimizer_parts("galore", model, args)
-        assert groups[0]["randomized_svd"] is flag and make(groups).param_groups[0]["randomized_svd"] is flag
+        assert groups[0]["svd"] == method and make(groups).param_groups[0]["svd"] == method

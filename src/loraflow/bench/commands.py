@@ -165,7 +165,7 @@ def cmd_bench_train(args) -> None:
             for per_layer in (False, True):
                 cases.append(TrainCase(config, variant, per_layer, ranks[config], batch=args.batch,
                                        accumulation=args.accumulation, steps=args.steps, state_dtype=args.state_dtype,
-                                       checkpointing=config == "7b", randomized_svd=args.randomized_svd))
+                                       checkpointing=config == "7b", svd=args.svd))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     Path(args.out).mkdir(parents=True, exist_ok=True)
     partial = Path(args.out) / f"train-{device}.partial.jsonl"     # each case as it ends: kept if the run is cut

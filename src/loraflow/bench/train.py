@@ -35,7 +35,7 @@ import torch
 
 import loraflow as lf
 from loraflow.optim import analytic_state_bytes, state_bytes
-from loraflow.optim.projector import side, top_singular
+from loraflow.optim.projector import SVD_METHODS, side, top_singular
 
 VARIANTS = {  # name -> (our optimizer class name or "galore-torch:<cls>", uses GaLore groups, bits)
     "adamw": ("GaLoreAdamW", False, 32),
@@ -59,7 +59,7 @@ class TrainCase:
     seq: int = 256
     steps: int = 6                     # the first 2 are warm-up, not timed
     checkpointing: bool = False
-    randomized_svd: bool = False       # ours only: torch.svd_lowrank instead of a full SVD
+    svd: str = "full"                  # ours only: "full", "gram" or "randomized" (projector.SvdMethod)
     state_dtype: str = "float32"       # ours, 32-bit variants: Adam moments in float32 or bfloat16
 
     def __post_init__(self):
@@ -67,6 +67,8 @@ class TrainCase:
             raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {self.variant!r}")
         if self.state_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"state_dtype must be float32 or bfloat16, got {self.state_dtype!r}")
+        if self.svd not in SVD_METHODS:
+            raise ValueError(f"svd must be one of {SVD_METHODS}, got {self.svd!r}")
         if self.accumulation < 1:
             raise ValueError(f"accumulation must be >= 1, got {self.accumulation}")
         if self.steps < 3:
@@ -103,7 +105,7 @@ def basis_routine(variant: str):
     else:
         def routine(g: torch.Tensor, group: dict) -> torch.Tensor:
             rank = min(group["rank"], *g.shape)
-            return top_singular(g, rank, side(tuple(g.shape), group["proj_type"]), group["randomized_svd"])
+            return top_singular(g, rank, side(tuple(g.shape), group["proj_type"]), group["svd"])
     return routine
 
 
@@ -168,7 +170,7 @@ def run_case(c: TrainCase, device: str = "cuda", dtype=torch.bfloat16) -> dict:
     model.train()
     galore = VARIANTS[c.variant][1]
     groups = (lf.galore_param_groups(model, rank=c.rank, update_proj_gap=c.update_proj_gap, scale=0.25,
-                                     randomized_svd=c.randomized_svd) if galore
+                                     svd=c.svd) if galore
               else [{"params": list(model.parameters())}])
     ours_32bit = c.variant in ("adamw", "galore")
     kw = {"state_dtype": getattr(torch, c.state_dtype)} if ours_32bit else {}

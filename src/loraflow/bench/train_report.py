@@ -65,7 +65,7 @@ def markdown(env: dict, rows: list[dict]) -> str:
 
 
 def _svd_kind(r: dict) -> str:
-    return "randomized" if r.get("randomized_svd") else "full"
+    return r.get("svd") or ("randomized" if r.get("randomized_svd") else "full")    # older JSON: a flag
 
 
 def _options(r: dict) -> dict:

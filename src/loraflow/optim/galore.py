@@ -23,7 +23,7 @@ try:
     from loraflow.optim import adam8bit_triton
 except ImportError:         # no Triton: the PyTorch path
     adam8bit_triton = None
-from loraflow.optim.projector import project, project_back, side, top_singular
+from loraflow.optim.projector import SVD_METHODS, SvdMethod, project, project_back, side, top_singular
 
 GALORE_KEYS = ("rank", "update_proj_gap", "scale", "proj_type")
 
@@ -71,7 +71,8 @@ class _GaLoreBase(torch.optim.Optimizer):
         which = side(tuple(p.shape), group.get("proj_type", "std"))
         rank = min(group["rank"], *p.shape)
         if state["step"] % group.get("update_proj_gap", 200) == 0 or "proj" not in state:
-            basis = top_singular(g, rank, which, group.get("randomized_svd", False), state.get("proj"))
+            method = group.get("svd", "randomized" if group.get("randomized_svd") else "full")   # older states
+            basis = top_singular(g, rank, which, method, state.get("proj"))
             state["proj"] = basis.to(basis_dtype(p))
         return project(g, state["proj"], which), which
 
@@ -191,20 +192,24 @@ class GaLoreSGD(_GaLoreBase):
 
 def galore_param_groups(model: nn.Module, target_modules="all-linear", rank: int = 128,
                         update_proj_gap: int = 200, scale: float = 0.25, proj_type: str = "std",
-                        randomized_svd: bool = False) -> list[dict]:
+                        svd: SvdMethod = "full") -> list[dict]:
     """Two groups: the weights of the targeted linear layers (GaLore), everything else.
-    ``randomized_svd`` finds the basis with ``torch.svd_lowrank``: 6x faster than galore-torch's
-    full SVD at 1B on an H200, but 2% higher perplexity in a small check (NOTES-galore.md)."""
+    ``svd``: how the basis is found (``projector.SvdMethod``): "full" (the SVD), "gram" (the
+    smaller Gram matrix's eigenvectors: the same subspace) or "randomized"
+    (``torch.svd_lowrank``: 6x faster than galore-torch's full SVD at 1B on an H200, but 2%
+    higher perplexity in a small check, NOTES-galore.md)."""
     from loraflow.adapters.targets import find_targets
 
     if rank < 1 or update_proj_gap < 1 or scale <= 0:
         raise ValueError(f"rank and update_proj_gap must be >= 1 and scale > 0, got {rank}, "
                          f"{update_proj_gap}, {scale}")
+    if svd not in SVD_METHODS:
+        raise ValueError(f"svd must be one of {SVD_METHODS}, got {svd!r}")
     chosen = {id(model.get_submodule(n).weight) for n in find_targets(model, target_modules)}
     galore = [p for p in model.parameters() if id(p) in chosen and p.requires_grad]
     rest = [p for p in model.parameters() if id(p) not in chosen and p.requires_grad]
     return [{"params": galore, "rank": rank, "update_proj_gap": update_proj_gap, "scale": scale,
-             "proj_type": proj_type, "randomized_svd": randomized_svd}, {"params": rest}]
+             "proj_type": proj_type, "svd": svd}, {"params": rest}]
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:

@@ -6,10 +6,16 @@ or R = G Q (right, m >= n), where P (m x r) / Q (n x r) hold the top-r singular 
 G, recomputed every ``update_proj_gap`` steps; the update goes back as P N or N Qᵀ, times
 ``scale`` (the paper's alpha).
 
+The basis comes from one of three routines (``SvdMethod``): "full", the SVD of G (exact, the
+paper's); "gram", the top eigenvectors of the smaller Gram matrix G Gᵀ or Gᵀ G (the same
+subspace, exact up to rounding, from a symmetric eigenproblem of min(m, n)² instead of an
+SVD of m x n); "randomized", ``torch.svd_lowrank`` (rank + 8 columns, 2 power iterations:
+the fastest, approximate, 2% higher perplexity in a small check, benchmarks/NOTES-galore.md).
+
 The basis is plain tensors in the optimizer state, so ``state_dict()`` loads with
-``torch.load(..., weights_only=True)``. SVD runs in float32; if it does not converge it is
-retried in float64 on the CPU, and failing that the previous basis is kept (with a warning):
-never NaNs in the weights.
+``torch.load(..., weights_only=True)``. The routine runs in float32; if it does not converge
+it is retried in float64 on the CPU, and failing that the previous basis is kept (with a
+warning): never NaNs in the weights.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from typing import Literal
 import torch
 
 ProjType = Literal["std", "reverse_std", "left", "right"]
+SvdMethod = Literal["full", "gram", "randomized"]
+SVD_METHODS = ("full", "gram", "randomized")
 
 
 def side(shape: tuple[int, int], proj_type: ProjType) -> str:
@@ -34,19 +42,34 @@ def side(shape: tuple[int, int], proj_type: ProjType) -> str:
     raise ValueError(f"proj_type must be std, reverse_std, left or right, got {proj_type!r}")
 
 
-def top_singular(g: torch.Tensor, rank: int, which: str, randomized: bool = False,
+def gram_basis(x: torch.Tensor, rank: int, which: str) -> torch.Tensor:
+    """Top-``rank`` eigenvectors of x xᵀ (left) or xᵀ x (right), largest first: the top
+    singular vectors of x (x = U S Vᵀ gives x xᵀ = U S² Uᵀ). The product is formed in float64,
+    so a TF32 matmul setting cannot round it; the eigenproblem runs in x's dtype."""
+    # x: (m, n) -> gram: (m, m) left or (n, n) right
+    xd = x.double()
+    gram = xd @ xd.T if which == "left" else xd.T @ xd
+    _, vectors = torch.linalg.eigh(gram.to(x.dtype))              # ascending eigenvalues
+    return vectors[:, -rank:].flip(-1)
+
+
+def top_singular(g: torch.Tensor, rank: int, which: str, method: SvdMethod = "full",
                  previous: torch.Tensor | None = None) -> torch.Tensor:
     """Top-``rank`` left (m x r) or right (n x r) singular vectors of g, in float32."""
+    if method not in SVD_METHODS:
+        raise ValueError(f"svd must be one of {SVD_METHODS}, got {method!r}")
     g32 = g.detach().float()
     for attempt in ("float32", "float64-cpu"):
         try:
             x = g32 if attempt == "float32" else g32.double().cpu()
-            if randomized:
+            if method == "gram":
+                basis = gram_basis(x, rank, which)
+            elif method == "randomized":
                 u, _, v = torch.svd_lowrank(x, q=min(rank + 8, min(x.shape)), niter=2)
+                basis = (u if which == "left" else v)[:, :rank]
             else:
                 u, _, vh = torch.linalg.svd(x, full_matrices=False)
-                v = vh.T
-            basis = (u if which == "left" else v)[:, :rank]
+                basis = (u if which == "left" else vh.T)[:, :rank]
             if torch.isfinite(basis).all():
                 return basis.to(g.device, torch.float32).contiguous()
         except RuntimeError:        # torch.linalg.LinAlgError: SVD did not converge
