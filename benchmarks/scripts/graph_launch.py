@@ -8,13 +8,12 @@ per Triton node, or a threshold in the number of nodes.
 """
 
 import json
-import statistics
 import sys
-import time
 from datetime import datetime, timezone
 
 import torch
 
+from engine_steps import replay_times          # this folder: back to back, launch call, from idle
 from loraflow.multi import triton_lora
 from loraflow.multi.triton_lora import PackedLoRA
 
@@ -29,20 +28,6 @@ def capture(fn) -> torch.cuda.CUDAGraph:
     with torch.cuda.graph(graph):
         fn()
     return graph
-
-
-def launch_ms(graph, n: int = 30) -> tuple[float, float]:
-    """Median host time of ``replay()`` from an idle GPU, and of replay to finish."""
-    call, whole = [], []
-    for _ in range(n):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        graph.replay()
-        t1 = time.perf_counter()
-        torch.cuda.synchronize()
-        call.append(t1 - t0)
-        whole.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(call), 1e3 * statistics.median(whole)
 
 
 def main():
@@ -66,9 +51,7 @@ def main():
                 return y
             if n == 0 and kind != "torch":
                 continue
-            graph = capture(body)
-            call, whole = launch_ms(graph)
-            rows.append({"kind": kind, "kernels": n, "launch_call_ms": call, "replay_from_idle_ms": whole})
+            rows.append({"kind": kind, "kernels": n, **replay_times(capture(body), 30)})
             print(rows[-1], flush=True)
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
