@@ -41,7 +41,7 @@ def main():
                         ranks=torch.full((n_slots,), r, device=dev, dtype=torch.int32), r_max=r)
     rows = []
     for kind in ("torch", "lora", "both"):
-        for n in (0, 112, 224, 448, 896, 1344):
+        for n in (112, 224, 448, 896, 1344):
             def body():
                 y = x
                 for _ in range(n // (2 if kind == "both" else 1) if kind != "lora" else 0):
@@ -49,8 +49,6 @@ def main():
                 for _ in range(n // 2 // (2 if kind == "both" else 1) if kind != "torch" else 0):
                     y = triton_lora.lora_delta(x, slots, packed, "rows")        # two Triton kernels
                 return y
-            if n == 0 and kind != "torch":
-                continue
             rows.append({"kind": kind, "kernels": n, **replay_times(capture(body), 30)})
             print(rows[-1], flush=True)
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
