@@ -201,6 +201,15 @@ def _block_r(r_max: int, minimum: int) -> int:
     return max(minimum, triton.next_power_of_2(r_max))
 
 
+def _rows_split(K: int, N: int, cfg: dict) -> tuple[int, int, int]:
+    """(block_k, split_k, k_split) of the per-row shrink: d_in in split_k chunks of k_split,
+    a multiple of block_k (split_k 0 in ``cfg``: enough programs to fill the GPU)."""
+    block_k = min(cfg["block_k"], triton.next_power_of_2(K))
+    split_k = cfg["split_k"] or max(1, min(triton.cdiv(K, block_k), triton.cdiv(1024, N)))
+    k_split = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k
+    return block_k, triton.cdiv(K, k_split), k_split
+
+
 @dataclass
 class TilePlan:
     """Tokens sorted by slot, each segment (base tokens too) cut into tiles of ``block_m``
@@ -272,10 +281,7 @@ def lora_delta(x: torch.Tensor, slots: torch.Tensor, packed: PackedLoRA, variant
     if variant in ("rows", "fused"):
         slots = slots.to(torch.int32)
         block_r = _block_r(packed.r_max, 1)
-        block_k = min(cfg["block_k"], triton.next_power_of_2(K))
-        split_k = cfg["split_k"] or max(1, min(triton.cdiv(K, block_k), triton.cdiv(1024, N)))
-        k_split = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k
-        split_k = triton.cdiv(K, k_split)
+        block_k, split_k, k_split = _rows_split(K, N, cfg)
         hp = torch.empty(split_k, N, packed.r_max, device=x.device, dtype=torch.float32)
     if variant == "fused":
         block_n = min(cfg["block_n"], triton.next_power_of_2(D))

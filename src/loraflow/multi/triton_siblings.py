@@ -18,7 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from loraflow.multi.triton_lora import DEFAULTS, PackedLoRA, _block_r, _expand_block, _shrink_chunk, _slot_info
+from loraflow.multi.triton_lora import (DEFAULTS, PackedLoRA, _block_r, _expand_block, _rows_split, _shrink_chunk,
+                                        _slot_info)
 
 
 @triton.jit
@@ -88,10 +89,7 @@ def lora_delta_siblings(x: torch.Tensor, slots: torch.Tensor, packed: list[Packe
     cfg = {**DEFAULTS["rows"], **(config or {})}
     r_max = max(p.r_max for p in packed)
     block_r = _block_r(r_max, 1)
-    block_k = min(cfg["block_k"], triton.next_power_of_2(K))
-    split_k = cfg["split_k"] or max(1, min(triton.cdiv(K, block_k), triton.cdiv(1024, N)))
-    k_split = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k
-    split_k = triton.cdiv(K, k_split)
+    block_k, split_k, k_split = _rows_split(K, N, cfg)
     hp = torch.empty(split_k, N, n_sib * r_max, device=x.device, dtype=torch.float32)
     three = lambda v: list(v) + [v[-1]] * (3 - n_sib)       # pad to three arguments (never read)
     P = three(packed)
