@@ -1,8 +1,7 @@
 """The engine alone, no HTTP: seconds per decode step of a Llama-2-7B-shaped model (random
 weights) with 64 requests, base model vs 64 distinct rank-16 adapters on all linear layers,
 with and without CUDA-graph decode (the adapters through each decode kernel: "rows", a
-shrink and an expand launch per layer, "fused", one, or "siblings", q/k/v and gate/up
-sharing theirs), and the captured step replayed
+shrink and an expand launch per layer, or "fused", one), and the captured step replayed
 alone: back to back (the GPU's share of a step), and one at a time from an idle GPU (the
 host's launch call, and launch to finish: what a step pays); with --profile, also the GPU
 time of each kernel of the replayed steps (OUT.kernels.txt). Separates the engine's cost
@@ -126,7 +125,7 @@ def main():
                         adapters={f"a{i}": str(f) for i, f in enumerate(folders)})
         distinct = [f"a{i}" for i in range(args.requests)]
         runs = [("base", [None] * args.requests, "rows"), ("64 distinct r16", distinct, "rows")]
-        runs += [("64 distinct r16", distinct, k) for k in ("fused", "siblings")] if graphs else []
+        runs += [("64 distinct r16", distinct, k) for k in ("fused",)] if graphs else []
         for name, adapters, kernel in runs:
             if graphs:
                 eng.graphs.kernel = kernel

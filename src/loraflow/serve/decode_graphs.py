@@ -53,8 +53,7 @@ class DecodeGraphs:
         self.mask = torch.zeros(self.size, bank.n_slots * bank.r_max, dtype=kv.layers[0][0].dtype, device=dev)
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle() if capture else None
-        self.kernel = "rows"   # decode LoRA launches: "rows" (a shrink and an expand a layer), "fused" (one a
-                               # layer) or "siblings" (q/k/v and gate/up share theirs: multi/triton_siblings.py)
+        self.kernel = "rows"   # decode LoRA launches: "rows" (a shrink and an expand a layer) or "fused" (one)
         self.steps = 0                       # decode steps run through this path
         self.paths: Counter = Counter()      # ... by adapter path: None, "rows", "mask"
 
