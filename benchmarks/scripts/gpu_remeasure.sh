@@ -18,6 +18,7 @@
 #   train     the grid 60M-350M, every variant, and the 8-bit baselines at 1B (~9 minutes)
 #   train1b   1B: AdamW, GaLore, galore-torch, 8-bit GaLore (~5 minutes)
 #   svd1b     1B: GaLore and 8-bit GaLore with the Gram-matrix basis (exact), and GaLore with the full SVD (~5 minutes)
+#   gram1b    1B: AdamW, GaLore (Gram-matrix basis) and galore-torch in one run (~4 minutes)
 #
 # Then here: loraflow bench train --merge <the train JSON files> --out benchmarks/results, and
 # the serve JSON files into benchmarks/results.
@@ -29,7 +30,7 @@ quiet() { grep -v -i warn | tail -"$1"; }
 
 tests() {
     timeout 60 python3 -m pytest -q -p no:cacheprovider tests/optim/test_adam8bit_triton.py \
-        tests/serve/test_paged_attention.py tests/serve/test_engine.py tests/multi/test_triton_siblings.py \
+        tests/serve/test_paged_attention.py tests/serve/test_engine.py \
         -k "not default_model" 2>&1 | tail -3
 }
 steps() {
@@ -84,12 +85,18 @@ svd1b() {
         --batch 16 --accumulation 4 --state-dtype bfloat16 --out "$OUT/tf" 2>&1 | quiet 8
     rm -f "$OUT"/tg/*.md "$OUT"/tg/*.png "$OUT"/tf/*.md "$OUT"/tf/*.png
 }
+gram1b() {
+    mkdir -p "$OUT/t1g"
+    timeout 330 python3 -m loraflow.cli bench train --configs 1b --variants adamw,galore,galore-torch --svd gram \
+        --batch 16 --accumulation 4 --state-dtype bfloat16 --out "$OUT/t1g" 2>&1 | quiet 8
+    rm -f "$OUT"/t1g/*.md "$OUT"/t1g/*.png
+}
 
-[ $# -gt 0 ] || { echo "usage: gpu_remeasure.sh PART... (tests steps workload launch serve long peft train train1b svd1b)" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: gpu_remeasure.sh PART... (tests steps workload launch serve long peft train train1b svd1b gram1b)" >&2; exit 2; }
 for part in "$@"; do
     case "$part" in
-        tests|steps|workload|launch|serve|long|peft|train|train1b|svd1b) echo "== $part $(date -u +%H:%M:%S)"; "$part" ;;
-        *) echo "unknown part $part (tests steps workload launch serve long peft train train1b svd1b)" >&2; exit 2 ;;
+        tests|steps|workload|launch|serve|long|peft|train|train1b|svd1b|gram1b) echo "== $part $(date -u +%H:%M:%S)"; "$part" ;;
+        *) echo "unknown part $part (tests steps workload launch serve long peft train train1b svd1b gram1b)" >&2; exit 2 ;;
     esac
 done
 echo "== done $(date -u +%H:%M:%S)"

@@ -158,9 +158,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="micro-batches per optimizer step (the paper's 1B runs: 512 x 256 tokens a step)")
     p.add_argument("--state-dtype", default="float32", choices=["float32", "bfloat16"],
                    help="Adam moments of our 32-bit variants (galore-torch keeps them in the weights' bf16)")
-    p.add_argument("--svd", default="full", choices=["full", "gram", "randomized"],
-                   help="how our GaLore finds its bases (galore-torch always runs a full SVD): full SVD; gram, "
-                        "the smaller Gram matrix's eigenvectors; randomized, torch.svd_lowrank")
+    p.add_argument("--svd", default="gram", choices=["full", "gram", "randomized"],
+                   help="how our GaLore finds its bases (galore-torch always runs a full SVD): gram (default), "
+                        "the smaller Gram matrix's eigenvectors, the SVD's subspace; full SVD; randomized, torch.svd_lowrank")
     p.add_argument("--randomized-svd", dest="svd", action="store_const", const="randomized",
                    help="the same as --svd randomized")
     p.add_argument("--cpu", action="store_true", help="allow a smoke run without a GPU")

@@ -59,7 +59,7 @@ class TrainCase:
     seq: int = 256
     steps: int = 6                     # the first 2 are warm-up, not timed
     checkpointing: bool = False
-    svd: str = "full"                  # ours only: "full", "gram" or "randomized" (projector.SvdMethod)
+    svd: str = "gram"                  # ours only: "full", "gram" or "randomized" (projector.SvdMethod)
     state_dtype: str = "float32"       # ours, 32-bit variants: Adam moments in float32 or bfloat16
 
     def __post_init__(self):

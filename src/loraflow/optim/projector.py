@@ -7,10 +7,11 @@ G, recomputed every ``update_proj_gap`` steps; the update goes back as P N or N 
 ``scale`` (the paper's alpha).
 
 The basis comes from one of three routines (``SvdMethod``): "full", the SVD of G (exact, the
-paper's); "gram", the top eigenvectors of the smaller Gram matrix G Gᵀ or Gᵀ G (the same
-subspace, exact up to rounding, from a symmetric eigenproblem of min(m, n)² instead of an
-SVD of m x n); "randomized", ``torch.svd_lowrank`` (rank + 8 columns, 2 power iterations:
-the fastest, approximate, 2% higher perplexity in a small check, benchmarks/NOTES-galore.md).
+paper's); "gram" (``galore_param_groups``' default), the top eigenvectors of the smaller Gram
+matrix G Gᵀ or Gᵀ G (the same subspace, exact up to rounding, from a symmetric eigenproblem
+of min(m, n)² instead of an SVD of m x n); "randomized", ``torch.svd_lowrank`` (rank + 8
+columns, 2 power iterations: approximate, 2% higher perplexity in a small check,
+benchmarks/NOTES-galore.md).
 
 The basis is plain tensors in the optimizer state, so ``state_dict()`` loads with
 ``torch.load(..., weights_only=True)``. The routine runs in float32; if it does not converge
@@ -42,15 +43,24 @@ def side(shape: tuple[int, int], proj_type: ProjType) -> str:
     raise ValueError(f"proj_type must be std, reverse_std, left or right, got {proj_type!r}")
 
 
-def gram_basis(x: torch.Tensor, rank: int, which: str) -> torch.Tensor:
+def gram_basis(x: torch.Tensor, rank: int, which: str, block: int = 512) -> torch.Tensor:
     """Top-``rank`` eigenvectors of x xᵀ (left) or xᵀ x (right), largest first: the top
-    singular vectors of x (x = U S Vᵀ gives x xᵀ = U S² Uᵀ). The product is formed in float64,
-    so a TF32 matmul setting cannot round it; the eigenproblem runs in x's dtype."""
-    # x: (m, n) -> gram: (m, m) left or (n, n) right
-    xd = x.double()
-    gram = xd @ xd.T if which == "left" else xd.T @ xd
-    _, vectors = torch.linalg.eigh(gram.to(x.dtype))              # ascending eigenvalues
-    return vectors[:, -rank:].flip(-1)
+    singular vectors of x (x = U S Vᵀ gives x xᵀ = U S² Uᵀ). The product is summed in float64
+    over blocks of ``block`` columns (rows), so a TF32 matmul setting cannot round it and no
+    whole copy of x is made; the eigenproblem runs in float32 (float64 if x is). Each vector's
+    sign is fixed (its largest entry positive), so the basis is a continuous function of x."""
+    xs = x if which == "left" else x.T                            # xs: (k, l), gram = xs xsᵀ
+    gram = torch.zeros(xs.shape[0], xs.shape[0], dtype=torch.float64, device=x.device)   # (k, k)
+    for j in range(0, xs.shape[1], block):
+        part = xs[:, j:j + block].double()                        # (k, <= block)
+        gram.addmm_(part, part.T)
+    gram = gram.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    _, vectors = torch.linalg.eigh(gram)                          # ascending eigenvalues
+    top = vectors[:, -rank:].flip(-1)                             # (k, rank), largest first
+    # An eigenvector's sign is arbitrary and eigh's flips under rounding-level changes of the
+    # gradient; Adam's moments outlive a refresh in GaLore, so fix it: largest entry positive.
+    biggest = top.gather(0, top.abs().argmax(0, keepdim=True))    # (1, rank)
+    return top * torch.where(biggest < 0, -1.0, 1.0).to(top.dtype)
 
 
 def top_singular(g: torch.Tensor, rank: int, which: str, method: SvdMethod = "full",
@@ -58,10 +68,13 @@ def top_singular(g: torch.Tensor, rank: int, which: str, method: SvdMethod = "fu
     """Top-``rank`` left (m x r) or right (n x r) singular vectors of g, in float32."""
     if method not in SVD_METHODS:
         raise ValueError(f"svd must be one of {SVD_METHODS}, got {method!r}")
-    g32 = g.detach().float()
+    g = g.detach()
     for attempt in ("float32", "float64-cpu"):
         try:
-            x = g32 if attempt == "float32" else g32.double().cpu()
+            if attempt == "float64-cpu":
+                x = g.double().cpu()
+            else:                               # the Gram basis reads g in blocks: no float32 copy
+                x = g if method == "gram" else g.float()
             if method == "gram":
                 basis = gram_basis(x, rank, which)
             elif method == "randomized":
