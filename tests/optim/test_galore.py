@@ -241,6 +241,18 @@ def test_gram_basis_is_the_svd_basis(which):
     assert torch.allclose(blocks @ blocks.T, gram @ gram.T, atol=1e-5)
 
 
+def test_state_bytes_counts_tensors_that_objects_in_the_state_hold():
+    """galore-torch keeps each basis in a projector object, not as a state tensor."""
+    class Projector:
+        def __init__(self):
+            self.ortho_matrix, self.rank = torch.zeros(8, 4, dtype=torch.bfloat16), 4
+
+    p = nn.Parameter(torch.zeros(8, 8))
+    opt = torch.optim.SGD([p], lr=0.1)
+    opt.state[p] = {"step": 3, "exp_avg": torch.zeros(8, 2), "projector": Projector()}
+    assert state_bytes(opt) == 8 * 2 * 4 + 8 * 4 * 2
+
+
 def test_gram_basis_signs_do_not_flip_under_rounding_level_changes():
     """GaLore keeps Adam's moments across a refresh, so a basis vector whose sign flips when
     the gradient changes in its last bits (two processes summing in another order) would

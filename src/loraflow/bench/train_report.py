@@ -37,7 +37,7 @@ def targets(rows: list[dict]) -> list[dict]:
                     "measured": f"{g1['tokens_per_s'] / t1['tokens_per_s']:.2f}x speed "
                                 f"(between refreshes {g1['steady_tokens_per_s'] / t1['steady_tokens_per_s']:.2f}x; "
                                 f"SVD: ours {_svd_kind(g1)}, theirs full), "
-                                f"{(g1['peak_memory_bytes'] or 0) / 1e9:.1f} vs {(t1['peak_memory_bytes'] or 0) / 1e9:.1f} GB",
+                                f"{(g1['peak_memory_bytes'] or 0) / 1e9:.3f} vs {(t1['peak_memory_bytes'] or 0) / 1e9:.3f} GB peak",
                     "met": faster and leaner})
     return out
 
@@ -45,7 +45,7 @@ def targets(rows: list[dict]) -> list[dict]:
 def markdown(env: dict, rows: list[dict]) -> str:
     from loraflow.bench.report import table
 
-    view = [dict(r, state_gb=(r.get("state_bytes") or 0) / 1e9, analytic_gb=(r.get("analytic_state_bytes") or 0) / 1e9,
+    view = [dict(r, state_gb=(r.get("state_bytes") or 0) / 1e9, analytic_gb=None if r.get("analytic_state_bytes") is None else r["analytic_state_bytes"] / 1e9,
                  peak_gb=(r.get("peak_memory_bytes") or 0) / 1e9, **_options(r)) for r in rows]
     return "\n".join([
         "# Training benchmark: GaLore and friends", "",

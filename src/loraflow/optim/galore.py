@@ -214,9 +214,13 @@ def galore_param_groups(model: nn.Module, target_modules="all-linear", rank: int
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of every tensor in the optimizer's state."""
-    return sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
-               if torch.is_tensor(v))
+    """Bytes of every tensor in the optimizer's state, and of the tensors that objects in it
+    hold as attributes (galore-torch keeps each basis in a ``GaLoreProjector``)."""
+    def tensors(v):
+        if torch.is_tensor(v):
+            return [v]
+        return [t for t in vars(v).values() if torch.is_tensor(t)] if hasattr(v, "__dict__") else []
+    return sum(t.numel() * t.element_size() for s in optimizer.state.values() for v in s.values() for t in tensors(v))
 
 
 def analytic_state_bytes(optimizer: torch.optim.Optimizer, moments: int = 2, bits: int = 32) -> int:
