@@ -2,7 +2,11 @@
 n (shrink, expand) pairs of the per-row LoRA kernels, or both. The decode step's graph
 with adapters took 0.65 ms to launch against 0.08 ms without, and halving its Triton
 launches did not change that (NOTES-serve.md, session 4); this separates a cost per node,
-per Triton node, or a threshold in the number of nodes.
+per Triton node, or a threshold in the number of nodes. Session 5 found none of these
+(up to 1,344 nodes launched in 0.04 ms), so two more kinds copy one decode step's LoRA
+launches at Llama-2-7B's shapes (32 layers x q, k, v, o, gate, up, down; 64 slots of rank
+16): "engine-banks", each layer its own bank (5.1 GB in all, as in the engine), and
+"engine-shared", one bank per shape reused by every layer (the same kernels and grids).
 
     python benchmarks/scripts/graph_launch.py OUT.json
 """
@@ -30,16 +34,37 @@ def capture(fn) -> torch.cuda.CUDAGraph:
     return graph
 
 
+def bank(d_in: int, d_out: int, n_slots: int = 64, r: int = 16) -> PackedLoRA:
+    dev, dt = "cuda", torch.bfloat16
+    return PackedLoRA(a=torch.randn(n_slots * r, d_in, device=dev, dtype=dt) * 0.01,
+                      bt=torch.randn(n_slots * r, d_out, device=dev, dtype=dt) * 0.01,
+                      offsets=torch.arange(n_slots, device=dev, dtype=torch.int32) * r,
+                      ranks=torch.full((n_slots,), r, device=dev, dtype=torch.int32), r_max=r)
+
+
+def engine_kinds(slots: torch.Tensor) -> list[dict]:
+    """One decode step's 224 (shrink, expand) pairs at Llama-2-7B's shapes: separate banks
+    per layer, or one bank per shape shared by all layers."""
+    shapes = [(4096, 4096)] * 4 + [(4096, 11008)] * 2 + [(11008, 4096)]       # q k v o gate up down
+    xs = {d: torch.randn(64, d, device="cuda", dtype=torch.bfloat16) for d in (4096, 11008)}
+    shared = {s: bank(*s) for s in set(shapes)}
+    rows = []
+    for kind in ("engine-shared", "engine-banks"):
+        banks = [(s, shared[s] if kind == "engine-shared" else bank(*s)) for _ in range(32) for s in shapes]
+
+        def body():
+            return [triton_lora.lora_delta(xs[d_in], slots, p, "rows") for (d_in, _), p in banks]
+        rows.append({"kind": kind, "kernels": 2 * len(banks), **replay_times(capture(body), 30)})
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main():
     dev, dt = "cuda", torch.bfloat16
     x = torch.randn(64, 4096, device=dev, dtype=dt)
     slots = torch.arange(64, device=dev, dtype=torch.int32)
-    n_slots, r = 64, 16
-    packed = PackedLoRA(a=torch.randn(n_slots * r, 4096, device=dev, dtype=dt) * 0.01,
-                        bt=torch.randn(n_slots * r, 4096, device=dev, dtype=dt) * 0.01,
-                        offsets=torch.arange(n_slots, device=dev, dtype=torch.int32) * r,
-                        ranks=torch.full((n_slots,), r, device=dev, dtype=torch.int32), r_max=r)
-    rows = []
+    packed = bank(4096, 4096)
+    rows = engine_kinds(slots)
     for kind in ("torch", "lora", "both"):
         for n in (112, 224, 448, 896, 1344):
             def body():
