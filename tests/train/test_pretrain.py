@@ -123,7 +123,7 @@ def test_svd_choice_reaches_the_galore_group():
     from loraflow.train.pretrain import optimizer_parts, parse_args
 
     model = LlamaForCausalLM(lf.llama_config("tiny", vocab_size=64, max_seq_len=16))
-    for flags, method in [([], "full"), (["--svd", "gram"], "gram"), (["--randomized-svd"], "randomized")]:
+    for flags, method in [([], "gram"), (["--svd", "full"], "full"), (["--randomized-svd"], "randomized")]:
         args = parse_args(["--data", "x", "--out", "y", "--rank", "4", *flags])
         groups, make = optimizer_parts("galore", model, args)
         assert groups[0]["svd"] == method and make(groups).param_groups[0]["svd"] == method
