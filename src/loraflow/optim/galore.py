@@ -197,7 +197,7 @@ def galore_param_groups(model: nn.Module, target_modules="all-linear", rank: int
     ``svd``: how the basis is found (``projector.SvdMethod``): "gram" (the default: the
     smaller Gram matrix's eigenvectors, the SVD's subspace; one refresh at 1B on an H200 took
     4.9 s against the full SVD's 38.5 s), "full" (the SVD, as the paper and galore-torch) or
-    "randomized" (``torch.svd_lowrank``: 6.6 s, but 2% higher perplexity in a small check);
+    "randomized" (``torch.svd_lowrank``: 6.6 s, approximate);
     benchmarks/NOTES-galore.md."""
     from loraflow.adapters.targets import find_targets
 

@@ -10,8 +10,8 @@ The basis comes from one of three routines (``SvdMethod``): "full", the SVD of G
 paper's); "gram" (``galore_param_groups``' default), the top eigenvectors of the smaller Gram
 matrix G Gᵀ or Gᵀ G (the same subspace, exact up to rounding, from a symmetric eigenproblem
 of min(m, n)² instead of an SVD of m x n); "randomized", ``torch.svd_lowrank`` (rank + 8
-columns, 2 power iterations: approximate, 2% higher perplexity in a small check,
-benchmarks/NOTES-galore.md).
+columns, 2 power iterations: approximate; 2% higher perplexity in a small CPU check, whose
+noise reaches 1.7%, benchmarks/NOTES-galore.md).
 
 The basis is plain tensors in the optimizer state, so ``state_dict()`` loads with
 ``torch.load(..., weights_only=True)``. The routine runs in float32; if it does not converge
@@ -48,7 +48,7 @@ def gram_basis(x: torch.Tensor, rank: int, which: str, block: int = 512) -> torc
     singular vectors of x (x = U S Vᵀ gives x xᵀ = U S² Uᵀ). The product is summed in float64
     over blocks of ``block`` columns (rows), so a TF32 matmul setting cannot round it and no
     whole copy of x is made; the eigenproblem runs in float32 (float64 if x is). Each vector's
-    sign is fixed (its largest entry positive), so the basis is a continuous function of x."""
+    sign is fixed (its largest entry positive), so rounding-level changes of x do not flip it."""
     xs = x if which == "left" else x.T                            # xs: (k, l), gram = xs xsᵀ
     gram = torch.zeros(xs.shape[0], xs.shape[0], dtype=torch.float64, device=x.device)   # (k, k)
     for j in range(0, xs.shape[1], block):

@@ -131,7 +131,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--svd", default="gram", choices=SVD_METHODS,
                     help="how GaLore finds its bases: gram (default), the smaller Gram matrix's eigenvectors (the "
                          "SVD's subspace, 8x faster than it at 1B on an H200); full SVD; randomized, "
-                         "torch.svd_lowrank (approximate: about 2%% higher perplexity in a small check)")
+                         "torch.svd_lowrank (approximate)")
     ap.add_argument("--randomized-svd", dest="svd", action="store_const", const="randomized",
                     help="the same as --svd randomized")
     ap.add_argument("--lr", type=float, default=1e-3)
