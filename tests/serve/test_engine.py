@@ -47,7 +47,7 @@ PAGED = GRAPHS[1].marks          # the paged-decode path's skip on a GPU
 MIXED_BATCH = [pytest.param(g, s, r, k, id=f"{'paged-decode' if g else 'gathered'}-bank-{s}x{r}" + (f"-{k}" if k != "rows" else ""),
                             marks=PAGED if g else ())
                for g, s, r, k in [(False, 8, 64, "rows"), (False, 3, 8, "rows"), (True, 8, 64, "rows"),
-                                  (True, 3, 8, "rows"), (True, 8, 64, "fused")]]
+                                  (True, 3, 8, "rows"), (True, 8, 64, "fused"), (True, 8, 64, "siblings")]]
 
 
 @pytest.mark.parametrize("graphs,slots,rank,kernel", MIXED_BATCH)
@@ -55,8 +55,9 @@ def test_greedy_equals_transformers_and_peft_per_adapter_in_one_mixed_batch(setu
     """``graphs``: decode-only steps through the fixed buffers, paged attention and LoRA of
     the CUDA-graph path (run eagerly here, under Triton's interpreter). The adapters (ranks
     4, 8, 2) in a bank of 8 slots x 64 rows go through the per-row kernels (``kernel``, a
-    choice of that path: shrink and expand, or both in one launch; gathered rows on the CPU);
-    in a bank of 3 x 8, through the masked whole bank while all three decode."""
+    choice of that path: shrink and expand, both in one launch, or q/k/v and gate/up sharing
+    theirs; gathered rows on the CPU); in a bank of 3 x 8, through the masked whole bank
+    while all three decode."""
     root, adapters = setup
     eng = engine(setup, max_batch_tokens=64, decode_graphs=graphs, max_gpu_adapters=slots, max_lora_rank=rank)
     if graphs:
@@ -159,8 +160,9 @@ def test_linear_shapes_match_the_bank(setup):
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="the engine's CUDA path (Triton) needs a GPU")
-@pytest.mark.parametrize("slots,rank,kernel", [(8, 64, "rows"), (3, 8, "rows"), (8, 64, "fused")],
-                         ids=["bank-8x64", "bank-3x8", "bank-8x64-fused"])   # mostly free, all in use
+@pytest.mark.parametrize("slots,rank,kernel", [(8, 64, "siblings"), (3, 8, "siblings"), (8, 64, "rows"),
+                                                (8, 64, "fused")],
+                         ids=["bank-8x64", "bank-3x8", "bank-8x64-rows", "bank-8x64-fused"])   # mostly free, all in use
 def test_cuda_engine_equals_transformers_and_peft(setup, slots, rank, kernel):
     import torch
 

@@ -19,8 +19,9 @@ from torch import nn
 
 try:
     from loraflow.multi import triton_lora
+    from loraflow.multi.triton_siblings import lora_delta_siblings
 except ImportError:
-    triton_lora = None
+    triton_lora = lora_delta_siblings = None
 
 
 @dataclass
@@ -30,7 +31,7 @@ class TokenSlots:
     ids: torch.Tensor                       # (N,) slot of each token, -1: none
     used: list[int]                         # distinct slots >= 0 in the batch
     groups: list[tuple[int, torch.Tensor]]  # CPU: (slot, token indices)
-    variant: str | None = None              # GPU: "rows" | "tiles"; decode graphs also "fused"
+    variant: str | None = None              # GPU: "rows" | "tiles"; decode graphs also "fused" | "siblings"
     plan: object | None = None              # GPU: triton_lora.TilePlan for "tiles"
     rows: torch.Tensor | None = None        # CPU, few tokens per slot: (N, r_max) bank rows to gather
     valid: torch.Tensor | None = None       # (N, 1) 1.0 for tokens with an adapter
@@ -85,7 +86,8 @@ class BankedLinear(nn.Module):
             h = F.linear(x, p.a) * slots.mask.to(x.dtype)                 # (N, slots · r_max): own slot's rows only
             return torch.addmm(F.linear(x, self.weight, self.bias), h, p.bt)   # W0 x + b + Σ_r h_r (s·B)ᵀ_r
         if slots.variant is not None:                                     # CUDA: Triton kernels
-            delta = triton_lora.lora_delta(x, slots.ids, p, slots.variant, slots.plan, bias=self.bias)
+            variant = "rows" if slots.variant == "siblings" else slots.variant   # a layer alone
+            delta = triton_lora.lora_delta(x, slots.ids, p, variant, slots.plan, bias=self.bias)
             return delta.addmm_(x, self.weight.T)                         # W0 x + b + Δ, in place: no copy of Δ
         y = F.linear(x, self.weight, self.bias)
         if slots.rows is not None:                                        # CPU, decode: gather + bmm
@@ -99,6 +101,17 @@ class BankedLinear(nn.Module):
                 h = F.linear(x.index_select(0, idx), p.a[lo:lo + r])      # (n_s, r)
                 y.index_add_(0, idx, h @ p.bt[lo:lo + r])                 # (n_s, d_out)
         return y
+
+
+def banked_siblings(x: torch.Tensor, slots: TokenSlots, layers: tuple[BankedLinear, ...]) -> list[torch.Tensor]:
+    """[m(x, slots) for m in layers] for layers that read the same x (q/k/v, gate/up). Under
+    the "siblings" decode kernel their adapters share one shrink and one expand launch
+    (``multi/triton_siblings.py``); otherwise each layer runs alone."""
+    views = [m.packed for m in layers]
+    if slots.variant != "siblings" or not slots.used or any(p is None or not p.any_active for p in views):
+        return [m(x, slots) for m in layers]
+    deltas = lora_delta_siblings(x, slots.ids, views, [m.bias for m in layers])
+    return [d.addmm_(x, m.weight.T) for d, m in zip(deltas, layers)]          # W0 x + b + Δ, in place
 
 
 class BankView:

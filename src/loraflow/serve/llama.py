@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from loraflow.serve.bank import BankedLinear, TokenSlots
+from loraflow.serve.bank import BankedLinear, TokenSlots, banked_siblings
 
 # Attention of steps with prompt chunks: every backend but cuDNN's, which builds an execution
 # plan for each new shape (hundreds of milliseconds), while these shapes (sequences, new
@@ -151,9 +151,10 @@ class Attention(nn.Module):
     def forward(self, x, b: Batch, cos, sin, cache_k, cache_v):
         """softmax(q kᵀ / √d + mask) v over each sequence's cached context."""
         a = self.a
-        q = self.q_proj(x, b.slots).view(-1, a.n_heads, a.head_dim)           # (N, H, D): W x + b + B_s A_s x
-        k = self.k_proj(x, b.slots).view(-1, a.n_kv_heads, a.head_dim)        # (N, Hkv, D)
-        v = self.v_proj(x, b.slots).view(-1, a.n_kv_heads, a.head_dim)
+        q, k, v = banked_siblings(x, b.slots, (self.q_proj, self.k_proj, self.v_proj))   # W x + b + B_s A_s x
+        q = q.view(-1, a.n_heads, a.head_dim)                                 # (N, H, D)
+        k = k.view(-1, a.n_kv_heads, a.head_dim)                              # (N, Hkv, D)
+        v = v.view(-1, a.n_kv_heads, a.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         cache_k.index_copy_(0, b.cache_index, k)                              # cache: (rows, Hkv, D)
         cache_v.index_copy_(0, b.cache_index, v)
@@ -180,7 +181,8 @@ class MLP(nn.Module):
         self.down_proj = BankedLinear(a.intermediate, a.dim, a.mlp_bias)
 
     def forward(self, x, slots):
-        return self.down_proj(F.silu(self.gate_proj(x, slots)) * self.up_proj(x, slots), slots)
+        gate, up = banked_siblings(x, slots, (self.gate_proj, self.up_proj))
+        return self.down_proj(F.silu(gate) * up, slots)
 
 
 class Block(nn.Module):
