@@ -1,13 +1,15 @@
 """The engine alone, no HTTP: seconds per decode step of a Llama-2-7B-shaped model (random
 weights) with 64 requests, base model vs 64 distinct rank-16 adapters on all linear layers,
-with and without CUDA-graph decode (the adapters through each decode kernel: "rows", a
-shrink and an expand launch per layer, or "fused", one), and the captured step replayed
+with and without CUDA-graph decode (the adapters through each decode kernel: "siblings",
+q/k/v and gate/up sharing a shrink and an expand launch, "rows", a shrink and an expand a
+layer, or "fused", one launch a layer), and the captured step replayed
 alone: back to back (the GPU's share of a step), and one at a time from an idle GPU (the
 host's launch call, and launch to finish: what a step pays); with --profile, also the GPU
 time of each kernel of the replayed steps (OUT.kernels.txt). Separates the engine's cost
 from the server's, and the host's from the GPU's.
 
-    python benchmarks/scripts/engine_steps.py OUT.json [--requests 64] [--steps 48] [--profile]
+    python benchmarks/scripts/engine_steps.py OUT.json [--requests 64] [--prompt-len 128] [--steps 48]
+        [--kv-cache-gb 16] [--graphs-only] [--profile]
 """
 
 import argparse
@@ -109,6 +111,8 @@ def main():
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--steps", type=int, default=48)
+    ap.add_argument("--kv-cache-gb", type=float, default=16, help="KV cache; 1,024-token prompts need 48")
+    ap.add_argument("--graphs-only", action="store_true", help="skip the eager steps (no CUDA graphs)")
     ap.add_argument("--profile", action="store_true",
                     help="also write OUT.kernels.txt: GPU time per kernel of the replayed graphs")
     args = ap.parse_args()
@@ -116,16 +120,17 @@ def main():
     tmp = Path(tempfile.mkdtemp())
     folders = bench.make_adapters(linear_shapes(shape), tmp, args.requests, 16, device="cuda")
     model = random_llama(shape, device="cuda")
-    rows, profiles = [], []
-    for graphs in (True, False):
+    rows, profiles, engines, to_profile = [], [], [], []
+    for graphs in (True,) if args.graphs_only else (True, False):
         slots = args.requests
         eng = lf.Engine(model=model, tokenizer=numbered_tokenizer(shape.vocab_size), max_batch_tokens=4096,
                         max_gpu_adapters=slots, max_cpu_adapters=slots, max_lora_rank=16,
-                        decode_graphs=graphs, kv_cache_bytes=16 * 2**30,
+                        decode_graphs=graphs, kv_cache_bytes=int(args.kv_cache_gb * 2**30),
                         adapters={f"a{i}": str(f) for i, f in enumerate(folders)})
         distinct = [f"a{i}" for i in range(args.requests)]
-        runs = [("base", [None] * args.requests, "rows"), ("64 distinct r16", distinct, "rows")]
-        runs += [("64 distinct r16", distinct, k) for k in ("fused",)] if graphs else []
+        runs = [("base", [None] * args.requests, "siblings"), ("64 distinct r16", distinct, "siblings")]
+        runs += [("64 distinct r16", distinct, k) for k in ("rows", "fused")] if graphs else []
+        engines.append(eng)
         for name, adapters, kernel in runs:
             if graphs:
                 eng.graphs.kernel = kernel
@@ -151,23 +156,27 @@ def main():
                 key = (args.requests, eng.bank.layout if path else None, path, kernel if path else None)
                 graph = eng.graphs.graphs[key][0]
                 row.update(replay_times(graph))
-                if args.profile:
-                    profiles.append(f"## {name}, path {path}, kernel {row['kernel']}\n" + kernel_table(graph))
+                to_profile.append((eng, f"## {name}, path {path}, kernel {row['kernel']}\n", graph))
             if not graphs:  # an eager step of 63 decode tokens and a new 4,000-token prompt
                 mixed_step(eng, adapters, args.prompt_len, 4000, False)                    # warm-up
                 row["mixed_step_ms"] = 1e3 * statistics.median(
                     mixed_step(eng, adapters, args.prompt_len, 4000, False)[0] for _ in range(3))
-                if args.profile:
-                    profiles.append(f"## mixed step, {name}\n" + mixed_step(eng, adapters, args.prompt_len, 4000, True)[1])
+                to_profile.append((eng, f"## mixed step, {name}\n", adapters))
             rows.append(row)
             print(rows[-1], flush=True)
+    # profiled after every run is timed: once the profiler has run, every CUDA call of the
+    # process costs the host more (a decode graph's launch up to ~1 ms: the adapters' "launch
+    # cost" of sessions 4 and 5, whose runs came after the base model's profile)
+    for eng, title, what in to_profile if args.profile else []:
+        table = mixed_step(eng, what, args.prompt_len, 4000, True)[1] if isinstance(what, list) else kernel_table(what)
+        profiles.append(title + table)
+    for eng in engines:
         eng.registry.close()
-        del eng
-        torch.cuda.empty_cache()
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "command": f"python benchmarks/scripts/engine_steps.py {args.out} --requests {args.requests} "
-                      f"--prompt-len {args.prompt_len} --steps {args.steps}" + " --profile" * args.profile, "rows": rows}
+                      f"--prompt-len {args.prompt_len} --steps {args.steps} --kv-cache-gb {args.kv_cache_gb:g}"
+                      + " --graphs-only" * args.graphs_only + " --profile" * args.profile, "rows": rows}
     Path(args.out).write_text(json.dumps(out, indent=1))
     if profiles:
         Path(args.out).with_suffix(".kernels.txt").write_text(out["command"] + "\n\n" + "\n\n".join(profiles))

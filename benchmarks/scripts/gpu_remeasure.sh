@@ -10,8 +10,11 @@
 #
 #   tests     the GPU tests of the kernels and the engine (~1 minute)
 #   steps     the engine alone: decode steps (both decode kernels), launch vs replay, a mixed step, kernel tables (~2-3 minutes)
+#   stepslong the same decode steps at 1,024 tokens of context, CUDA graphs only (~2 minutes)
 #   workload  the engine alone on the 1,024-token workload, time split by kind of step (~3 minutes)
 #   launch    what a CUDA graph's launch costs by what it holds: PyTorch ops, LoRA kernels (~1 minute)
+#   enginelaunch  the engine's decode-graph launch, by variant: pool, adapted layers (~1.5 minutes)
+#   sweep     launch configurations of the decode LoRA kernels at Llama-2-7B's shapes (~2 minutes)
 #   serve     the server at 128 + 128 tokens, adapters vs base (~1.5 minutes)
 #   long      the server at 1,024 + 128 tokens (~2.5 minutes)
 #   peft      the 128 + 128 workload with the transformers + PEFT baseline (~5 minutes, most of it PEFT)
@@ -29,13 +32,18 @@ SERVE=(python3 -m loraflow.cli bench serve --shape llama2-7b --requests 64 --out
 quiet() { grep -v -i warn | tail -"$1"; }
 
 tests() {
-    timeout 60 python3 -m pytest -q -p no:cacheprovider tests/optim/test_adam8bit_triton.py \
+    timeout 90 python3 -m pytest -q -p no:cacheprovider tests/optim/test_adam8bit_triton.py tests/multi/test_triton_lora.py tests/multi/test_triton_siblings.py \
         tests/serve/test_paged_attention.py tests/serve/test_engine.py \
         -k "not default_model" 2>&1 | tail -3
 }
 steps() {
     mkdir -p "$OUT/e"
     timeout 240 python3 benchmarks/scripts/engine_steps.py "$OUT/e/engine-steps-h200.json" --profile 2>&1 | quiet 8
+}
+stepslong() {
+    mkdir -p "$OUT/e"
+    timeout 240 python3 benchmarks/scripts/engine_steps.py "$OUT/e/engine-steps-long-h200.json" --prompt-len 1024 \
+        --kv-cache-gb 48 --graphs-only --profile 2>&1 | quiet 6
 }
 workload() {
     mkdir -p "$OUT/e"
@@ -44,6 +52,14 @@ workload() {
 launch() {
     mkdir -p "$OUT/e"
     timeout 120 python3 benchmarks/scripts/graph_launch.py "$OUT/e/graph-launch-h200.json" 2>&1 | quiet 20
+}
+enginelaunch() {
+    mkdir -p "$OUT/e"
+    timeout 150 python3 benchmarks/scripts/engine_launch.py "$OUT/e/engine-launch-h200.json" 2>&1 | quiet 12
+}
+sweep() {
+    mkdir -p "$OUT/e"
+    timeout 240 python3 benchmarks/scripts/lora_sweep.py "$OUT/e/lora-sweep-h200.json" 2>&1 | quiet 12
 }
 serve() {    # each run in its own folder: a call may repeat the part to see the run-to-run spread
     local d="$OUT/s-$(date -u +%H%M%S)"
@@ -95,8 +111,8 @@ gram1b() {
 [ $# -gt 0 ] || { echo "usage: gpu_remeasure.sh PART... (tests steps workload launch serve long peft train train1b svd1b gram1b)" >&2; exit 2; }
 for part in "$@"; do
     case "$part" in
-        tests|steps|workload|launch|serve|long|peft|train|train1b|svd1b|gram1b) echo "== $part $(date -u +%H:%M:%S)"; "$part" ;;
-        *) echo "unknown part $part (tests steps workload launch serve long peft train train1b svd1b gram1b)" >&2; exit 2 ;;
+        tests|steps|stepslong|workload|launch|enginelaunch|sweep|serve|long|peft|train|train1b|svd1b|gram1b) echo "== $part $(date -u +%H:%M:%S)"; "$part" ;;
+        *) echo "unknown part $part (tests steps stepslong workload launch enginelaunch sweep serve long peft train train1b svd1b gram1b)" >&2; exit 2 ;;
     esac
 done
 echo "== done $(date -u +%H:%M:%S)"

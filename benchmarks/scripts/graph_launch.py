@@ -3,7 +3,8 @@ n (shrink, expand) pairs of the per-row LoRA kernels, or both. The decode step's
 with adapters took 0.65 ms to launch against 0.08 ms without, and halving its Triton
 launches did not change that (NOTES-serve.md, session 4); this separates a cost per node,
 per Triton node, or a threshold in the number of nodes. Session 5 found none of these
-(up to 1,344 nodes launched in 0.04 ms), so two more kinds copy one decode step's LoRA
+(up to 1,344 nodes launched in 0.04 ms); the engine's graphs hold about 4,000 nodes, so the
+PyTorch-only kind now goes up to 8,192, and two more kinds copy one decode step's LoRA
 launches at Llama-2-7B's shapes (32 layers x q, k, v, o, gate, up, down; 64 slots of rank
 16): "engine-banks", each layer its own bank (5.1 GB in all, as in the engine), and
 "engine-shared", one bank per shape reused by every layer (the same kernels and grids).
@@ -59,14 +60,37 @@ def engine_kinds(slots: torch.Tensor) -> list[dict]:
     return rows
 
 
+def gemm_kinds(x: torch.Tensor, slots: torch.Tensor, packed: PackedLoRA) -> list[dict]:
+    """224 cuBLAS GEMMs (64 x 4096 @ 4096 x 4096) in a chain, each alone, after a PyTorch
+    kernel, or after the two LoRA kernels (as the engine's layers): whether the launch cost
+    comes from Triton kernels next to cuBLAS's."""
+    w = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16) * 0.01
+    rows = []
+    for kind in ("gemm", "torch+gemm", "lora+gemm"):
+        def body():
+            y = x
+            for _ in range(224):
+                if kind == "gemm":
+                    y = y @ w.T
+                elif kind == "torch+gemm":
+                    y = (y * 1.0001) @ w.T
+                else:
+                    y = triton_lora.lora_delta(y, slots, packed, "rows").addmm_(y, w.T)
+            return y
+        rows.append({"kind": kind, "kernels": 224 * (1 + (kind != "gemm") + (kind == "lora+gemm")),
+                     **replay_times(capture(body), 30)})
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main():
     dev, dt = "cuda", torch.bfloat16
     x = torch.randn(64, 4096, device=dev, dtype=dt)
     slots = torch.arange(64, device=dev, dtype=torch.int32)
     packed = bank(4096, 4096)
-    rows = engine_kinds(slots)
+    rows = gemm_kinds(x, slots, packed) + engine_kinds(slots)
     for kind in ("torch", "lora", "both"):
-        for n in (112, 224, 448, 896, 1344):
+        for n in (112, 224, 448, 896, 1344) + ((2048, 3072, 4096, 4608, 6144, 8192) if kind == "torch" else ()):
             def body():
                 y = x
                 for _ in range(n // (2 if kind == "both" else 1) if kind != "lora" else 0):
