@@ -36,31 +36,20 @@ tests() {
         tests/serve/test_paged_attention.py tests/serve/test_engine.py \
         -k "not default_model" 2>&1 | tail -3
 }
-steps() {
+run_script() {   # run_script SECONDS LINES NAME.py OUT.json [ARGS...]: a script of this folder, its JSON under $OUT/e
+    local seconds=$1 lines=$2 name=$3 out=$4
+    shift 4
     mkdir -p "$OUT/e"
-    timeout 240 python3 benchmarks/scripts/engine_steps.py "$OUT/e/engine-steps-h200.json" --profile 2>&1 | quiet 8
+    timeout "$seconds" python3 "benchmarks/scripts/$name" "$OUT/e/$out" "$@" 2>&1 | quiet "$lines"
 }
+steps() { run_script 240 8 engine_steps.py engine-steps-h200.json --profile; }
 stepslong() {
-    mkdir -p "$OUT/e"
-    timeout 240 python3 benchmarks/scripts/engine_steps.py "$OUT/e/engine-steps-long-h200.json" --prompt-len 1024 \
-        --kv-cache-gb 48 --graphs-only --profile 2>&1 | quiet 6
+    run_script 240 6 engine_steps.py engine-steps-long-h200.json --prompt-len 1024 --kv-cache-gb 48 --graphs-only --profile
 }
-workload() {
-    mkdir -p "$OUT/e"
-    timeout 200 python3 benchmarks/scripts/engine_workload.py "$OUT/e/engine-workload-h200.json" 2>&1 | quiet 3
-}
-launch() {
-    mkdir -p "$OUT/e"
-    timeout 120 python3 benchmarks/scripts/graph_launch.py "$OUT/e/graph-launch-h200.json" 2>&1 | quiet 20
-}
-enginelaunch() {
-    mkdir -p "$OUT/e"
-    timeout 150 python3 benchmarks/scripts/engine_launch.py "$OUT/e/engine-launch-h200.json" 2>&1 | quiet 12
-}
-sweep() {
-    mkdir -p "$OUT/e"
-    timeout 240 python3 benchmarks/scripts/lora_sweep.py "$OUT/e/lora-sweep-h200.json" 2>&1 | quiet 12
-}
+workload() { run_script 200 3 engine_workload.py engine-workload-h200.json; }
+launch() { run_script 120 20 graph_launch.py graph-launch-h200.json; }
+enginelaunch() { run_script 150 12 engine_launch.py engine-launch-h200.json; }
+sweep() { run_script 240 12 lora_sweep.py lora-sweep-h200.json; }
 serve() {    # each run in its own folder: a call may repeat the part to see the run-to-run spread
     local d="$OUT/s-$(date -u +%H%M%S)"
     mkdir -p "$d"

@@ -15,21 +15,13 @@ from datetime import datetime, timezone
 
 import torch
 
+from graph_launch import bank            # this folder: a bank of 64 slots of rank 16
 from loraflow.bench.timing import copy_bandwidth_gbs, time_ms, warm_up_gpu
 from loraflow.multi import triton_lora
-from loraflow.multi.triton_lora import PackedLoRA
 from loraflow.multi.triton_siblings import lora_delta_siblings
 
 CASES = {"q/k/v": (4096, [4096, 4096, 4096]), "gate/up": (4096, [11008, 11008]),
          "o": (4096, [4096]), "down": (11008, [4096])}
-
-
-def bank(d_in: int, d_out: int, n_slots: int = 64, r: int = 16) -> PackedLoRA:
-    dev, dt = "cuda", torch.bfloat16
-    return PackedLoRA(a=torch.randn(n_slots * r, d_in, device=dev, dtype=dt) * 0.01,
-                      bt=torch.randn(n_slots * r, d_out, device=dev, dtype=dt) * 0.01,
-                      offsets=torch.arange(n_slots, device=dev, dtype=torch.int32) * r,
-                      ranks=torch.full((n_slots,), r, device=dev, dtype=torch.int32), r_max=r)
 
 
 def main():
