@@ -247,7 +247,7 @@ def choose_variant(n_tokens: int, n_adapters: int) -> str:
 # ``loraflow bench kernels --sweep`` on an H200 (decode 64 x r16, prefill 4096 tokens x r16).
 # On 2026-11-28: rows 12.3 us, fused 13.9 us (decode); tiles 34.7 us (prefill). "rows" (also
 # the sibling launches) re-chosen on 2026-11-29 over 180 configurations at Llama-2-7B's
-# layers (benchmarks/scripts/lora_sweep.py): 67.8 us a layer against 72.3 us before.
+# decoder blocks (benchmarks/scripts/lora_sweep.py): 67.8 us a block against 72.3 us before.
 DEFAULTS = {"rows": {"block_k": 128, "split_k": 8, "block_n": 2048, "warps": 8},
             "fused": {"block_k": 512, "split_k": 16, "block_n": 1024, "warps": 4},
             "tiles": {"block_m": 32, "block_k": 128, "split_k": 4, "block_n": 256, "warps": 8}}

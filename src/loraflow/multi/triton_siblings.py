@@ -8,8 +8,11 @@ For token t with slot s and sibling j (up to three):
 
 The maths and the packed layout are those of ``triton_lora`` (each sibling its own
 PackedLoRA); only the launches are shared. A decode step of a Llama runs 7 adapted layers a
-block, so 14 LoRA launches become 8. Whether that pays on the GPU is measured by
-``benchmarks/scripts/engine_steps.py`` (kernel "siblings"), not assumed.
+block, so 14 LoRA launches become 8: each launch pays a few microseconds to start and
+drain, and at decode sizes a layer's adapters take only 2-6 us to read. On an H200 a
+Llama-2-7B decode step of 64 tokens on 64 adapters replayed in 12.92 ms this way against
+13.49 ms with a launch pair per layer (``benchmarks/scripts/engine_steps.py``,
+``results/engine-steps-h200-v7.json``); it is the serving engine's decode kernel.
 """
 
 from __future__ import annotations
