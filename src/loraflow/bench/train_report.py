@@ -92,9 +92,12 @@ def figure(rows: list[dict]):
                 continue
             xs = [c for c in configs if c in sel]
             label = variant + (" + per-layer" if pl else "")
-            axes[0].plot(xs, [(sel[c]["peak_memory_bytes"] or 0) / 1e9 for c in xs], marker="o", label=label)
+            mem = [c for c in xs if sel[c]["peak_memory_bytes"]]          # none on a CPU run
+            axes[0].plot(mem, [sel[c]["peak_memory_bytes"] / 1e9 for c in mem], marker="o", label=label)
             axes[1].plot(xs, [sel[c]["tokens_per_s"] for c in xs], marker="o", label=label)
-    axes[0].set(ylabel="peak GPU memory (GB)", yscale="log", title="memory")
+    axes[0].set(ylabel="peak GPU memory (GB)", title="memory")
+    if any(len(line.get_xdata()) for line in axes[0].lines):
+        axes[0].set_yscale("log")
     axes[1].set(ylabel="tokens / s", yscale="log", title="speed")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
