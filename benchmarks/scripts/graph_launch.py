@@ -1,11 +1,12 @@
 """What a CUDA graph's launch costs the host, by what the graph holds: n small PyTorch ops, or
 n (shrink, expand) pairs of the per-row LoRA kernels, or both. The decode step's graph
 with adapters took 0.65 ms to launch against 0.08 ms without, and halving its Triton
-launches did not change that (NOTES-serve.md, session 4); this separates a cost per node,
+launches did not change that (NOTES-serve.md, session 4; session 6 found the cause: a
+profiler run earlier in the process, not the graphs); this separates a cost per node,
 per Triton node, or a threshold in the number of nodes. Session 5 found none of these
-(up to 1,344 nodes launched in 0.04 ms); the engine's graphs hold about 4,000 nodes, so the
-PyTorch-only kind now goes up to 8,192, and two more kinds copy one decode step's LoRA
-launches at Llama-2-7B's shapes (32 layers x q, k, v, o, gate, up, down; 64 slots of rank
+(up to 1,344 nodes launched in 0.04 ms); the engine's decode graphs hold about 1,300
+(base) to 1,800 (adapters) kernels, so the PyTorch-only kind now goes up to 8,192, and two
+more kinds copy one decode step's LoRA launches at Llama-2-7B's shapes (32 layers x q, k, v, o, gate, up, down; 64 slots of rank
 16): "engine-banks", each layer its own bank (5.1 GB in all, as in the engine), and
 "engine-shared", one bank per shape reused by every layer (the same kernels and grids).
 
