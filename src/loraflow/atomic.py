@@ -1,9 +1,17 @@
-"""Atomic file writes: a file that is replaced is either the old one or the new one, never
-half written (adapters, token caches, benchmark results)."""
+"""Atomic writes: a file or folder that is replaced is either the old one or the new one,
+never half written nor a mix of both (adapters, token caches, benchmark results)."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
+import functools
 import os
+import re
+import secrets
+import shutil
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -23,3 +31,164 @@ def atomic_write(target: str | os.PathLike, write: Callable[[str], object]) -> N
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+# Folders ------------------------------------------------------------------------------------
+# A folder (an adapter: config + weights) is written whole into a hidden temporary folder
+# beside it, ``.NAME.tmp-XXXX``, then swapped in. Every rename goes through ``os.replace`` and
+# the Linux exchange through ``exchange``, so that tests can inject failures at each one.
+
+_RENAME_EXCHANGE = 2          # linux/fs.h
+_AT_FDCWD = -100
+# what renameat2 answers where the kernel, the C library or the file system lacks the exchange
+_NO_EXCHANGE = {errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP}
+
+
+def temp_prefix(target: str | os.PathLike) -> str:
+    """The name prefix of the temporary folders that ``atomic_write_dir`` makes for ``target``."""
+    return f".{Path(target).name}.tmp-"
+
+
+def old_path(target: str | os.PathLike) -> Path:
+    """Where the fallback swap parks ``target``'s previous contents: ``.NAME.old`` beside it.
+    It exists only while a swap is under way, or after a process died in the middle of one
+    (then ``target`` may be missing and this is the whole previous folder)."""
+    target = Path(target)
+    return target.parent / f".{target.name}.old"
+
+
+@functools.cache
+def _renameat2():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2     # glibc >= 2.28, musl >= 1.2.4
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def exchange(a: str | os.PathLike, b: str | os.PathLike) -> None:
+    """Swap the paths ``a`` and ``b`` (both must exist) in one atomic step: Linux's
+    ``renameat2(RENAME_EXCHANGE)``. Raises OSError with errno ENOSYS where it is not available
+    (another OS, an old C library) and EINVAL/EOPNOTSUPP where the kernel or file system lacks it."""
+    fn = _renameat2()
+    if fn is None:
+        raise OSError(errno.ENOSYS, "renameat2 is not available on this system", str(a))
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), str(a), None, str(b))
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Flush a folder's entries (names created, renamed, removed) to disk; a no-op where
+    folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:   # some file systems refuse fsync on a folder; the rename is done anyway
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: str | os.PathLike) -> None:
+    """fsync every file in ``folder`` (not recursive), then the folder itself."""
+    for entry in os.scandir(folder):
+        if entry.is_file(follow_symlinks=False):
+            with open(entry.path, "rb") as f:
+                os.fsync(f.fileno())
+    fsync_dir(folder)
+
+
+def atomic_write_dir(target: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """Write a whole folder through ``write(tmp_folder)`` and swap it in as ``target``: a
+    reader sees the old folder or the new one, never a mix of their files.
+
+    ``write`` fills a fresh temporary folder ``.NAME.tmp-XXXX`` beside ``target``; its files
+    and the folder are fsynced, then it takes ``target``'s place:
+
+    * no ``target`` yet: one ``os.replace``;
+    * on Linux: ``exchange`` (atomic), then the previous contents, now under the temporary
+      name, are removed;
+    * where the exchange is unavailable: ``target`` -> ``.NAME.old`` (``old_path``), the new
+      folder -> ``target``, then ``.NAME.old`` is removed. A process killed between the two
+      renames leaves no ``target`` but a whole ``.NAME.old``; readers should look there
+      (``recover_dir``) and the next write cleans up.
+
+    The temporary folder is removed if anything fails. After a successful swap, leftovers of
+    earlier writes that were killed (``.NAME.tmp-*``, ``.NAME.old``) are removed too, so two
+    processes writing the same ``target`` at once are not supported (one of them may fail;
+    ``target`` is whole either way). A symlinked ``target`` is followed: the folder it points
+    to is replaced and the link stays. Returns the path written (``target``, links resolved).
+    """
+    target = Path(os.path.realpath(target))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _make_temp_dir(target)
+    try:
+        write(tmp)
+        fsync_tree(tmp)
+        _swap_in(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(target.parent)
+    _remove_leftovers(target)
+    return target
+
+
+def _make_temp_dir(target: Path) -> Path:
+    # not tempfile.mkdtemp: its folders are private (0700); this one becomes ``target``
+    while True:
+        tmp = target.parent / f"{temp_prefix(target)}{secrets.token_hex(4)}"
+        try:
+            tmp.mkdir()
+            return tmp
+        except FileExistsError:
+            continue
+
+
+def _swap_in(tmp: Path, target: Path) -> None:
+    if not target.exists():
+        os.replace(tmp, target)
+        return
+    try:
+        exchange(tmp, target)
+    except OSError as e:
+        if e.errno not in _NO_EXCHANGE:
+            raise
+    else:
+        return                                  # the old contents are under tmp's name now
+    old = old_path(target)
+    if old.exists():                            # from a swap that was killed: target is whole
+        shutil.rmtree(old)
+    os.replace(target, old)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        if not target.exists():
+            with contextlib.suppress(OSError):
+                os.replace(old, target)         # put the previous folder back
+        raise
+
+
+def _remove_leftovers(target: Path) -> None:
+    ours = re.compile(rf"{re.escape(temp_prefix(target))}[0-9a-f]{{8}}|{re.escape(old_path(target).name)}")
+    for entry in os.scandir(target.parent):
+        if ours.fullmatch(entry.name):
+            shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def recover_dir(target: str | os.PathLike) -> Path | None:
+    """The folder that stands for a missing ``target`` after a write was killed between the
+    fallback's two renames: ``.NAME.old``, the whole previous folder, or None."""
+    target = Path(target)
+    if target.exists() or target.is_symlink():
+        return None
+    old = old_path(target)
+    return old if old.is_dir() else None

@@ -6,6 +6,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
 import loraflow as lf
+from loraflow.adapters.files import read_adapter
 from conftest import ids, make, outputs, randomize, rel_err, targets, tiny_llama
 
 
@@ -199,3 +200,81 @@ def test_failed_save_keeps_the_previous_files(tmp_path, monkeypatch):
     assert (tmp_path / "a" / "adapter_model.safetensors").read_bytes() == before
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["adapter_config.json",
                                                                  "adapter_model.safetensors"]
+
+
+def _saved(tmp_path, name="a"):
+    model = make("llama")
+    lf.add_adapter(model, lf.LoRAConfig(r=2, target_modules=["q_proj", "v_proj"]), name=name)
+    randomize(model, name)
+    lf.save_adapter(model, tmp_path / name)
+    return tmp_path / name
+
+
+@pytest.mark.parametrize("value, label", [(float("nan"), "NaN"), (float("inf"), "Inf")])
+def test_non_finite_weights_are_refused_naming_the_layer(tmp_path, value, label):
+    folder = _saved(tmp_path)
+    weights = load_file(folder / "adapter_model.safetensors")
+    weights["base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"][3, 1] = value
+    save_file(weights, folder / "adapter_model.safetensors")
+    model = make("llama")
+    with pytest.raises(ValueError, match=rf"adapter {folder}: layer model.layers.1.self_attn.v_proj has "
+                                         rf"non-finite values in lora_B.weight \({label}\); retrain or fix"):
+        lf.load_adapter(model, folder)
+    assert lf.list_adapters(model) == {}
+
+
+def test_truncated_or_corrupt_files_are_named(tmp_path):
+    folder = _saved(tmp_path)
+    weights = folder / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    with pytest.raises(ValueError, match="adapter_model.safetensors is not a readable safetensors file.*truncated"):
+        lf.load_adapter(make("llama"), folder)
+    weights.unlink()
+    (folder / "adapter_model.bin").write_bytes(b"PK\x03\x04 not a zip")
+    with pytest.raises(ValueError, match="adapter_model.bin could not be read"):
+        lf.load_adapter(make("llama"), folder, allow_pickle=True)
+
+
+def test_a_layer_with_lora_a_but_no_lora_b_is_named(tmp_path):
+    folder = _saved(tmp_path)
+    weights = load_file(folder / "adapter_model.safetensors")
+    del weights["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"]
+    save_file(weights, folder / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=r"layer model.layers.0.self_attn.q_proj has \['lora_A.weight'\] "
+                                         r"but no lora_B.weight"):
+        read_adapter(folder)
+
+
+@pytest.mark.parametrize("text, message", [
+    (lambda cfg: json.dumps({k: v for k, v in cfg.items() if k != "r"}), "adapter_config.json: the LORA config has no 'r' field"),
+    (lambda cfg: json.dumps(cfg)[:-20], "adapter_config.json is not valid JSON"),
+    (lambda cfg: json.dumps([cfg]), "adapter_config.json: the config must be a JSON object, got list"),
+    (lambda cfg: json.dumps({**cfg, "r": "8"}), "adapter_config.json: r must be"),
+    (lambda cfg: json.dumps({**cfg, "peft_type": "DEEP_LORA"}), "no 'depth' field"),
+])
+def test_broken_configs_are_named(tmp_path, text, message):
+    folder = _saved(tmp_path)
+    cfg_path = folder / "adapter_config.json"
+    cfg_path.write_text(text(json.loads(cfg_path.read_text())))
+    with pytest.raises(ValueError, match=message):
+        lf.load_adapter(make("llama"), folder)
+
+
+def test_files_symlinked_out_of_the_folder_are_refused(tmp_path):
+    folder = _saved(tmp_path)
+    secret = tmp_path / "elsewhere.safetensors"
+    (folder / "adapter_model.safetensors").rename(secret)
+    (folder / "adapter_model.safetensors").symlink_to(secret)
+    with pytest.raises(ValueError, match="is a symlink to .*elsewhere.safetensors, outside the adapter folder"):
+        lf.load_adapter(make("llama"), folder)
+    (folder / "adapter_model.safetensors").unlink()
+    (folder / "real.safetensors").write_bytes(secret.read_bytes())       # a link inside the folder is fine
+    (folder / "adapter_model.safetensors").symlink_to("real.safetensors")
+    (folder / "adapter_config.json").rename(tmp_path / "config.json")
+    (folder / "adapter_config.json").symlink_to(tmp_path / "config.json")
+    with pytest.raises(ValueError, match="adapter_config.json is a symlink"):
+        lf.load_adapter(make("llama"), folder)
+    (folder / "adapter_config.json").unlink()
+    (tmp_path / "config.json").rename(folder / "adapter_config.json")
+    (tmp_path / "linked").symlink_to(folder)                             # and so is a symlinked folder
+    assert lf.load_adapter(make("llama"), tmp_path / "linked") == "linked"

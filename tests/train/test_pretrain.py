@@ -23,7 +23,8 @@ def test_pretraining_lowers_the_held_out_loss(tmp_path, dtype):
     assert len(evals) == 4 and evals[-1]["eval_loss"] < evals[0]["eval_loss"] - 0.5
     assert [r["tokens"] for r in evals] == [4 * 48 * k for k in (4, 8, 12, 16)]
     assert all(r["tokens_per_s"] > 0 for r in evals) and not any("tokens_per_s" in r for r in records if r not in evals)
-    assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == ["config.json", "model.safetensors", "state.pt"]
+    assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == ["complete.json", "config.json",
+                                                                           "model.safetensors", "state.pt"]
     weights = load_file(tmp_path / "checkpoint" / "model.safetensors")
     assert {w.dtype for w in weights.values()} == {torch.float32}     # bf16-mixed: float32 weights too
 

@@ -6,8 +6,10 @@ PEFT's own format (``peft_type: "LORA"``) and load in ``peft.PeftModel.from_pret
 FLoRA (``"FLORA"``, suffixes ``flora_A/B.weight``) and Deep LoRA (``"DEEP_LORA"``,
 ``deep_lora.<i>.weight``) use the same layout with loraflow-only fields.
 
-Both files are written atomically (temporary file, fsync, rename), weights are read from
-safetensors only: a pickled ``adapter_model.bin`` is refused unless ``allow_pickle=True``.
+A folder is written as one unit (a temporary folder beside it, fsynced, then swapped in), so
+a reader sees a whole adapter, old or new; weights are read from safetensors only (a pickled
+``adapter_model.bin`` is refused unless ``allow_pickle=True``) and checked: finite, complete,
+inside the folder.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -27,11 +31,12 @@ from loraflow.adapters.layer import AdapterLinear, adapter_layers
 from loraflow.adapters.lora import LoRAConfig
 from loraflow.adapters.manage import active_adapter, attach, build_adapter, list_adapters
 from loraflow.adapters.targets import find_targets, is_conv1d, linear_module_names
-from loraflow.atomic import atomic_write
+from loraflow.atomic import atomic_write_dir, recover_dir
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
+ADAPTER_FILES = {CONFIG_NAME, WEIGHTS_NAME, PICKLE_NAME}   # what save_adapter may replace
 PREFIX = "base_model.model."
 SUFFIXES = {
     "LORA": r"lora_[AB]\.weight",
@@ -44,7 +49,15 @@ UNSUPPORTED_LORA = {"use_dora": False, "modules_to_save": None, "layers_to_trans
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> Path:
-    """Write adapter ``name`` (default: the active one) as a PEFT-layout folder."""
+    """Write adapter ``name`` (default: the active one) as a PEFT-layout folder at ``path``.
+
+    The folder is written as one unit (``atomic_write_dir``): both files go into a temporary
+    folder beside ``path``, which then takes its place, so a reader (``load_adapter``, the
+    server) sees the previous adapter or this one, never one's weights with the other's config.
+    An existing ``path`` is replaced only if it is an adapter folder (nothing in it but
+    adapter_config.json, adapter_model.safetensors or adapter_model.bin) or empty; anything
+    else raises ValueError and is left untouched.
+    """
     name = name if name is not None else active_adapter(model)
     configs = list_adapters(model)
     if name not in configs:
@@ -55,21 +68,60 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
                for mname, layer in layers for suffix, t in layer.adapters[name].file_tensors().items()}
     fields = _config_fields(model, config, [m for m, _ in layers])
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    atomic_write(path / WEIGHTS_NAME, lambda f: save_file(tensors, f, metadata={"format": "pt"}))
-    atomic_write(path / CONFIG_NAME, lambda f: Path(f).write_text(json.dumps(fields, indent=2) + "\n"))
+    _check_replaceable(path)
+
+    def write(folder: Path) -> None:
+        save_file(tensors, folder / WEIGHTS_NAME, metadata={"format": "pt"})
+        (folder / CONFIG_NAME).write_text(json.dumps(fields, indent=2) + "\n")
+
+    atomic_write_dir(path, write)
     return path
 
 
+def _check_replaceable(path: Path) -> None:
+    if path.is_dir():
+        others = sorted(p.name for p in path.iterdir() if p.name not in ADAPTER_FILES)
+        if others:
+            raise ValueError(f"{path} holds other files than an adapter's ({', '.join(others[:5])}); "
+                             "saving would replace the whole folder. Save to another folder, or move "
+                             "those files away")
+    elif path.exists():
+        raise ValueError(f"{path} exists and is not a folder; save the adapter to another path")
+
+
 def read_adapter(path: str | os.PathLike, allow_pickle: bool = False):
-    """An adapter folder's config and tensors by module: (config, {module: {suffix: tensor}})."""
+    """An adapter folder's config and tensors by module: (config, {module: {suffix: tensor}}).
+
+    Everything is checked: every failure is a FileNotFoundError (missing folder or file) or a
+    ValueError naming the file and the problem: a config that is not a JSON object or lacks a
+    field, a truncated or corrupt weights file, a layer without all of its tensors (lora_A but
+    no lora_B), NaN or Inf values, or adapter_config.json / the weights file being a symlink to
+    somewhere outside the folder (the folder itself may be a symlink).
+
+    If ``path`` is missing because a ``save_adapter`` was killed between the two renames of its
+    fallback swap (systems without an atomic exchange), the whole previous adapter is at
+    ``.NAME.old`` beside it: that one is read, with a warning, and the next save cleans up.
+    """
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"adapter folder {path} does not exist")
-    if not (path / CONFIG_NAME).is_file():
-        raise FileNotFoundError(f"{path / CONFIG_NAME} is missing: not an adapter folder")
-    fields = json.loads((path / CONFIG_NAME).read_text())
-    config = config_from_fields(fields)
+        parked = recover_dir(path)
+        if parked is None or not (parked / CONFIG_NAME).is_file():
+            raise FileNotFoundError(f"adapter folder {path} does not exist")
+        warnings.warn(f"adapter folder {path} is missing: a save over it was interrupted; reading the "
+                      f"previous version from {parked}. Save the adapter again to finish", stacklevel=2)
+        path = parked
+    config_file = _inside(path, CONFIG_NAME)
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} is missing: not an adapter folder")
+    try:
+        fields = json.loads(config_file.read_text())
+    except ValueError as e:          # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{config_file} is not valid JSON ({e}); save the adapter again or fix "
+                         "the file") from e
+    try:
+        config = config_from_fields(fields)
+    except ValueError as e:
+        raise ValueError(f"{config_file}: {e}") from e
     tensors = _read_weights(path, allow_pickle)
     pattern = re.compile(rf"^(?:{re.escape(PREFIX)})?(.+?)\.({SUFFIXES[config.kind]})$")
     by_module: dict[str, dict[str, torch.Tensor]] = {}
@@ -81,7 +133,25 @@ def read_adapter(path: str | os.PathLike, allow_pickle: bool = False):
         by_module.setdefault(m.group(1), {})[m.group(2)] = t
     if not by_module:
         raise ValueError(f"{path / WEIGHTS_NAME} holds no adapter weights")
+    for module, found in by_module.items():
+        _check_layer(path, config, module, found)
     return config, by_module
+
+
+def _check_layer(path: Path, config, module: str, found: dict[str, torch.Tensor]) -> None:
+    if config.kind == "DEEP_LORA":
+        needed = [f"deep_lora.{i}.weight" for i in range(max(2, len(found)))]
+    else:
+        needed = [f"{config.kind.lower()}_{ab}.weight" for ab in "AB"]
+    missing = [k for k in needed if k not in found]
+    if missing:
+        raise ValueError(f"adapter {path}: layer {module} has {sorted(found)} but no {', '.join(missing)}; "
+                         "the weights file is incomplete: save or convert the adapter again")
+    for suffix, t in found.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            what = " and ".join(w for w, bad in (("NaN", t.isnan().any()), ("Inf", t.isinf().any())) if bad)
+            raise ValueError(f"adapter {path}: layer {module} has non-finite values in {suffix} ({what}); "
+                             "retrain or fix the file")
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = None,
@@ -120,7 +190,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
 
 
 def config_from_fields(fields: dict):
-    """An adapter config from the fields of an ``adapter_config.json``."""
+    """An adapter config from the fields of an ``adapter_config.json``; ValueError (naming
+    the field) when it is not a JSON object, lacks a required field or has a bad value."""
+    if not isinstance(fields, dict):
+        raise ValueError(f"the config must be a JSON object, got {type(fields).__name__}")
     kind = fields.get("peft_type")
     targets = fields.get("target_modules")
     if isinstance(targets, (list, set, tuple)):
@@ -130,19 +203,35 @@ def config_from_fields(fields: dict):
             if fields.get(key, neutral) not in (neutral, [], {}, False, None):
                 raise ValueError(f"this LoRA adapter uses {key}={fields[key]!r}, which loraflow "
                                  "does not support yet; load it with PEFT instead")
-        return LoRAConfig(r=fields["r"], alpha=fields.get("lora_alpha", 8), target_modules=targets,
+        return _build(LoRAConfig, fields, r=_required(fields, "r"), alpha=fields.get("lora_alpha", 8), target_modules=targets,
                           dropout=fields.get("lora_dropout", 0.0) or 0.0,
                           use_rslora=bool(fields.get("use_rslora", False)),
                           rank_pattern=dict(fields.get("rank_pattern") or {}),
                           alpha_pattern=dict(fields.get("alpha_pattern") or {}))
     if kind == "FLORA":
-        return FLoRAConfig(r=fields["r"], target_modules=targets,
+        return _build(FLoRAConfig, fields, r=_required(fields, "r"), target_modules=targets,
                            init_noise=fields.get("init_noise", 0.0),
                            rank_pattern=dict(fields.get("rank_pattern") or {}))
     if kind == "DEEP_LORA":
-        return DeepLoRAConfig(r=fields["r"], depth=fields["depth"], epsilon=fields["epsilon"],
+        return _build(DeepLoRAConfig, fields, r=_required(fields, "r"), depth=_required(fields, "depth"),
+                      epsilon=_required(fields, "epsilon"),
                               gamma=fields.get("gamma", 0.1), target_modules=targets)
     raise ValueError(f"peft_type {kind!r} is not supported: loraflow loads LORA, FLORA and DEEP_LORA")
+
+
+def _required(fields: dict, key: str):
+    if key not in fields:
+        raise ValueError(f"the {fields.get('peft_type')} config has no {key!r} field; add it (PEFT "
+                         "writes it) or save the adapter again")
+    return fields[key]
+
+
+def _build(cls, fields: dict, **kw):
+    try:
+        return cls(**kw)
+    except (TypeError, AttributeError) as e:     # e.g. "r": "8", target_modules: 3
+        raise ValueError(f"the {fields.get('peft_type')} config has a field of the wrong type ({e}); "
+                         "fix the file or save the adapter again") from e
 
 
 def _config_fields(model: nn.Module, config, adapted: list[str]) -> dict:
@@ -192,14 +281,36 @@ def _strip_adapter_name(key: str) -> str:
     return re.sub(r"\.(lora_[AB]|flora_[AB])\.[^.]+\.weight$", r".\1.weight", key)
 
 
+def _inside(folder: Path, name: str) -> Path:
+    """``folder / name``, refused if it is a symlink that leads out of ``folder``."""
+    file = folder / name
+    if file.is_symlink() and not file.resolve().is_relative_to(folder.resolve()):
+        raise ValueError(f"{file} is a symlink to {file.resolve()}, outside the adapter folder; "
+                         f"copy the file into {folder} instead")
+    return file
+
+
 def _read_weights(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
-    if (path / WEIGHTS_NAME).is_file():
-        return load_file(path / WEIGHTS_NAME)
-    if (path / PICKLE_NAME).is_file():
+    weights = _inside(path, WEIGHTS_NAME)
+    if weights.is_file():
+        try:
+            return load_file(weights)
+        except SafetensorError as e:
+            raise ValueError(f"{weights} is not a readable safetensors file ({e}): it may be truncated "
+                             "or corrupt; save the adapter again") from e
+    pickled = _inside(path, PICKLE_NAME)
+    if pickled.is_file():
         if not allow_pickle:
             raise ValueError(
-                f"{path / PICKLE_NAME} is a pickle file, which can run code when loaded; loraflow "
+                f"{pickled} is a pickle file, which can run code when loaded; loraflow "
                 "reads adapter_model.safetensors only. Convert it, or pass allow_pickle=True if you "
                 "trust its source")
-        return torch.load(path / PICKLE_NAME, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"{path / WEIGHTS_NAME} is missing")
+        try:
+            tensors = torch.load(pickled, map_location="cpu", weights_only=True)
+        except Exception as e:     # pickle and zip errors of every kind
+            raise ValueError(f"{pickled} could not be read ({type(e).__name__}: {e}): it may be "
+                             "truncated or corrupt") from e
+        if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+            raise ValueError(f"{pickled} does not hold a dict of tensors")
+        return tensors
+    raise FileNotFoundError(f"{weights} is missing")

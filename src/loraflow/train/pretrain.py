@@ -12,7 +12,9 @@ run (another optimizer, say) loads them instead of tokenizing again; ``--prepare
 stops there. Cosine schedule with warmup, optional per-layer updates, float32, bfloat16 or
 bf16-mixed (float32 weights and optimizer states, bfloat16 autocast), ``--compile``,
 activation checkpointing, a progress bar, periodic evaluation, atomic checkpoints and
-exact resume.
+exact resume: ``--resume`` continues from the newest complete checkpoint (also one that a
+killed save left as checkpoint.tmp or checkpoint.old), and a run without it refuses an
+``--out`` that already holds one.
 
 OUT/log.jsonl holds one record per step (step, tokens, loss, time); every ``--eval-every``
 steps, at the last one and where ``--time-limit`` stops the run, also eval_loss, eval_ppl
@@ -28,6 +30,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -37,6 +40,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 import loraflow as lf
+from loraflow.atomic import fsync_dir, fsync_tree
 from loraflow.optim.projector import SVD_METHODS
 from loraflow.train.corpus import (cached_corpus, pack, split_files, spread, text_files, tokenizer_sample,
                                    train_tokenizer)
@@ -86,18 +90,91 @@ def evaluate(model, seqs: torch.Tensor, batch: int, device, autocast=contextlib.
     return total / max(1, n)
 
 
+CHECKPOINT_FILES = ("model.safetensors", "state.pt", "config.json")
+MARKER = "complete.json"     # written last: {"step": N, "files": {name: size}}
+
+
+def checkpoint_paths(out: Path) -> tuple[Path, Path, Path]:
+    """(checkpoint, checkpoint.tmp, checkpoint.old) in ``out``."""
+    return out / "checkpoint", out / "checkpoint.tmp", out / "checkpoint.old"
+
+
+def checkpoint_step(folder: Path) -> int | None:
+    """The step of the complete checkpoint in ``folder``, or None if it is missing or partial.
+
+    Complete: ``complete.json`` present and every file it lists present with its size. A
+    ``checkpoint`` folder from before the marker existed counts as complete when its three
+    files are there (it was only ever made by renaming a finished folder)."""
+    marker = folder / MARKER
+    if marker.is_file():
+        try:
+            info = json.loads(marker.read_text())
+            step, sizes = int(info["step"]), dict(info["files"])
+        except (ValueError, KeyError, TypeError):
+            return None
+        whole = all((folder / name).is_file() and (folder / name).stat().st_size == size
+                    for name, size in sizes.items())
+        return step if whole and set(CHECKPOINT_FILES) <= set(sizes) else None
+    if folder.name == "checkpoint" and all((folder / name).is_file() for name in CHECKPOINT_FILES):
+        try:
+            state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True, mmap=True)
+            return int(state["step"])     # mmap: the optimizer state is not read
+        except Exception:          # a damaged legacy file: not a checkpoint to resume from
+            return None
+    return None
+
+
+def latest_checkpoint(out: Path) -> tuple[Path, int] | None:
+    """The newest complete checkpoint in ``out`` and its step: ``checkpoint``, or, where a save
+    was killed half way, ``checkpoint.tmp`` / ``checkpoint.old`` (on a tie, in that order)."""
+    found = [(step, -i, folder) for i, folder in enumerate(checkpoint_paths(out))
+             if (step := checkpoint_step(folder)) is not None]
+    if not found:
+        return None
+    step, _, folder = max(found)
+    return folder, step
+
+
 def save_checkpoint(out: Path, model, opt_state: dict, step: int) -> None:
-    """Write to a temporary folder, then swap it in: a crash never leaves a half checkpoint."""
-    tmp, final, old = out / "checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
-    shutil.rmtree(tmp, ignore_errors=True)
+    """Write ``out/checkpoint`` so that a kill at any point leaves a complete checkpoint, the
+    previous one or this one (``latest_checkpoint`` finds it; ``--resume`` continues from it).
+
+    The files go to ``checkpoint.tmp``, are fsynced, and ``complete.json`` is written last;
+    then ``checkpoint`` -> ``checkpoint.old``, ``checkpoint.tmp`` -> ``checkpoint``, and
+    ``checkpoint.old`` is removed. Leftovers of a killed save are settled first: the newest
+    complete folder becomes ``checkpoint`` before anything older is deleted."""
+    final, tmp, old = checkpoint_paths(out)
+    _settle(out)
+    shutil.rmtree(tmp, ignore_errors=True)            # partial: `checkpoint` is the newest complete one
     tmp.mkdir(parents=True)
     save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
     torch.save({"optimizer": opt_state, "step": step}, tmp / "state.pt")
     model.config.to_json_file(tmp / "config.json")
+    fsync_tree(tmp)
+    sizes = {name: (tmp / name).stat().st_size for name in CHECKPOINT_FILES}
+    with open(tmp / MARKER, "w") as f:
+        json.dump({"step": step, "files": sizes}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    fsync_dir(tmp)
     if final.exists():
         os.replace(final, old)
     os.replace(tmp, final)
+    fsync_dir(out)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _settle(out: Path) -> None:
+    """Leave the newest complete checkpoint at ``checkpoint`` and remove the other folders
+    (older or partial). Each step keeps a complete copy of the newest on disk."""
+    final, tmp, old = checkpoint_paths(out)
+    newest = latest_checkpoint(out)
+    if newest is not None and newest[0] != final:
+        shutil.rmtree(final, ignore_errors=True)      # older or partial
+        os.replace(newest[0], final)
+        fsync_dir(out)
+    for folder in (tmp, old):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _synchronize(device: str) -> None:
@@ -152,7 +229,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="held-out sequences per evaluation, evenly spaced over the held-out tokens")
     ap.add_argument("--save-every", type=int, default=500)
     ap.add_argument("--out", required=True, help="folder for checkpoints and log.jsonl")
-    ap.add_argument("--resume", action="store_true", help="continue from --out/checkpoint")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue from the newest complete checkpoint in --out (--out/checkpoint, or what "
+                         "an interrupted save left); without it, an --out holding a checkpoint is refused")
     ap.add_argument("--time-limit", type=float, metavar="SECONDS",
                     help="stop once this much wall time has passed since the start, with an evaluation and a "
                          "checkpoint (--resume continues)")
@@ -185,6 +264,13 @@ def main(argv: list[str] | None = None) -> dict:
     from transformers import LlamaForCausalLM
 
     out = Path(args.out)
+    existing = latest_checkpoint(out) if out.is_dir() and not args.prepare_only else None
+    if existing is not None and not args.resume:
+        raise ValueError(f"{out} already holds a checkpoint ({existing[0].name}, step {existing[1]}); pass "
+                         "--resume to continue it, or choose another --out (a new run would overwrite it)")
+    if args.resume and not args.prepare_only and existing is None:
+        raise FileNotFoundError(f"--resume: no checkpoint in {out} (no complete checkpoint, checkpoint.tmp "
+                                "or checkpoint.old folder); run without --resume to start")
     out.mkdir(parents=True, exist_ok=True)
     tok = load_tokenizer(args, out)
     cache = Path(args.tokens_cache) if args.tokens_cache else None
@@ -213,9 +299,10 @@ def main(argv: list[str] | None = None) -> dict:
             g["initial_lr"] = g["lr"]
     step = 0
     if args.resume:
-        ckpt = out / "checkpoint"
-        if not (ckpt / "state.pt").is_file():
-            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt}")
+        ckpt = existing[0]
+        if ckpt.name != "checkpoint":
+            print(f"--resume: {out / 'checkpoint'} is missing, partial or older (a save was interrupted); resuming "
+                  f"from {ckpt}, step {existing[1]}", file=sys.stderr)
         model.load_state_dict(load_file(ckpt / "model.safetensors", device=args.device))
         state = torch.load(ckpt / "state.pt", weights_only=True)
         opt.load_state_dict(state["optimizer"])
