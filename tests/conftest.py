@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
+from pathlib import Path
 
 import torch
+
+# tests/faults reuses the tiny-model server helpers of tests/serve (``from helpers import ...``)
+sys.path.insert(0, str(Path(__file__).resolve().parent / "serve"))
 
 if not torch.cuda.is_available():  # before Triton is imported: kernels run in its CPU interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import torch
+import uvicorn
 from peft import LoraConfig, get_peft_model
 from tokenizers import Tokenizer, models, pre_tokenizers, decoders
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from loraflow.serve.api import create_app
+from loraflow.serve.loop import EngineLoop
 
 VOCAB = 96
 WORDS = [f"w{i}" for i in range(VOCAB - 3)]
@@ -65,3 +72,23 @@ def reference(model_folder, adapter_path, text, max_tokens):
 def prompt(seed, n):
     g = torch.Generator().manual_seed(seed)
     return " ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (n,), generator=g).tolist())
+
+
+class LiveServer:
+    """``create_app`` served by uvicorn on a free local port, the engine on a background thread."""
+
+    def __init__(self, engine, **app_kw):
+        self.loop = EngineLoop(engine)
+        self.server = uvicorn.Server(uvicorn.Config(create_app(self.loop, **app_kw), host="127.0.0.1", port=0,
+                                                    log_level="error"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.01)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+
+    def close(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=5)
+        self.loop.close()

@@ -1,36 +1,14 @@
 """The HTTP API through the official openai client and raw HTTP, on a live local server."""
 
 import asyncio
-import threading
 import time
 
 import httpx
 import openai
 import pytest
-import uvicorn
 
 import loraflow as lf
-from loraflow.serve.api import create_app
-from loraflow.serve.loop import EngineLoop
-from helpers import peft_adapter, prompt, reference, tiny_llama_folder
-
-
-class LiveServer:
-    def __init__(self, engine, **app_kw):
-        self.loop = EngineLoop(engine)
-        self.server = uvicorn.Server(uvicorn.Config(create_app(self.loop, **app_kw), host="127.0.0.1", port=0,
-                                                    log_level="error"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.01)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-
-    def close(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=5)
-        self.loop.close()
+from helpers import LiveServer, peft_adapter, prompt, reference, tiny_llama_folder
 
 
 @pytest.fixture(scope="module")

@@ -3,76 +3,68 @@ adapter, or the base model.
 
     POST /v1/completions, /v1/chat/completions (``stream: true``: server-sent events)
     GET  /v1/models, /health, /metrics
-    POST /v1/load_lora_adapter, /v1/unload_lora_adapter
+    POST /v1/load_lora_adapter, /v1/unload_lora_adapter (with --allow-runtime-lora)
+
+Every error is a JSON body ``{"error": {"message", "type", "param", "code"}}``: 400 for a
+request the server cannot run (the message names the field), 401 / 403 / 404 / 408 / 413,
+503 + Retry-After when the queue is full or the engine failed, 504 past the request's time
+limit, 500 for what is the server's own fault. Field rules: ``serve/protocol.py``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 
-from loraflow.serve.engine import QueueFull
-from loraflow.serve.loop import EngineLoop
+from loraflow.adapters.files import CONFIG_NAME, WEIGHTS_NAME
+from loraflow.serve.engine import ContextTooLong, PromptError, QueueFull
+from loraflow.serve.guard import Guard
+from loraflow.serve.loop import EngineDown, EngineLoop
+from loraflow.serve.protocol import (ChatBody, CompletionBody, LoadBody, Sampling, UnloadBody, chat_logprobs,
+                                     completion_logprobs)
 from loraflow.serve.registry import AdapterError, factors_for_bank
 from loraflow.serve.sampling import SamplingParams
+
+log = logging.getLogger("loraflow.serve")
+
+# a failed request's error_type -> HTTP status and OpenAI error type
+FAILURES = {"adapter": (400, "adapter_error"), "capacity": (503, "server_error"), "engine": (503, "server_error"),
+            "timeout": (504, "timeout"), "request": (500, "server_error")}
 
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 code: str | None = None, headers: dict | None = None):
-        self.status, self.message, self.type, self.code, self.headers = status, message, type_, code, headers
-
-
-class Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    model: str
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool = False
-    stream_options: dict | None = None
-    n: int = Field(1, ge=1, le=1)
-    ignore_eos: bool = False          # vLLM's extension: generate max_tokens tokens
-
-
-class CompletionBody(Sampling):
-    prompt: str | list[str] | list[int]
-
-
-class ChatBody(Sampling):
-    messages: list[dict[str, Any]] = Field(min_length=1)
-
-
-class LoadBody(BaseModel):
-    lora_name: str
-    lora_path: str
-
-
-class UnloadBody(BaseModel):
-    lora_name: str
+                 code: str | None = None, headers: dict | None = None, param: str | None = None):
+        self.status, self.message, self.type, self.code, self.headers, self.param = (
+            status, message, type_, code, headers, param)
 
 
 def _error(e: APIError) -> JSONResponse:
-    return JSONResponse({"error": {"message": e.message, "type": e.type, "param": None, "code": e.code}},
+    return JSONResponse({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}},
                         status_code=e.status, headers=e.headers)
 
 
+async def _disconnected(http: HTTPRequest) -> None:
+    """Return once the client has gone (the body is read: the next message is the disconnect)."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
+
+
 def create_app(loop: EngineLoop, api_key: str | None = None, adapter_dir: str | None = None,
-               allow_runtime_lora: bool = False) -> FastAPI:
+               allow_runtime_lora: bool = False, *, max_body_bytes: int = 4 * 2**20, body_timeout: float = 30.0,
+               max_prompt_tokens: int | None = None) -> FastAPI:
     engine = loop.engine
     app = FastAPI(title="loraflow", version="0.1.0")
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes, body_timeout=body_timeout)
     base = engine.model_name
     counters = {"requests": 0, "started": time.time()}
 
@@ -84,18 +76,17 @@ def create_app(loop: EngineLoop, api_key: str | None = None, adapter_dir: str | 
     async def _bad_body(request, e: RequestValidationError):
         first = e.errors()[0] if e.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        return _error(APIError(400, f"invalid request: {where or 'body'}: {first.get('msg', 'malformed JSON')}"))
+        return _error(APIError(400, f"invalid request: {where or 'body'}: {first.get('msg', 'malformed JSON')}",
+                               param=where or None))
 
-    @app.middleware("http")
-    async def _auth(request: HTTPRequest, call_next):
-        if api_key and request.url.path != "/health":
-            if request.headers.get("authorization", "") != f"Bearer {api_key}":
-                return _error(APIError(401, "missing or wrong API key (Authorization: Bearer ...)",
-                                       "authentication_error"))
-        return await call_next(request)
+    @app.exception_handler(Exception)
+    async def _bug(request, e: Exception):         # logged with its traceback by the server
+        return _error(APIError(500, f"internal error: {type(e).__name__}: {e}", "server_error"))
 
     @app.get("/health")
     async def health():
+        if loop.down:
+            return JSONResponse({"status": "down", "reason": loop.down}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/v1/models")
@@ -107,25 +98,38 @@ def create_app(loop: EngineLoop, api_key: str | None = None, adapter_dir: str | 
                   "parent": base} for name, path in sorted(engine.registry.paths.items())]
         return {"object": "list", "data": data}
 
+    def _runtime_lora() -> None:
+        if not allow_runtime_lora or adapter_dir is None:
+            raise APIError(403, "loading and unloading adapters at run time is off: start the server with "
+                                "--allow-runtime-lora and --adapter-dir", code="forbidden")
+
     @app.post("/v1/load_lora_adapter")
     async def load_lora(body: LoadBody):
-        if not allow_runtime_lora or adapter_dir is None:
-            raise APIError(403, "loading adapters at run time is off: start the server with "
-                                "--allow-runtime-lora and --adapter-dir", code="forbidden")
+        _runtime_lora()
+        if body.lora_name == base:
+            raise APIError(400, f"{base!r} is the base model's name: choose another name for the adapter")
+        root = Path(adapter_dir).resolve()
         path = Path(body.lora_path).resolve()
-        if not path.is_relative_to(Path(adapter_dir).resolve()):
+        if not path.is_relative_to(root):
             raise APIError(403, f"{body.lora_path} is outside the allowed folder {adapter_dir}", code="forbidden")
-        if not (path / "adapter_model.safetensors").is_file():
-            raise APIError(400, f"{body.lora_path} is not a safetensors adapter folder")
-        try:
-            factors_for_bank(path, engine.registry.shapes, engine.bank.r_max)   # refuse now, not later
+        for name in (CONFIG_NAME, WEIGHTS_NAME):     # a file linked to somewhere outside the folder is refused
+            if (path / name).exists() and not (path / name).resolve().is_relative_to(root):
+                raise APIError(403, f"{body.lora_path}/{name} links outside the allowed folder {adapter_dir}",
+                               code="forbidden")
+        if not (path / WEIGHTS_NAME).is_file():
+            raise APIError(400, f"{body.lora_path} is not a safetensors adapter folder (no {WEIGHTS_NAME})")
+        try:     # refuse now, not at the first request; reading runs off the event loop
+            await run_in_threadpool(factors_for_bank, path, engine.registry.shapes, engine.bank.r_max)
             engine.registry.register(body.lora_name, path)
         except AdapterError as e:
-            raise APIError(400, str(e)) from e
+            raise APIError(409 if "in use" in str(e) else 400, str(e)) from e
+        except Exception as e:               # a file no reader understood: still the request's fault
+            raise APIError(400, f"{body.lora_path} cannot be read as an adapter: {type(e).__name__}: {e}") from e
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
     @app.post("/v1/unload_lora_adapter")
     async def unload_lora(body: UnloadBody):
+        _runtime_lora()
         try:
             engine.registry.unregister(body.lora_name)
         except KeyError:
@@ -145,6 +149,7 @@ def create_app(loop: EngineLoop, api_key: str | None = None, adapter_dir: str | 
             ("loraflow_prompt_tokens_total", "counter", engine.stats["prompt_tokens"]),
             ("loraflow_generation_tokens_total", "counter", engine.stats["generated_tokens"]),
             ("loraflow_generation_tokens_per_second", "gauge", engine.stats["generated_tokens"] / up),
+            ("loraflow_engine_failed_steps_total", "counter", engine.stats["failed_steps"]),
             ("loraflow_adapter_hits_total", "counter", reg["hits"]),
             ("loraflow_adapter_misses_total", "counter", reg["misses"]),
             ("loraflow_adapter_loads_total", "counter", reg["loads"]),
@@ -162,117 +167,188 @@ def create_app(loop: EngineLoop, api_key: str | None = None, adapter_dir: str | 
             return None
         if not engine.registry.known(model):
             raise APIError(404, f"the model {model!r} does not exist: use {base!r} or one of the adapters "
-                                "in GET /v1/models", code="model_not_found")
+                                "in GET /v1/models", code="model_not_found", param="model")
         return model
 
-    def _params(body: Sampling) -> SamplingParams:
+    async def _prompt_ids(prompt: str | list[int]) -> list[int]:
+        """Token ids; a text is tokenized on a worker thread, so a long one does not stall the others."""
         try:
-            return SamplingParams(max_tokens=body.max_completion_tokens or body.max_tokens or 16,
+            ids = await run_in_threadpool(engine.tokenize, prompt) if isinstance(prompt, str) else list(prompt)
+        except PromptError as e:
+            raise APIError(400, str(e), param="prompt") from e
+        if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
+            raise APIError(400, f"the prompt has {len(ids)} tokens, above this server's limit of {max_prompt_tokens} "
+                                "(--max-prompt-tokens): shorten it", param="prompt")
+        return ids
+
+    def _params(body: Sampling, n_prompt: int, chat: bool) -> SamplingParams:
+        unsupported = body.unsupported()
+        if unsupported:
+            raise APIError(400, f"unsupported parameter {unsupported[0]!r}: this server does not implement "
+                                f"{', '.join(unsupported)}; remove {'it' if len(unsupported) == 1 else 'them'} "
+                                "(the README lists the supported fields)", param=unsupported[0])
+        if chat:
+            if body.top_logprobs is not None and not body.logprobs:
+                raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+            logprobs = (body.top_logprobs or 0) if body.logprobs else None
+            requested = body.max_completion_tokens or body.max_tokens
+        else:
+            if body.echo and body.logprobs is not None:
+                raise APIError(400, "echo with logprobs would need the prompt's log-probabilities, which this "
+                                    "server does not compute: drop one of them", param="echo")
+            logprobs, requested = body.logprobs, body.max_tokens
+        try:                      # not asked for: OpenAI's 16, as far as the context allows
+            return SamplingParams(max_tokens=requested or max(1, min(16, engine.max_len - n_prompt)),
                                   temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-                                  seed=body.seed, stop=body.stop or [], ignore_eos=body.ignore_eos)
+                                  seed=body.seed, stop=body.stop or [], ignore_eos=body.ignore_eos,
+                                  frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty,
+                                  repetition_penalty=body.repetition_penalty, logprobs=logprobs)
         except ValueError as e:
             raise APIError(400, str(e)) from e
 
-    def _submit(prompt, body: Sampling):
-        adapter = _adapter(body.model)
+    def _submit(ids: list[int], params: SamplingParams, adapter: str | None, rid: str, final_only: bool):
         try:
-            req, queue = loop.submit(prompt, _params(body), adapter)
-        except ValueError as e:
-            raise APIError(400, str(e), code="context_length_exceeded") from e
+            req, queue = loop.submit(ids, params, adapter, request_id=rid, final_only=final_only)
+        except ContextTooLong as e:
+            raise APIError(400, str(e), code="context_length_exceeded", param="max_tokens") from e
+        except PromptError as e:
+            raise APIError(400, str(e), code="invalid_prompt", param="prompt") from e
+        except KeyError:                 # unloaded between the check and the queue
+            raise APIError(404, f"the model {adapter!r} does not exist", code="model_not_found") from None
         except QueueFull as e:
             raise APIError(503, f"the server is busy ({e}); retry shortly", "server_error",
                            headers={"Retry-After": "1"}) from e
+        except EngineDown as e:
+            raise APIError(503, f"the server is restarting ({e})", "server_error",
+                           headers={"Retry-After": "10"}) from e
         counters["requests"] += 1
         return req, queue
 
-    async def _respond(prompt, body: Sampling, http: HTTPRequest, chat: bool):
-        req, queue = _submit(prompt, body)
+    def _log(rid: str, model: str, status, u=None, started: float = 0.0) -> None:
+        ttft = f"{u.ttft:.3f}s" if u is not None and u.ttft is not None else "-"
+        log.info("%s model=%s prompt_tokens=%d output_tokens=%d ttft=%s total=%.3fs status=%s", rid, model,
+                 u.prompt_tokens if u else 0, u.completion_tokens if u else 0, ttft,
+                 time.perf_counter() - started, status)
+
+    def _failure(u) -> APIError:
+        status, type_ = FAILURES.get(u.error_type, (500, "server_error"))
+        return APIError(status, u.error or "generation failed", type_,
+                        headers={"Retry-After": "1"} if status == 503 else None)
+
+    async def _respond(prompt, body: Sampling, http: HTTPRequest, chat: bool, echo: bool = False):
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        created = int(time.time())
-        kind = "chat.completion" if chat else "text_completion"
-
-        def usage(u):
-            return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-                    "total_tokens": u.prompt_tokens + u.completion_tokens}
-
+        started = time.perf_counter()
+        try:
+            adapter = _adapter(body.model)
+            ids = await _prompt_ids(prompt)
+            params = _params(body, len(ids), chat)
+            req, queue = _submit(ids, params, adapter, rid, final_only=not body.stream)
+        except APIError as e:
+            _log(rid, body.model, e.status, started=started)
+            raise
+        echo = (prompt if isinstance(prompt, str) else engine.tokenizer.decode(ids)) if echo else ""
         if not body.stream:
-            try:
-                while True:
-                    u = await queue.get()
-                    if u.finished:
-                        break
-            finally:
-                if not req.finished:
-                    loop.abort(req.id)
-            if u.finish_reason == "error":
-                if u.error_type == "adapter":
-                    raise APIError(400, u.error, "adapter_error")
-                raise APIError(503 if u.error_type == "capacity" else 500, u.error or "generation failed",
-                               "server_error")
-            choice = ({"index": 0, "message": {"role": "assistant", "content": u.text},
-                       "finish_reason": u.finish_reason} if chat else
-                      {"index": 0, "text": u.text, "logprobs": None, "finish_reason": u.finish_reason})
-            return {"id": rid, "object": kind, "created": created, "model": body.model, "choices": [choice],
-                    "usage": usage(u)}
+            return await _answer(req, queue, body, http, chat, rid, echo, started)
+        return StreamingResponse(_events(req, queue, body, chat, rid, echo, started), media_type="text/event-stream")
 
+    def _piece(token: int) -> str:
+        return engine.tokenizer.decode([token])
+
+    def _logprobs(u, chat: bool, start: int = 0, offset: int = 0):
+        records = u.logprobs[start:u.completion_tokens]
+        return chat_logprobs(records, _piece) if chat else completion_logprobs(records, _piece, offset)
+
+    async def _answer(req, queue, body, http, chat, rid, echo, started):
+        gone = asyncio.ensure_future(_disconnected(http))
+        result = asyncio.ensure_future(queue.get())     # final_only: the one update is the last
+        try:
+            await asyncio.wait({gone, result}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not result.done():          # the client left: stop generating for nobody
+                result.cancel()
+                loop.abort(req.id)
+                _log(rid, body.model, "client-gone", started=started)
+        u = result.result()
+        if u.finish_reason == "error":
+            e = _failure(u)
+            _log(rid, body.model, e.status, u, started)
+            raise e
+        want = body.logprobs is not None and body.logprobs is not False
+        lp = _logprobs(u, chat, offset=len(echo)) if want else None
+        choice = ({"index": 0, "message": {"role": "assistant", "content": u.text}, "logprobs": lp,
+                   "finish_reason": u.finish_reason} if chat else
+                  {"index": 0, "text": echo + u.text, "logprobs": lp, "finish_reason": u.finish_reason})
+        _log(rid, body.model, 200, u, started)
+        return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+                "model": body.model, "choices": [choice], "usage": _usage(u)}
+
+    async def _events(req, queue, body, chat, rid, echo, started):
+        created, kind = int(time.time()), "chat.completion.chunk" if chat else "text_completion"
         include_usage = bool((body.stream_options or {}).get("include_usage"))
+        want = body.logprobs is not None and body.logprobs is not False
 
-        def chunk(text, reason, u=None):
-            delta = {"content": text} if chat else None
-            c = ({"index": 0, "delta": delta, "finish_reason": reason} if chat else
-                 {"index": 0, "text": text, "logprobs": None, "finish_reason": reason})
-            out = {"id": rid, "object": kind + ".chunk" if chat else kind, "created": created,
-                   "model": body.model, "choices": [c]}
-            if u is not None:
-                out["usage"] = usage(u)
+        def chunk(choice: dict, usage=None) -> str:
+            out = {"id": rid, "object": kind, "created": created, "model": body.model,
+                   "choices": [choice] if choice else []}
+            if usage is not None:
+                out["usage"] = usage
             return f"data: {json.dumps(out)}\n\n"
 
-        async def events():
-            sent = 0
-            try:
-                if chat:
-                    first = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model,
-                             "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                          "finish_reason": None}]}
-                    yield f"data: {json.dumps(first)}\n\n"
-                while True:
-                    u = await queue.get()
-                    if u.finish_reason == "error":
-                        err = {"error": {"message": u.error, "type": "server_error", "param": None, "code": None}}
-                        yield f"data: {json.dumps(err)}\n\n"
-                        break
-                    if len(u.text) > sent or u.finished:
-                        yield chunk(u.text[sent:], u.finish_reason if u.finished else None)
-                        sent = len(u.text)
-                    if u.finished:
-                        if include_usage:
-                            usage_chunk = {"id": rid, "object": kind + ".chunk" if chat else kind,
-                                           "created": created, "model": body.model, "choices": [],
-                                           "usage": usage(u)}
-                            yield f"data: {json.dumps(usage_chunk)}\n\n"
-                        break
-                yield "data: [DONE]\n\n"
-            finally:                          # the client went away: free its KV blocks and slot
-                if not req.finished:
-                    loop.abort(req.id)
-
-        return StreamingResponse(events(), media_type="text/event-stream")
+        sent = sent_lp = 0
+        status, u = "client-gone", None
+        try:
+            if chat:
+                yield chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
+            elif echo:
+                yield chunk({"index": 0, "text": echo, "logprobs": None, "finish_reason": None})
+            while True:
+                u = await queue.get()
+                if u.finish_reason == "error":
+                    e = _failure(u)
+                    status = e.status
+                    err = {"error": {"message": e.message, "type": e.type, "param": None, "code": None}}
+                    yield f"data: {json.dumps(err)}\n\n"
+                    break
+                if len(u.text) > sent or u.finished:
+                    reason = u.finish_reason if u.finished else None
+                    lp = _logprobs(u, chat, sent_lp, len(echo) + sent) if want else None
+                    yield chunk({"index": 0, "delta": {"content": u.text[sent:]}, "logprobs": lp,
+                                 "finish_reason": reason} if chat else
+                                {"index": 0, "text": u.text[sent:], "logprobs": lp, "finish_reason": reason})
+                    sent, sent_lp = len(u.text), u.completion_tokens
+                if u.finished:
+                    if include_usage:
+                        yield chunk({}, _usage(u))
+                    status = 200
+                    break
+            yield "data: [DONE]\n\n"
+        finally:                          # the client went away: free its KV blocks and slot
+            if not req.finished:
+                loop.abort(req.id)
+            _log(rid, body.model, status, u, started)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, http: HTTPRequest):
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
             if len(prompt) != 1:
-                raise APIError(400, "one prompt per request is supported: send a string")
+                raise APIError(400, "one prompt per request is supported: send a string", param="prompt")
             prompt = prompt[0]
-        return await _respond(prompt, body, http, chat=False)
+        return await _respond(prompt, body, http, chat=False, echo=body.echo)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatBody, http: HTTPRequest):
-        try:
-            prompt = engine.tokenizer.apply_chat_template(body.messages, add_generation_prompt=True, tokenize=False)
+        template = engine.tokenizer.apply_chat_template
+        try:     # the template runs off the event loop too
+            prompt = await run_in_threadpool(template, body.messages, add_generation_prompt=True, tokenize=False)
         except Exception as e:   # the template's own errors (roles, missing content, ...)
-            raise APIError(400, f"messages do not fit the model's chat template: {e}") from e
+            raise APIError(400, f"messages do not fit the model's chat template: {e}", param="messages") from e
         return await _respond(prompt, body, http, chat=True)
 
     return app
+
+
+def _usage(u) -> dict:
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+            "total_tokens": u.prompt_tokens + u.completion_tokens}

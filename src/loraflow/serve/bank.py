@@ -179,6 +179,3 @@ class AdapterBank:
             if r and not p.any_active:
                 p.any_active = True
                 self.layout += 1
-
-    def clear(self, slot: int) -> None:
-        self.write(slot, {})

@@ -12,6 +12,7 @@ and free their KV blocks and adapter slot at once.
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from collections import deque
@@ -27,11 +28,26 @@ from loraflow.serve.decode_graphs import BUCKETS, DecodeGraphs
 from loraflow.serve.llama import Batch, Llama, load_llama, paged_decode_attention
 from loraflow.serve.packing import pack
 from loraflow.serve.registry import AdapterRegistry
-from loraflow.serve.sampling import SamplingParams, sample
+from loraflow.serve.sampling import NonFiniteLogits, SamplingParams, sample
+
+log = logging.getLogger("loraflow.serve")
 
 
 class QueueFull(Exception):
     """The waiting queue is full: retry later."""
+
+
+class PromptError(ValueError):
+    """A prompt the engine cannot run (empty, a token id outside the vocabulary)."""
+
+
+class ContextTooLong(PromptError):
+    """The prompt and ``max_tokens`` together exceed the context."""
+
+
+# request.error_type -> what failed: the request's adapter, the server's memory, a step of the
+# engine itself, the request's own time limit, or this request's sampling (non-finite logits)
+ERROR_TYPES = ("adapter", "capacity", "engine", "timeout", "request")
 
 
 @dataclass(eq=False)          # identity: the scheduler's membership tests stay O(1) per comparison
@@ -45,13 +61,15 @@ class Request:
     text: str = ""
     finish_reason: str | None = None        # "stop" | "length" | "abort" | "error"
     error: str | None = None
-    error_type: str | None = None            # "adapter" (it failed to load) | "capacity"
+    error_type: str | None = None            # one of ERROR_TYPES
     blocks: list[int] = field(default_factory=list)
     computed: int = 0                        # tokens whose keys and values are cached
     slot: int = -1
     arrival: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     generator: torch.Generator | None = None
+    deadline: float = float("inf")           # perf_counter time after which it fails with "timeout"
+    logprobs: list = field(default_factory=list)   # per output token: (id, logprob, [(id, logprob), ...])
     prefix_offset: int = 0                   # incremental detokenization: output ids[prefix_offset:read_offset]
     read_offset: int = 0                     # were decoded into the tail of ``text``
 
@@ -90,7 +108,8 @@ class Engine:
                  tokenizer=None, model_name: str | None = None,
                  max_batch_tokens: int = 512, kv_cache_bytes: int | None = None, block_size: int = 16,
                  max_gpu_adapters: int = 8, max_cpu_adapters: int = 64, max_lora_rank: int = 64,
-                 max_waiting: int = 1024, decode_graphs: bool | None = None):
+                 max_waiting: int = 1024, decode_graphs: bool | None = None,
+                 request_timeout: float | None = None):
         from transformers import AutoTokenizer
 
         from loraflow.models.loading import default_model_path
@@ -110,7 +129,7 @@ class Engine:
         self.device = torch.device(device)
         a = self.model.args
         self.bank = AdapterBank(self.model, max_gpu_adapters, max_lora_rank)
-        self.registry = AdapterRegistry(self.bank, max_cpu_adapters)
+        self.registry = AdapterRegistry(self.bank, max_cpu_adapters, reserved={self.model_name})
         for name, path in (adapters or {}).items():
             self.registry.register(name, path)
         if adapter_dir is not None:
@@ -121,6 +140,10 @@ class Engine:
         self.kv = KVCache(a.n_layers, a.n_kv_heads, a.head_dim, kv_cache_bytes, block_size, dtype, device)
         self.max_len = min(a.max_seq_len, self.kv.n_blocks * block_size)
         self.max_batch_tokens, self.max_waiting = max_batch_tokens, max_waiting
+        if request_timeout is not None and not request_timeout > 0:
+            raise ValueError(f"request_timeout must be > 0 seconds (or None: no limit), got {request_timeout!r}")
+        self.request_timeout = request_timeout
+        self.vocab_size = self.model.model.embed_tokens.num_embeddings
         self.eos_ids = _eos_ids(folder, self.tokenizer)
         # streaming decodes a few ids per request and step: straight to the Rust tokenizer
         # (transformers' wrapper costs ~30 us a call) when its clean-up step would not change the text
@@ -135,27 +158,53 @@ class Engine:
         self.running: list[Request] = []
         self._incoming: deque[Request] = deque()
         self._aborts: set[str] = set()
+        self._failed: list[Request] = []
         self._lock = threading.Lock()
         self._ids = itertools.count()
-        self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "steps": 0}
+        self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "steps": 0, "failed_steps": 0}
+        self.failures_in_a_row = 0            # steps that raised since the last one that did not
 
     # submitting ------------------------------------------------------------------------
+    def tokenize(self, prompt: str) -> list[int]:
+        """Token ids of a text prompt (thread-safe; the server calls it off its event loop)."""
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as e:          # a lone surrogate ("\ud800") has no UTF-8 form
+            raise PromptError(f"the prompt is not valid Unicode text ({e.reason} at character {e.start}); "
+                              "send it as UTF-8 without unpaired surrogates") from None
+        return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+    def check_prompt(self, ids: list[int], max_tokens: int) -> None:
+        """Raise PromptError for ids the model cannot embed, ContextTooLong for a prompt that
+        leaves no room for ``max_tokens`` in the context."""
+        if not ids:
+            raise PromptError("the prompt is empty: send at least one token")
+        bad = next((t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size),
+                   None)
+        if bad is not None:
+            raise PromptError(f"the prompt holds token id {bad!r}, outside this model's vocabulary: ids must be "
+                              f"integers in [0, {self.vocab_size})")
+        if len(ids) + max_tokens > self.max_len:
+            raise ContextTooLong(
+                f"this server's context holds {self.max_len} tokens (prompt and output together), but the prompt "
+                f"has {len(ids)} tokens and max_tokens is {max_tokens}: shorten the prompt or lower max_tokens "
+                f"to at most {max(self.max_len - len(ids), 0)}")
+
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     adapter: str | None = None, request_id: str | None = None,
                     on_output: Callable[[Request], None] | None = None) -> Request:
-        """Queue a request (thread-safe). Raises KeyError for an unknown adapter, ValueError
-        for a prompt that does not fit the context, QueueFull when the queue is full."""
+        """Queue a request (thread-safe). Raises KeyError for an unknown adapter, PromptError
+        (a ValueError) for a prompt the model cannot run or that does not fit the context with
+        ``max_tokens``, QueueFull when the queue is full."""
         params = params or SamplingParams()
         if adapter is not None and not self.registry.known(adapter):
             raise KeyError(adapter)
-        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"] if isinstance(prompt, str) else list(prompt)
-        if not ids:
-            raise ValueError("the prompt is empty")
-        if len(ids) + 1 > self.max_len:
-            raise ValueError(f"the prompt has {len(ids)} tokens; this server's context holds {self.max_len} "
-                             "(prompt and output together)")
+        ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        self.check_prompt(ids, params.max_tokens)
         gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         req = Request(request_id or f"req-{next(self._ids)}", ids, params, adapter, on_output, generator=gen)
+        if self.request_timeout is not None:
+            req.deadline = req.arrival + self.request_timeout
         with self._lock:
             if len(self.waiting) + len(self._incoming) >= self.max_waiting:
                 raise QueueFull(f"{self.max_waiting} requests are waiting")
@@ -172,20 +221,46 @@ class Engine:
 
     # one step --------------------------------------------------------------------------
     def step(self) -> list[Request]:
-        """Run one batch; returns the requests that produced output or finished."""
+        """Run one batch; returns the requests that produced output or finished.
+
+        An error that belongs to one request (its adapter, its logits, its time limit) fails
+        that request alone. An error of the step itself (out of memory, a kernel) fails the
+        requests in flight with error_type "engine", frees their memory and leaves the queue
+        as it was; ``failures_in_a_row`` counts such steps for the caller to give up on."""
         with self._lock:
             self.waiting.extend(self._incoming)
             self._incoming.clear()
             aborts, self._aborts = self._aborts, set()
-        touched = [self._finish(r, "abort") for r in list(self.running) + list(self.waiting) if r.id in aborts]
-        for r in list(self.waiting):        # adapters that failed to load fail their requests
-            if r.adapter and self.registry.error(r.adapter):
-                r.error = f"adapter {r.adapter!r} cannot be served: {self.registry.error(r.adapter)}"
-                r.error_type = "adapter"
-                touched.append(self._finish(r, "error"))
-        plan = self._schedule()
-        if not plan:
-            return [r for r in touched if r]
+        now = time.perf_counter()
+        touched = []
+        for r in list(self.running) + list(self.waiting):
+            if r.id in aborts:
+                touched.append(self._finish(r, "abort"))
+            elif now > r.deadline:
+                touched.append(self._fail(r, "timeout", f"the request ran past this server's time limit of "
+                                          f"{self.request_timeout:g} s (--request-timeout)"))
+        for r in list(self.waiting):        # adapters that failed to load, or were unloaded, fail their requests
+            why = r.adapter and self.registry.error(r.adapter)
+            if why:
+                touched.append(self._fail(r, "adapter", f"adapter {r.adapter!r} cannot be served: {why}"))
+        try:
+            plan = self._schedule()
+            touched += self._run(plan) if plan else []
+            self.failures_in_a_row = 0
+        except Exception as e:
+            self.failures_in_a_row += 1
+            self.stats["failed_steps"] += 1
+            log.exception("engine step failed (%d in a row); failing the %d requests in flight",
+                          self.failures_in_a_row, len(self.running))
+            touched += self.fail_all(f"the engine failed: {type(e).__name__}: {e}", waiting=False)
+        touched += self._failed
+        self._failed = []
+        touched = list({id(r): r for r in touched}.values())
+        self.notify(touched)
+        return touched
+
+    def _run(self, plan: list[tuple[Request, int]]) -> list[Request]:
+        """The model over the plan's tokens, then one token for each request whose prompt is done."""
         if self.graphs is not None and len(plan) <= self.graphs.size and all(n == 1 for _, n in plan):
             logits = self.graphs.run([(r.token(r.computed), r.computed, r.slot, r.blocks) for r, _ in plan])
             rows = [(i, r) for i, (r, _) in enumerate(plan) if r.computed + 1 == r.n_tokens]
@@ -196,19 +271,47 @@ class Engine:
             rows = list(enumerate(sample_from))
         for req, n in plan:
             req.computed += n
-        greedy = logits.argmax(-1).tolist() if any(r.params.temperature == 0 for _, r in rows) else None
+        greedy = finite = None
+        if any(r.params.batched_greedy for _, r in rows):    # one argmax and one transfer for the batch
+            greedy, finite = torch.stack([logits.argmax(-1), torch.isfinite(logits).all(-1).long()]).tolist()
         for row, req in rows:
-            token = greedy[row] if req.params.temperature == 0 else sample(logits[row], req.params, req.generator)
-            req.output_ids.append(token)
-            req.first_token_at = req.first_token_at or time.perf_counter()
-            self.stats["generated_tokens"] += 1
-            self._check_stop(req, token)
-            touched.append(req)
+            try:
+                if req.params.batched_greedy:
+                    if not finite[row]:
+                        raise NonFiniteLogits("the model produced non-finite logits (NaN or inf) for this request; "
+                                              "its adapter's weights are the likely cause")
+                    token, record = greedy[row], None
+                else:
+                    token, record = sample(logits[row], req.params, req.generator, req.prompt_ids, req.output_ids)
+                req.output_ids.append(token)
+                if record is not None:
+                    req.logprobs.append((token, *record))
+                req.first_token_at = req.first_token_at or time.perf_counter()
+                self.stats["generated_tokens"] += 1
+                self._check_stop(req, token)
+            except Exception as e:          # this request's own failure: the others go on
+                log.warning("request %s failed while sampling: %s", req.id, e)
+                self._fail(req, "request", f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e))
         self.stats["steps"] += 1
+        return [r for _, r in rows]
+
+    def notify(self, touched: list[Request]) -> None:
         for req in touched:
-            if req is not None and req.on_output is not None:
-                req.on_output(req)
-        return [r for r in touched if r]
+            if req.on_output is not None:
+                try:
+                    req.on_output(req)
+                except Exception:             # a consumer's bug must not stop the engine
+                    log.exception("on_output of request %s raised", req.id)
+
+    def fail_all(self, message: str, waiting: bool = True) -> list[Request]:
+        """Fail every running request (and, with ``waiting``, every queued one) with error_type
+        "engine", freeing their KV blocks and adapter slots."""
+        with self._lock:
+            if waiting:
+                self.waiting.extend(self._incoming)
+                self._incoming.clear()
+        victims = list(self.running) + (list(self.waiting) if waiting else [])
+        return [self._fail(r, "engine", message) for r in victims]
 
     def _schedule(self) -> list[tuple[Request, int]]:
         budget = self.max_batch_tokens
@@ -222,9 +325,7 @@ class Engine:
             while not self.kv.grow(req.blocks, req.computed + n):
                 victims = [r for r in reversed(self.running) if r is not req and r.id not in planned]
                 if not victims:
-                    req.error = "out of KV-cache memory for this request"
-                    req.error_type = "capacity"
-                    self._finish(req, "error")
+                    self._fail(req, "capacity", "out of KV-cache memory for this request")
                     break
                 self._preempt(victims[0])
             if req.finished:
@@ -299,6 +400,12 @@ class Engine:
 
     def _decode(self, req: Request) -> str:
         return self.tokenizer.decode(req.output_ids, skip_special_tokens=True)
+
+    def _fail(self, req: Request, error_type: str, message: str) -> Request:
+        assert error_type in ERROR_TYPES, error_type
+        req.error, req.error_type = message, error_type
+        self._failed.append(req)             # reported at the end of this step, wherever it failed
+        return self._finish(req, "error")
 
     def _finish(self, req: Request, reason: str) -> Request:
         req.finish_reason = reason

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from dataclasses import dataclass
 
 from loraflow.serve.engine import Engine, Request
 from loraflow.serve.sampling import SamplingParams
+
+log = logging.getLogger("loraflow.serve")
+
+
+class EngineDown(Exception):
+    """The engine gave up after failing step after step: the process is exiting."""
 
 
 @dataclass
@@ -21,6 +28,8 @@ class Update:
     error_type: str | None
     prompt_tokens: int
     completion_tokens: int
+    logprobs: list                  # the request's records so far (append-only; read up to completion_tokens)
+    ttft: float | None              # seconds from arrival to the first token
 
 
 class EngineLoop:
@@ -30,10 +39,17 @@ class EngineLoop:
     ``loraflow serve`` runs the engine on the main thread (the one that built it) and the
     HTTP server on a secondary one: on the CPU, PyTorch's OpenMP work from a second thread,
     while the first thread's OpenMP team is alive, ran 2-3x slower (threads beyond the
-    cores make libgomp sleep between parallel regions instead of spinning)."""
+    cores make libgomp sleep between parallel regions instead of spinning).
 
-    def __init__(self, engine: Engine, background: bool = True):
-        self.engine = engine
+    Failures: a request's own error fails that request (``Engine.step``). A step that fails
+    as a whole fails the requests in flight (HTTP 503) and the engine goes on with the
+    queue; after ``max_failures`` such steps in a row it fails every request, and
+    ``run_forever`` raises ``EngineDown``, so that ``loraflow serve`` exits non-zero for a
+    supervisor to restart it (the device may be in a state no retry mends)."""
+
+    def __init__(self, engine: Engine, background: bool = True, max_failures: int = 3):
+        self.engine, self.max_failures = engine, max_failures
+        self.down: str | None = None
         self._wake = threading.Event()
         self._stop = False
         self._outbox: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue, Update]] = []   # this step's updates
@@ -43,9 +59,15 @@ class EngineLoop:
             self._thread.start()
 
     def run_forever(self) -> None:
+        engine = self.engine
         while not self._stop:
-            if self.engine.has_work():
-                touched = self.engine.step()
+            if engine.has_work():
+                touched = engine.step()
+                if engine.failures_in_a_row >= self.max_failures:
+                    self.down = f"the engine failed {engine.failures_in_a_row} steps in a row and stopped"
+                    engine.notify(engine.fail_all(self.down + "; retry once the server is back"))
+                    self._deliver()
+                    raise EngineDown(self.down)
                 self._deliver()
                 if not touched:
                     time.sleep(0.002)        # only requests whose adapter is still loading
@@ -53,18 +75,25 @@ class EngineLoop:
                 self._wake.wait(0.05)
                 self._wake.clear()
 
-    def submit(self, prompt, params: SamplingParams, adapter: str | None) -> tuple[Request, asyncio.Queue]:
-        """Queue a request; its updates arrive on the returned asyncio queue (of this loop)."""
+    def submit(self, prompt, params: SamplingParams, adapter: str | None, request_id: str | None = None,
+               final_only: bool = False) -> tuple[Request, asyncio.Queue]:
+        """Queue a request; its updates arrive on the returned asyncio queue (of this loop):
+        one per step that advanced it, or with ``final_only`` only the last."""
+        if self.down:
+            raise EngineDown(self.down)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Update] = asyncio.Queue()
         engine = self.engine
 
         def on_output(req: Request) -> None:           # engine thread, inside step()
+            if final_only and not req.finished:
+                return
+            ttft = req.first_token_at - req.arrival if req.first_token_at is not None else None
             update = Update(engine.stream_text(req), req.finished, req.finish_reason, req.error, req.error_type,
-                            len(req.prompt_ids), len(req.output_ids))
+                            len(req.prompt_ids), len(req.output_ids), req.logprobs, ttft)
             self._outbox.append((loop, queue, update))
 
-        req = engine.add_request(prompt, params, adapter, on_output=on_output)
+        req = engine.add_request(prompt, params, adapter, request_id=request_id, on_output=on_output)
         self._wake.set()
         return req, queue
 
@@ -76,7 +105,10 @@ class EngineLoop:
         for loop, queue, update in outbox:
             by_loop.setdefault(loop, []).append((queue, update))
         for loop, items in by_loop.items():
-            loop.call_soon_threadsafe(_put_all, items)
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:             # that event loop is closed: nobody is listening
+                log.warning("dropped %d updates for a closed event loop", len(items))
 
     def abort(self, request_id: str) -> None:
         self.engine.abort(request_id)

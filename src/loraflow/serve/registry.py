@@ -65,8 +65,11 @@ def factors_for_bank(path: Path, shapes: dict[str, tuple[int, int]], r_max: int)
 
 
 class AdapterRegistry:
-    def __init__(self, bank: AdapterBank, max_cpu: int = 64):
-        self.bank, self.max_cpu = bank, max_cpu
+    """Thread-safe: the HTTP thread registers and unregisters, the engine thread acquires and
+    releases, the loader threads fill host memory. Only the engine thread writes the bank."""
+
+    def __init__(self, bank: AdapterBank, max_cpu: int = 64, reserved: set[str] = frozenset()):
+        self.bank, self.max_cpu, self.reserved = bank, max_cpu, set(reserved)
         self.shapes = bank.shapes()
         self.paths: dict[str, Path] = {}
         self.host: OrderedDict[str, dict] = OrderedDict()
@@ -74,6 +77,7 @@ class AdapterRegistry:
         self.free_slots = list(range(bank.n_slots - 1, -1, -1))
         self.pins: Counter = Counter()
         self.loading: dict = {}
+        self.versions: Counter = Counter()     # bumped by each (re-)registration: a load of an older one is dropped
         self.errors: dict[str, str] = {}
         self.stats = Counter(hits=0, misses=0, loads=0, evictions=0, load_failures=0)
         self._lock = threading.Lock()
@@ -81,14 +85,28 @@ class AdapterRegistry:
 
     # names and paths -----------------------------------------------------------------
     def register(self, name: str, path: str | Path) -> None:
+        """Serve the adapter folder ``path`` as ``name``. Registering a known name again (another
+        path, or new files at the same path) drops its copies in host memory and on the device,
+        so later requests get the new weights; refused while requests use it."""
         if not NAME.match(name or ""):
             raise AdapterError(f"adapter name {name!r}: use letters, digits, '.', '_' or '-' (max 128)")
+        if name in self.reserved:
+            raise AdapterError(f"{name!r} is the base model's name: choose another name for the adapter")
         path = Path(path)
         if not (path / CONFIG_NAME).is_file():
             raise AdapterError(f"{path} is not an adapter folder (no {CONFIG_NAME})")
         with self._lock:
+            if self.pins[name]:
+                raise AdapterError(f"adapter {name!r} is in use by running requests; register it again "
+                                   "once they finish, or under another name")
             self.paths[name] = path
+            self.versions[name] += 1
             self.errors.pop(name, None)
+            self.host.pop(name, None)
+            self.loading.pop(name, None)
+            slot = self.device.pop(name, None)
+            if slot is not None:
+                self.free_slots.append(slot)
 
     def scan(self, folder: str | Path) -> int:
         """Register every adapter folder directly under ``folder`` by its folder name."""
@@ -106,27 +124,31 @@ class AdapterRegistry:
             if self.pins[name]:
                 raise AdapterError(f"adapter {name!r} is in use by running requests; try again later")
             del self.paths[name]
+            self.versions[name] += 1
             self.host.pop(name, None)
             self.errors.pop(name, None)
+            self.loading.pop(name, None)
             slot = self.device.pop(name, None)
-        if slot is not None:
-            self.bank.clear(slot)
-            self.free_slots.append(slot)
+            if slot is not None:          # the next adapter written there overwrites every row of it
+                self.free_slots.append(slot)
 
     def known(self, name: str) -> bool:
         return name in self.paths
 
     # tiers ------------------------------------------------------------------------------
-    def _load(self, name: str, path: Path) -> None:
+    def _load(self, name: str, path: Path, version: int) -> None:
         try:
             factors = factors_for_bank(path, self.shapes, self.bank.r_max)
         except Exception as e:    # any failure fails only this adapter's requests
             with self._lock:
-                self.errors[name] = str(e)
-                self.stats["load_failures"] += 1
-                self.loading.pop(name, None)
+                if self.versions[name] == version:
+                    self.errors[name] = str(e) if isinstance(e, AdapterError) else f"{type(e).__name__}: {e}"
+                    self.stats["load_failures"] += 1
+                    self.loading.pop(name, None)
             return
         with self._lock:
+            if self.versions[name] != version:       # unloaded or re-registered meanwhile
+                return
             self.host[name] = factors
             self.host.move_to_end(name)
             while len(self.host) > self.max_cpu:
@@ -135,7 +157,11 @@ class AdapterRegistry:
             self.loading.pop(name, None)
 
     def error(self, name: str) -> str | None:
-        return self.errors.get(name)
+        """Why ``name`` cannot be served (it failed to load, or was unloaded), or None."""
+        with self._lock:
+            if name not in self.paths:
+                return "it was unloaded"
+            return self.errors.get(name)
 
     def acquire(self, name: str) -> int | None:
         """A device slot holding ``name``, pinned until ``release``; None while it loads or
@@ -146,13 +172,13 @@ class AdapterRegistry:
                 self.pins[name] += 1
                 self.stats["hits"] += 1
                 return self.device[name]
-            if name in self.errors:
+            if name in self.errors or name not in self.paths:      # the engine fails its requests
                 return None
             factors = self.host.get(name)
             if factors is None:
                 if name not in self.loading:
                     self.stats["misses"] += 1
-                    self.loading[name] = self._pool.submit(self._load, name, self.paths[name])
+                    self.loading[name] = self._pool.submit(self._load, name, self.paths[name], self.versions[name])
                 return None
             self.host.move_to_end(name)
             if not self.free_slots:
@@ -165,8 +191,16 @@ class AdapterRegistry:
             self.device[name] = slot
             self.pins[name] += 1
         dev = next(iter(self.bank.layers.values())).weight
-        self.bank.write(slot, {m: (a.to(dev.device, dev.dtype), b.to(dev.device, dev.dtype))
-                               for m, (a, b) in factors.items()})
+        try:
+            self.bank.write(slot, {m: (a.to(dev.device, dev.dtype), b.to(dev.device, dev.dtype))
+                                   for m, (a, b) in factors.items()})
+        except BaseException:           # e.g. out of device memory: the slot holds nothing usable
+            with self._lock:
+                self.pins[name] -= 1
+                if self.device.get(name) == slot:
+                    del self.device[name]
+                    self.free_slots.append(slot)
+            raise
         return slot
 
     def release(self, name: str) -> None:
