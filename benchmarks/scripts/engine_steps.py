@@ -52,7 +52,7 @@ def mixed_step(eng, adapters, prompt_len, long_len, profile):
     """Seconds of one eager step holding a decode token of each of len(adapters) - 1 requests and
     a chunk of one new long prompt (the server's steps while requests arrive), and with
     ``profile`` its table of CUDA kernel time. Returns (seconds, table or None)."""
-    params = SamplingParams(max_tokens=10_000, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=eng.max_len - max(prompt_len, long_len), temperature=0.0, ignore_eos=True)
     reqs = [eng.add_request([3 + (7 * i + j) % 30000 for j in range(prompt_len)], params, a)
             for i, a in enumerate(adapters[:-1])]
     while any(r.computed < len(r.prompt_ids) for r in reqs) or eng.waiting or eng._incoming:
