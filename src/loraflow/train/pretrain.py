@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 import loraflow as lf
 from loraflow.atomic import fsync_dir, fsync_tree
+from loraflow.cli import HelpFormatter
 from loraflow.optim.projector import SVD_METHODS
 from loraflow.train.corpus import (cached_corpus, pack, split_files, spread, text_files, tokenizer_sample,
                                    train_tokenizer)
@@ -182,9 +183,13 @@ def _synchronize(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
+class PretrainHelp(argparse.RawDescriptionHelpFormatter, HelpFormatter):
+    """The module docstring as written, and each option's default."""
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="loraflow pretrain", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 formatter_class=PretrainHelp)
     ap.add_argument("--data", required=True, help="a folder of text/code files, or one text file")
     ap.add_argument("--tokenizer", help="a local tokenizer folder (default: the embedded SmolLM2's)")
     ap.add_argument("--train-tokenizer", type=int, metavar="VOCAB",
@@ -201,33 +206,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--low-rank", type=int, metavar="R",
                     help="the paper's baseline: train every linear weight as W = BA of rank R")
     ap.add_argument("--config", default="60m", help="60m, 130m, 350m, 1b, 7b or tiny")
-    ap.add_argument("--optimizer", default="galore", choices=OPTIMIZERS)
-    ap.add_argument("--rank", type=int, default=128)
-    ap.add_argument("--update-proj-gap", type=int, default=200)
-    ap.add_argument("--scale", type=float, default=0.25)
+    ap.add_argument("--optimizer", default="galore", choices=OPTIMIZERS, help="the optimizer")
+    ap.add_argument("--rank", type=int, default=128, help="GaLore's projection rank")
+    ap.add_argument("--update-proj-gap", type=int, default=200, help="steps between GaLore's basis refreshes")
+    ap.add_argument("--scale", type=float, default=0.25, help="GaLore's update scale")
     ap.add_argument("--svd", default="gram", choices=SVD_METHODS,
                     help="how GaLore finds its bases: gram (default), the smaller Gram matrix's eigenvectors (the "
                          "SVD's subspace, 8x faster than it at 1B on an H200); full SVD; randomized, "
                          "torch.svd_lowrank (approximate)")
     ap.add_argument("--randomized-svd", dest="svd", action="store_const", const="randomized",
                     help="the same as --svd randomized")
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--weight-decay", type=float, default=0.0)
-    ap.add_argument("--steps", type=int, default=1000)
-    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    ap.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay")
+    ap.add_argument("--steps", type=int, default=1000, help="optimizer steps")
+    ap.add_argument("--warmup", type=int, default=100, help="linear warm-up steps before the cosine decay")
     ap.add_argument("--batch", type=int, default=16, help="sequences per micro-batch")
-    ap.add_argument("--accumulation", type=int, default=1)
-    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--accumulation", type=int, default=1, help="micro-batches per optimizer step")
+    ap.add_argument("--seq", type=int, default=256, help="tokens per sequence")
     ap.add_argument("--per-layer", action="store_true", help="step each weight inside the backward pass")
-    ap.add_argument("--max-grad-norm", type=float, default=None)
+    ap.add_argument("--max-grad-norm", type=float, default=None, help="clip the gradient norm to this")
     ap.add_argument("--dtype", default="float32", choices=DTYPES,
                     help="weights' dtype; bf16-mixed: float32 weights and optimizer states, bfloat16 autocast")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model")
-    ap.add_argument("--activation-checkpointing", action="store_true")
-    ap.add_argument("--eval-every", type=int, default=200)
+    ap.add_argument("--activation-checkpointing", action="store_true",
+                    help="recompute activations in the backward pass (less memory)")
+    ap.add_argument("--eval-every", type=int, default=200, help="steps between held-out evaluations")
     ap.add_argument("--eval-seqs", type=int, default=256,
                     help="held-out sequences per evaluation, evenly spaced over the held-out tokens")
-    ap.add_argument("--save-every", type=int, default=500)
+    ap.add_argument("--save-every", type=int, default=500, help="steps between checkpoints")
     ap.add_argument("--out", required=True, help="folder for checkpoints and log.jsonl")
     ap.add_argument("--resume", action="store_true",
                     help="continue from the newest complete checkpoint in --out (--out/checkpoint, or what "
@@ -235,8 +241,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--time-limit", type=float, metavar="SECONDS",
                     help="stop once this much wall time has passed since the start, with an evaluation and a "
                          "checkpoint (--resume continues)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the initialization and the data order")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where to train")
     return ap.parse_args(argv)
 
 
