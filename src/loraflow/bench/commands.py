@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
+
 
 def cmd_bench_kernels(args) -> None:
     """Time the per-row adapter ops (GPU); write JSON, Markdown and PNG under --out."""
@@ -51,8 +53,6 @@ def cmd_bench_kernels(args) -> None:
         rows.append(kernels.run_case(case, bandwidth, peft=not args.no_peft))
     env = report.environment()
     if args.part:   # a share of the grid: JSON only, ``--merge`` makes the report
-        import json
-        from pathlib import Path
         path = Path(args.out) / f"kernels.part{i}of{k}{'.' + args.kind if args.kind else ''}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"environment": env, "copy_bandwidth_gbs": bandwidth,
@@ -70,7 +70,6 @@ def cmd_bench_kernels(args) -> None:
 def cmd_bench_serve(args) -> None:
     """Load-test the server on loopback with many adapters; JSON, Markdown and PNG under --out."""
     import tempfile
-    from pathlib import Path
 
     import torch
 
@@ -138,7 +137,6 @@ def _hf_model(shape_name: str, shape, device: str):
 
 def cmd_bench_train(args) -> None:
     """Peak memory, optimizer-state bytes and tokens/s of the optimizers on LLaMA sizes (GPU)."""
-    from pathlib import Path
 
     import torch
     from tqdm import tqdm
@@ -184,8 +182,6 @@ def cmd_bench_train(args) -> None:
 
 def merge_kernel_parts(folder: str, out: str) -> None:
     """One report from the ``--part`` JSON files in ``folder`` (runs anywhere, no GPU)."""
-    import json
-    from pathlib import Path
 
     from loraflow.bench import kernels_report, report
 

@@ -155,9 +155,6 @@ class AdapterBank:
         """(d_out, d_in) of every adapted layer, by module name."""
         return {n: (m.d_out, m.d_in) for n, m in self.layers.items()}
 
-    def bytes_per_slot(self) -> int:
-        return sum(self.r_max * (m.d_in + m.d_out) * m.weight.element_size() for m in self.layers.values())
-
     @torch.no_grad()
     def write(self, slot: int, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Put an adapter in ``slot``: module name -> (A (r, d_in), scale·B (d_out, r))."""

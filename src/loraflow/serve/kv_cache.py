@@ -44,8 +44,3 @@ class KVCache:
     def release(self, table: list[int]) -> None:
         self.free.extend(reversed(table))
         table.clear()
-
-    def rows(self, table: list[int], start: int, end: int) -> list[int]:
-        """Flat cache rows of positions [start, end) of a sequence."""
-        bs = self.block_size
-        return [table[p // bs] * bs + p % bs for p in range(start, end)]
