@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from loraflow.adapters.files import CONFIG_NAME, WEIGHTS_NAME
-from loraflow.serve.engine import ContextTooLong, PromptError, QueueFull
+from loraflow.serve.request import ContextTooLong, PromptError, QueueFull
 from loraflow.serve.guard import Guard
 from loraflow.serve.loop import EngineDown, EngineLoop
 from loraflow.serve.protocol import (ChatBody, CompletionBody, LoadBody, Sampling, UnloadBody, chat_logprobs,
