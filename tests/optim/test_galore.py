@@ -279,3 +279,111 @@ def test_older_optimizer_states_with_the_randomized_flag_still_load_their_method
     model(torch.randn(3, 12)).sum().backward()
     opt.step()
     assert seen == ["randomized"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_groups_without_rank_are_torch_adamw_step_for_step(dtype):
+    """A group without ``rank`` is AdamW: the same weights as torch.optim.AdamW after each of
+    several steps (same lr, betas, eps, decoupled weight decay), for 1-, 2- and 3-D weights.
+    GaLoreAdamW computes the step in float32 whatever the weights' dtype (its moments are
+    float32), so float64 weights match torch's float64 AdamW only to float32 precision."""
+    shapes = [(7,), (5, 3), (2, 3, 4)]
+    init = torch.Generator().manual_seed(0)
+    start = [torch.randn(s, generator=init, dtype=torch.float64).to(dtype) for s in shapes]
+    ours = [nn.Parameter(w.clone()) for w in start]
+    theirs = [nn.Parameter(w.clone()) for w in start]
+    settings = {"lr": 3e-2, "betas": (0.8, 0.95), "eps": 1e-7, "weight_decay": 0.1}
+    o = GaLoreAdamW([{"params": ours[:2]}, {"params": ours[2:], "weight_decay": 0.0}], **settings)
+    t = torch.optim.AdamW([{"params": theirs[:2]}, {"params": theirs[2:], "weight_decay": 0.0}], **settings)
+    gen = torch.Generator().manual_seed(1)
+    tol = {"rtol": 1e-6, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2e-6, "atol": 2e-6}
+    for step in range(8):
+        for a, b in zip(ours, theirs):
+            g = torch.randn(a.shape, generator=gen, dtype=torch.float64).to(dtype) * 10 ** (step % 3 - 1)
+            a.grad, b.grad = g.clone(), g.clone()
+        o.step()
+        t.step()
+        for a, b, w0 in zip(ours, theirs, start):
+            assert a.dtype == dtype
+            torch.testing.assert_close(a, b, **tol)
+            assert (a - w0).abs().max() > 1e-2                      # they did move
+    for a, b in zip(ours, theirs):                                  # and the moments are AdamW's
+        torch.testing.assert_close(o.state[a]["exp_avg"], t.state[b]["exp_avg"].float(), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(o.state[a]["exp_avg_sq"], t.state[b]["exp_avg_sq"].float(), rtol=1e-5, atol=1e-9)
+
+
+def _galore_reference(w0, grads, rank, gap, scale, lr, betas, eps, wd, basis_sign):
+    """GaLore's Algorithm 1 (Zhao et al. 2024) in float64 for one m x n weight, with the
+    conventions of galore.py: the projected side is the smaller one (m < n: P = top-r left
+    singular vectors, R = Pᵀ G, update P N; else Q = top-r right ones, R = G Q, update N Qᵀ);
+    the basis is recomputed from the step's own gradient at steps 0, T, 2T, ... (0-based) and
+    Adam's moments carry over a refresh unchanged; m̂, v̂ with bias correction by the step
+    count since the start (1-based); N = m̂ / (√v̂ + eps); W <- W (1 - lr wd) - lr scale (P N).
+    ``basis_sign(t, basis)``: the sign of each singular vector, which the SVD leaves free."""
+    b1, b2 = betas
+    w = w0.double().clone()
+    m_, n_ = w.shape
+    left = m_ < n_
+    mom = var = basis = None
+    trace = []
+    for t, g in enumerate(grads):
+        g = g.double()
+        if t % gap == 0:
+            u, _, vh = torch.linalg.svd(g, full_matrices=False)
+            basis = basis_sign(t, u[:, :rank] if left else vh.T[:, :rank])
+        r = basis.T @ g if left else g @ basis
+        if mom is None:
+            mom, var = torch.zeros_like(r), torch.zeros_like(r)
+        mom = b1 * mom + (1 - b1) * r
+        var = b2 * var + (1 - b2) * r * r
+        n = (mom / (1 - b1 ** (t + 1))) / ((var / (1 - b2 ** (t + 1))).sqrt() + eps)
+        w = w * (1 - lr * wd) - lr * scale * (basis @ n if left else n @ basis.T)
+        trace.append((w.clone(), mom.clone(), var.clone(), basis.clone()))
+    return trace
+
+
+@pytest.mark.parametrize("svd", ["full", "gram"])
+@pytest.mark.parametrize("shape", [(9, 14), (16, 6)])                  # left, right projection
+def test_rank_group_equals_galore_algorithm_1_in_float64(shape, svd):
+    """GaLoreAdamW on a rank-r group against a float64 reference of Algorithm 1, for 8 steps
+    with T = 3 (refreshes at steps 0, 3, 6). The optimizer projects in float32 (basis,
+    projection and moments are float32 even for float64 weights), so the comparison is at
+    float32 precision. "full" is the SVD, whose vectors' signs are arbitrary: the reference
+    takes each vector's sign from the optimizer's basis (and checks it is that vector up to
+    sign); "gram" fixes the sign (largest entry positive), which the reference applies itself."""
+    rank, gap, scale, lr, betas, eps, wd = 3, 3, 0.7, 2e-2, (0.9, 0.99), 1e-6, 0.05
+    gen = torch.Generator().manual_seed(7)
+    w0 = torch.randn(shape, generator=gen, dtype=torch.float64)
+    grads = [torch.randn(shape, generator=gen, dtype=torch.float64) @ torch.diag(torch.logspace(0, -1, shape[1],
+             dtype=torch.float64)) for _ in range(8)]                  # singular values well apart
+    w = nn.Parameter(w0.clone())
+    opt = GaLoreAdamW([{"params": [w], "rank": rank, "update_proj_gap": gap, "scale": scale, "svd": svd}],
+                      lr=lr, betas=betas, eps=eps, weight_decay=wd)
+    ours = []
+    for g in grads:
+        w.grad = g.clone()
+        opt.step()
+        s = opt.state[w]
+        ours.append((w.detach().clone(), s["exp_avg"].clone(), s["exp_avg_sq"].clone(), s["proj"].clone()))
+
+    def basis_sign(t, basis):
+        if svd == "gram":                                       # projector.gram_basis's rule
+            biggest = basis.gather(0, basis.abs().argmax(0, keepdim=True))
+            return basis * torch.where(biggest < 0, -1.0, 1.0).double()
+        dots = (basis * ours[t][3].double()).sum(0)              # the optimizer's basis of that step
+        torch.testing.assert_close(dots.abs(), torch.ones(rank, dtype=torch.float64), rtol=0, atol=1e-5)
+        return basis * dots.sign()
+
+    ref = _galore_reference(w0, grads, rank, gap, scale, lr, betas, eps, wd, basis_sign)
+    left = shape[0] < shape[1]
+    assert ours[0][1].shape == ((rank, shape[1]) if left else (shape[0], rank))
+    assert ours[0][3].shape == ((shape[0], rank) if left else (shape[1], rank)) and ours[0][3].dtype == torch.float32
+    for t, ((w_t, m_t, v_t, p_t), (w_r, m_r, v_r, p_r)) in enumerate(zip(ours, ref)):
+        torch.testing.assert_close(p_t.double(), p_r, rtol=0, atol=1e-5, msg=f"basis, step {t}")
+        torch.testing.assert_close(m_t.double(), m_r, rtol=1e-5, atol=1e-6, msg=f"first moment, step {t}")
+        torch.testing.assert_close(v_t.double(), v_r, rtol=1e-5, atol=1e-8, msg=f"second moment, step {t}")
+        # the weight's displacement, relative to its size: float32 projections of an O(1) weight
+        torch.testing.assert_close(w_t - w0, w_r - w0, rtol=1e-5, atol=1e-6, msg=f"weight, step {t}")
+    assert not torch.allclose(ours[2][3], ours[3][3], atol=1e-2)       # the refresh at step 3 changed the basis
+    assert torch.equal(ours[3][3], ours[5][3])                           # and held it until the next one
+    assert (ref[-1][0] - w0).abs().max() > 2 * lr * scale              # the weight moved, by more than a step
