@@ -12,7 +12,8 @@ two models do not interfere; leaving the ``with`` restores what was there.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
@@ -96,6 +97,15 @@ def use_adapters(model: nn.Module, names: Sequence[str | None], impl: Impl | Non
             layer.rows = rows
 
 
+def _additive_sources(layer, names) -> list[torch.Tensor]:
+    """The parameters that the (A_i, B_i) of ``_additive_factors`` are computed from."""
+    out = []
+    for n in names:
+        a = layer.adapters[n]
+        out += list(a.factors) if isinstance(a, DeepLoRA) else [a.A, a.B]
+    return out
+
+
 def _additive_factors(layer, names):
     """(A_i, B_i, scale_i, dropout_i) of each additive adapter; Deep LoRA as A = W_1,
     B = W_L ⋯ W_2."""
@@ -112,6 +122,50 @@ def _additive_factors(layer, names):
     return A, B, scales, dropouts
 
 
+class _Stamp:
+    """One weight tensor as it is now; ``still(t)``: t is that tensor and holds the same values.
+
+    Three things together: the tensor itself (weakly referenced, so that a cache does not keep a
+    replaced adapter alive; a new tensor never passes ``is``, whatever its id), its memory
+    (data_ptr, shape, stride, dtype; the storage is held, so no other tensor can be allocated at
+    that address while the stamp lives: ``param.data = t`` moves the pointer without bumping the
+    version) and ``_version``, which every in-place write to the parameter or a ``detach()`` of it
+    bumps (``param.copy_`` under ``no_grad``, optimizer steps, ``load_adapter``). Writes through
+    ``param.data`` (``param.data.copy_``) are not counted: PyTorch gives ``.data`` a version
+    counter of its own so that autograd does not see them, and this cache cannot either.
+    """
+    __slots__ = ("ref", "storage", "version", "where")
+
+    def __init__(self, t: torch.Tensor):
+        self.ref = weakref.ref(t)
+        self.storage = t.untyped_storage()
+        self.where = _where(t)
+        self.version = t._version
+
+    def still(self, t: torch.Tensor) -> bool:
+        return self.ref() is t and t._version == self.version and _where(t) == self.where
+
+
+def _where(t: torch.Tensor) -> tuple:
+    return t.data_ptr(), t.shape, t.stride(), t.dtype, t.device
+
+
+def _cached(layer, attr: str, meta: tuple, sources: list[torch.Tensor], compute: Callable):
+    """``compute()``, kept on ``layer.<attr>`` until ``meta`` or any of the ``sources`` changes.
+
+    Keyed on the source parameters themselves (``_Stamp``), never on tensors computed from them
+    (Deep LoRA's product W_L ⋯ W_2 is new on every call: its id says nothing).
+    """
+    entry = getattr(layer, attr, None)
+    if (entry is None or entry[0] != meta or len(entry[1]) != len(sources)
+            or not all(st.still(t) for st, t in zip(entry[1], sources))):
+        stamps = [_Stamp(t) for t in sources]        # before compute: a write during it repacks
+        with torch.no_grad():
+            entry = (meta, stamps, compute())
+        setattr(layer, attr, entry)
+    return entry[2]
+
+
 def choose_impl(x: torch.Tensor, params_need_grad: bool) -> str:
     if torch.is_grad_enabled() and (x.requires_grad or params_need_grad):
         return "segmented"
@@ -120,18 +174,20 @@ def choose_impl(x: torch.Tensor, params_need_grad: bool) -> str:
     return "segmented"
 
 
-def _triton_layer(layer, plan: RowPlan, x: torch.Tensor, A, B, scales) -> torch.Tensor:
+def _triton_layer(layer, plan: RowPlan, x: torch.Tensor) -> torch.Tensor:
     """y = addmm(Δy + bias, x, W0ᵀ): the kernels write Δy, the base GEMM adds onto it."""
     if triton_lora is None:
         raise ImportError("impl='triton' needs the triton package: pip install triton")
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("impl='triton' runs on CUDA tensors (or on the CPU with TRITON_INTERPRET=1 "
                          "for tests); use 'segmented' on the CPU")
-    key = tuple(plan.additive) + tuple((id(t), t._version) for t in (*A, *B)) + tuple(scales)
-    cached = getattr(layer, "_packed", None)
-    if cached is None or cached[0] != key:     # packed once, until the weights change
-        cached = (key, triton_lora.PackedLoRA.pack(A, B, scales))
-        layer._packed = cached
+
+    def pack():                                # once, until the weights change
+        A, B, scales, _ = _additive_factors(layer, plan.additive)
+        return triton_lora.PackedLoRA.pack(A, B, scales)
+
+    meta = tuple((n, getattr(layer.adapters[n], "scale", 1.0)) for n in plan.additive)
+    packed = _cached(layer, "_packed", meta, _additive_sources(layer, plan.additive), pack)
     R, T, _ = x.shape
     n = len(plan.additive)
     if ("tokens", T) not in plan.cache:        # once per batch, not once per layer
@@ -142,7 +198,7 @@ def _triton_layer(layer, plan: RowPlan, x: torch.Tensor, A, B, scales) -> torch.
     tokens, variant, tiles = plan.cache[("tokens", T)]
     x2 = x.reshape(R * T, -1)
     with torch.no_grad():
-        delta = triton_lora.lora_delta(x2, tokens, cached[1], variant, tiles, bias=layer.base.bias)
+        delta = triton_lora.lora_delta(x2, tokens, packed, variant, tiles, bias=layer.base.bias)
         y = torch.addmm(delta, x2, base_weight(layer.base).T)   # (R·T, d_out)
     return y.view(R, T, -1)
 
@@ -151,13 +207,7 @@ def _flora_stacked(layer, plan: RowPlan, A, B, needs_grad: bool):
     """Stacked FLoRA weights; kept between calls at inference, until the weights change."""
     if needs_grad and torch.is_grad_enabled():
         return ops.flora_stack(A, B)
-    key = tuple(plan.flora) + tuple((id(t), t._version) for t in (*A, *B))
-    cached = getattr(layer, "_flora_stacked", None)
-    if cached is None or cached[0] != key:
-        with torch.no_grad():
-            cached = (key, ops.flora_stack(A, B))
-        layer._flora_stacked = cached
-    return cached[1]
+    return _cached(layer, "_flora_stacked", tuple(plan.flora), [*A, *B], lambda: ops.flora_stack(A, B))
 
 
 def mixed_forward(layer, x: torch.Tensor, plan: RowPlan) -> torch.Tensor:
@@ -172,11 +222,11 @@ def mixed_forward(layer, x: torch.Tensor, plan: RowPlan) -> torch.Tensor:
     impl = plan.impl or choose_impl(x3, needs_grad)
     if not plan.additive:
         y = layer.base(x3)                                        # (R, T, d_out)
+    elif impl == "triton":                                        # factors only when it repacks
+        y = _triton_layer(layer, plan, x3)
     else:
         A, B, scales, dropouts = _additive_factors(layer, plan.additive)
-        if impl == "triton":
-            y = _triton_layer(layer, plan, x3, A, B, scales)
-        elif impl == "bmm":
+        if impl == "bmm":
             y = layer.base(x3) + ops.bmm(x3, plan.add_slots, A, B, scales)
         else:
             y = layer.base(x3) + LORA_OPS[impl](x3, plan.add_slots, A, B, scales, dropouts)
