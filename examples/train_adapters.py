@@ -30,10 +30,10 @@ DATA = Path(__file__).parent / "data"
 
 def shakespeare(tok, n, seq, rng):
     text = (DATA / "tinyshakespeare" / "input.txt").read_text()
-    ids = tok(text[: len(text) * 9 // 10], add_special_tokens=False)["input_ids"]   # last 10%: held out
+    ids = tok(text[: len(text) * 9 // 10], add_special_tokens=False)["input_ids"]  # last 10%: held out
     for _ in range(n):
         start = rng.randrange(0, len(ids) - seq)
-        chunk = ids[start:start + seq]
+        chunk = ids[start : start + seq]
         yield chunk, [1] * len(chunk)
 
 
@@ -45,23 +45,30 @@ def chat_pairs(tok, pairs, n, seq, rng):
         full = tok.apply_chat_template(messages + [{"role": "assistant", "content": answer}], tokenize=False)
         assert full.startswith(prompt), "the chat template must extend the prompt with the answer"
         p = tok(prompt, add_special_tokens=False)["input_ids"]
-        ids = tok(full, add_special_tokens=False)["input_ids"][:seq]   # the answer ends with end-of-turn
+        ids = tok(full, add_special_tokens=False)["input_ids"][:seq]  # the answer ends with end-of-turn
         yield ids, ([0] * len(p) + [1] * (len(ids) - len(p)))[:seq]
 
 
 def medical(tok, n, seq, rng):
-    names = {r["condition_label"]: r["condition_name"]
-             for r in csv.DictReader(open(DATA / "medical_abstracts" / "labels.csv"))}
+    names = {
+        r["condition_label"]: r["condition_name"]
+        for r in csv.DictReader(open(DATA / "medical_abstracts" / "labels.csv"))
+    }
     rows = list(csv.DictReader(open(DATA / "medical_abstracts" / "abstracts.csv")))
-    pairs = [(f"Write a medical abstract about {names[r['condition_label']]}.", r["medical_abstract"])
-             for r in rows[: len(rows) * 9 // 10]]
+    pairs = [
+        (f"Write a medical abstract about {names[r['condition_label']]}.", r["medical_abstract"])
+        for r in rows[: len(rows) * 9 // 10]
+    ]
     return chat_pairs(tok, pairs, n, seq, rng)
 
 
 def python(tok, n, seq, rng):
     rows = [json.loads(line) for line in open(DATA / "mbpp" / "mbpp.jsonl")]
-    pairs = [(r["text"] + " Your code should pass: " + r["test_list"][0], r["code"].replace("\r\n", "\n"))
-             for r in rows if 11 <= r["task_id"] <= 510]                # MBPP's train + validation split
+    pairs = [
+        (r["text"] + " Your code should pass: " + r["test_list"][0], r["code"].replace("\r\n", "\n"))
+        for r in rows
+        if 11 <= r["task_id"] <= 510
+    ]  # MBPP's train + validation split
     return chat_pairs(tok, pairs, n, seq, rng)
 
 
@@ -71,15 +78,15 @@ TASKS = {"shakespeare": shakespeare, "medical": medical, "python": python}
 def batches(examples, batch, pad_id):
     examples = list(examples)
     for i in range(0, len(examples), batch):
-        group = examples[i:i + batch]
+        group = examples[i : i + batch]
         width = max(len(ids) for ids, _ in group)
         ids = torch.full((len(group), width), pad_id)
         labels = torch.full((len(group), width), -100)
         mask = torch.zeros(len(group), width, dtype=torch.long)
         for j, (x, keep) in enumerate(group):
-            ids[j, :len(x)] = torch.tensor(x)
-            mask[j, :len(x)] = 1
-            labels[j, :len(x)] = torch.tensor([t if k else -100 for t, k in zip(x, keep)])
+            ids[j, : len(x)] = torch.tensor(x)
+            mask[j, : len(x)] = 1
+            labels[j, : len(x)] = torch.tensor([t if k else -100 for t, k in zip(x, keep)])
         yield {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
@@ -98,16 +105,22 @@ def main():
         if args.only and name != args.only:
             continue
         model, tok = lf.load_model(device=args.device)
-        lf.add_adapter(model, lf.LoRAConfig(r=8, alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
-                       name=name)
+        lf.add_adapter(
+            model, lf.LoRAConfig(r=8, alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]), name=name
+        )
         params = lf.mark_trainable(model, name)
         opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)
         model.train()
         rng = random.Random(0)
         start, losses = time.time(), []
-        for step, batch in enumerate(batches(make(tok, args.steps * args.batch, args.seq, rng), args.batch,
-                                             tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)):
+        for step, batch in enumerate(
+            batches(
+                make(tok, args.steps * args.batch, args.seq, rng),
+                args.batch,
+                tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+            )
+        ):
             loss = model(**{k: v.to(args.device) for k, v in batch.items()}).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -115,11 +128,16 @@ def main():
             losses.append(loss.item())
             if step % 10 == 0 or step == args.steps - 1:
                 recent = sum(losses[-10:]) / len(losses[-10:])
-                print(f"{name} step {step + 1}/{args.steps} loss {recent:.3f} ({time.time() - start:.0f} s)", flush=True)
+                print(
+                    f"{name} step {step + 1}/{args.steps} loss {recent:.3f} ({time.time() - start:.0f} s)", flush=True
+                )
         lf.save_adapter(model, Path(args.out) / name, name=name)
         first, last = losses[:10], losses[-10:]
-        print(f"saved {Path(args.out) / name}: mean loss of the first {len(first)} steps {sum(first) / len(first):.3f}, "
-              f"of the last {len(last)} {sum(last) / len(last):.3f}", flush=True)
+        print(
+            f"saved {Path(args.out) / name}: mean loss of the first {len(first)} steps {sum(first) / len(first):.3f}, "
+            f"of the last {len(last)} {sum(last) / len(last):.3f}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

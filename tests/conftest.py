@@ -17,41 +17,52 @@ if not torch.cuda.is_available():  # before Triton is imported: kernels run in i
 
 import pytest
 import torch
-from transformers import (BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig,
-                          LlamaForCausalLM)
+from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from loraflow.adapters import DeepLoRA, FLoRA, LoRA, adapter_layers
 
 VOCAB = 128
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"   # where the Triton kernels run for real
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where the Triton kernels run for real
 
 
 def tiny_llama(seed: int = 0, hidden: int = 32) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=64, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
 def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                     bos_token_id=0, eos_token_id=0)
+    cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0)
     return GPT2LMHeadModel(cfg).eval()
 
 
 def tiny_bert(seed: int = 0) -> BertModel:
     torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=64, max_position_embeddings=64)
+    cfg = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     return BertModel(cfg).eval()
 
 
 # name -> (builder, two target module names of that architecture)
 MODELS = {
     "llama": (tiny_llama, ["q_proj", "v_proj"]),
-    "gpt2": (tiny_gpt2, ["c_attn", "c_fc"]),      # Conv1D layers
+    "gpt2": (tiny_gpt2, ["c_attn", "c_fc"]),  # Conv1D layers
     "bert": (tiny_bert, ["query", "value"]),
 }
 

@@ -17,6 +17,6 @@ def test_writes_replace_and_failures_keep_the_old_file(tmp_path):
     with pytest.raises(OSError, match="disk full"):
         atomic_write(target, half_then_fail)
     assert target.read_bytes() == b"old"
-    assert [p.name for p in tmp_path.iterdir()] == ["weights.bin"]          # no temporary file left
+    assert [p.name for p in tmp_path.iterdir()] == ["weights.bin"]  # no temporary file left
     atomic_write(target, lambda tmp: open(tmp, "wb").write(b"new"))
     assert target.read_bytes() == b"new"

@@ -1,6 +1,7 @@
+from conftest import make
+
 import loraflow as lf
 from loraflow.cli import main
-from conftest import make
 
 
 def test_inspect_prints_config_and_shapes(tmp_path, capsys):

@@ -6,17 +6,18 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import make
 
 import loraflow as lf
-from conftest import make
 from loraflow.cli import main
 
 EXAMPLE = Path(__file__).parents[1] / "examples" / "adapters" / "shakespeare"
 
 
 def cli(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "loraflow.cli", *args], capture_output=True, text=True,
-                          timeout=120, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "loraflow.cli", *args], capture_output=True, text=True, timeout=120, **kw
+    )
 
 
 def test_inspect_missing_folder_is_one_line_and_non_zero(tmp_path):
@@ -55,8 +56,12 @@ def test_inspect_bad_folders_name_the_problem(adapter, capsys):
 
 def test_closed_pipe_ends_quietly():
     """``loraflow inspect ... | head -0``: the reader is gone before the output is written."""
-    proc = subprocess.Popen([sys.executable, "-m", "loraflow.cli", "inspect", str(EXAMPLE)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "loraflow.cli", "inspect", str(EXAMPLE)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     proc.stdout.close()
     err = proc.stderr.read()
     assert proc.wait(timeout=120) == 141
@@ -64,22 +69,30 @@ def test_closed_pipe_ends_quietly():
 
 
 def test_inspect_into_head():
-    out = subprocess.run(f"{sys.executable} -m loraflow.cli inspect {EXAMPLE} | head -1", shell=True,
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        f"{sys.executable} -m loraflow.cli inspect {EXAMPLE} | head -1",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.stdout.startswith("LoRAConfig(")
     assert "Traceback" not in out.stderr and "Error" not in out.stderr
 
 
-@pytest.mark.parametrize("command, shown", [
-    (["serve"], ["--port PORT           the TCP port to listen on (default: 8000)", "(default: 127.0.0.1)"]),
-    (["bench", "serve"], ["(default: 64)", "(default: distinct)"]),
-    (["bench", "train"], ["(default: 60m,130m,350m,1b,7b)", "(default: gram)"]),
-    (["bench", "kernels"], ["(default: benchmarks/results)"]),
-])
+@pytest.mark.parametrize(
+    "command, shown",
+    [
+        (["serve"], ["--port PORT           the TCP port to listen on (default: 8000)", "(default: 127.0.0.1)"]),
+        (["bench", "serve"], ["(default: 64)", "(default: distinct)"]),
+        (["bench", "train"], ["(default: 60m,130m,350m,1b,7b)", "(default: gram)"]),
+        (["bench", "kernels"], ["(default: benchmarks/results)"]),
+    ],
+)
 def test_help_shows_defaults(command, shown, capsys):
     with pytest.raises(SystemExit):
         main([*command, "--help"])
-    text = " ".join(capsys.readouterr().out.split())          # undo argparse's line wrapping
+    text = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
     for s in shown:
         assert " ".join(s.split()) in text
     assert "(default: None)" not in text and "(default: False)" not in text

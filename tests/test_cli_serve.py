@@ -12,9 +12,9 @@ import time
 import httpx
 import pytest
 import torch
+from serve.helpers import tiny_llama_folder
 
 from loraflow.cli import API_KEY_ENV, bind_socket, configure_threads, default_threads, resolve_api_key
-from serve.helpers import tiny_llama_folder
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +25,19 @@ def model_folder(tmp_path_factory):
 
 
 def serve_cmd(model_folder, port, *extra):
-    return [sys.executable, "-m", "loraflow.cli", "serve", "--model", str(model_folder), "--port", str(port),
-            "--max-batch-tokens", "64", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "loraflow.cli",
+        "serve",
+        "--model",
+        str(model_folder),
+        "--port",
+        str(port),
+        "--max-batch-tokens",
+        "64",
+        *extra,
+    ]
 
 
 def test_taken_port_fails_at_once_with_the_reason_and_the_fix(model_folder):
@@ -34,8 +45,13 @@ def test_taken_port_fails_at_once_with_the_reason_and_the_fix(model_folder):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        out = subprocess.run(serve_cmd(model_folder, port), capture_output=True, text=True, timeout=120,
-                             env={k: v for k, v in os.environ.items() if k != API_KEY_ENV})
+        out = subprocess.run(
+            serve_cmd(model_folder, port),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={k: v for k, v in os.environ.items() if k != API_KEY_ENV},
+        )
     assert out.returncode != 0
     assert f"cannot listen on 127.0.0.1:{port} (Address already in use)" in out.stderr
     assert "--port" in out.stderr
@@ -50,14 +66,19 @@ def test_serve_runs_until_sigterm_with_the_key_from_the_environment(model_folder
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, **{API_KEY_ENV: "s3cret"})
-    proc = subprocess.Popen(serve_cmd(model_folder, port, "--threads", "1"), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env)
+    proc = subprocess.Popen(
+        serve_cmd(model_folder, port, "--threads", "1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
     try:
         line = proc.stdout.readline()
         assert line.startswith("serving base with 0 adapters on http://127.0.0.1:"), line
         assert line.rstrip().endswith("(cpu, 1 thread)"), line
         url = f"http://127.0.0.1:{port}"
-        assert httpx.get(url + "/health", timeout=10).status_code == 200   # listening as soon as it says so
+        assert httpx.get(url + "/health", timeout=10).status_code == 200  # listening as soon as it says so
         assert httpx.get(url + "/v1/models", timeout=10).status_code == 401
         ok = httpx.get(url + "/v1/models", headers={"Authorization": "Bearer s3cret"}, timeout=10)
         assert ok.status_code == 200 and ok.json()["data"][0]["id"] == "base"
@@ -84,9 +105,9 @@ def test_serve_exits_non_zero_when_the_http_server_dies(model_folder):
     start = time.perf_counter()
     with pytest.raises(SystemExit) as exit_:
         serve_until_stopped(loop, server, sock)
-    assert "the HTTP server stopped" in str(exit_.value.code)          # a message: exit status 1
+    assert "the HTTP server stopped" in str(exit_.value.code)  # a message: exit status 1
     assert time.perf_counter() - start < 30
-    assert signal.getsignal(signal.SIGTERM) is sigterm                  # handlers given back
+    assert signal.getsignal(signal.SIGTERM) is sigterm  # handlers given back
 
 
 def test_serve_until_stopped_returns_on_sigterm(model_folder):
@@ -111,7 +132,7 @@ def test_serve_until_stopped_returns_on_sigterm(model_folder):
             os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=client, daemon=True).start()
-    serve_until_stopped(loop, server, sock)          # returns: no SystemExit
+    serve_until_stopped(loop, server, sock)  # returns: no SystemExit
     assert answers == [200]
 
 
@@ -137,11 +158,11 @@ def test_default_threads_leave_a_core_free_on_the_cpu(torch_threads, monkeypatch
         assert default_threads() == 1
     torch.set_num_threads(cores)
     assert configure_threads(None, "cpu") == default_threads() == torch.get_num_threads()
-    assert configure_threads(None, "cpu") == default_threads()           # the same on a second call
+    assert configure_threads(None, "cpu") == default_threads()  # the same on a second call
     torch.set_num_threads(cores)
-    assert configure_threads(None, "cuda") == cores                      # CUDA: PyTorch's own
+    assert configure_threads(None, "cuda") == cores  # CUDA: PyTorch's own
     monkeypatch.setenv("OMP_NUM_THREADS", str(cores))
-    assert configure_threads(None, "cpu") == cores                       # the user's choice stands
+    assert configure_threads(None, "cpu") == cores  # the user's choice stands
 
 
 def key_args(api_key=None, api_key_file=None):

@@ -8,7 +8,7 @@ bmm path, and the masked whole-bank path (serve/bank.py). Median microseconds of
 import platform
 import statistics
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import torch
 import torch.nn.functional as F
@@ -37,8 +37,10 @@ def masked():
 
 
 torch.testing.assert_close(gathered(), masked(), rtol=1e-4, atol=1e-3)
-print(f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.processor() or 'cpu'}, "
-      f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+print(
+    f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {platform.processor() or 'cpu'}, "
+    f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+)
 for f in (base, gathered, masked):
     for _ in range(20):
         f()

@@ -10,7 +10,7 @@ import cProfile
 import platform
 import pstats
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import torch
 
@@ -18,17 +18,35 @@ import loraflow as lf
 from loraflow.serve.llama import LlamaArgs, numbered_tokenizer, random_llama
 from loraflow.serve.sampling import SamplingParams
 
-args = LlamaArgs(vocab_size=32000, dim=64, n_layers=2, n_heads=4, n_kv_heads=4, head_dim=16, intermediate=128,
-                 norm_eps=1e-5, rope_theta=1e4, rope_scaling=None, max_seq_len=4096, tie_embeddings=False,
-                 qkv_bias=False, mlp_bias=False)
-eng = lf.Engine(model=random_llama(args, dtype=torch.float32), tokenizer=numbered_tokenizer(32000), device="cpu",
-                max_batch_tokens=4096, decode_graphs=True)
+args = LlamaArgs(
+    vocab_size=32000,
+    dim=64,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=4,
+    head_dim=16,
+    intermediate=128,
+    norm_eps=1e-5,
+    rope_theta=1e4,
+    rope_scaling=None,
+    max_seq_len=4096,
+    tie_embeddings=False,
+    qkv_bias=False,
+    mlp_bias=False,
+)
+eng = lf.Engine(
+    model=random_llama(args, dtype=torch.float32),
+    tokenizer=numbered_tokenizer(32000),
+    device="cpu",
+    max_batch_tokens=4096,
+    decode_graphs=True,
+)
 logits = torch.zeros(512, 32000)
-eng.graphs.model = lambda batch, caches: logits[:len(batch.tokens)]      # no model: host work only
+eng.graphs.model = lambda batch, caches: logits[: len(batch.tokens)]  # no model: host work only
 params = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
 for i in range(64):
     eng.add_request([3 + i + j for j in range(128)], params, None, on_output=eng.stream_text)
-eng.step()                                                                # the prefill (eager)
+eng.step()  # the prefill (eager)
 profile = cProfile.Profile()
 steps, start = 0, time.perf_counter()
 profile.enable()
@@ -37,10 +55,11 @@ while eng.has_work():
     steps += 1
 profile.disable()
 total = (time.perf_counter() - start) / steps * 1e3
-print(f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.processor() or 'cpu'}, torch {torch.__version__}")
+print(f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {platform.processor() or 'cpu'}, torch {torch.__version__}")
 print(f"{steps} decode steps of 64 requests: {total:.2f} ms a step (profiled)")
 stats = pstats.Stats(profile).stats
 for (path, _, name), (_, _, _, cum, _) in sorted(stats.items(), key=lambda kv: -kv[1][3]):
-    if name in ("_schedule", "_check_stop", "run", "stream_text", "_eq_", "__eq__", "argmax", "decode") and \
-            ("loraflow" in path or name in ("argmax", "decode", "__eq__")):
+    if name in ("_schedule", "_check_stop", "run", "stream_text", "_eq_", "__eq__", "argmax", "decode") and (
+        "loraflow" in path or name in ("argmax", "decode", "__eq__")
+    ):
         print(f"  {name:<12} {cum / steps * 1e3:7.2f} ms a step   ({path.rsplit('/', 2)[-1]})")

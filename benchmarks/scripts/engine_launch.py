@@ -15,13 +15,13 @@ engine_steps.py had run before them (``results/engine-launch-h200.json``).
 import json
 import sys
 import tempfile
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
+from engine_steps import decode_steps, replay_times  # this folder
 
 import loraflow as lf
-from engine_steps import decode_steps, replay_times       # this folder
 from loraflow.bench import serve as bench
 from loraflow.serve.llama import SHAPES, LlamaArgs, linear_shapes, numbered_tokenizer, random_llama
 
@@ -45,15 +45,24 @@ def capture(eng, path, pool):
 def main():
     shape = LlamaArgs(**SHAPES["llama2-7b"])
     folders = bench.make_adapters(linear_shapes(shape), Path(tempfile.mkdtemp()), 64, 16, device="cuda")
-    eng = lf.Engine(model=random_llama(shape, device="cuda"), tokenizer=numbered_tokenizer(shape.vocab_size),
-                    max_batch_tokens=4096, max_gpu_adapters=64, max_cpu_adapters=64, max_lora_rank=16,
-                    kv_cache_bytes=16 * 2**30, adapters={f"a{i}": str(f) for i, f in enumerate(folders)})
+    eng = lf.Engine(
+        model=random_llama(shape, device="cuda"),
+        tokenizer=numbered_tokenizer(shape.vocab_size),
+        max_batch_tokens=4096,
+        max_gpu_adapters=64,
+        max_cpu_adapters=64,
+        max_lora_rank=16,
+        kv_cache_bytes=16 * 2**30,
+        adapters={f"a{i}": str(f) for i, f in enumerate(folders)},
+    )
     names = [f"a{i}" for i in range(64)]
-    eng.graphs.kernel = "rows"           # the per-layer kernels (session 6 ran them as "rows-serial")
+    eng.graphs.kernel = "rows"  # the per-layer kernels (session 6 ran them as "rows-serial")
     rows = []
     # as engine_steps.py: the base model's steps, then the adapters' (warm-up and timed run each)
-    step_ms = {"base": [1e3 * decode_steps(eng, [None] * 64, 128, 48) for _ in range(2)],
-               "adapters": [1e3 * decode_steps(eng, names, 128, 48) for _ in range(2)]}
+    step_ms = {
+        "base": [1e3 * decode_steps(eng, [None] * 64, 128, 48) for _ in range(2)],
+        "adapters": [1e3 * decode_steps(eng, names, 128, 48) for _ in range(2)],
+    }
     key = (64, eng.bank.layout, "rows", "rows")
     own = eng.graphs.graphs[key]
     rows.append({"variant": "adapters, the engine's own graph", "decode_step_ms": step_ms, **replay_times(own[0], 30)})
@@ -61,10 +70,14 @@ def main():
     fresh = capture(eng, "rows", eng.graphs.pool)
     rows.append({"variant": "adapters, captured again now", **replay_times(fresh[0], 30)})
     print(rows[-1], flush=True)
-    eng.graphs.graphs[key] = fresh              # the engine's steps through the new graph
-    rows.append({"variant": "adapters, engine steps through the graph captured again",
-                 "decode_step_ms": [1e3 * decode_steps(eng, names, 128, 48) for _ in range(2)],
-                 **replay_times(fresh[0], 30)})
+    eng.graphs.graphs[key] = fresh  # the engine's steps through the new graph
+    rows.append(
+        {
+            "variant": "adapters, engine steps through the graph captured again",
+            "decode_step_ms": [1e3 * decode_steps(eng, names, 128, 48) for _ in range(2)],
+            **replay_times(fresh[0], 30),
+        }
+    )
     print(rows[-1], flush=True)
     rows.append({"variant": "adapters, the engine's own graph again", **replay_times(own[0], 30)})
     print(rows[-1], flush=True)
@@ -89,14 +102,22 @@ def main():
     measure("adapters, shared pool", "rows", shared)
     measure("adapters, own pool", "rows", torch.cuda.graph_pool_handle())
     for k in (1, 4, 16):
-        measure(f"adapters on layers 0-{k - 1}", "rows", torch.cuda.graph_pool_handle(),
-                lambda n, k=k: int(n.split(".")[2]) < k)
+        measure(
+            f"adapters on layers 0-{k - 1}",
+            "rows",
+            torch.cuda.graph_pool_handle(),
+            lambda n, k=k: int(n.split(".")[2]) < k,
+        )
     for proj in ("q_proj", "down_proj"):
         measure(f"adapters on {proj} only", "rows", torch.cuda.graph_pool_handle(), lambda n, p=proj: n.endswith(p))
     eng.registry.close()
-    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-           "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-           "command": f"python benchmarks/scripts/engine_launch.py {sys.argv[1]}", "rows": rows}
+    out = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": f"python benchmarks/scripts/engine_launch.py {sys.argv[1]}",
+        "rows": rows,
+    }
     Path(sys.argv[1]).write_text(json.dumps(out, indent=1))
 
 

@@ -19,7 +19,7 @@ import platform
 import statistics
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -33,12 +33,17 @@ from loraflow.serve.sampling import SamplingParams
 def decode_steps(eng, adapters, prompt_len, n_steps):
     """Median seconds of the decode-only steps of one batch of requests."""
     params = SamplingParams(max_tokens=n_steps + 1, temperature=0.0, ignore_eos=True)
-    reqs = [eng.add_request([3 + (7 * i + j) % 30000 for j in range(prompt_len)], params, a)
-            for i, a in enumerate(adapters)]
+    reqs = [
+        eng.add_request([3 + (7 * i + j) % 30000 for j in range(prompt_len)], params, a) for i, a in enumerate(adapters)
+    ]
     times = []
     while not all(r.finished for r in reqs):
-        decode = bool(eng.running) and not eng.waiting and not eng._incoming and \
-            all(len(r.ids) - r.computed == 1 for r in eng.running)
+        decode = (
+            bool(eng.running)
+            and not eng.waiting
+            and not eng._incoming
+            and all(len(r.ids) - r.computed == 1 for r in eng.running)
+        )
         torch.cuda.synchronize()
         t = time.perf_counter()
         eng.step()
@@ -53,8 +58,10 @@ def mixed_step(eng, adapters, prompt_len, long_len, profile):
     a chunk of one new long prompt (the server's steps while requests arrive), and with
     ``profile`` its table of CUDA kernel time. Returns (seconds, table or None)."""
     params = SamplingParams(max_tokens=eng.max_len - max(prompt_len, long_len), temperature=0.0, ignore_eos=True)
-    reqs = [eng.add_request([3 + (7 * i + j) % 30000 for j in range(prompt_len)], params, a)
-            for i, a in enumerate(adapters[:-1])]
+    reqs = [
+        eng.add_request([3 + (7 * i + j) % 30000 for j in range(prompt_len)], params, a)
+        for i, a in enumerate(adapters[:-1])
+    ]
     while any(r.computed < len(r.prompt_ids) for r in reqs) or eng.waiting or eng._incoming:
         eng.step()
     reqs.append(eng.add_request([5 + j % 30000 for j in range(long_len)], params, adapters[-1]))
@@ -69,7 +76,9 @@ def mixed_step(eng, adapters, prompt_len, long_len, profile):
         eng.abort(r.id)
     while eng.has_work():
         eng.step()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=70) if prof else None
+    table = (
+        prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=70) if prof else None
+    )
     return seconds, table
 
 
@@ -101,8 +110,11 @@ def replay_times(graph, n: int = 20) -> dict:
         torch.cuda.synchronize()
         launch.append(t1 - t0)
         single.append(time.perf_counter() - t0)
-    return {"graph_replay_ms": start.elapsed_time(end) / n, "graph_launch_call_ms": 1e3 * statistics.median(launch),
-            "graph_single_replay_ms": 1e3 * statistics.median(single)}
+    return {
+        "graph_replay_ms": start.elapsed_time(end) / n,
+        "graph_launch_call_ms": 1e3 * statistics.median(launch),
+        "graph_single_replay_ms": 1e3 * statistics.median(single),
+    }
 
 
 def main():
@@ -113,8 +125,9 @@ def main():
     ap.add_argument("--steps", type=int, default=48)
     ap.add_argument("--kv-cache-gb", type=float, default=16, help="KV cache; 1,024-token prompts need 48")
     ap.add_argument("--graphs-only", action="store_true", help="skip the eager steps (no CUDA graphs)")
-    ap.add_argument("--profile", action="store_true",
-                    help="also write OUT.kernels.txt: GPU time per kernel of the replayed graphs")
+    ap.add_argument(
+        "--profile", action="store_true", help="also write OUT.kernels.txt: GPU time per kernel of the replayed graphs"
+    )
     args = ap.parse_args()
     shape = LlamaArgs(**SHAPES["llama2-7b"])
     tmp = Path(tempfile.mkdtemp())
@@ -123,10 +136,17 @@ def main():
     rows, profiles, engines, to_profile = [], [], [], []
     for graphs in (True,) if args.graphs_only else (True, False):
         slots = args.requests
-        eng = lf.Engine(model=model, tokenizer=numbered_tokenizer(shape.vocab_size), max_batch_tokens=4096,
-                        max_gpu_adapters=slots, max_cpu_adapters=slots, max_lora_rank=16,
-                        decode_graphs=graphs, kv_cache_bytes=int(args.kv_cache_gb * 2**30),
-                        adapters={f"a{i}": str(f) for i, f in enumerate(folders)})
+        eng = lf.Engine(
+            model=model,
+            tokenizer=numbered_tokenizer(shape.vocab_size),
+            max_batch_tokens=4096,
+            max_gpu_adapters=slots,
+            max_cpu_adapters=slots,
+            max_lora_rank=16,
+            decode_graphs=graphs,
+            kv_cache_bytes=int(args.kv_cache_gb * 2**30),
+            adapters={f"a{i}": str(f) for i, f in enumerate(folders)},
+        )
         distinct = [f"a{i}" for i in range(args.requests)]
         runs = [("base", [None] * args.requests, "siblings"), ("64 distinct r16", distinct, "siblings")]
         runs += [("64 distinct r16", distinct, k) for k in ("rows", "fused")] if graphs else []
@@ -138,7 +158,7 @@ def main():
             # timed run meets (a backend that plans per shape must not bill whichever run is first)
             try:
                 decode_steps(eng, adapters, args.prompt_len, args.steps)
-            except Exception as e:     # a kernel that fails on this GPU: recorded, the other runs go on
+            except Exception as e:  # a kernel that fails on this GPU: recorded, the other runs go on
                 rows.append({"graphs": graphs, "adapters": name, "kernel": kernel, "error": repr(e)[:500]})
                 print(rows[-1], flush=True)
                 eng.graphs.kernel = "rows"
@@ -149,18 +169,25 @@ def main():
                 continue
             s = decode_steps(eng, adapters, args.prompt_len, args.steps)
             path = None if not adapters[0] else "rows"
-            row = {"graphs": graphs, "bank_slots": slots, "adapters": name, "path": path,
-                   "kernel": kernel if path and graphs else None,
-                   "decode_step_ms": 1e3 * s, "tokens_per_s": args.requests / s}
-            if graphs:      # the captured step replayed alone (writes only freed cache blocks)
+            row = {
+                "graphs": graphs,
+                "bank_slots": slots,
+                "adapters": name,
+                "path": path,
+                "kernel": kernel if path and graphs else None,
+                "decode_step_ms": 1e3 * s,
+                "tokens_per_s": args.requests / s,
+            }
+            if graphs:  # the captured step replayed alone (writes only freed cache blocks)
                 key = (args.requests, eng.bank.layout if path else None, path, kernel if path else None)
                 graph = eng.graphs.graphs[key][0]
                 row.update(replay_times(graph))
                 to_profile.append((eng, f"## {name}, path {path}, kernel {row['kernel']}\n", graph))
             if not graphs:  # an eager step of 63 decode tokens and a new 4,000-token prompt
-                mixed_step(eng, adapters, args.prompt_len, 4000, False)                    # warm-up
+                mixed_step(eng, adapters, args.prompt_len, 4000, False)  # warm-up
                 row["mixed_step_ms"] = 1e3 * statistics.median(
-                    mixed_step(eng, adapters, args.prompt_len, 4000, False)[0] for _ in range(3))
+                    mixed_step(eng, adapters, args.prompt_len, 4000, False)[0] for _ in range(3)
+                )
                 to_profile.append((eng, f"## mixed step, {name}\n", adapters))
             rows.append(row)
             print(rows[-1], flush=True)
@@ -172,11 +199,17 @@ def main():
         profiles.append(title + table)
     for eng in engines:
         eng.registry.close()
-    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
-           "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-           "command": f"python benchmarks/scripts/engine_steps.py {args.out} --requests {args.requests} "
-                      f"--prompt-len {args.prompt_len} --steps {args.steps} --kv-cache-gb {args.kv_cache_gb:g}"
-                      + " --graphs-only" * args.graphs_only + " --profile" * args.profile, "rows": rows}
+    out = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": f"python benchmarks/scripts/engine_steps.py {args.out} --requests {args.requests} "
+        f"--prompt-len {args.prompt_len} --steps {args.steps} --kv-cache-gb {args.kv_cache_gb:g}"
+        + " --graphs-only" * args.graphs_only
+        + " --profile" * args.profile,
+        "rows": rows,
+    }
     Path(args.out).write_text(json.dumps(out, indent=1))
     if profiles:
         Path(args.out).with_suffix(".kernels.txt").write_text(out["command"] + "\n\n" + "\n\n".join(profiles))

@@ -10,7 +10,7 @@ import statistics
 import tempfile
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -32,25 +32,33 @@ def ops(tag):
     for _ in range(2000):
         torch.bmm(a[rows], x.unsqueeze(2))
     t2 = time.perf_counter()
-    print(f"{tag:>14}: linear 8x576 @ 576x1536 {(t1 - t0) / 2 * 1e3:6.1f} us, gather + bmm {(t2 - t1) / 2 * 1e3:6.1f} us",
-          flush=True)
+    print(
+        f"{tag:>14}: linear 8x576 @ 576x1536 {(t1 - t0) / 2 * 1e3:6.1f} us, gather + bmm {(t2 - t1) / 2 * 1e3:6.1f} us",
+        flush=True,
+    )
 
 
 def steps(eng, tag):
     def run(adapters, n_out=8):
-        reqs = [eng.add_request(list(range(100, 132)), SamplingParams(max_tokens=n_out, temperature=0, ignore_eos=True), a)
-                for a in adapters]
+        reqs = [
+            eng.add_request(list(range(100, 132)), SamplingParams(max_tokens=n_out, temperature=0, ignore_eos=True), a)
+            for a in adapters
+        ]
         times = []
         while not all(r.finished for r in reqs):
             t = time.perf_counter()
             eng.step()
             times.append(time.perf_counter() - t)
         return times
-    run([f"a{i}" for i in range(4)], 2)                      # bring the adapters to the bank
+
+    run([f"a{i}" for i in range(4)], 2)  # bring the adapters to the bank
     for name, ads in [("base", [None] * 8), ("adapters", [f"a{i % 4}" for i in range(8)])]:
         t = run(ads)
-        print(f"{tag:>14}: {name:8} 8 requests, prefill step {t[0]:.3f} s, decode step median "
-              f"{statistics.median(t[1:]):.3f} s", flush=True)
+        print(
+            f"{tag:>14}: {name:8} 8 requests, prefill step {t[0]:.3f} s, decode step median "
+            f"{statistics.median(t[1:]):.3f} s",
+            flush=True,
+        )
 
 
 def on_thread(fn, *args):
@@ -60,8 +68,10 @@ def on_thread(fn, *args):
 
 
 if __name__ == "__main__":
-    print(f"# {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}, {platform.processor() or 'cpu'}, "
-          f"{torch.get_num_threads()} torch threads, torch {torch.__version__}")
+    print(
+        f"# {datetime.now(UTC):%Y-%m-%d %H:%M UTC}, {platform.processor() or 'cpu'}, "
+        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    )
     print("# python benchmarks/scripts/engine_threads.py")
     eng = lf.Engine(device="cpu", max_gpu_adapters=4, max_lora_rank=16)
     for i, f in enumerate(bench.make_adapters(eng.bank.shapes(), Path(tempfile.mkdtemp()), 4, 16)):

@@ -6,7 +6,8 @@ profiler run earlier in the process, not the graphs); this separates a cost per 
 per Triton node, or a threshold in the number of nodes. Session 5 found none of these
 (up to 1,344 nodes launched in 0.04 ms); the engine's decode graphs hold about 1,300
 (base) to 1,800 (adapters) kernels, so the PyTorch-only kind now goes up to 8,192, and two
-more kinds copy one decode step's LoRA launches at Llama-2-7B's shapes (32 layers x q, k, v, o, gate, up, down; 64 slots of rank
+more kinds copy one decode step's LoRA launches at Llama-2-7B's shapes (32 layers x q, k, v, o, gate, up,
+down; 64 slots of rank
 16): "engine-banks", each layer its own bank (5.1 GB in all, as in the engine), and
 "engine-shared", one bank per shape reused by every layer (the same kernels and grids).
 
@@ -15,11 +16,11 @@ more kinds copy one decode step's LoRA launches at Llama-2-7B's shapes (32 layer
 
 import json
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import torch
+from engine_steps import replay_times  # this folder: back to back, launch call, from idle
 
-from engine_steps import replay_times          # this folder: back to back, launch call, from idle
 from loraflow.multi import triton_lora
 from loraflow.multi.triton_lora import PackedLoRA
 
@@ -38,16 +39,19 @@ def capture(fn) -> torch.cuda.CUDAGraph:
 
 def bank(d_in: int, d_out: int, n_slots: int = 64, r: int = 16) -> PackedLoRA:
     dev, dt = "cuda", torch.bfloat16
-    return PackedLoRA(a=torch.randn(n_slots * r, d_in, device=dev, dtype=dt) * 0.01,
-                      bt=torch.randn(n_slots * r, d_out, device=dev, dtype=dt) * 0.01,
-                      offsets=torch.arange(n_slots, device=dev, dtype=torch.int32) * r,
-                      ranks=torch.full((n_slots,), r, device=dev, dtype=torch.int32), r_max=r)
+    return PackedLoRA(
+        a=torch.randn(n_slots * r, d_in, device=dev, dtype=dt) * 0.01,
+        bt=torch.randn(n_slots * r, d_out, device=dev, dtype=dt) * 0.01,
+        offsets=torch.arange(n_slots, device=dev, dtype=torch.int32) * r,
+        ranks=torch.full((n_slots,), r, device=dev, dtype=torch.int32),
+        r_max=r,
+    )
 
 
 def engine_kinds(slots: torch.Tensor) -> list[dict]:
     """One decode step's 224 (shrink, expand) pairs at Llama-2-7B's shapes: separate banks
     per layer, or one bank per shape shared by all layers."""
-    shapes = [(4096, 4096)] * 4 + [(4096, 11008)] * 2 + [(11008, 4096)]       # q k v o gate up down
+    shapes = [(4096, 4096)] * 4 + [(4096, 11008)] * 2 + [(11008, 4096)]  # q k v o gate up down
     xs = {d: torch.randn(64, d, device="cuda", dtype=torch.bfloat16) for d in (4096, 11008)}
     shared = {s: bank(*s) for s in set(shapes)}
     rows = []
@@ -56,6 +60,7 @@ def engine_kinds(slots: torch.Tensor) -> list[dict]:
 
         def body():
             return [triton_lora.lora_delta(xs[d_in], slots, p, "rows") for (d_in, _), p in banks]
+
         rows.append({"kind": kind, "kernels": 2 * len(banks), **replay_times(capture(body), 30)})
         print(rows[-1], flush=True)
     return rows
@@ -68,6 +73,7 @@ def gemm_kinds(x: torch.Tensor, slots: torch.Tensor, packed: PackedLoRA) -> list
     w = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16) * 0.01
     rows = []
     for kind in ("gemm", "torch+gemm", "lora+gemm"):
+
         def body():
             y = x
             for _ in range(224):
@@ -78,8 +84,14 @@ def gemm_kinds(x: torch.Tensor, slots: torch.Tensor, packed: PackedLoRA) -> list
                 else:
                     y = triton_lora.lora_delta(y, slots, packed, "rows").addmm_(y, w.T)
             return y
-        rows.append({"kind": kind, "kernels": 224 * (1 + (kind != "gemm") + (kind == "lora+gemm")),
-                     **replay_times(capture(body), 30)})
+
+        rows.append(
+            {
+                "kind": kind,
+                "kernels": 224 * (1 + (kind != "gemm") + (kind == "lora+gemm")),
+                **replay_times(capture(body), 30),
+            }
+        )
         print(rows[-1], flush=True)
     return rows
 
@@ -92,18 +104,24 @@ def main():
     rows = gemm_kinds(x, slots, packed) + engine_kinds(slots)
     for kind in ("torch", "lora", "both"):
         for n in (112, 224, 448, 896, 1344) + ((2048, 3072, 4096, 4608, 6144, 8192) if kind == "torch" else ()):
+
             def body():
                 y = x
                 for _ in range(n // (2 if kind == "both" else 1) if kind != "lora" else 0):
-                    y = y * 1.0001                                              # one PyTorch kernel
+                    y = y * 1.0001  # one PyTorch kernel
                 for _ in range(n // 2 // (2 if kind == "both" else 1) if kind != "torch" else 0):
-                    y = triton_lora.lora_delta(x, slots, packed, "rows")        # two Triton kernels
+                    y = triton_lora.lora_delta(x, slots, packed, "rows")  # two Triton kernels
                 return y
+
             rows.append({"kind": kind, "kernels": n, **replay_times(capture(body), 30)})
             print(rows[-1], flush=True)
-    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-           "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-           "command": f"python benchmarks/scripts/graph_launch.py {sys.argv[1]}", "rows": rows}
+    out = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": f"python benchmarks/scripts/graph_launch.py {sys.argv[1]}",
+        "rows": rows,
+    }
     with open(sys.argv[1], "w") as f:
         json.dump(out, f, indent=1)
 

@@ -18,10 +18,12 @@ from pathlib import Path
 
 from loraflow.bench import report
 
-TARGET = 0.03          # GaLore's perplexity at most 3% above AdamW's
+TARGET = 0.03  # GaLore's perplexity at most 3% above AdamW's
 LABELS = {"adamw": "AdamW", "galore": "GaLore", "lowrank": "low-rank W = BA"}
-PAPER = ("GaLore paper, Table 2, LLaMA 60M on C4 after 1.1B tokens: perplexity 34.06 full-rank (AdamW), "
-         "34.88 GaLore (+2.4%), 78.18 low-rank (+130%)")
+PAPER = (
+    "GaLore paper, Table 2, LLaMA 60M on C4 after 1.1B tokens: perplexity 34.06 full-rank (AdamW), "
+    "34.88 GaLore (+2.4%), 78.18 low-rank (+130%)"
+)
 
 
 def read_log(path: Path) -> list[dict]:
@@ -59,11 +61,21 @@ def summarize(logs: dict[str, list[dict]], steps: int | None) -> tuple[int, list
     for name, records in logs.items():
         seconds, tokens_per_s = speed(records)
         loss = evals[name][at]["eval_loss"]
-        rows.append({"run": name, "label": LABELS.get(name, name), "step": at, "tokens": evals[name][at]["tokens"],
-                     "eval_loss": loss, "eval_ppl": math.exp(loss),
-                     "ppl_vs_adamw": math.exp(loss - base) - 1 if base is not None else None,
-                     "last_step": records[-1]["step"], "complete": steps is not None and records[-1]["step"] >= steps,
-                     "train_seconds": seconds, "tokens_per_s": tokens_per_s})
+        rows.append(
+            {
+                "run": name,
+                "label": LABELS.get(name, name),
+                "step": at,
+                "tokens": evals[name][at]["tokens"],
+                "eval_loss": loss,
+                "eval_ppl": math.exp(loss),
+                "ppl_vs_adamw": math.exp(loss - base) - 1 if base is not None else None,
+                "last_step": records[-1]["step"],
+                "complete": steps is not None and records[-1]["step"] >= steps,
+                "train_seconds": seconds,
+                "tokens_per_s": tokens_per_s,
+            }
+        )
     return at, rows
 
 
@@ -71,39 +83,70 @@ def targets(rows: list[dict]) -> list[dict]:
     galore = next((r for r in rows if r["run"] == "galore" and r["ppl_vs_adamw"] is not None), None)
     if galore is None:
         return []
-    return [{"target": f"GaLore's held-out perplexity within {100 * TARGET:.0f}% of AdamW's",
-             "measured": f"{100 * galore['ppl_vs_adamw']:+.2f}% at {galore['tokens']:,} tokens",
-             "met": galore["ppl_vs_adamw"] <= TARGET}]
+    return [
+        {
+            "target": f"GaLore's held-out perplexity within {100 * TARGET:.0f}% of AdamW's",
+            "measured": f"{100 * galore['ppl_vs_adamw']:+.2f}% at {galore['tokens']:,} tokens",
+            "met": galore["ppl_vs_adamw"] <= TARGET,
+        }
+    ]
 
 
 def markdown(env: dict, at: int, rows: list[dict]) -> str:
     corpus = env.get("corpus") or {}
-    view = [dict(r, tokens_m=r["tokens"] / 1e6, vs=f"{100 * r['ppl_vs_adamw']:+.2f}%" if r["ppl_vs_adamw"] is not None
-                 else "", done=f"{r['last_step']}/{env.get('steps', '?')}") for r in rows]
+    view = [
+        dict(
+            r,
+            tokens_m=r["tokens"] / 1e6,
+            vs=f"{100 * r['ppl_vs_adamw']:+.2f}%" if r["ppl_vs_adamw"] is not None else "",
+            done=f"{r['last_step']}/{env.get('steps', '?')}",
+        )
+        for r in rows
+    ]
     lines = [
-        f"# GaLore quality: LLaMA {env.get('config', '60m')} from scratch, AdamW vs GaLore vs low-rank", "",
+        f"# GaLore quality: LLaMA {env.get('config', '60m')} from scratch, AdamW vs GaLore vs low-rank",
+        "",
         f"- device: {env.get('device', '?')}; torch {env.get('torch', '?')}; date: {env.get('date', '?')}",
         f"- command: `{env.get('command', '?')}`; status: {env.get('status', '?')}",
         *[f"- {n}: `{c}`" for n, c in env.get("run_commands", {}).items()],
-        (f"- corpus: {corpus['files']} distinct Python files, {corpus['mb']:.0f} MB, of the machine's site-packages "
-         "(identical files once; file order by content hash, the last 5% held out)" if corpus else
-         "- corpus: a folder given by hand (DATA), the last 5% of its files held out") +
-        f"; byte-level BPE of {env.get('vocab_size', '?')} tokens; {env.get('train_tokens', 0) / 1e6:.1f}M training "
+        (
+            f"- corpus: {corpus['files']} distinct Python files, {corpus['mb']:.0f} MB, of the machine's site-packages "
+            "(identical files once; file order by content hash, the last 5% held out)"
+            if corpus
+            else "- corpus: a folder given by hand (DATA), the last 5% of its files held out"
+        )
+        + f"; byte-level BPE of {env.get('vocab_size', '?')} tokens; {env.get('train_tokens', 0) / 1e6:.1f}M training "
         f"tokens ({env.get('epochs', 0):.2f} epochs of them per run), {env.get('eval_tokens', 0) / 1e6:.2f}M held-out",
         f"- {env.get('batch', '?')} sequences of {env.get('seq', '?')} tokens per step, {env.get('steps', '?')} steps, "
         f"warmup {env.get('warmup', '?')} then cosine to 10%; bf16 autocast, float32 weights and optimizer states; "
         f"held-out loss on {env.get('eval_seqs', '?')} sequences spread over the held-out files",
         "- the runs trained at the same time, sharing GPUs, so tokens/s is each run's share (evaluation "
         "excluded); calls: " + "; ".join(f"{c['wall_s']} s, {c['status']}" for c in env.get("calls", [])),
-        f"- compared at step {at}, the last evaluation every run reached", "",
-        "## Target", "", report.table(targets(rows), [("target", "target", ""), ("measured", "measured", ""),
-                                                      ("met", "met", "")]), "",
-        "## Runs", "", report.table(view, [
-            ("label", "run", ""), ("tokens_m", "tokens (M)", ".3f"), ("eval_loss", "held-out loss", ".4f"),
-            ("eval_ppl", "perplexity", ".2f"), ("vs", "vs AdamW", ""), ("tokens_per_s", "tokens/s", ".0f"),
-            ("done", "steps done", "")]), "",
+        f"- compared at step {at}, the last evaluation every run reached",
+        "",
+        "## Target",
+        "",
+        report.table(targets(rows), [("target", "target", ""), ("measured", "measured", ""), ("met", "met", "")]),
+        "",
+        "## Runs",
+        "",
+        report.table(
+            view,
+            [
+                ("label", "run", ""),
+                ("tokens_m", "tokens (M)", ".3f"),
+                ("eval_loss", "held-out loss", ".4f"),
+                ("eval_ppl", "perplexity", ".2f"),
+                ("vs", "vs AdamW", ""),
+                ("tokens_per_s", "tokens/s", ".0f"),
+                ("done", "steps done", ""),
+            ],
+        ),
+        "",
         f"For scale: {PAPER}. Different data (Python sources here, C4 there) and "
-        f"{1.1e9 / max(r['tokens'] for r in rows):.0f}x fewer tokens here: only the ratios compare.", ""]
+        f"{1.1e9 / max(r['tokens'] for r in rows):.0f}x fewer tokens here: only the ratios compare.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -120,9 +163,17 @@ def figure(logs: dict[str, list[dict]]):
     fig, (ev, tr) = plt.subplots(1, 2, figsize=(12, 4))
     for name, records in logs.items():
         evals = [r for r in records if "eval_loss" in r]
-        ev.plot([r["tokens"] / 1e6 for r in evals], [r["eval_loss"] for r in evals], marker=".", label=LABELS.get(name, name))
-        tr.plot([r["tokens"] / 1e6 for r in records], moving_average([r["loss"] for r in records], 25),
-                label=LABELS.get(name, name))
+        ev.plot(
+            [r["tokens"] / 1e6 for r in evals],
+            [r["eval_loss"] for r in evals],
+            marker=".",
+            label=LABELS.get(name, name),
+        )
+        tr.plot(
+            [r["tokens"] / 1e6 for r in records],
+            moving_average([r["loss"] for r in records], 25),
+            label=LABELS.get(name, name),
+        )
     ev.set(xlabel="training tokens (M)", ylabel="held-out loss", title="held-out loss")
     tr.set(xlabel="training tokens (M)", ylabel="training loss (mean of 25 steps)", title="training loss")
     for ax in (ev, tr):
@@ -144,8 +195,17 @@ def main(argv: list[str]) -> list[Path]:
     order = list(LABELS) + sorted(p.stem for p in paths if p.stem not in LABELS)
     logs = {n: read_log(folder / f"{n}.jsonl") for n in order if (folder / f"{n}.jsonl").is_file()}
     at, rows = summarize(logs, env.get("steps"))
-    curves = {n: [{k: r[k] for k in ("step", "tokens", "eval_loss")} for r in rs if "eval_loss" in r] for n, rs in logs.items()}
-    payload = {"environment": env, "compared_at_step": at, "targets": targets(rows), "runs": rows, "eval_curves": curves}
+    curves = {
+        n: [{k: r[k] for k in ("step", "tokens", "eval_loss")} for r in rs if "eval_loss" in r]
+        for n, rs in logs.items()
+    }
+    payload = {
+        "environment": env,
+        "compared_at_step": at,
+        "targets": targets(rows),
+        "runs": rows,
+        "eval_curves": curves,
+    }
     text = markdown(env, at, rows)
     written = report.write(prefix.parent, prefix.name, payload, text, figure(logs))
     print(text)

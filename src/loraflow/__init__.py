@@ -1,17 +1,37 @@
 """loraflow: low-rank adaptation of foundation models.
 
-    import loraflow as lf
-    model, tok = lf.load_model()
-    lf.add_adapter(model, lf.LoRAConfig(r=8, alpha=16, target_modules=["q_proj", "v_proj"]), name="a")
+import loraflow as lf
+model, tok = lf.load_model()
+lf.add_adapter(model, lf.LoRAConfig(r=8, alpha=16, target_modules=["q_proj", "v_proj"]), name="a")
 """
 
 from loraflow.adapters import *  # noqa: F401,F403
 from loraflow.adapters import __all__ as _adapters_all
 from loraflow.models import cache_dir, llama_config, load_model
 from loraflow.multi.rows import use_adapters
-from loraflow.optim import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, GaLoreSGD, PerLayerUpdates, galore_param_groups
+from loraflow.optim import (
+    GaLoreAdafactor,
+    GaLoreAdamW,
+    GaLoreAdamW8bit,
+    GaLoreSGD,
+    PerLayerUpdates,
+    galore_param_groups,
+)
 from loraflow.serve.engine import Engine
 
 __version__ = "0.1.0"
-__all__ = [*_adapters_all, "cache_dir", "llama_config", "load_model", "use_adapters", "Engine", "GaLoreAdafactor", "GaLoreAdamW",
-           "GaLoreAdamW8bit", "GaLoreSGD", "PerLayerUpdates", "galore_param_groups", "__version__"]
+__all__ = [
+    *_adapters_all,
+    "cache_dir",
+    "llama_config",
+    "load_model",
+    "use_adapters",
+    "Engine",
+    "GaLoreAdafactor",
+    "GaLoreAdamW",
+    "GaLoreAdamW8bit",
+    "GaLoreSGD",
+    "PerLayerUpdates",
+    "galore_param_groups",
+    "__version__",
+]

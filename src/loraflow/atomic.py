@@ -38,7 +38,7 @@ def atomic_write(target: str | os.PathLike, write: Callable[[str], object]) -> N
 # beside it, ``.NAME.tmp-XXXX``, then swapped in. Every rename goes through ``os.replace`` and
 # the Linux exchange through ``exchange``, so that tests can inject failures at each one.
 
-_RENAME_EXCHANGE = 2          # linux/fs.h
+_RENAME_EXCHANGE = 2  # linux/fs.h
 _AT_FDCWD = -100
 # what renameat2 answers where the kernel, the C library or the file system lacks the exchange
 _NO_EXCHANGE = {errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP}
@@ -62,7 +62,7 @@ def _renameat2():
     if not sys.platform.startswith("linux"):
         return None
     try:
-        fn = ctypes.CDLL(None, use_errno=True).renameat2     # glibc >= 2.28, musl >= 1.2.4
+        fn = ctypes.CDLL(None, use_errno=True).renameat2  # glibc >= 2.28, musl >= 1.2.4
     except (OSError, AttributeError):
         return None
     fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
@@ -91,7 +91,7 @@ def fsync_dir(path: str | os.PathLike) -> None:
         return
     try:
         os.fsync(fd)
-    except OSError:   # some file systems refuse fsync on a folder; the rename is done anyway
+    except OSError:  # some file systems refuse fsync on a folder; the rename is done anyway
         pass
     finally:
         os.close(fd)
@@ -163,9 +163,9 @@ def _swap_in(tmp: Path, target: Path) -> None:
         if e.errno not in _NO_EXCHANGE:
             raise
     else:
-        return                                  # the old contents are under tmp's name now
+        return  # the old contents are under tmp's name now
     old = old_path(target)
-    if old.exists():                            # from a swap that was killed: target is whole
+    if old.exists():  # from a swap that was killed: target is whole
         shutil.rmtree(old)
     os.replace(target, old)
     try:
@@ -173,7 +173,7 @@ def _swap_in(tmp: Path, target: Path) -> None:
     except BaseException:
         if not target.exists():
             with contextlib.suppress(OSError):
-                os.replace(old, target)         # put the previous folder back
+                os.replace(old, target)  # put the previous folder back
         raise
 
 

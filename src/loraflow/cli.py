@@ -18,7 +18,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """``--help`` shows each option's default, except for flags and options without one."""
 
     def _get_help_string(self, action):
-        if action.default is None or isinstance(action.default, bool):    # flags: their name says it
+        if action.default is None or isinstance(action.default, bool):  # flags: their name says it
             return action.help
         return super()._get_help_string(action)
 
@@ -46,7 +46,7 @@ def cmd_inspect(args) -> None:
     from loraflow.adapters.files import WEIGHTS_NAME, read_adapter
 
     folder = Path(args.path)
-    try:       # checks it all: the folder, the config's JSON and fields, the weights file and tensors
+    try:  # checks it all: the folder, the config's JSON and fields, the weights file and tensors
         config, _ = read_adapter(folder)
     except (OSError, ValueError) as e:
         sys.exit(f"loraflow inspect: {e}")
@@ -65,18 +65,20 @@ def resolve_api_key(args, environ=os.environ) -> str | None:
         try:
             lines = Path(args.api_key_file).read_text().splitlines()
         except (OSError, UnicodeDecodeError) as e:
-            sys.exit(f"loraflow serve: cannot read --api-key-file {args.api_key_file} "
-                     f"({getattr(e, 'strerror', None) or e}); pass a readable file with the key on its first line")
+            sys.exit(
+                f"loraflow serve: cannot read --api-key-file {args.api_key_file} "
+                f"({getattr(e, 'strerror', None) or e}); pass a readable file with the key on its first line"
+            )
         key = lines[0].strip() if lines else ""
         if not key:
-            sys.exit(f"loraflow serve: --api-key-file {args.api_key_file} has an empty first line; "
-                     "write the key there")
+            sys.exit(f"loraflow serve: --api-key-file {args.api_key_file} has an empty first line; write the key there")
         return key
     if API_KEY_ENV in environ:
         key = environ[API_KEY_ENV].strip()
         if not key:
-            sys.exit(f"loraflow serve: ${API_KEY_ENV} is set but empty; set it to the key, or unset it "
-                     "to serve without one")
+            sys.exit(
+                f"loraflow serve: ${API_KEY_ENV} is set but empty; set it to the key, or unset it to serve without one"
+            )
         return key
     return None
 
@@ -86,19 +88,25 @@ def bind_socket(host: str, port: int) -> socket.socket:
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except socket.gaierror as e:
-        sys.exit(f"loraflow serve: cannot listen on {host}:{port}: unknown host ({e.strerror}); "
-                 "pass an address of this machine with --host, e.g. 127.0.0.1 or 0.0.0.0")
+        sys.exit(
+            f"loraflow serve: cannot listen on {host}:{port}: unknown host ({e.strerror}); "
+            "pass an address of this machine with --host, e.g. 127.0.0.1 or 0.0.0.0"
+        )
     sock = socket.socket(family, kind, proto)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as uvicorn does: restart at once
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restart at once
         sock.bind(address)
     except OSError as e:
         sock.close()
-        fix = {errno.EADDRINUSE: "another process listens there: stop it or choose a free port with --port",
-               errno.EACCES: "ports below 1024 need privileges: choose another with --port",
-               errno.EADDRNOTAVAIL: "the host is not an address of this machine: fix --host"}
-        sys.exit(f"loraflow serve: cannot listen on {host}:{port} ({e.strerror}); "
-                 f"{fix.get(e.errno, 'choose another --port or --host')}")
+        fix = {
+            errno.EADDRINUSE: "another process listens there: stop it or choose a free port with --port",
+            errno.EACCES: "ports below 1024 need privileges: choose another with --port",
+            errno.EADDRNOTAVAIL: "the host is not an address of this machine: fix --host",
+        }
+        sys.exit(
+            f"loraflow serve: cannot listen on {host}:{port} ({e.strerror}); "
+            f"{fix.get(e.errno, 'choose another --port or --host')}"
+        )
     return sock
 
 
@@ -169,13 +177,13 @@ def serve_until_stopped(loop, server, sock: socket.socket) -> None:
         try:
             server.run(sockets=[sock])
             failure.append("it returned")
-        except SystemExit as e:              # uvicorn's start-up failures (logged by uvicorn)
+        except SystemExit as e:  # uvicorn's start-up failures (logged by uvicorn)
             failure.append(f"exit status {e.code}")
         except BaseException as e:
             traceback.print_exc()
             failure.append(f"{type(e).__name__}: {e}")
         finally:
-            loop.stop()                      # the HTTP server ended: stop the engine
+            loop.stop()  # the HTTP server ended: stop the engine
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     http = threading.Thread(target=run_http, name="http", daemon=True)
@@ -184,7 +192,7 @@ def serve_until_stopped(loop, server, sock: socket.socket) -> None:
 
     try:
         loop.run_forever()
-    except EngineDown as e:              # logged with each failure's traceback above
+    except EngineDown as e:  # logged with each failure's traceback above
         sys.exit(f"loraflow serve: {e}; exiting non-zero for a supervisor to restart the server")
     finally:
         server.should_exit = True
@@ -193,8 +201,10 @@ def serve_until_stopped(loop, server, sock: socket.socket) -> None:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if not stopping.is_set():
-        sys.exit(f"loraflow serve: the HTTP server stopped ({failure[0] if failure else 'for an unknown reason'}); "
-                 "the engine stopped too. See the messages above")
+        sys.exit(
+            f"loraflow serve: the HTTP server stopped ({failure[0] if failure else 'for an unknown reason'}); "
+            "the engine stopped too. See the messages above"
+        )
 
 
 def cmd_serve(args) -> None:
@@ -208,7 +218,7 @@ def cmd_serve(args) -> None:
     if args.allow_runtime_lora and not args.adapter_dir:
         sys.exit("loraflow serve: --allow-runtime-lora needs --adapter-dir (adapters load only from under it)")
     api_key = resolve_api_key(args)
-    sock = bind_socket(args.host, args.port)          # before the model loads: a taken port fails at once
+    sock = bind_socket(args.host, args.port)  # before the model loads: a taken port fails at once
     import torch
     import uvicorn
 
@@ -219,16 +229,24 @@ def cmd_serve(args) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     threads = configure_threads(args.threads, device)
     model, extra = args.model, {}
-    if args.random_weights:                  # benchmarks: a model shape with random weights
+    if args.random_weights:  # benchmarks: a model shape with random weights
         from loraflow.serve.llama import SHAPES, LlamaArgs, numbered_tokenizer, random_llama
 
         shape = LlamaArgs(**SHAPES[args.random_weights])
         model = random_llama(shape, torch.bfloat16 if device == "cuda" else torch.float32, device)
         extra = dict(tokenizer=numbered_tokenizer(shape.vocab_size), model_name=args.random_weights, device=device)
-    engine = Engine(model=model, adapters=adapters, adapter_dir=args.adapter_dir,
-                    max_batch_tokens=args.max_batch_tokens, max_gpu_adapters=args.max_gpu_adapters,
-                    max_cpu_adapters=args.max_cpu_adapters, max_lora_rank=args.max_lora_rank,
-                    max_waiting=args.max_waiting, request_timeout=args.request_timeout or None, **extra)
+    engine = Engine(
+        model=model,
+        adapters=adapters,
+        adapter_dir=args.adapter_dir,
+        max_batch_tokens=args.max_batch_tokens,
+        max_gpu_adapters=args.max_gpu_adapters,
+        max_cpu_adapters=args.max_cpu_adapters,
+        max_lora_rank=args.max_lora_rank,
+        max_waiting=args.max_waiting,
+        request_timeout=args.request_timeout or None,
+        **extra,
+    )
 
     # The engine thread lets go of the GIL while the GPU runs a step; when the step ends it
     # must get it back from the HTTP thread, which keeps it for up to the switch interval
@@ -236,36 +254,48 @@ def cmd_serve(args) -> None:
     # H200 only: benchmarks/NOTES-serve.md).
     if engine.device.type == "cuda":
         sys.setswitchinterval(0.0005)
-    loop = EngineLoop(engine, background=False)      # the engine stays on this (main) thread
-    app = create_app(loop, api_key=api_key, adapter_dir=args.adapter_dir,
-                     allow_runtime_lora=args.allow_runtime_lora, max_body_bytes=int(args.max_body_mb * 2**20),
-                     body_timeout=args.body_timeout, max_prompt_tokens=args.max_prompt_tokens)
-    import logging                                    # one line per request: id, adapter, tokens, times, status
+    loop = EngineLoop(engine, background=False)  # the engine stays on this (main) thread
+    app = create_app(
+        loop,
+        api_key=api_key,
+        adapter_dir=args.adapter_dir,
+        allow_runtime_lora=args.allow_runtime_lora,
+        max_body_bytes=int(args.max_body_mb * 2**20),
+        body_timeout=args.body_timeout,
+        max_prompt_tokens=args.max_prompt_tokens,
+    )
+    import logging  # one line per request: id, adapter, tokens, times, status
 
-    logging.basicConfig(level=logging.INFO if args.log_requests else logging.WARNING, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.log_requests else logging.WARNING,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
-    sock.listen(2048)                                 # connections queue from here on
+    sock.listen(2048)  # connections queue from here on
     on = engine.device.type + (f", {threads} thread{'s' * (threads > 1)}" if engine.device.type == "cpu" else "")
-    print(f"serving {engine.model_name} with {len(engine.registry.paths)} adapters on "
-          f"http://{args.host}:{args.port}/v1 ({on})", flush=True)
+    print(
+        f"serving {engine.model_name} with {len(engine.registry.paths)} adapters on "
+        f"http://{args.host}:{args.port}/v1 ({on})",
+        flush=True,
+    )
     serve_until_stopped(loop, server, sock)
 
 
 def main(argv: list[str] | None = None) -> None:
     try:
         _main(argv)
-        sys.stdout.flush()         # a closed pipe shows here, not at exit as an ignored exception
-    except BrokenPipeError:        # `loraflow inspect ... | head`: the reader left; stop quietly
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no error at exit's flush
-        sys.exit(141)              # what a shell reports for a process ended by SIGPIPE (128 + 13)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit as an ignored exception
+    except BrokenPipeError:  # `loraflow inspect ... | head`: the reader left; stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit's flush
+        sys.exit(141)  # what a shell reports for a process ended by SIGPIPE (128 + 13)
 
 
 def _main(argv: list[str] | None) -> None:
     from loraflow.bench.commands import cmd_bench_kernels, cmd_bench_serve, cmd_bench_train
 
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["pretrain"]:                      # a recipe with its own arguments
+    if argv[:1] == ["pretrain"]:  # a recipe with its own arguments
         from loraflow.train.pretrain import main as pretrain
 
         print(json.dumps(pretrain(argv[1:])))
@@ -290,43 +320,81 @@ def _main(argv: list[str] | None) -> None:
     p.add_argument("--max-batch-tokens", type=int, default=512, help="tokens per engine step")
     p.add_argument("--max-waiting", type=int, default=1024, help="queued requests before 503")
     p.add_argument("--max-body-mb", type=positive_float, default=4.0, help="request bodies above this answer 413")
-    p.add_argument("--body-timeout", type=positive_float, default=30.0,
-                   help="seconds a request body may stall before 408")
-    p.add_argument("--max-prompt-tokens", type=int,
-                   help="prompts above this many tokens answer 400 (default: the context)")
-    p.add_argument("--request-timeout", type=float, default=600.0,
-                   help="seconds a request may take from arrival before it fails with 504 (0: no limit)")
-    p.add_argument("--no-log-requests", dest="log_requests", action="store_false",
-                   help="do not log a line per request (id, model, tokens, time to first token, total, status)")
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health; "
-                   f"other users can read it with ps: prefer ${API_KEY_ENV} or --api-key-file")
-    p.add_argument("--api-key-file", metavar="PATH",
-                   help=f"read the key from this file's first line (after --api-key, before ${API_KEY_ENV})")
-    p.add_argument("--random-weights", choices=["llama2-7b"],
-                   help="serve a model of this shape with random weights (for benchmarks)")
-    p.add_argument("--allow-runtime-lora", action="store_true",
-                   help="allow POST /v1/load_lora_adapter (paths under --adapter-dir only)")
-    p.add_argument("--threads", type=int, metavar="N",
-                   help="PyTorch's CPU threads (default: on the CPU one fewer than the cores, at least 1, "
-                        "or $OMP_NUM_THREADS; on CUDA PyTorch's own)")
+    p.add_argument(
+        "--body-timeout", type=positive_float, default=30.0, help="seconds a request body may stall before 408"
+    )
+    p.add_argument(
+        "--max-prompt-tokens", type=int, help="prompts above this many tokens answer 400 (default: the context)"
+    )
+    p.add_argument(
+        "--request-timeout",
+        type=float,
+        default=600.0,
+        help="seconds a request may take from arrival before it fails with 504 (0: no limit)",
+    )
+    p.add_argument(
+        "--no-log-requests",
+        dest="log_requests",
+        action="store_false",
+        help="do not log a line per request (id, model, tokens, time to first token, total, status)",
+    )
+    p.add_argument(
+        "--api-key",
+        help="require 'Authorization: Bearer KEY' on every route but /health; "
+        f"other users can read it with ps: prefer ${API_KEY_ENV} or --api-key-file",
+    )
+    p.add_argument(
+        "--api-key-file",
+        metavar="PATH",
+        help=f"read the key from this file's first line (after --api-key, before ${API_KEY_ENV})",
+    )
+    p.add_argument(
+        "--random-weights",
+        choices=["llama2-7b"],
+        help="serve a model of this shape with random weights (for benchmarks)",
+    )
+    p.add_argument(
+        "--allow-runtime-lora",
+        action="store_true",
+        help="allow POST /v1/load_lora_adapter (paths under --adapter-dir only)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="PyTorch's CPU threads (default: on the CPU one fewer than the cores, at least 1, "
+        "or $OMP_NUM_THREADS; on CUDA PyTorch's own)",
+    )
     p.set_defaults(func=cmd_serve)
     bench = sub.add_parser("bench", help="benchmarks (GPU)").add_subparsers(dest="bench", required=True)
     p = bench.add_parser("serve", help=cmd_bench_serve.__doc__)
-    p.add_argument("--shape", default="default", choices=["default", "llama2-7b"],
-                   help="the embedded SmolLM2, or a Llama-2-7B-shaped model with random weights")
+    p.add_argument(
+        "--shape",
+        default="default",
+        choices=["default", "llama2-7b"],
+        help="the embedded SmolLM2, or a Llama-2-7B-shaped model with random weights",
+    )
     p.add_argument("--requests", type=int, default=64, help="requests per timed run")
     p.add_argument("--rate", type=float, default=0.0, help="Poisson arrivals per second; 0: all at once")
     p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per request")
     p.add_argument("--output-len", type=int, default=128, help="generated tokens per request")
-    p.add_argument("--mix", default="distinct", choices=["identical", "uniform", "skewed", "distinct"],
-                   help="how requests pick their adapters")
+    p.add_argument(
+        "--mix",
+        default="distinct",
+        choices=["identical", "uniform", "skewed", "distinct"],
+        help="how requests pick their adapters",
+    )
     p.add_argument("--adapters", type=int, default=64, help="distinct adapters the requests use")
     p.add_argument("--registered", type=int, default=1000, help="adapter names registered on the server")
     p.add_argument("--rank", type=int, default=16, help="the adapters' rank")
     p.add_argument("--max-gpu-adapters", type=int, help="device slots (default: --adapters)")
     p.add_argument("--max-batch-tokens", type=int, default=2048, help="the server's tokens per engine step")
-    p.add_argument("--repeats", type=int, default=3,
-                   help="timed runs of each kind, in turn; the report takes each kind's median run")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="timed runs of each kind, in turn; the report takes each kind's median run",
+    )
     p.add_argument("--no-peft", action="store_true", help="skip the transformers + PEFT baseline")
     p.add_argument("--peft-batch", type=int, default=64, help="rows per PEFT generate call")
     p.add_argument("--peft-requests", type=int, help="requests for the PEFT baseline (default: --requests)")
@@ -335,19 +403,35 @@ def _main(argv: list[str] | None) -> None:
     p.set_defaults(func=cmd_bench_serve)
     p = bench.add_parser("train", help=cmd_bench_train.__doc__)
     p.add_argument("--configs", default="60m,130m,350m,1b,7b", help="model sizes, comma-separated")
-    p.add_argument("--variants", default="adamw,adamw8bit,galore,galore8bit,galore-torch,galore-torch8bit",
-                   help="optimizers, comma-separated")
+    p.add_argument(
+        "--variants",
+        default="adamw,adamw8bit,galore,galore8bit,galore-torch,galore-torch8bit",
+        help="optimizers, comma-separated",
+    )
     p.add_argument("--batch", type=int, default=1, help="sequences of 256 tokens per step")
     p.add_argument("--steps", type=int, default=6, help="optimizer steps per run")
-    p.add_argument("--accumulation", type=int, default=1,
-                   help="micro-batches per optimizer step (the paper's 1B runs: 512 x 256 tokens a step)")
-    p.add_argument("--state-dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="Adam moments of our 32-bit variants (galore-torch keeps them in the weights' bf16)")
-    p.add_argument("--svd", default="gram", choices=["full", "gram", "randomized"],
-                   help="how our GaLore finds its bases (galore-torch always runs a full SVD): gram, "
-                        "the smaller Gram matrix's eigenvectors, the SVD's subspace; full SVD; randomized, torch.svd_lowrank")
-    p.add_argument("--randomized-svd", dest="svd", action="store_const", const="randomized",
-                   help="the same as --svd randomized")
+    p.add_argument(
+        "--accumulation",
+        type=int,
+        default=1,
+        help="micro-batches per optimizer step (the paper's 1B runs: 512 x 256 tokens a step)",
+    )
+    p.add_argument(
+        "--state-dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="Adam moments of our 32-bit variants (galore-torch keeps them in the weights' bf16)",
+    )
+    p.add_argument(
+        "--svd",
+        default="gram",
+        choices=["full", "gram", "randomized"],
+        help="how our GaLore finds its bases (galore-torch always runs a full SVD): gram, "
+        "the smaller Gram matrix's eigenvectors, the SVD's subspace; full SVD; randomized, torch.svd_lowrank",
+    )
+    p.add_argument(
+        "--randomized-svd", dest="svd", action="store_const", const="randomized", help="the same as --svd randomized"
+    )
     p.add_argument("--cpu", action="store_true", help="allow a smoke run without a GPU")
     p.add_argument("--out", default="benchmarks/results", help="folder for the reports")
     p.add_argument("--merge", nargs="+", metavar="JSON", help="one report (train-NAME.*) from these runs' JSON files")
@@ -365,6 +449,7 @@ def _main(argv: list[str] | None) -> None:
     args = parser.parse_args(argv)
     if args.version:
         from loraflow import __version__
+
         print(__version__)
         return
     if not getattr(args, "func", None):

@@ -1,8 +1,8 @@
 import pytest
 import torch
+from conftest import ids, make, outputs, randomize, rel_err, targets
 
 import loraflow as lf
-from conftest import ids, make, outputs, randomize, rel_err, targets
 
 
 def lm_batch(seed=1):
@@ -70,7 +70,7 @@ def test_compress_keeps_the_map_and_spans_the_gradient_subspace():
         assert all(w.requires_grad for w in a.factors)
         u, s, vh = torch.linalg.svd(expected[n])
         torch.testing.assert_close(singular[n], s[:3], rtol=1e-4, atol=1e-7)
-        delta = a.delta_weight() / 1e-9                       # eps^3 · U_r V_rᵀ
+        delta = a.delta_weight() / 1e-9  # eps^3 · U_r V_rᵀ
         torch.testing.assert_close(delta, (u[:, :3] @ vh[:3]), rtol=1e-3, atol=1e-4)
     with pytest.raises(ValueError, match="compressed already"):
         lf.compress(model, batch, name="d")
@@ -98,9 +98,15 @@ def test_compressed_adapter_trains_with_discrepant_learning_rates():
     assert all(p.grad is None for n, p in model.named_parameters() if ".adapters." not in n)
 
 
-@pytest.mark.parametrize("field, kwargs", [
-    ("depth", {"depth": 1}), ("r", {"r": 0}), ("epsilon", {"epsilon": 0}), ("gamma", {"gamma": -1}),
-])
+@pytest.mark.parametrize(
+    "field, kwargs",
+    [
+        ("depth", {"depth": 1}),
+        ("r", {"r": 0}),
+        ("epsilon", {"epsilon": 0}),
+        ("gamma", {"gamma": -1}),
+    ],
+)
 def test_bad_config_names_the_field(field, kwargs):
     with pytest.raises(ValueError, match=field):
         lf.DeepLoRAConfig(**kwargs)

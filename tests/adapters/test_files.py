@@ -2,12 +2,12 @@ import json
 
 import pytest
 import torch
+from conftest import ids, make, outputs, randomize, rel_err, targets, tiny_llama
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
 import loraflow as lf
 from loraflow.adapters.files import read_adapter
-from conftest import ids, make, outputs, randomize, rel_err, targets, tiny_llama
 
 
 def peft_outputs(peft_model, x):
@@ -20,8 +20,7 @@ def test_saved_files_use_the_peft_layout(tmp_path):
     model = make("llama")
     lf.add_adapter(model, lf.LoRAConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]), name="a")
     lf.save_adapter(model, tmp_path / "a", name="a")
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["adapter_config.json",
-                                                                 "adapter_model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     keys = load_file(tmp_path / "a" / "adapter_model.safetensors")
     assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
     assert keys["base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"].shape == (16, 4)
@@ -32,9 +31,11 @@ def test_saved_files_use_the_peft_layout(tmp_path):
 
 @pytest.mark.parametrize("kind", ["lora", "flora", "deep"])
 def test_round_trip_each_kind(arch, kind, tmp_path):
-    cfg = {"lora": lf.LoRAConfig(r=3, alpha=6, target_modules=targets(arch)),
-           "flora": lf.FLoRAConfig(r=2, target_modules="all-linear"),
-           "deep": lf.DeepLoRAConfig(r=2, depth=3, target_modules=targets(arch))}[kind]
+    cfg = {
+        "lora": lf.LoRAConfig(r=3, alpha=6, target_modules=targets(arch)),
+        "flora": lf.FLoRAConfig(r=2, target_modules="all-linear"),
+        "deep": lf.DeepLoRAConfig(r=2, depth=3, target_modules=targets(arch)),
+    }[kind]
     model = make(arch)
     lf.add_adapter(model, cfg, name="x")
     randomize(model, "x")
@@ -63,8 +64,14 @@ def test_compressed_deep_lora_round_trip(tmp_path):
 @pytest.mark.parametrize("arch_name", ["llama", "gpt2", "bert"])
 def test_loraflow_adapter_loads_in_peft_with_equal_outputs(arch_name, tmp_path):
     model = make(arch_name)
-    cfg = lf.LoRAConfig(r=4, alpha=16, target_modules=targets(arch_name), use_rslora=True,
-                        rank_pattern={targets(arch_name)[0]: 2}, alpha_pattern={targets(arch_name)[1]: 5})
+    cfg = lf.LoRAConfig(
+        r=4,
+        alpha=16,
+        target_modules=targets(arch_name),
+        use_rslora=True,
+        rank_pattern={targets(arch_name)[0]: 2},
+        alpha_pattern={targets(arch_name)[1]: 5},
+    )
     lf.add_adapter(model, cfg, name="a")
     randomize(model, "a")
     x = ids()
@@ -72,20 +79,30 @@ def test_loraflow_adapter_loads_in_peft_with_equal_outputs(arch_name, tmp_path):
     lf.save_adapter(model, tmp_path / "a")
     peft_model = PeftModel.from_pretrained(make(arch_name), tmp_path / "a").eval()
     assert rel_err(peft_outputs(peft_model, x), ours) < 1e-5
-    assert rel_err(ours, outputs(make(arch_name), x)) > 1e-3   # the adapter does something
+    assert rel_err(ours, outputs(make(arch_name), x)) > 1e-3  # the adapter does something
 
 
-@pytest.mark.parametrize("arch_name, peft_targets", [
-    ("llama", ["q_proj", "k_proj", "v_proj", "o_proj"]),
-    ("llama", r".*\.layers\.1\..*_proj"),
-    ("gpt2", ["c_attn", "c_proj"]),
-    ("bert", ["query", "key", "value", "dense"]),
-])
+@pytest.mark.parametrize(
+    "arch_name, peft_targets",
+    [
+        ("llama", ["q_proj", "k_proj", "v_proj", "o_proj"]),
+        ("llama", r".*\.layers\.1\..*_proj"),
+        ("gpt2", ["c_attn", "c_proj"]),
+        ("bert", ["query", "key", "value", "dense"]),
+    ],
+)
 def test_peft_adapter_loads_in_loraflow_with_equal_outputs(arch_name, peft_targets, tmp_path):
     first = peft_targets[0] if isinstance(peft_targets, list) else "q_proj"
-    config = LoraConfig(r=8, lora_alpha=16, target_modules=peft_targets, init_lora_weights=False,
-                        rank_pattern={first: 2}, alpha_pattern={first: 3}, use_rslora=True,
-                        fan_in_fan_out=arch_name == "gpt2")
+    config = LoraConfig(
+        r=8,
+        lora_alpha=16,
+        target_modules=peft_targets,
+        init_lora_weights=False,
+        rank_pattern={first: 2},
+        alpha_pattern={first: 3},
+        use_rslora=True,
+        fan_in_fan_out=arch_name == "gpt2",
+    )
     peft_model = get_peft_model(make(arch_name), config).eval()
     x = ids()
     expected = peft_outputs(peft_model, x)
@@ -147,7 +164,7 @@ def test_foreign_layers_and_unsupported_features_are_refused(tmp_path):
     model = make("llama")
     lf.add_adapter(model, lf.LoRAConfig(target_modules=["q_proj"]), name="a")
     lf.save_adapter(model, tmp_path / "a")
-    with pytest.raises(ValueError, match="c_attn"):   # a GPT-2 model has no q_proj
+    with pytest.raises(ValueError, match="c_attn"):  # a GPT-2 model has no q_proj
         lf.load_adapter(make("gpt2"), tmp_path / "a")
     cfg_path = tmp_path / "a" / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())
@@ -178,8 +195,7 @@ def test_save_is_atomic_and_overwrites(tmp_path):
     lf.save_adapter(model, tmp_path / "a")
     randomize(model, "a")
     lf.save_adapter(model, tmp_path / "a")
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["adapter_config.json",
-                                                                 "adapter_model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     other = make("llama")
     lf.load_adapter(other, tmp_path / "a")
     torch.testing.assert_close(outputs(other, ids()), outputs(model, ids()))
@@ -194,12 +210,12 @@ def test_failed_save_keeps_the_previous_files(tmp_path, monkeypatch):
 
     def broken(*args, **kwargs):
         raise OSError("disk full")
+
     monkeypatch.setattr("loraflow.adapters.files.save_file", broken)
     with pytest.raises(OSError, match="disk full"):
         lf.save_adapter(model, tmp_path / "a")
     assert (tmp_path / "a" / "adapter_model.safetensors").read_bytes() == before
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["adapter_config.json",
-                                                                 "adapter_model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
 
 
 def _saved(tmp_path, name="a"):
@@ -217,8 +233,11 @@ def test_non_finite_weights_are_refused_naming_the_layer(tmp_path, value, label)
     weights["base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"][3, 1] = value
     save_file(weights, folder / "adapter_model.safetensors")
     model = make("llama")
-    with pytest.raises(ValueError, match=rf"adapter {folder}: layer model.layers.1.self_attn.v_proj has "
-                                         rf"non-finite values in lora_B.weight \({label}\); retrain or fix"):
+    with pytest.raises(
+        ValueError,
+        match=rf"adapter {folder}: layer model.layers.1.self_attn.v_proj has "
+        rf"non-finite values in lora_B.weight \({label}\); retrain or fix",
+    ):
         lf.load_adapter(model, folder)
     assert lf.list_adapters(model) == {}
 
@@ -240,18 +259,27 @@ def test_a_layer_with_lora_a_but_no_lora_b_is_named(tmp_path):
     weights = load_file(folder / "adapter_model.safetensors")
     del weights["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"]
     save_file(weights, folder / "adapter_model.safetensors")
-    with pytest.raises(ValueError, match=r"layer model.layers.0.self_attn.q_proj has \['lora_A.weight'\] "
-                                         r"but no lora_B.weight"):
+    with pytest.raises(
+        ValueError,
+        match=r"layer model.layers.0.self_attn.q_proj has \['lora_A.weight'\] "
+        r"but no lora_B.weight",
+    ):
         read_adapter(folder)
 
 
-@pytest.mark.parametrize("text, message", [
-    (lambda cfg: json.dumps({k: v for k, v in cfg.items() if k != "r"}), "adapter_config.json: the LORA config has no 'r' field"),
-    (lambda cfg: json.dumps(cfg)[:-20], "adapter_config.json is not valid JSON"),
-    (lambda cfg: json.dumps([cfg]), "adapter_config.json: the config must be a JSON object, got list"),
-    (lambda cfg: json.dumps({**cfg, "r": "8"}), "adapter_config.json: r must be"),
-    (lambda cfg: json.dumps({**cfg, "peft_type": "DEEP_LORA"}), "no 'depth' field"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            lambda cfg: json.dumps({k: v for k, v in cfg.items() if k != "r"}),
+            "adapter_config.json: the LORA config has no 'r' field",
+        ),
+        (lambda cfg: json.dumps(cfg)[:-20], "adapter_config.json is not valid JSON"),
+        (lambda cfg: json.dumps([cfg]), "adapter_config.json: the config must be a JSON object, got list"),
+        (lambda cfg: json.dumps({**cfg, "r": "8"}), "adapter_config.json: r must be"),
+        (lambda cfg: json.dumps({**cfg, "peft_type": "DEEP_LORA"}), "no 'depth' field"),
+    ],
+)
 def test_broken_configs_are_named(tmp_path, text, message):
     folder = _saved(tmp_path)
     cfg_path = folder / "adapter_config.json"
@@ -268,7 +296,7 @@ def test_files_symlinked_out_of_the_folder_are_refused(tmp_path):
     with pytest.raises(ValueError, match="is a symlink to .*elsewhere.safetensors, outside the adapter folder"):
         lf.load_adapter(make("llama"), folder)
     (folder / "adapter_model.safetensors").unlink()
-    (folder / "real.safetensors").write_bytes(secret.read_bytes())       # a link inside the folder is fine
+    (folder / "real.safetensors").write_bytes(secret.read_bytes())  # a link inside the folder is fine
     (folder / "adapter_model.safetensors").symlink_to("real.safetensors")
     (folder / "adapter_config.json").rename(tmp_path / "config.json")
     (folder / "adapter_config.json").symlink_to(tmp_path / "config.json")
@@ -276,5 +304,5 @@ def test_files_symlinked_out_of_the_folder_are_refused(tmp_path):
         lf.load_adapter(make("llama"), folder)
     (folder / "adapter_config.json").unlink()
     (tmp_path / "config.json").rename(folder / "adapter_config.json")
-    (tmp_path / "linked").symlink_to(folder)                             # and so is a symlinked folder
+    (tmp_path / "linked").symlink_to(folder)  # and so is a symlinked folder
     assert lf.load_adapter(make("llama"), tmp_path / "linked") == "linked"

@@ -1,9 +1,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ids, make, outputs, randomize, rel_err, targets
 
 import loraflow as lf
-from conftest import ids, make, outputs, randomize, rel_err, targets
 
 
 def test_new_adapter_equals_base_model(arch):
@@ -29,7 +29,7 @@ def test_forward_equals_dense_product_with_merged_weight(arch_name):
     randomize(model, "f")
     for _, layer in lf.adapter_layers(model, "f"):
         a = layer.adapters["f"]
-        w0 = layer.base.weight.T if arch_name == "gpt2" else layer.base.weight   # (d_out, d_in)
+        w0 = layer.base.weight.T if arch_name == "gpt2" else layer.base.weight  # (d_out, d_in)
         x = torch.randn(2, 5, layer.d_in)
         expected = F.linear(x, w0 * (a.B @ a.A) / a.r, layer.base.bias)
         torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)

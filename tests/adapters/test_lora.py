@@ -1,9 +1,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ids, make, outputs, randomize, rel_err, targets
 
 import loraflow as lf
-from conftest import ids, make, outputs, randomize, rel_err, targets
 
 
 def test_new_adapter_equals_base_model(arch):
@@ -47,16 +47,22 @@ def test_forward_is_w0x_plus_scaled_bax():
 
 def test_rslora_and_patterns_set_rank_and_scale():
     model = make("llama")
-    cfg = lf.LoRAConfig(r=8, alpha=16, use_rslora=True, target_modules=["q_proj", "v_proj"],
-                        rank_pattern={"q_proj": 2}, alpha_pattern={"layers.1.self_attn.v_proj": 4})
+    cfg = lf.LoRAConfig(
+        r=8,
+        alpha=16,
+        use_rslora=True,
+        target_modules=["q_proj", "v_proj"],
+        rank_pattern={"q_proj": 2},
+        alpha_pattern={"layers.1.self_attn.v_proj": 4},
+    )
     lf.add_adapter(model, cfg, name="a")
     q0 = model.model.layers[0].self_attn.q_proj.adapters["a"]
     v0 = model.model.layers[0].self_attn.v_proj.adapters["a"]
     v1 = model.model.layers[1].self_attn.v_proj.adapters["a"]
     assert (q0.r, v0.r, v1.r) == (2, 8, 8)
-    assert q0.scale == pytest.approx(16 / 2 ** 0.5)
-    assert v0.scale == pytest.approx(16 / 8 ** 0.5)
-    assert v1.scale == pytest.approx(4 / 8 ** 0.5)
+    assert q0.scale == pytest.approx(16 / 2**0.5)
+    assert v0.scale == pytest.approx(16 / 8**0.5)
+    assert v1.scale == pytest.approx(4 / 8**0.5)
 
 
 def test_dropout_only_in_training():
@@ -72,11 +78,18 @@ def test_dropout_only_in_training():
     assert not torch.allclose(layer(x), layer(x))
 
 
-@pytest.mark.parametrize("field, kwargs", [
-    ("r", {"r": 0}), ("r", {"r": 2.5}), ("alpha", {"alpha": 0}), ("alpha", {"alpha": -1}),
-    ("dropout", {"dropout": 1.0}), ("target_modules", {"target_modules": []}),
-    ("rank_pattern", {"rank_pattern": {"q_proj": 0}}),
-])
+@pytest.mark.parametrize(
+    "field, kwargs",
+    [
+        ("r", {"r": 0}),
+        ("r", {"r": 2.5}),
+        ("alpha", {"alpha": 0}),
+        ("alpha", {"alpha": -1}),
+        ("dropout", {"dropout": 1.0}),
+        ("target_modules", {"target_modules": []}),
+        ("rank_pattern", {"rank_pattern": {"q_proj": 0}}),
+    ],
+)
 def test_bad_config_names_the_field(field, kwargs):
     with pytest.raises(ValueError, match=field):
         lf.LoRAConfig(**kwargs)

@@ -1,9 +1,9 @@
 import pytest
 import torch
+from conftest import ids, make, outputs, randomize, rel_err, targets
 from torch import nn
 
 import loraflow as lf
-from conftest import ids, make, outputs, randomize, rel_err, targets
 
 
 def test_unknown_target_lists_the_models_linear_names():
@@ -22,7 +22,7 @@ def test_all_linear_skips_the_output_head(arch):
     lf.add_adapter(model, lf.LoRAConfig(r=2, target_modules="all-linear"), name="a")
     names = [n for n, _ in lf.adapter_layers(model, "a")]
     assert names and not any(n.startswith(("lm_head", "classifier")) for n in names)
-    expected = {"llama": 14, "gpt2": 8, "bert": 13}[arch]   # 7 / 4 / 6 per block; BERT: + pooler
+    expected = {"llama": 14, "gpt2": 8, "bert": 13}[arch]  # 7 / 4 / 6 per block; BERT: + pooler
     assert len(names) == expected
 
 
@@ -30,7 +30,9 @@ def test_regex_targets_match_full_names():
     model = make("llama")
     lf.add_adapter(model, lf.LoRAConfig(target_modules=r"model\.layers\.1\.self_attn\.(q|k)_proj"), name="a")
     assert [n for n, _ in lf.adapter_layers(model, "a")] == [
-        "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.k_proj"]
+        "model.layers.1.self_attn.q_proj",
+        "model.layers.1.self_attn.k_proj",
+    ]
 
 
 def test_api_of_the_issue_on_one_model():
@@ -50,7 +52,7 @@ def test_api_of_the_issue_on_one_model():
     torch.testing.assert_close(got[None], base, rtol=0, atol=0)
     for name in "abc":
         assert rel_err(got[name], base) > 1e-3, name
-    lf.set_adapter(model, "b")   # switching back gives the same numbers
+    lf.set_adapter(model, "b")  # switching back gives the same numbers
     torch.testing.assert_close(outputs(model, x), got["b"], rtol=0, atol=0)
 
 

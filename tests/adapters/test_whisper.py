@@ -1,20 +1,32 @@
 """An encoder-decoder speech model goes through the same adapter code as the text models."""
 
 import torch
+from conftest import randomize, rel_err
 from peft import PeftModel
 from transformers import WhisperConfig, WhisperForConditionalGeneration
 
 import loraflow as lf
-from conftest import randomize, rel_err
 
 
 def tiny_whisper(seed=0):
     torch.manual_seed(seed)
-    cfg = WhisperConfig(vocab_size=128, d_model=32, encoder_layers=1, decoder_layers=1,
-                        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
-                        decoder_ffn_dim=64, num_mel_bins=8, max_source_positions=16,
-                        max_target_positions=16, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                        decoder_start_token_id=1)
+    cfg = WhisperConfig(
+        vocab_size=128,
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        num_mel_bins=8,
+        max_source_positions=16,
+        max_target_positions=16,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=1,
+    )
     return WhisperForConditionalGeneration(cfg).eval()
 
 

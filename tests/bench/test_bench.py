@@ -15,9 +15,9 @@ def test_popularity_mixes():
     rng = random.Random(0)
     assert set(serve.popularity("identical", 50, 64, rng)) == {0}
     assert len(set(serve.popularity("distinct", 64, 64, rng))) == 64
-    assert max(serve.popularity("uniform", 64, 64, rng)) < 8            # ceil(sqrt(64)) adapters
+    assert max(serve.popularity("uniform", 64, 64, rng)) < 8  # ceil(sqrt(64)) adapters
     skewed = serve.popularity("skewed", 2000, 64, rng)
-    assert skewed.count(0) > skewed.count(10) * 5                         # Zipf 1.5 favours the first
+    assert skewed.count(0) > skewed.count(10) * 5  # Zipf 1.5 favours the first
     with pytest.raises(ValueError, match="mix"):
         serve.popularity("zipf", 4, 4, rng)
 
@@ -27,7 +27,9 @@ def test_random_adapters_load_as_served_adapters(tmp_path):
     (folder,) = serve.make_adapters(shapes, tmp_path, 1, rank=4)
     factors = factors_for_bank(folder, shapes, r_max=4)
     assert {m: (a.shape, b.shape) for m, (a, b) in factors.items()} == {
-        "model.layers.0.self_attn.q_proj": ((4, 16), (8, 4)), "model.layers.0.mlp.down_proj": ((4, 24), (16, 4))}
+        "model.layers.0.self_attn.q_proj": ((4, 16), (8, 4)),
+        "model.layers.0.mlp.down_proj": ((4, 24), (16, 4)),
+    }
     names = serve.name_folders(tmp_path / "names", [folder], 3)
     assert sorted(p.name for p in names.iterdir()) == ["a0", "a1", "a2"]
 
@@ -41,10 +43,23 @@ def test_summary_percentiles():
 
 
 def test_serve_report_says_what_was_not_measured(tmp_path):
-    run = {"requests": 2, "errors": 0, "output_tokens": 8, "wall_s": 1.0, "output_tokens_per_s": 8.0,
-           "ttft_p50_ms": 1.0, "ttft_p99_ms": 2.0, "itl_p50_ms": 1.0, "itl_p99_ms": 2.0}
-    payload = {"workload": vars(serve.Workload()), "adapters": run, "base": dict(run, output_tokens_per_s=10.0),
-               "adapters_over_base": 0.8}
+    run = {
+        "requests": 2,
+        "errors": 0,
+        "output_tokens": 8,
+        "wall_s": 1.0,
+        "output_tokens_per_s": 8.0,
+        "ttft_p50_ms": 1.0,
+        "ttft_p99_ms": 2.0,
+        "itl_p50_ms": 1.0,
+        "itl_p99_ms": 2.0,
+    }
+    payload = {
+        "workload": vars(serve.Workload()),
+        "adapters": run,
+        "base": dict(run, output_tokens_per_s=10.0),
+        "adapters_over_base": 0.8,
+    }
     env = report.environment()
     text = serve_report.markdown(env, payload)
     assert "**0.80**" in text and "not measured" in text
@@ -55,11 +70,25 @@ def test_serve_report_says_what_was_not_measured(tmp_path):
 def test_repeated_runs_report_each_kinds_median_run_and_every_pair():
     runs = [{"output_tokens_per_s": v, "ttft_p50_ms": v / 10} for v in (30.0, 10.0, 20.0)]
     assert serve.median_run(runs)["ttft_p50_ms"] == 2.0 and serve.median_run(runs[:2])["output_tokens_per_s"] == 10.0
-    run = {"requests": 2, "errors": 0, "output_tokens": 8, "wall_s": 1.0, "output_tokens_per_s": 9.0,
-           "ttft_p50_ms": 1.0, "ttft_p99_ms": 2.0, "itl_p50_ms": 1.0, "itl_p99_ms": 2.0}
+    run = {
+        "requests": 2,
+        "errors": 0,
+        "output_tokens": 8,
+        "wall_s": 1.0,
+        "output_tokens_per_s": 9.0,
+        "ttft_p50_ms": 1.0,
+        "ttft_p99_ms": 2.0,
+        "itl_p50_ms": 1.0,
+        "itl_p99_ms": 2.0,
+    }
     pairs = [{"adapters_tokens_per_s": a, "base_tokens_per_s": 10.0, "ratio": a / 10.0} for a in (8.0, 9.0, 10.0)]
-    payload = {"workload": vars(serve.Workload()), "adapters": run, "base": dict(run, output_tokens_per_s=10.0),
-               "adapters_over_base": 0.9, "pairs": pairs}
+    payload = {
+        "workload": vars(serve.Workload()),
+        "adapters": run,
+        "base": dict(run, output_tokens_per_s=10.0),
+        "adapters_over_base": 0.9,
+        "pairs": pairs,
+    }
     text = serve_report.markdown(report.environment(), payload)
     assert "**0.90**" in text and "median run of 3" in text and "8 / 10 = 0.80, 9 / 10 = 0.90, 10 / 10 = 1.00" in text
     with pytest.raises(ValueError, match="--repeats must be at least 1"):
@@ -70,9 +99,22 @@ def test_kernel_grid_and_targets():
     grid = kernels.grid()
     assert {c.kind for c in grid} == {"decode", "prefill", "flora"}
     assert {c.mix for c in grid} == set(kernels.MIXES) and {c.rank for c in grid} >= set(kernels.RANKS)
-    rows = [{"kind": "decode", "d_in": 4096, "d_out": 4096, "rows": 64, "rank": 16, "mix": "distinct",
-             "addon_over_roofline": 1.2, "triton_addon_ms": 0.005, "roofline_ms": 0.004,
-             "speedup_vs_peft": 30.0, "triton_layer_ms": 0.02, "peft_layer_ms": 0.6}]
+    rows = [
+        {
+            "kind": "decode",
+            "d_in": 4096,
+            "d_out": 4096,
+            "rows": 64,
+            "rank": 16,
+            "mix": "distinct",
+            "addon_over_roofline": 1.2,
+            "triton_addon_ms": 0.005,
+            "roofline_ms": 0.004,
+            "speedup_vs_peft": 30.0,
+            "triton_layer_ms": 0.02,
+            "peft_layer_ms": 0.6,
+        }
+    ]
     t = kernels_report.targets(rows)
     assert [x["met"] for x in t] == [True, True]
 
@@ -85,17 +127,27 @@ def test_kernel_check_on_the_cpu():
 def test_train_bench_runs_and_counts_states_on_the_cpu():
     from loraflow.bench import train, train_report
 
-    rows = [train.run_case(train.TrainCase("tiny", v, pl, rank=8, steps=3, seq=32, update_proj_gap=4, accumulation=acc),
-                           device="cpu", dtype=torch.float32)
-            for v, pl, acc in [("adamw", False, 1), ("galore", True, 1), ("galore", False, 1), ("galore-torch", False, 1),
-                               ("galore", True, 2)]]
+    rows = [
+        train.run_case(
+            train.TrainCase("tiny", v, pl, rank=8, steps=3, seq=32, update_proj_gap=4, accumulation=acc),
+            device="cpu",
+            dtype=torch.float32,
+        )
+        for v, pl, acc in [
+            ("adamw", False, 1),
+            ("galore", True, 1),
+            ("galore", False, 1),
+            ("galore-torch", False, 1),
+            ("galore", True, 2),
+        ]
+    ]
     assert rows[0]["state_bytes"] == rows[0]["analytic_state_bytes"] and rows[0]["tokens_per_s"] > 0
     assert rows[0]["svd_seconds"] is None and rows[0]["tokens_per_s"] == rows[0]["steady_tokens_per_s"]
     assert rows[1]["state_bytes"] == rows[1]["analytic_state_bytes"] < rows[0]["state_bytes"]
-    assert rows[3]["variant"] == "galore-torch"                         # decided in its own test below
-    assert rows[4]["state_bytes"] == rows[1]["state_bytes"]             # accumulation adds no state
-    for r in [r for r in rows[1:] if "error" not in r]:               # the SVD, amortised over T = 4 steps
-        tokens = r["batch"] * r["seq"] * r["accumulation"]                # 32 or 64 a step
+    assert rows[3]["variant"] == "galore-torch"  # decided in its own test below
+    assert rows[4]["state_bytes"] == rows[1]["state_bytes"]  # accumulation adds no state
+    for r in [r for r in rows[1:] if "error" not in r]:  # the SVD, amortised over T = 4 steps
+        tokens = r["batch"] * r["seq"] * r["accumulation"]  # 32 or 64 a step
         step_s = tokens / r["steady_tokens_per_s"]
         assert r["svd_seconds"] > 0 and r["tokens_per_s"] == pytest.approx(tokens / (step_s + r["svd_seconds"] / 4))
         assert r["tokens_per_s"] < r["steady_tokens_per_s"]
@@ -118,17 +170,20 @@ def test_galore_torch_row_ran_or_says_it_is_missing(variant):
     the row says so and carries no numbers."""
     from loraflow.bench import train
 
-    row = train.run_case(train.TrainCase("tiny", variant, False, rank=8, steps=3, seq=32, update_proj_gap=4),
-                         device="cpu", dtype=torch.float32)
+    row = train.run_case(
+        train.TrainCase("tiny", variant, False, rank=8, steps=3, seq=32, update_proj_gap=4),
+        device="cpu",
+        dtype=torch.float32,
+    )
     if _galore_torch_importable():
         assert "error" not in row, row["error"]
         assert row["tokens_per_s"] > 0 and row["steady_tokens_per_s"] > 0 and row["svd_seconds"] > 0
-        assert row["state_bytes"] > 0 and row["analytic_state_bytes"] is None     # its states, not counted by us
+        assert row["state_bytes"] > 0 and row["analytic_state_bytes"] is None  # its states, not counted by us
         assert row["params"] > 0 and math.isfinite(row["loss"])
     else:
         assert row["error"].startswith("not available: ") and "galore_torch" in row["error"]
         assert not {"tokens_per_s", "steady_tokens_per_s", "svd_seconds", "state_bytes"} & set(row)
-        assert row["variant"] == variant                                           # the case is still described
+        assert row["variant"] == variant  # the case is still described
 
 
 def test_train_merge_keeps_every_part_and_its_date_and_command(tmp_path):
@@ -137,7 +192,9 @@ def test_train_merge_keeps_every_part_and_its_date_and_command(tmp_path):
     from loraflow.bench import train
     from loraflow.cli import main
 
-    row = train.run_case(train.TrainCase("tiny", "adamw", False, rank=8, steps=3, seq=32), device="cpu", dtype=torch.float32)
+    row = train.run_case(
+        train.TrainCase("tiny", "adamw", False, rank=8, steps=3, seq=32), device="cpu", dtype=torch.float32
+    )
     files = []
     for i, (date, variant) in enumerate([("2026-11-29 02:22 UTC", "adamw"), ("2026-11-29 03:37 UTC", "galore")]):
         env = dict(report.environment(), date=date, command=f"part {i}")
@@ -162,8 +219,8 @@ def test_refresh_timing_counts_one_svd_per_weight_shape(monkeypatch):
     model = LlamaForCausalLM(lf.llama_config("tiny", vocab_size=300, max_seq_len=16))
     group = lf.galore_param_groups(model, rank=4)[0]
     shapes = []
-    clock = [0.0]                 # a clock that only the basis routine advances: no real time measured
-    cost = {(64, 64): 1.0, (64, 172): 10.0, (172, 64): 100.0}      # "seconds" per SVD of each shape
+    clock = [0.0]  # a clock that only the basis routine advances: no real time measured
+    cost = {(64, 64): 1.0, (64, 172): 10.0, (172, 64): 100.0}  # "seconds" per SVD of each shape
 
     def routine(g, grp):
         shapes.append(tuple(g.shape))
@@ -172,11 +229,11 @@ def test_refresh_timing_counts_one_svd_per_weight_shape(monkeypatch):
     monkeypatch.setattr(train, "basis_routine", lambda variant: routine)
     monkeypatch.setattr(train, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
     seconds = train.refresh_seconds(model, torch.randint(0, 300, (2, 16)), group, "galore", "cpu")
-    assert sorted(shapes) == [(64, 64), (64, 172), (172, 64)]       # one of each: 8 + 2 + 4 weights of 2 layers
-    assert seconds == 8 * 1.0 + 2 * 10.0 + 4 * 100.0                # each shape's time once per weight of it
+    assert sorted(shapes) == [(64, 64), (64, 172), (172, 64)]  # one of each: 8 + 2 + 4 weights of 2 layers
+    assert seconds == 8 * 1.0 + 2 * 10.0 + 4 * 100.0  # each shape's time once per weight of it
     assert all(p.grad is None for p in model.parameters())
     monkeypatch.undo()
-    basis = train.basis_routine("galore")(torch.randn(64, 172), group)   # 64 x 172 projects on the left
+    basis = train.basis_routine("galore")(torch.randn(64, 172), group)  # 64 x 172 projects on the left
     assert basis.shape == (64, 4) and torch.allclose(basis.T @ basis, torch.eye(4), atol=1e-5)
 
 
@@ -185,8 +242,8 @@ def test_decode_roofline_counts_weights_cache_and_adapters():
 
     shape = LlamaArgs(**SHAPES["llama2-7b"])
     r = serve.decode_roofline(shape, serve.Workload(requests=64, prompt_len=128, output_len=128, adapters=64))
-    assert abs(r["weights_gb"] - 6.738e9 * 2 / 1e9) < 0.01                      # Llama-2-7B: 6.74B parameters
-    assert r["kv_gb"] == 64 * 192 * (2 * 32 * 4096 * 2) / 1e9                   # 512 KB per token at context 192
+    assert abs(r["weights_gb"] - 6.738e9 * 2 / 1e9) < 0.01  # Llama-2-7B: 6.74B parameters
+    assert r["kv_gb"] == 64 * 192 * (2 * 32 * 4096 * 2) / 1e9  # 512 KB per token at context 192
     assert r["distinct_adapters"] == 64
     assert abs(r["adapters_gb"] / 64 - 16 * 32 * (4 * 8192 + 3 * 15104) * 2 / 1e9) < 1e-9
     assert 0.79 < r["ratio_bound"] < 0.80

@@ -34,8 +34,13 @@ def free_port() -> int:
 
 def start(args: list[str], env=None) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "loraflow.cli", "serve", "--port", str(port), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "loraflow.cli", "serve", "--port", str(port), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
         try:
@@ -64,7 +69,7 @@ def broken_adapters(folder: Path) -> None:
         shutil.copytree(src, folder / name)
     for name, value in (("nan", float("nan")), ("inf", 3e38)):
         w = load_file(folder / name / "adapter_model.safetensors")
-        key = sorted(k for k in w if "lora_B" in k)[-1]      # the last layer's
+        key = sorted(k for k in w if "lora_B" in k)[-1]  # the last layer's
         w[key].fill_(value)
         save_file(w, folder / name / "adapter_model.safetensors")
     f = folder / "truncated" / "adapter_model.safetensors"
@@ -90,8 +95,17 @@ def main() -> None:
     broken_adapters(tmp / "broken")
     shutil.copytree(tmp / "broken" / "nan", scanned / "nan_at_start")
     shutil.copytree(tmp / "broken" / "inf", adapters / "inf")
-    proc, url = start(["--adapter-dir", str(adapters), "--allow-runtime-lora", "--lora",
-                       f"nan_at_start={scanned / 'nan_at_start'}", "--max-body-mb", "4"])
+    proc, url = start(
+        [
+            "--adapter-dir",
+            str(adapters),
+            "--allow-runtime-lora",
+            "--lora",
+            f"nan_at_start={scanned / 'nan_at_start'}",
+            "--max-body-mb",
+            "4",
+        ]
+    )
     base = "SmolLM2-135M-Instruct"
 
     def post(route, body, **kw):
@@ -105,63 +119,109 @@ def main() -> None:
             record(f"1. prompt {ids}", complete(prompt=ids))
         record("2. temperature 1e-40", complete(temperature=1e-40), "(greedy)")
         shutil.copytree(tmp / "broken" / "nan", adapters / "nan")
-        record("3. runtime load of NaN weights", post("/v1/load_lora_adapter",
-                                                      {"lora_name": "nan", "lora_path": str(adapters / "nan")}))
-        record("3. request on an adapter whose output overflows (inf), temperature 1",
-               complete(model="inf", temperature=1.0))
+        record(
+            "3. runtime load of NaN weights",
+            post("/v1/load_lora_adapter", {"lora_name": "nan", "lora_path": str(adapters / "nan")}),
+        )
+        record(
+            "3. request on an adapter whose output overflows (inf), temperature 1",
+            complete(model="inf", temperature=1.0),
+        )
         holder = {}
         t = threading.Thread(target=lambda: holder.setdefault("r", complete(model="python", max_tokens=8)))
         t.start()
         time.sleep(0.05)
-        record("4. unload 'python' while its request waits for it", post("/v1/unload_lora_adapter",
-                                                                         {"lora_name": "python"}))
+        record(
+            "4. unload 'python' while its request waits for it",
+            post("/v1/unload_lora_adapter", {"lora_name": "python"}),
+        )
         t.join()
         record("4. ... the waiting request", holder["r"])
         started = time.perf_counter()
         r = complete(model="nan_at_start")
-        record("5. request on an adapter that fails to load, idle server", r, f"({time.perf_counter() - started:.2f} s)")
+        record(
+            "5. request on an adapter that fails to load, idle server", r, f"({time.perf_counter() - started:.2f} s)"
+        )
         try:
             complete(prompt="Once upon a time", max_tokens=4000, ignore_eos=True, timeout=1.0)
         except httpx.ReadTimeout:
             pass
         time.sleep(1.0)
-        running = next(line for line in httpx.get(url + "/metrics").text.splitlines()
-                       if line.startswith("loraflow_requests_running"))
+        running = next(
+            line
+            for line in httpx.get(url + "/metrics").text.splitlines()
+            if line.startswith("loraflow_requests_running")
+        )
         record("6. non-streaming client leaves after 1 s (max_tokens 4000)", f"1 s later: {running}")
         record("6. max_tokens 10^30", complete(max_tokens=10**30))
-        record("8. register 'medical' again with shakespeare's files",
-               post("/v1/load_lora_adapter", {"lora_name": "medical", "lora_path": str(adapters / "shakespeare")}))
-        record("8. register the base model's name", post("/v1/load_lora_adapter",
-                                                         {"lora_name": base, "lora_path": str(adapters / "python")}))
+        record(
+            "8. register 'medical' again with shakespeare's files",
+            post("/v1/load_lora_adapter", {"lora_name": "medical", "lora_path": str(adapters / "shakespeare")}),
+        )
+        record(
+            "8. register the base model's name",
+            post("/v1/load_lora_adapter", {"lora_name": base, "lora_path": str(adapters / "python")}),
+        )
         started = time.perf_counter()
         big = {"model": base, "prompt": "a " * 25_000_000}
         r = httpx.post(url + "/v1/completions", json=big, timeout=120)
         record("9. 50 MB body", r, f"({time.perf_counter() - started:.2f} s)")
         for name in ("truncated", "no_b", "no_r"):
             shutil.copytree(tmp / "broken" / name, adapters / name)
-            record(f"12. runtime load: {name}", post("/v1/load_lora_adapter",
-                                                     {"lora_name": name, "lora_path": str(adapters / name)}))
-        r = httpx.post(url + "/v1/completions", content='{"model": "%s", "prompt": "a \\ud800"}' % base,
-                       headers={"content-type": "application/json"})
+            record(
+                f"12. runtime load: {name}",
+                post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(adapters / name)}),
+            )
+        r = httpx.post(
+            url + "/v1/completions",
+            content='{"model": "' + base + '", "prompt": "a \\ud800"}',
+            headers={"content-type": "application/json"},
+        )
         record("12. lone surrogate in the prompt", r)
         record("12. empty prompt", complete(prompt=""))
         shutil.copytree(tmp / "broken" / "linked", adapters / "linked", symlinks=True)
-        record("13. weights file linked outside --adapter-dir", post("/v1/load_lora_adapter",
-                                                                    {"lora_name": "l", "lora_path": str(adapters / "linked")}))
+        record(
+            "13. weights file linked outside --adapter-dir",
+            post("/v1/load_lora_adapter", {"lora_name": "l", "lora_path": str(adapters / "linked")}),
+        )
         r = complete(logprobs=2, temperature=0)
-        record("16. logprobs 2", f"200: {len(r.json()['choices'][0]['logprobs']['token_logprobs'])} tokens with logprobs"
-               if r.status_code == 200 else r.text)
-        for field, value in (("n", 2), ("frequency_penalty", 1.0), ("presence_penalty", 1.0),
-                             ("repetition_penalty", 1.3), ("echo", True), ("logit_bias", {"1": 5}), ("tools", [])):
+        record(
+            "16. logprobs 2",
+            f"200: {len(r.json()['choices'][0]['logprobs']['token_logprobs'])} tokens with logprobs"
+            if r.status_code == 200
+            else r.text,
+        )
+        for field, value in (
+            ("n", 2),
+            ("frequency_penalty", 1.0),
+            ("presence_penalty", 1.0),
+            ("repetition_penalty", 1.3),
+            ("echo", True),
+            ("logit_bias", {"1": 5}),
+            ("tools", []),
+        ):
             record(f"16. {field}={value!r}", complete(**{field: value}))
-        r = post("/v1/chat/completions", {"model": base, "messages": [{"role": "user", "content": "Hi"}],
-                                          "max_tokens": 3, "logprobs": True, "top_logprobs": 2})
-        record("16. chat logprobs + top_logprobs 2", f"{r.status_code}: {len(r.json()['choices'][0]['logprobs']['content'])} "
-               "tokens with logprobs" if r.status_code == 200 else r.text)
+        r = post(
+            "/v1/chat/completions",
+            {
+                "model": base,
+                "messages": [{"role": "user", "content": "Hi"}],
+                "max_tokens": 3,
+                "logprobs": True,
+                "top_logprobs": 2,
+            },
+        )
+        record(
+            "16. chat logprobs + top_logprobs 2",
+            f"{r.status_code}: {len(r.json()['choices'][0]['logprobs']['content'])} tokens with logprobs"
+            if r.status_code == 200
+            else r.text,
+        )
         record("health at the end", httpx.get(url + "/health"))
         port = url.rsplit(":", 1)[1]
-        clash = subprocess.run([sys.executable, "-m", "loraflow.cli", "serve", "--port", port],
-                               capture_output=True, text=True, timeout=120)
+        clash = subprocess.run(
+            [sys.executable, "-m", "loraflow.cli", "serve", "--port", port], capture_output=True, text=True, timeout=120
+        )
         record("15. second server on the same port", f"exit {clash.returncode}: {clash.stderr.strip()[-160:]}")
     finally:
         proc.terminate()
@@ -170,15 +230,18 @@ def main() -> None:
     proc, url = start(["--adapter-dir", str(adapters)], env=env)
     try:
         auth = {"Authorization": "Bearer s3cret"}
-        record("7. unload without --allow-runtime-lora", httpx.post(url + "/v1/unload_lora_adapter", headers=auth,
-                                                                     json={"lora_name": "shakespeare"}))
+        record(
+            "7. unload without --allow-runtime-lora",
+            httpx.post(url + "/v1/unload_lora_adapter", headers=auth, json={"lora_name": "shakespeare"}),
+        )
         record("13. wrong API key", httpx.get(url + "/v1/models", headers={"Authorization": "Bearer nope"}))
         record("13. key from LORAFLOW_API_KEY", httpx.get(url + "/v1/models", headers=auth), "(200 expected)")
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    inspect = subprocess.run([sys.executable, "-m", "loraflow.cli", "inspect", "/no/such/folder"],
-                             capture_output=True, text=True)
+    inspect = subprocess.run(
+        [sys.executable, "-m", "loraflow.cli", "inspect", "/no/such/folder"], capture_output=True, text=True
+    )
     record("17. loraflow inspect /no/such/folder", f"exit {inspect.returncode}: {inspect.stderr.strip()}")
     print("| case | status | message |\n|---|---|---|")
     for case, status, message in rows:

@@ -33,9 +33,18 @@ DATA = Path(__file__).parents[2] / "examples" / "data" / "tinyshakespeare" / "in
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     """As tests/conftest.py's (this folder's conftest.py shadows that module's name)."""
     torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                        tie_word_embeddings=False)).eval()
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=128,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            tie_word_embeddings=False,
+        )
+    ).eval()
 
 
 @torch.no_grad()
@@ -64,7 +73,7 @@ def faults(at=None, mode="raise", exchange=True, probe=lambda: None):
         def run(*args, **kwargs):
             nonlocal dead
             if dead:
-                return None                            # a dead process changes nothing
+                return None  # a dead process changes nothing
             if name in points:
                 steps.append((name, probe()))
                 if len(steps) == at:
@@ -73,6 +82,7 @@ def faults(at=None, mode="raise", exchange=True, probe=lambda: None):
                         raise Killed(f"killed at step {at} ({name})")
                     raise OSError(errno.EIO, f"injected failure at step {at} ({name})")
             return real[name](*args, **kwargs)
+
         return run
 
     with pytest.MonkeyPatch.context() as m:
@@ -105,8 +115,11 @@ def _version(r, alpha, seed):
 
 
 def _tensors(model, name):
-    return {(m, s): t.detach().clone() for m, layer in lf.adapters.adapter_layers(model, name)
-            for s, t in layer.adapters[name].file_tensors().items()}
+    return {
+        (m, s): t.detach().clone()
+        for m, layer in lf.adapters.adapter_layers(model, name)
+        for s, t in layer.adapters[name].file_tensors().items()
+    }
 
 
 V1, V2 = _version(r=2, alpha=4, seed=1), _version(r=4, alpha=16, seed=2)
@@ -123,8 +136,9 @@ def _which(folder):
     config = lf.list_adapters(model)["x"]
     label, source = {(2, 4): ("v1", V1), (4, 16): ("v2", V2)}[(config.r, config.alpha)]
     got, want = _tensors(model, "x"), _tensors(source, "a")
-    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), \
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), (
         f"{folder} mixes versions: its config is {label}'s but its weights are not"
+    )
     return label
 
 
@@ -145,13 +159,13 @@ def test_save_adapter_failing_at_every_step_leaves_v1_or_v2_whole(tmp_path, mode
             with faults(at=n, mode=mode, exchange=exchange):
                 lf.save_adapter(V2, folder)
         outcomes.append(_which(folder))
-        if mode == "raise":                            # its clean-up ran: nothing left over
+        if mode == "raise":  # its clean-up ran: nothing left over
             assert [p.name for p in tmp_path.iterdir()] == ["a"] and outcomes[-1] == "v1"
-        lf.save_adapter(V2, folder)                    # a later save succeeds and cleans up
+        lf.save_adapter(V2, folder)  # a later save succeeds and cleans up
         assert [p.name for p in tmp_path.iterdir()] == ["a"]
         assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
         assert _which(folder) == "v2"
-    if mode == "kill":                                 # killed after the swap: the new one stays
+    if mode == "kill":  # killed after the swap: the new one stays
         assert outcomes[-1] == "v2" and "v1" in outcomes
 
 
@@ -159,11 +173,12 @@ def test_a_killed_fallback_swap_is_read_from_the_parked_folder(tmp_path):
     folder = tmp_path / "a"
     lf.save_adapter(V1, folder)
     with pytest.raises(Killed):
-        with faults(at=3, mode="kill", exchange=False):   # exchange, target -> .a.old, then dead
+        with faults(at=3, mode="kill", exchange=False):  # exchange, target -> .a.old, then dead
             lf.save_adapter(V2, folder)
     assert not folder.exists() and (tmp_path / ".a.old").is_dir()
     assert _which(folder) == "v1"
     from loraflow.serve.registry import factors_for_bank
+
     shapes = {m: (layer.d_out, layer.d_in) for m, layer in lf.adapters.adapter_layers(V1, "a")}
     with pytest.warns(UserWarning, match="interrupted"):
         assert set(factors_for_bank(folder, shapes, r_max=8)) == set(shapes)
@@ -178,7 +193,7 @@ def test_save_adapter_refuses_to_replace_a_folder_with_other_files(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="not a folder"):
         lf.save_adapter(V1, tmp_path / "file")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "notes"]   # no temporary folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "notes"]  # no temporary folder
 
 
 def test_save_adapter_through_a_symlinked_folder_keeps_the_link(tmp_path):
@@ -233,7 +248,7 @@ def _save(out, two_steps, step):
 @pytest.mark.parametrize("mode", ["raise", "kill"])
 def test_save_checkpoint_failing_at_every_step_keeps_a_complete_checkpoint(tmp_path, two_steps, mode):
     weights = two_steps[2]
-    written = lambda out: (out / "checkpoint.tmp" / "complete.json").is_file()   # step 2 fully on disk
+    written = lambda out: (out / "checkpoint.tmp" / "complete.json").is_file()  # step 2 fully on disk
     _save(tmp_path / "count", two_steps, 1)
     with faults(mode=mode) as counted:
         _save(tmp_path / "count", two_steps, 2)
@@ -258,7 +273,7 @@ def test_save_checkpoint_failing_at_every_step_keeps_a_complete_checkpoint(tmp_p
                 with faults(at=m, mode=mode):
                     _save(again, two_steps, 3)
             assert _check_resumable(again, weights, {step, 3}) >= step
-            _save(again, two_steps, 3)                  # then a save succeeds and tidies up
+            _save(again, two_steps, 3)  # then a save succeeds and tidies up
             assert sorted(p.name for p in again.iterdir()) == ["checkpoint"]
             assert _check_resumable(again, weights, {3}) == 3
 
@@ -267,9 +282,9 @@ def test_checkpoint_completeness(tmp_path, two_steps):
     final, tmp, old = checkpoint_paths(tmp_path)
     _save(tmp_path, two_steps, 1)
     assert latest_checkpoint(tmp_path) == (final, 1)
-    (final / "complete.json").unlink()                   # a checkpoint of an older loraflow: accepted
+    (final / "complete.json").unlink()  # a checkpoint of an older loraflow: accepted
     assert latest_checkpoint(tmp_path) == (final, 1)
-    shutil.copytree(final, tmp)                          # a temporary folder without its marker: not
+    shutil.copytree(final, tmp)  # a temporary folder without its marker: not
     (tmp / "state.pt").write_bytes(b"")
     assert latest_checkpoint(tmp_path) == (final, 1)
     _save(tmp_path, two_steps, 2)
@@ -281,8 +296,26 @@ def test_checkpoint_completeness(tmp_path, two_steps):
     assert latest_checkpoint(tmp_path) == (old, 2)
 
 
-TINY = ["--config", "tiny", "--optimizer", "adamw", "--warmup", "1", "--batch", "2", "--seq", "32",
-        "--eval-seqs", "2", "--eval-every", "100", "--save-every", "2", "--device", "cpu"]
+TINY = [
+    "--config",
+    "tiny",
+    "--optimizer",
+    "adamw",
+    "--warmup",
+    "1",
+    "--batch",
+    "2",
+    "--seq",
+    "32",
+    "--eval-seqs",
+    "2",
+    "--eval-every",
+    "100",
+    "--save-every",
+    "2",
+    "--device",
+    "cpu",
+]
 
 
 def test_pretrain_killed_in_a_save_resumes(tmp_path, capsys):
@@ -292,7 +325,7 @@ def test_pretrain_killed_in_a_save_resumes(tmp_path, capsys):
     run = TINY + ["--data", str(data), "--out", str(out)]
     replaced = []
 
-    def kill_second_swap_in(src, dst):       # the step-4 save: after checkpoint -> checkpoint.old
+    def kill_second_swap_in(src, dst):  # the step-4 save: after checkpoint -> checkpoint.old
         replaced.append(Path(src).name)
         if replaced.count("checkpoint.tmp") == 2:
             raise Killed("killed between the two renames")
@@ -306,7 +339,7 @@ def test_pretrain_killed_in_a_save_resumes(tmp_path, capsys):
     final, tmp, old = checkpoint_paths(out)
     assert not final.exists() and latest_checkpoint(out) == (tmp, 4)
     with pytest.raises(ValueError, match="--resume.*another --out"):
-        main(run + ["--steps", "6"])                    # a fresh run would lose them: refused
+        main(run + ["--steps", "6"])  # a fresh run would lose them: refused
     assert latest_checkpoint(out) == (tmp, 4) and old.is_dir()
     capsys.readouterr()
     main(run + ["--steps", "6", "--resume"])
@@ -324,7 +357,7 @@ def test_resume_from_the_parked_checkpoint_alone(tmp_path, capsys):
     run = TINY + ["--data", str(data), "--out", str(out)]
     main(run + ["--steps", "2"])
     final, _, old = checkpoint_paths(out)
-    os.rename(final, old)                                # killed after checkpoint -> checkpoint.old
+    os.rename(final, old)  # killed after checkpoint -> checkpoint.old
     main(run + ["--steps", "3", "--resume"])
     err = capsys.readouterr().err
     assert f"resuming from {old}, step 2" in err

@@ -10,10 +10,10 @@ import time
 import httpx
 import pytest
 import torch
+from helpers import LiveServer, peft_adapter, prompt, reference, tiny_llama_folder
 from safetensors.torch import load_file, save_file
 
 import loraflow as lf
-from helpers import LiveServer, peft_adapter, prompt, reference, tiny_llama_folder
 
 VOCAB = 96
 
@@ -25,10 +25,13 @@ def files(tmp_path_factory):
     (root / "dir").mkdir()
     (root / "broken").mkdir()
     sql = peft_adapter(root / "base", root / "dir" / "sql", 4, ["q_proj", "v_proj"], seed=1)
-    for name, edit in [("nan", lambda t: t.fill_(float("nan"))),       # NaN in the file
-                       ("boom", lambda t: t.fill_(3e38))]:               # finite in the file, inf once used
-        folder = peft_adapter(root / "base", root / ("dir" if name == "boom" else "broken") / name, 2,
-                              ["down_proj"], seed=7)
+    for name, edit in [
+        ("nan", lambda t: t.fill_(float("nan"))),  # NaN in the file
+        ("boom", lambda t: t.fill_(3e38)),
+    ]:  # finite in the file, inf once used
+        folder = peft_adapter(
+            root / "base", root / ("dir" if name == "boom" else "broken") / name, 2, ["down_proj"], seed=7
+        )
         weights = load_file(folder / "adapter_model.safetensors")
         for key, t in weights.items():
             if "lora_B" in key:
@@ -49,8 +52,7 @@ def files(tmp_path_factory):
 def server(files):
     root, _ = files
     engine = lf.Engine(model=root / "base", adapter_dir=root / "dir", device="cpu", max_batch_tokens=64)
-    s = LiveServer(engine, adapter_dir=str(root), allow_runtime_lora=True, max_body_bytes=256 * 1024,
-                   body_timeout=1.0)
+    s = LiveServer(engine, adapter_dir=str(root), allow_runtime_lora=True, max_body_bytes=256 * 1024, body_timeout=1.0)
     yield s
     s.close()
 
@@ -94,11 +96,22 @@ def test_an_adapter_with_nan_weights_is_refused_at_load_with_the_layer_named(ser
 def test_an_adapter_whose_output_overflows_fails_only_its_own_requests(server):
     async def run():
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as h:
-            return await asyncio.gather(*[
-                h.post("/v1/completions", json={"model": m, "prompt": prompt(2, 5), "max_tokens": 3,
-                                                "temperature": t, "logprobs": lp})
-                for m, t, lp in [("boom", 1.0, None), ("boom", 0.0, None), ("boom", 0.0, 2), ("sql", 1.0, None),
-                                 ("base", 0.0, None)]])
+            return await asyncio.gather(
+                *[
+                    h.post(
+                        "/v1/completions",
+                        json={"model": m, "prompt": prompt(2, 5), "max_tokens": 3, "temperature": t, "logprobs": lp},
+                    )
+                    for m, t, lp in [
+                        ("boom", 1.0, None),
+                        ("boom", 0.0, None),
+                        ("boom", 0.0, 2),
+                        ("sql", 1.0, None),
+                        ("base", 0.0, None),
+                    ]
+                ]
+            )
+
     *boom, sql, base = asyncio.run(run())
     for r in boom:
         assert "non-finite logits" in error(r, 500)["message"]
@@ -139,13 +152,18 @@ def test_max_tokens_above_the_context_answers_400(server):
     room = server.loop.engine.max_len
     err = error(complete(server, prompt=prompt(3, 4), max_tokens=room), 400)
     assert err["code"] == "context_length_exceeded" and f"at most {room - 4}" in err["message"]
-    near = complete(server, prompt=prompt(3, room - 3), max_tokens=None)     # the default 16 shrinks to what fits
+    near = complete(server, prompt=prompt(3, room - 3), max_tokens=None)  # the default 16 shrinks to what fits
     assert near.status_code == 200 and near.json()["usage"]["completion_tokens"] <= 3
 
 
 def test_unsupported_parameters_are_named_not_ignored(server):
-    for field, value in [("n", 2), ("tools", [{"type": "function"}]), ("logit_bias", {"5": 10}),
-                         ("best_of", 2), ("suffix", "x")]:
+    for field, value in [
+        ("n", 2),
+        ("tools", [{"type": "function"}]),
+        ("logit_bias", {"5": 10}),
+        ("best_of", 2),
+        ("suffix", "x"),
+    ]:
         err = error(complete(server, prompt="w1", **{field: value}), 400)
         assert err["param"] == field and repr(field) in err["message"]
     assert complete(server, prompt="w1", user="someone", logit_bias=None).status_code == 200
@@ -160,7 +178,8 @@ def test_bodies_over_the_limit_get_413_with_or_without_a_length(server):
     def chunks():
         data = json.dumps(big).encode()
         for i in range(0, len(data), 65536):
-            yield data[i:i + 65536]
+            yield data[i : i + 65536]
+
     r = httpx.post(server.url + "/v1/completions", content=chunks(), headers={"content-type": "application/json"})
     error(r, 413)
     assert httpx.get(server.url + "/health").status_code == 200
@@ -169,10 +188,12 @@ def test_bodies_over_the_limit_get_413_with_or_without_a_length(server):
 def test_a_client_that_sends_half_a_request_and_stalls_gets_408_and_stalls_nobody(server):
     host, port = server.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port))) as s:
-        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                  b"Content-Length: 200\r\n\r\n{\"model\": \"base\",")
+        s.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 200\r\n\r\n{"model": "base",'
+        )
         started = time.perf_counter()
-        assert complete(server, prompt="w1 w2").status_code == 200      # others are served meanwhile
+        assert complete(server, prompt="w1 w2").status_code == 200  # others are served meanwhile
         s.settimeout(10)
         answer = b""
         while chunk := s.recv(4096):
@@ -190,6 +211,7 @@ def test_tokenizing_runs_off_the_event_loop(server, monkeypatch):
     def tokenize(text):
         time.sleep(2.0)
         return slow(text)
+
     monkeypatch.setattr(engine, "tokenize", tokenize)
     thread = threading.Thread(target=lambda: complete(server, prompt="w1 w2"))
     thread.start()
@@ -227,15 +249,34 @@ def test_logprobs_equal_transformers_and_peft(server, files):
     for got, top, (_, want, want_top) in zip(lp["token_logprobs"], lp["top_logprobs"], ref):
         assert abs(got - want) < 1e-4
         assert sorted(top.values(), reverse=True) == pytest.approx(want_top.values.tolist(), abs=1e-4)
-    chat = post(server, "/v1/chat/completions", {"model": "sql", "messages": [{"role": "user", "content": p}],
-                                                  "max_tokens": 3, "temperature": 0, "logprobs": True,
-                                                  "top_logprobs": 2}).json()
+    chat = post(
+        server,
+        "/v1/chat/completions",
+        {
+            "model": "sql",
+            "messages": [{"role": "user", "content": p}],
+            "max_tokens": 3,
+            "temperature": 0,
+            "logprobs": True,
+            "top_logprobs": 2,
+        },
+    ).json()
     content = chat["choices"][0]["logprobs"]["content"]
     assert len(content) == chat["usage"]["completion_tokens"]
     assert all(len(c["top_logprobs"]) == 2 and c["top_logprobs"][0]["logprob"] >= c["logprob"] - 1e-6 for c in content)
-    with httpx.stream("POST", server.url + "/v1/completions",
-                      json={"model": "sql", "prompt": p, "max_tokens": 4, "temperature": 0, "logprobs": 1,
-                            "stream": True, "ignore_eos": True}) as s:
+    with httpx.stream(
+        "POST",
+        server.url + "/v1/completions",
+        json={
+            "model": "sql",
+            "prompt": p,
+            "max_tokens": 4,
+            "temperature": 0,
+            "logprobs": 1,
+            "stream": True,
+            "ignore_eos": True,
+        },
+    ) as s:
         events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
     streamed = [x for e in events for x in (e["choices"][0]["logprobs"] or {}).get("token_logprobs", [])]
     assert streamed == pytest.approx(lp["token_logprobs"], abs=1e-6)
@@ -269,9 +310,12 @@ def test_penalties_equal_a_reference_loop(server, files):
         return logits - 0.7 * counts - 1.1 * (counts > 0).double()
 
     from transformers import AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(root / "base")
-    for fields, penalty in [({"repetition_penalty": 1.8}, repetition),
-                            ({"frequency_penalty": 0.7, "presence_penalty": 1.1}, frequency_presence)]:
+    for fields, penalty in [
+        ({"repetition_penalty": 1.8}, repetition),
+        ({"frequency_penalty": 0.7, "presence_penalty": 1.1}, frequency_presence),
+    ]:
         want = greedy_with(root / "base", p, 8, penalty)
         r = complete(server, prompt=p, temperature=0, max_tokens=8, ignore_eos=True, **fields)
         assert r.json()["choices"][0]["text"] == tok.decode(want, skip_special_tokens=True), fields
@@ -291,6 +335,7 @@ def test_the_server_still_answers_after_all_of_the_above(server, files):
     r = complete(server, model="sql", prompt=p, temperature=0, max_tokens=5)
     assert r.status_code == 200
     from transformers import AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(root / "base")
     assert r.json()["choices"][0]["text"] == tok.decode(reference(root / "base", sql, p, 5), skip_special_tokens=True)
     engine = server.loop.engine

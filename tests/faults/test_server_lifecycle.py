@@ -8,11 +8,11 @@ import time
 import httpx
 import pytest
 import torch
+from helpers import LiveServer, peft_adapter, prompt, reference, tiny_llama_folder
 
 import loraflow as lf
 from loraflow.serve.loop import EngineDown, EngineLoop
 from loraflow.serve.sampling import SamplingParams
-from helpers import LiveServer, peft_adapter, prompt, reference, tiny_llama_folder
 
 
 @pytest.fixture(scope="module")
@@ -20,21 +20,29 @@ def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("lifecycle")
     tiny_llama_folder(root / "base")
     (root / "dir").mkdir()
-    adapters = {"sql": peft_adapter(root / "base", root / "dir" / "sql", 4, ["q_proj", "v_proj"], seed=1),
-                "py": peft_adapter(root / "base", root / "dir" / "py", 2, "all-linear", seed=3)}
-    wide_cfg = __import__("transformers").LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64,
-                                                      num_hidden_layers=2, num_attention_heads=4,
-                                                      num_key_value_heads=2)
+    adapters = {
+        "sql": peft_adapter(root / "base", root / "dir" / "sql", 4, ["q_proj", "v_proj"], seed=1),
+        "py": peft_adapter(root / "base", root / "dir" / "py", 2, "all-linear", seed=3),
+    }
+    wide_cfg = __import__("transformers").LlamaConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     __import__("transformers").LlamaForCausalLM(wide_cfg).save_pretrained(root / "wide")
-    adapters["bad"] = peft_adapter(root / "wide", root / "bad", 2, ["q_proj"], seed=6)   # another model's shapes
+    adapters["bad"] = peft_adapter(root / "wide", root / "bad", 2, ["q_proj"], seed=6)  # another model's shapes
     return root, adapters
 
 
 def engine(files, **kw):
     root, adapters = files
     kw = {"max_batch_tokens": 64, **kw}
-    return lf.Engine(model=root / "base", adapters={"sql": str(adapters["sql"]), "py": str(adapters["py"])},
-                     device="cpu", **kw)
+    return lf.Engine(
+        model=root / "base", adapters={"sql": str(adapters["sql"]), "py": str(adapters["py"])}, device="cpu", **kw
+    )
 
 
 def greedy(n):
@@ -57,6 +65,7 @@ def slow_model(eng, seconds):
     def slow(*args, **kw):
         time.sleep(seconds)
         return forward(*args, **kw)
+
     eng.model.forward = slow
 
 
@@ -94,7 +103,7 @@ def test_registering_a_name_again_serves_the_new_weights(files):
     first = eng.add_request(p, greedy(5), "sql")
     run(eng, [first])
     assert first.output_ids == reference(root / "base", adapters["sql"], p, 5)
-    eng.registry.register("sql", adapters["py"])          # the host and device copies of the old ones go
+    eng.registry.register("sql", adapters["py"])  # the host and device copies of the old ones go
     second = eng.add_request(p, greedy(5), "sql")
     run(eng, [second])
     assert second.output_ids == reference(root / "base", adapters["py"], p, 5)
@@ -111,14 +120,15 @@ def test_a_step_that_fails_fails_the_requests_in_flight_and_the_engine_goes_on(f
             fail.clear()
             raise RuntimeError("CUDA out of memory (injected)")
         return forward(*args, **kw)
+
     eng.model.forward = once
     a = eng.add_request(prompt(5, 4), SamplingParams(max_tokens=20, temperature=0, ignore_eos=True), "sql")
-    while not a.output_ids:                      # its adapter loads, then its prompt runs
+    while not a.output_ids:  # its adapter loads, then its prompt runs
         eng.step()
         time.sleep(0.002)
     b = eng.add_request(prompt(6, 4), greedy(4), None)
     fail.append(1)
-    eng.step()                                   # fails: a and b were in flight
+    eng.step()  # fails: a and b were in flight
     assert a.error_type == b.error_type == "engine" and "out of memory" in a.error
     assert eng.failures_in_a_row == 1 and eng.kv.used_blocks == 0 and not any(eng.registry.pins.values())
     c = eng.add_request(prompt(6, 4), greedy(4), "py")
@@ -127,17 +137,18 @@ def test_a_step_that_fails_fails_the_requests_in_flight_and_the_engine_goes_on(f
 
 
 def test_an_engine_that_keeps_failing_fails_everything_and_stops_the_loop(files):
-    eng = engine(files, max_batch_tokens=4)          # one 4-token prompt a step: three steps fail in turn
+    eng = engine(files, max_batch_tokens=4)  # one 4-token prompt a step: three steps fail in turn
 
     def broken(*args, **kw):
         raise RuntimeError("device lost (injected)")
+
     eng.model.forward = broken
     loop = EngineLoop(eng, background=False, max_failures=3)
     reqs = [eng.add_request(prompt(7 + i, 4), greedy(4), None) for i in range(5)]
     with pytest.raises(EngineDown, match="3 steps in a row"):
         loop.run_forever()
     assert all(r.finish_reason == "error" and r.error_type == "engine" for r in reqs)
-    assert "stopped" in reqs[-1].error                 # the two never run were failed on the way out
+    assert "stopped" in reqs[-1].error  # the two never run were failed on the way out
     with pytest.raises(EngineDown):
         asyncio.run(_submit(loop))
     assert eng.kv.used_blocks == 0 and not eng.running and not eng.waiting
@@ -175,20 +186,23 @@ def test_a_non_streaming_client_that_leaves_stops_its_generation(server):
     slow_model(eng, 0.02)
     try:
         with pytest.raises(httpx.ReadTimeout):
-            httpx.post(server.url + "/v1/completions", timeout=0.5,
-                       json={"model": "sql", "prompt": prompt(9, 4), "max_tokens": 240, "ignore_eos": True})
+            httpx.post(
+                server.url + "/v1/completions",
+                timeout=0.5,
+                json={"model": "sql", "prompt": prompt(9, 4), "max_tokens": 240, "ignore_eos": True},
+            )
         deadline = time.time() + 10
         while eng.running and time.time() < deadline:
             time.sleep(0.02)
     finally:
         eng.model.forward = forward
     assert not eng.running and eng.kv.used_blocks == 0 and eng.registry.pins["sql"] == 0
-    assert eng.stats["generated_tokens"] - before < 100            # 240 if it had run on for nobody
+    assert eng.stats["generated_tokens"] - before < 100  # 240 if it had run on for nobody
 
 
 def test_an_adapter_that_fails_to_load_answers_when_nothing_else_runs(server, files):
     root, adapters = files
-    server.loop.engine.registry.register("bad", adapters["bad"])    # as --lora does: checked at first use
+    server.loop.engine.registry.register("bad", adapters["bad"])  # as --lora does: checked at first use
     r = httpx.post(server.url + "/v1/completions", json={"model": "bad", "prompt": "w1", "max_tokens": 2}, timeout=20)
     assert r.status_code == 400 and r.json()["error"]["type"] == "adapter_error"
 
@@ -219,9 +233,14 @@ def test_loading_and_unloading_while_requests_use_the_adapter(server, files):
 
     async def clients():
         async with httpx.AsyncClient(base_url=url, timeout=60) as h:
-            rs = await asyncio.gather(*[h.post("/v1/completions", json={"model": "late", "prompt": prompt(i, 4),
-                                                                        "max_tokens": 3}) for i in range(60)])
+            rs = await asyncio.gather(
+                *[
+                    h.post("/v1/completions", json={"model": "late", "prompt": prompt(i, 4), "max_tokens": 3})
+                    for i in range(60)
+                ]
+            )
             return [(r.status_code, r.json()) for r in rs]
+
     thread = threading.Thread(target=churn)
     thread.start()
     try:

@@ -8,9 +8,9 @@ import time
 
 import httpx
 import pytest
+from helpers import LiveServer, peft_adapter, prompt, tiny_llama_folder
 
 import loraflow as lf
-from helpers import LiveServer, peft_adapter, prompt, tiny_llama_folder
 
 
 @pytest.fixture(scope="module")
@@ -20,8 +20,14 @@ def server(tmp_path_factory):
     (root / "dir").mkdir()
     for i, targets in enumerate([["q_proj"], ["v_proj", "o_proj"], "all-linear", ["up_proj"]]):
         peft_adapter(root / "base", root / "dir" / f"a{i}", 2 + i, targets, seed=i)
-    engine = lf.Engine(model=root / "base", adapter_dir=root / "dir", device="cpu", max_batch_tokens=256,
-                       max_gpu_adapters=2, max_waiting=300)
+    engine = lf.Engine(
+        model=root / "base",
+        adapter_dir=root / "dir",
+        device="cpu",
+        max_batch_tokens=256,
+        max_gpu_adapters=2,
+        max_waiting=300,
+    )
     s = LiveServer(engine)
     yield s
     s.close()
@@ -32,20 +38,28 @@ def test_500_concurrent_mixed_requests_with_random_disconnects(server):
     models = ["base", "a0", "a1", "a2", "a3"]
 
     async def one(h, i):
-        body = {"model": rng.choice(models), "prompt": prompt(i, rng.randint(1, 12)), "max_tokens": rng.randint(1, 8),
-                "temperature": rng.choice([0, 0.8]), "seed": i, "stream": rng.random() < 0.3,
-                "logprobs": rng.choice([None, 2])}
-        leave = rng.random() < 0.2           # this client gives up after a random short wait
+        body = {
+            "model": rng.choice(models),
+            "prompt": prompt(i, rng.randint(1, 12)),
+            "max_tokens": rng.randint(1, 8),
+            "temperature": rng.choice([0, 0.8]),
+            "seed": i,
+            "stream": rng.random() < 0.3,
+            "logprobs": rng.choice([None, 2]),
+        }
+        leave = rng.random() < 0.2  # this client gives up after a random short wait
         try:
             if body["stream"]:
+
                 async def read():
                     async with h.stream("POST", "/v1/completions", json=body) as r:
                         return r.status_code, [line async for line in r.aiter_lines()]
+
                 call = read()
             else:
                 call = h.post("/v1/completions", json=body)
             out = await asyncio.wait_for(call, rng.uniform(0.05, 1.0)) if leave else await call
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return "left", None
         return body["stream"], out
 
@@ -53,6 +67,7 @@ def test_500_concurrent_mixed_requests_with_random_disconnects(server):
         limits = httpx.Limits(max_connections=600, max_keepalive_connections=0)
         async with httpx.AsyncClient(base_url=server.url, timeout=180, limits=limits) as h:
             return await asyncio.gather(*[one(h, i) for i in range(500)])
+
     outs = asyncio.run(run())
     answered = busy = left = 0
     for stream, out in outs:

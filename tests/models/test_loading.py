@@ -3,12 +3,12 @@ import os
 
 import pytest
 import torch
+from conftest import VOCAB, ids, outputs, tiny_llama
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 import loraflow as lf
 from loraflow.models import loading
-from conftest import VOCAB, ids, outputs, tiny_llama
 
 
 def save_tiny_folder(folder):
@@ -71,11 +71,10 @@ def test_default_model_is_cached_as_plain_safetensors(default_model):
 def test_default_model_answers_the_capital_of_france(default_model):
     model, tok = default_model
     messages = [{"role": "user", "content": "What is the capital of France?"}]
-    inputs = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                     return_dict=True)
+    inputs = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=16, do_sample=False)
-    answer = tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    answer = tok.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer, answer
 
 
@@ -85,6 +84,7 @@ def test_conversion_is_atomic_under_a_fresh_cache(tmp_path, monkeypatch):
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
+
     monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", interrupted)
     with pytest.raises(KeyboardInterrupt):
         loading.default_model_path()

@@ -2,19 +2,19 @@
 
 import pytest
 import torch
+from conftest import rel_err
 
 from loraflow.multi import ops
-from conftest import rel_err
 
 
 def problem(seed, rows=9, T=3, d_in=24, d_out=20, ranks=(1, 4, 8), dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
     A = [torch.randn(r, d_in, generator=g, dtype=dtype) for r in ranks]
     B = [torch.randn(d_out, r, generator=g, dtype=dtype) for r in ranks]
-    scales = [0.5, 2.0, 1.25][:len(ranks)]
+    scales = [0.5, 2.0, 1.25][: len(ranks)]
     x = torch.randn(rows, T, d_in, generator=g, dtype=dtype)
     slots = torch.randint(-1, len(ranks), (rows,), generator=g)
-    slots[:2] = torch.tensor([-1, 0])    # at least one base row, one adapter row
+    slots[:2] = torch.tensor([-1, 0])  # at least one base row, one adapter row
     return x, slots, A, B, scales
 
 
@@ -54,7 +54,7 @@ def test_ops_when_no_row_uses_an_adapter():
 def test_flora_paths_equal_the_merged_weight_per_row(seed):
     x, slots, A, B, _ = problem(seed, ranks=(1, 2, 5))
     A = [1 + 0.3 * a for a in A]
-    slots = slots.clamp_min(0)           # FLoRA ops take FLoRA rows only
+    slots = slots.clamp_min(0)  # FLoRA ops take FLoRA rows only
     w0 = torch.randn(20, 24, dtype=torch.float64)
     ref = torch.stack([x[i] @ (w0 * (B[s] @ A[s]) / A[s].shape[0]).T for i, s in enumerate(slots.tolist())])
     for fn in (ops.flora_loop, ops.flora_dense, ops.flora_bmm):

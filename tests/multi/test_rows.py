@@ -4,13 +4,13 @@ import threading
 
 import pytest
 import torch
+from conftest import DEVICE, clone, ids, make, outputs, randomize, rel_err, tiny_llama
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
 import loraflow as lf
 from loraflow.adapters import adapter_layers
 from loraflow.multi.rows import _cached, _Stamp
-from conftest import DEVICE, clone, ids, make, outputs, randomize, rel_err, tiny_llama
 
 IMPLS = ["loop", "bmm", "segmented", "triton"]
 
@@ -18,9 +18,11 @@ IMPLS = ["loop", "bmm", "segmented", "triton"]
 def model_with_three_peft_adapters(tmp_path):
     """A tiny Llama with three PEFT adapters of different ranks and targets, and loraflow's copy."""
     peft_model = None
-    specs = {"sql": dict(r=2, target_modules=["q_proj", "v_proj"]),
-             "med": dict(r=8, target_modules=["q_proj", "k_proj", "o_proj", "down_proj"]),
-             "py": dict(r=4, target_modules="all-linear", use_rslora=True)}
+    specs = {
+        "sql": dict(r=2, target_modules=["q_proj", "v_proj"]),
+        "med": dict(r=8, target_modules=["q_proj", "k_proj", "o_proj", "down_proj"]),
+        "py": dict(r=4, target_modules="all-linear", use_rslora=True),
+    }
     for i, (name, spec) in enumerate(specs.items()):
         cfg = LoraConfig(lora_alpha=16, init_lora_weights=False, **spec)
         torch.manual_seed(10 + i)
@@ -31,7 +33,7 @@ def model_with_three_peft_adapters(tmp_path):
     peft_model.save_pretrained(tmp_path)
     model = tiny_llama()
     for name in specs:
-        lf.load_adapter(model, tmp_path / name, name=name)   # PEFT: one subfolder per adapter
+        lf.load_adapter(model, tmp_path / name, name=name)  # PEFT: one subfolder per adapter
     return peft_model.eval(), model
 
 
@@ -44,9 +46,9 @@ def test_loop_equals_peft_mixed_batch_forward(tmp_path):
     with lf.use_adapters(model, names, impl="loop"):
         got = outputs(model, x)
     assert rel_err(got, expected) < 1e-5
-    for i, n in enumerate(names):   # and every row on its own
+    for i, n in enumerate(names):  # and every row on its own
         lf.set_adapter(model, n)
-        assert rel_err(got[i], outputs(model, x[i:i + 1])[0]) < 1e-5, (i, n)
+        assert rel_err(got[i], outputs(model, x[i : i + 1])[0]) < 1e-5, (i, n)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -67,7 +69,7 @@ def test_every_impl_equals_loop_on_a_mixed_model(impl):
     assert rel_err(got, ref) < 1e-5
     for i, n in enumerate(names):
         lf.set_adapter(model, n)
-        assert rel_err(got[i], outputs(model, x[i:i + 1])[0]) < 1e-5, (i, n)
+        assert rel_err(got[i], outputs(model, x[i : i + 1])[0]) < 1e-5, (i, n)
 
 
 def test_flora_rows_equal_the_merged_weight():
@@ -84,7 +86,7 @@ def test_flora_rows_equal_the_merged_weight():
             lf.merge_adapter(merged, n)
         else:
             lf.set_adapter(merged, None)
-        assert rel_err(got[i], outputs(merged, x[i:i + 1])[0]) < 1e-5
+        assert rel_err(got[i], outputs(merged, x[i : i + 1])[0]) < 1e-5
 
 
 @pytest.mark.parametrize("impl", ["loop", "bmm", "segmented"])
@@ -169,8 +171,10 @@ def test_two_threads_with_two_models_do_not_interfere():
                 if rel_err(outputs(models[i], x), expected[i]) > 1e-6:
                     errors.append(i)
 
-    threads = [threading.Thread(target=work, args=(0, ["a", "a"])),
-               threading.Thread(target=work, args=(1, [None, None]))]
+    threads = [
+        threading.Thread(target=work, args=(0, ["a", "a"])),
+        threading.Thread(target=work, args=(1, [None, None])),
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -184,19 +188,19 @@ def test_two_threads_with_two_models_do_not_interfere():
 def test_stamp_changes_with_what_the_weights_are():
     p = nn.Parameter(torch.randn(4, 3))
     st = _Stamp(p)
-    assert st.still(p) and st.still(p)                       # same untouched parameter
+    assert st.still(p) and st.still(p)  # same untouched parameter
     with torch.no_grad():
-        p.add_(1)                                            # in place: optimizer-like step
+        p.add_(1)  # in place: optimizer-like step
     assert not st.still(p)
     st = _Stamp(p)
-    p.detach().copy_(torch.randn(4, 3))                      # a detach() shares the version counter
+    p.detach().copy_(torch.randn(4, 3))  # a detach() shares the version counter
     assert not st.still(p)
     st, version = _Stamp(p), p._version
-    p.data = torch.randn(4, 3)                               # new storage, version not bumped
+    p.data = torch.randn(4, 3)  # new storage, version not bumped
     assert p._version == version and not st.still(p)
     st = _Stamp(p)
-    assert not st.still(nn.Parameter(p.detach().clone()))    # equal values, another tensor/storage
-    assert not st.still(p.detach())                          # same storage, another tensor
+    assert not st.still(nn.Parameter(p.detach().clone()))  # equal values, another tensor/storage
+    assert not st.still(p.detach())  # same storage, another tensor
     assert st.still(p)
 
 
@@ -209,7 +213,7 @@ def test_stamp_of_a_dead_tensor_matches_nothing_even_at_its_id():
     st, old = _Stamp(b), (id(b), b.data_ptr())
     del b
     assert st.ref() is None
-    later = [w[0] @ w[1] for _ in range(20)]                 # equal values; ids may repeat old[0]
+    later = [w[0] @ w[1] for _ in range(20)]  # equal values; ids may repeat old[0]
     assert all(torch.equal(c, later[0]) for c in later)
     assert not any(st.still(c) for c in later)
     assert old[1] not in {c.data_ptr() for c in later}
@@ -220,14 +224,13 @@ def test_cached_recomputes_only_when_a_source_changes():
     a, b = nn.Parameter(torch.randn(2, 3)), nn.Parameter(torch.randn(3, 2))
 
     def get(meta=("x", 1.0), sources=None):
-        return _cached(layer, "_c", meta, [a, b] if sources is None else sources,
-                       lambda: calls.append(1) or len(calls))
+        return _cached(layer, "_c", meta, [a, b] if sources is None else sources, lambda: calls.append(1) or len(calls))
 
-    assert get() == 1 and get() == 1                         # untouched: computed once
+    assert get() == 1 and get() == 1  # untouched: computed once
     with torch.no_grad():
         b.mul_(2)
     assert get() == 2 and get() == 2
-    assert get(meta=("x", 2.0)) == 3                         # a scale changed
+    assert get(meta=("x", 2.0)) == 3  # a scale changed
     assert get(meta=("x", 2.0), sources=[a, nn.Parameter(b.detach().clone())]) == 4
     assert get(meta=("x", 2.0), sources=[a]) == 5
 
@@ -250,8 +253,7 @@ def test_triton_follows_in_place_changes_between_forwards(name):
     layer = adapter_layers(model, name)[0][1]
     param = layer.adapters[name].factors[1] if name == "d" else layer.adapters[name].B
     g = torch.Generator().manual_seed(0)
-    weights = [torch.randn(param.shape, generator=g).to(DEVICE) / param.shape[1] ** 0.5
-               for _ in range(20)]
+    weights = [torch.randn(param.shape, generator=g).to(DEVICE) / param.shape[1] ** 0.5 for _ in range(20)]
     refs = []
     for w in weights:
         with torch.no_grad():
@@ -262,10 +264,10 @@ def test_triton_follows_in_place_changes_between_forwards(name):
         outputs(model, x)
         entry = layer._packed
         outputs(model, x)
-        assert layer._packed is entry                        # untouched weights: packed once
+        assert layer._packed is entry  # untouched weights: packed once
         for i, (w, ref) in enumerate(zip(weights, refs)):
             with torch.no_grad():
                 param.copy_(w)
             assert rel_err(outputs(model, x), ref) < 1e-5, i
-            assert layer._packed is not entry                # the write repacked
+            assert layer._packed is not entry  # the write repacked
             entry = layer._packed

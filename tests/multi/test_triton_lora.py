@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from conftest import rel_err
 
 from loraflow.multi import ops
-from conftest import rel_err
 
 triton_lora = pytest.importorskip("loraflow.multi.triton_lora")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -22,28 +22,29 @@ def problem(seed, N, ranks, d_in=40, d_out=72, dtype=torch.float32, base_fractio
     return to(x), slots.to(DEVICE), [to(a) for a in A], [to(b) for b in B], scales
 
 
-@pytest.mark.parametrize("variant, N, ranks", [
-    ("rows", 5, [16]),                  # decode, one adapter
-    ("rows", 9, [1, 4, 8, 3]),          # decode, mixed ranks without padding
-    ("fused", 9, [1, 4, 8, 3]),         # decode in one launch
-    ("fused", 3, [16]),
-    ("tiles", 70, [2, 16]),             # prefill, segments longer than a tile
-    ("tiles", 45, [1, 5, 32, 7]),       # prefill, mixed ranks, ragged segments
-    (None, 130, [4, 4]),                # automatic choice
-])
+@pytest.mark.parametrize(
+    "variant, N, ranks",
+    [
+        ("rows", 5, [16]),  # decode, one adapter
+        ("rows", 9, [1, 4, 8, 3]),  # decode, mixed ranks without padding
+        ("fused", 9, [1, 4, 8, 3]),  # decode in one launch
+        ("fused", 3, [16]),
+        ("tiles", 70, [2, 16]),  # prefill, segments longer than a tile
+        ("tiles", 45, [1, 5, 32, 7]),  # prefill, mixed ranks, ragged segments
+        (None, 130, [4, 4]),  # automatic choice
+    ],
+)
 @pytest.mark.parametrize("seed", [0, 1])
 def test_kernels_equal_the_loop(variant, N, ranks, seed):
     x, slots, A, B, scales = problem(seed, N, ranks)
     bias = torch.randn(B[0].shape[0], device=DEVICE)
-    ref = ops.loop(x[:, None].double(), slots, [a.double() for a in A],
-                   [b.double() for b in B], scales)[:, 0].float()
-    out = torch.full((N, B[0].shape[0]), float("nan"), device=DEVICE)   # poisoned: all must be written
+    ref = ops.loop(x[:, None].double(), slots, [a.double() for a in A], [b.double() for b in B], scales)[:, 0].float()
+    out = torch.full((N, B[0].shape[0]), float("nan"), device=DEVICE)  # poisoned: all must be written
     triton_lora.lora_delta(x, slots, triton_lora.PackedLoRA.pack(A, B, scales), variant=variant, out=out)
     assert not out.isnan().any()
     assert rel_err(out, ref) < 1e-5
-    assert (out[slots < 0] == 0).all()                                    # base rows: no delta
-    with_bias = triton_lora.lora_delta(x, slots, triton_lora.PackedLoRA.pack(A, B, scales), variant=variant,
-                                       bias=bias)
+    assert (out[slots < 0] == 0).all()  # base rows: no delta
+    with_bias = triton_lora.lora_delta(x, slots, triton_lora.PackedLoRA.pack(A, B, scales), variant=variant, bias=bias)
     assert rel_err(with_bias, ref + bias) < 1e-5
 
 
@@ -52,8 +53,9 @@ def test_launch_configs_do_not_change_results(config):
     for variant, N in [("rows", 6), ("fused", 6), ("tiles", 80)]:
         x, slots, A, B, scales = problem(5, N, [3, 16])
         ref = triton_lora.lora_delta(x, slots, triton_lora.PackedLoRA.pack(A, B, scales), variant=variant)
-        got = triton_lora.lora_delta(x, slots, triton_lora.PackedLoRA.pack(A, B, scales), variant=variant,
-                                     config=config)
+        got = triton_lora.lora_delta(
+            x, slots, triton_lora.PackedLoRA.pack(A, B, scales), variant=variant, config=config
+        )
         assert rel_err(got, ref) < 1e-6
 
 
@@ -62,7 +64,7 @@ def test_tile_plan_covers_every_adapter_token_once():
     plan = triton_lora.tile_plan(slots, n=3, block_m=2)
     order, tslot, tstart, tend = plan.order, plan.tslot, plan.tstart, plan.tend
     covered = [int(order[i]) for s, e in zip(tstart.tolist(), tend.tolist()) for i in range(s, e)]
-    assert sorted(covered) == list(range(len(slots)))          # base tokens too (they get zeros)
+    assert sorted(covered) == list(range(len(slots)))  # base tokens too (they get zeros)
     for t, s, e in zip(tslot.tolist(), tstart.tolist(), tend.tolist()):
         assert all(int(slots[order[i]]) == t for i in range(s, e)) and e - s <= 2
 

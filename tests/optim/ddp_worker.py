@@ -8,9 +8,10 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
 
-sys.path.insert(0, sys.argv[2])          # tests/ (for conftest's tiny models)
-import loraflow as lf                    # noqa: E402
-from conftest import tiny_llama          # noqa: E402
+sys.path.insert(0, sys.argv[2])  # tests/ (for conftest's tiny models)
+from conftest import tiny_llama  # noqa: E402
+
+import loraflow as lf  # noqa: E402
 
 
 def global_batches(steps=4, size=4):
@@ -19,8 +20,9 @@ def global_batches(steps=4, size=4):
 
 
 def train(model, rank=0, world=1):
-    opt = lf.GaLoreAdamW(lf.galore_param_groups(model.module if world > 1 else model, rank=4, update_proj_gap=2),
-                         lr=1e-2)
+    opt = lf.GaLoreAdamW(
+        lf.galore_param_groups(model.module if world > 1 else model, rank=4, update_proj_gap=2), lr=1e-2
+    )
     for x in global_batches():
         part = x.chunk(world)[rank]
         model(input_ids=part, labels=part).loss.backward()

@@ -5,10 +5,10 @@ import io
 
 import pytest
 import torch
+from conftest import DEVICE
 from torch import nn
 
 import loraflow as lf
-from conftest import DEVICE
 
 pytest.importorskip("triton", reason="the fused 8-bit Adam kernel is written in Triton (not installed)")
 from test_quant8 import SHAPES, run_8bit_against_float
@@ -33,9 +33,8 @@ def test_fused_step_equals_the_pytorch_step(n):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
         for key in ("exp_avg", "exp_avg_sq"):
             assert fused[f"{key}_codes"].dtype == torch.uint8 and fused[f"{key}_codes"].shape == (n,)
-            assert (fused[f"{key}_codes"] != ref[f"{key}_codes"]).float().mean() <= 0.002   # float ties at midpoints
+            assert (fused[f"{key}_codes"] != ref[f"{key}_codes"]).float().mean() <= 0.002  # float ties at midpoints
             torch.testing.assert_close(fused[f"{key}_absmax"], ref[f"{key}_absmax"], rtol=1e-6, atol=0)
-
 
 
 def test_fused_8bit_adam_is_float_adam_within_the_documented_bound():
@@ -69,7 +68,7 @@ def test_fused_optimizer_equals_the_pytorch_8bit_path_and_states_interchange():
             codes_seen += a[f"{key}_codes"].numel()
             torch.testing.assert_close(a[f"{key}_absmax"], b[f"{key}_absmax"], rtol=1e-5, atol=0)
         diff = (p_fused[k] - p_plain[k]).abs()
-        assert (diff > 1e-5).float().mean() <= 0.002 and diff.max() < 0.1        # ties only
+        assert (diff > 1e-5).float().mean() <= 0.002 and diff.max() < 0.1  # ties only
     assert codes_seen > 2000
 
     # save the fused state, continue one step on the PyTorch path and one on the fused path
@@ -77,11 +76,17 @@ def test_fused_optimizer_equals_the_pytorch_8bit_path_and_states_interchange():
     torch.save(fused.state_dict(), buf)
     buf.seek(0)
     twin = {k: nn.Parameter(p.detach().clone()) for k, p in p_fused.items()}
-    groups = [dict(g, params=[twin[k] for k in names])
-              for g, names in zip(fused.param_groups, (("w", "w2"), ("b", "m")))]
-    assert all(p is p_fused[k] for g, names in zip(fused.param_groups, (("w", "w2"), ("b", "m")))
-               for p, k in zip(g["params"], names))
-    other = lf.GaLoreAdamW8bit(groups, lr=fused.defaults["lr"], weight_decay=fused.defaults["weight_decay"], fused=False)
+    groups = [
+        dict(g, params=[twin[k] for k in names]) for g, names in zip(fused.param_groups, (("w", "w2"), ("b", "m")))
+    ]
+    assert all(
+        p is p_fused[k]
+        for g, names in zip(fused.param_groups, (("w", "w2"), ("b", "m")))
+        for p, k in zip(g["params"], names)
+    )
+    other = lf.GaLoreAdamW8bit(
+        groups, lr=fused.defaults["lr"], weight_decay=fused.defaults["weight_decay"], fused=False
+    )
     other.load_state_dict(torch.load(buf, weights_only=True))
     step = {k: torch.randn(p.shape, generator=torch.Generator().manual_seed(9)).to(DEVICE) for k, p in twin.items()}
     for ps, opt in ((p_fused, fused), (twin, other)):

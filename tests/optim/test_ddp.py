@@ -7,10 +7,9 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
-
 from conftest import rel_err, tiny_llama
 from ddp_worker import train
+from safetensors.torch import load_file
 
 HERE = Path(__file__).parent
 
@@ -21,9 +20,23 @@ def test_two_process_ddp_equals_one_process(tmp_path):
         port = s.getsockname()[1]
     out = tmp_path / "ddp.safetensors"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          f"--master_port={port}", "--master_addr=127.0.0.1", str(HERE / "ddp_worker.py"), str(out),
-                          str(HERE.parent)], env=env, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            f"--master_port={port}",
+            "--master_addr=127.0.0.1",
+            str(HERE / "ddp_worker.py"),
+            str(out),
+            str(HERE.parent),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     ddp = load_file(out)
     single = train(tiny_llama()).state_dict()

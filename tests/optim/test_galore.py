@@ -2,11 +2,10 @@ import io
 
 import pytest
 import torch
+from conftest import ids, tiny_llama
 from torch import nn
 
-from loraflow.optim import GaLoreAdamW, GaLoreSGD, analytic_state_bytes, galore_param_groups, state_bytes
-from loraflow.optim import projector
-from conftest import ids, tiny_llama
+from loraflow.optim import GaLoreAdamW, GaLoreSGD, analytic_state_bytes, galore_param_groups, projector, state_bytes
 
 
 def mlp(seed=0):
@@ -124,7 +123,9 @@ def test_bf16_moments_halve_the_states_and_still_train():
         assert opt.state[model[0].weight]["exp_avg"].dtype == dtype
         assert state_bytes(opt) == analytic_state_bytes(opt)
         runs[dtype] = (nn.functional.mse_loss(model(x), y).item(), state_bytes(opt), opt)
-    assert runs[torch.bfloat16][0] < 0.8 * before and abs(runs[torch.bfloat16][0] - runs[torch.float32][0]) < 0.05 * before
+    assert (
+        runs[torch.bfloat16][0] < 0.8 * before and abs(runs[torch.bfloat16][0] - runs[torch.float32][0]) < 0.05 * before
+    )
     bases = sum(s["proj"].numel() * 4 for s in runs[torch.float32][2].state.values() if "proj" in s)
     assert runs[torch.bfloat16][1] - bases == (runs[torch.float32][1] - bases) // 2
     with pytest.raises(ValueError, match="state_dtype"):
@@ -142,11 +143,18 @@ def test_galore_state_is_smaller_than_adamw_state():
         model(input_ids=batch, labels=batch).loss.backward()
         o.step()
     assert state_bytes(opt) == analytic_state_bytes(opt)
-    adamw = sum(v.numel() * v.element_size() for s in plain.state.values() for v in s.values()
-                if torch.is_tensor(v) and v.dim() > 0)
+    adamw = sum(
+        v.numel() * v.element_size()
+        for s in plain.state.values()
+        for v in s.values()
+        if torch.is_tensor(v) and v.dim() > 0
+    )
     assert state_bytes(opt) < 0.75 * adamw
-    assert not any(n.startswith("lm_head") or "embed" in n for n, p in model.named_parameters()
-                   if any(p is q for q in groups[0]["params"]))
+    assert not any(
+        n.startswith("lm_head") or "embed" in n
+        for n, p in model.named_parameters()
+        if any(p is q for q in groups[0]["params"])
+    )
 
 
 def test_state_dict_loads_with_weights_only_and_resume_is_bit_identical():
@@ -181,12 +189,14 @@ def test_svd_failures_fall_back_without_nans(monkeypatch):
         if x.dtype == torch.float32:
             raise torch.linalg.LinAlgError("did not converge")
         return real(x, full_matrices=full_matrices)
+
     monkeypatch.setattr(torch.linalg, "svd", flaky)
-    basis = projector.top_singular(g, 2, "right")          # float64 retry on the CPU
+    basis = projector.top_singular(g, 2, "right")  # float64 retry on the CPU
     assert basis.dtype == torch.float32 and torch.isfinite(basis).all()
 
     def broken(x, full_matrices=True):
         raise torch.linalg.LinAlgError("did not converge")
+
     monkeypatch.setattr(torch.linalg, "svd", broken)
     with pytest.warns(RuntimeWarning, match="keeping the previous projection"):
         assert torch.equal(projector.top_singular(g, 2, "right", previous=basis), basis)
@@ -211,15 +221,15 @@ def test_galore_adafactor_trains_with_factored_states(beta1):
     opt = GaLoreAdafactor(weight_groups(model, rank=4, update_proj_gap=5, scale=1.0), lr=1e-2, beta1=beta1)
     train(model, opt, steps=40)
     assert nn.functional.mse_loss(model(x), y).item() < 0.8 * before
-    w = model[0].weight                                   # 20 x 12, right projection: R is 20 x 4
+    w = model[0].weight  # 20 x 12, right projection: R is 20 x 4
     assert opt.state[w]["exp_avg_sq_row"].shape == (20,) and opt.state[w]["exp_avg_sq_col"].shape == (4,)
 
 
 def test_randomized_svd_finds_the_same_subspace():
-    g = torch.randn(40, 3) @ torch.randn(3, 30) + 1e-3 * torch.randn(40, 30)   # rank 3 plus noise
+    g = torch.randn(40, 3) @ torch.randn(3, 30) + 1e-3 * torch.randn(40, 30)  # rank 3 plus noise
     exact = projector.top_singular(g, 3, "right")
     fast = projector.top_singular(g, 3, "right", "randomized")
-    assert torch.allclose(exact @ exact.T, fast @ fast.T, atol=1e-3)       # same projector
+    assert torch.allclose(exact @ exact.T, fast @ fast.T, atol=1e-3)  # same projector
     groups = galore_param_groups(tiny_llama(), rank=4, svd="randomized")
     assert groups[0]["svd"] == "randomized"
     with pytest.raises(ValueError, match="svd must be one of"):
@@ -235,14 +245,15 @@ def test_gram_basis_is_the_svd_basis(which):
     exact = projector.top_singular(g, 8, which)
     gram = projector.top_singular(g, 8, which, "gram")
     assert gram.shape == exact.shape and gram.dtype == torch.float32
-    assert torch.allclose(exact @ exact.T, gram @ gram.T, atol=1e-4)        # the same projector
-    assert torch.allclose((exact * gram).sum(0).abs(), torch.ones(8), atol=1e-4)   # the same order, up to sign
-    blocks = projector.gram_basis(g, 8, which, block=16)                      # the product summed in 3-5 blocks
+    assert torch.allclose(exact @ exact.T, gram @ gram.T, atol=1e-4)  # the same projector
+    assert torch.allclose((exact * gram).sum(0).abs(), torch.ones(8), atol=1e-4)  # the same order, up to sign
+    blocks = projector.gram_basis(g, 8, which, block=16)  # the product summed in 3-5 blocks
     assert torch.allclose(blocks @ blocks.T, gram @ gram.T, atol=1e-5)
 
 
 def test_state_bytes_counts_tensors_that_objects_in_the_state_hold():
     """galore-torch keeps each basis in a projector object, not as a state tensor."""
+
     class Projector:
         def __init__(self):
             self.ortho_matrix, self.rank = torch.zeros(8, 4, dtype=torch.bfloat16), 4
@@ -271,11 +282,14 @@ def test_older_optimizer_states_with_the_randomized_flag_still_load_their_method
     from loraflow.optim import galore
 
     model = nn.Sequential(nn.Linear(12, 20, bias=False))
-    groups = weight_groups(model, rank=4, update_proj_gap=5, scale=1.0, randomized_svd=True)   # before "svd"
+    groups = weight_groups(model, rank=4, update_proj_gap=5, scale=1.0, randomized_svd=True)  # before "svd"
     opt = GaLoreAdamW(groups, lr=1e-2)
     seen, real = [], galore.top_singular
-    monkeypatch.setattr(galore, "top_singular", lambda g, rank, which, method, previous:
-                        seen.append(method) or real(g, rank, which, method, previous))
+    monkeypatch.setattr(
+        galore,
+        "top_singular",
+        lambda g, rank, which, method, previous: seen.append(method) or real(g, rank, which, method, previous),
+    )
     model(torch.randn(3, 12)).sum().backward()
     opt.step()
     assert seen == ["randomized"]
@@ -306,8 +320,8 @@ def test_groups_without_rank_are_torch_adamw_step_for_step(dtype):
         for a, b, w0 in zip(ours, theirs, start):
             assert a.dtype == dtype
             torch.testing.assert_close(a, b, **tol)
-            assert (a - w0).abs().max() > 1e-2                      # they did move
-    for a, b in zip(ours, theirs):                                  # and the moments are AdamW's
+            assert (a - w0).abs().max() > 1e-2  # they did move
+    for a, b in zip(ours, theirs):  # and the moments are AdamW's
         torch.testing.assert_close(o.state[a]["exp_avg"], t.state[b]["exp_avg"].float(), rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(o.state[a]["exp_avg_sq"], t.state[b]["exp_avg_sq"].float(), rtol=1e-5, atol=1e-9)
 
@@ -343,7 +357,7 @@ def _galore_reference(w0, grads, rank, gap, scale, lr, betas, eps, wd, basis_sig
 
 
 @pytest.mark.parametrize("svd", ["full", "gram"])
-@pytest.mark.parametrize("shape", [(9, 14), (16, 6)])                  # left, right projection
+@pytest.mark.parametrize("shape", [(9, 14), (16, 6)])  # left, right projection
 def test_rank_group_equals_galore_algorithm_1_in_float64(shape, svd):
     """GaLoreAdamW on a rank-r group against a float64 reference of Algorithm 1, for 8 steps
     with T = 3 (refreshes at steps 0, 3, 6). The optimizer projects in float32 (basis,
@@ -354,11 +368,19 @@ def test_rank_group_equals_galore_algorithm_1_in_float64(shape, svd):
     rank, gap, scale, lr, betas, eps, wd = 3, 3, 0.7, 2e-2, (0.9, 0.99), 1e-6, 0.05
     gen = torch.Generator().manual_seed(7)
     w0 = torch.randn(shape, generator=gen, dtype=torch.float64)
-    grads = [torch.randn(shape, generator=gen, dtype=torch.float64) @ torch.diag(torch.logspace(0, -1, shape[1],
-             dtype=torch.float64)) for _ in range(8)]                  # singular values well apart
+    grads = [
+        torch.randn(shape, generator=gen, dtype=torch.float64)
+        @ torch.diag(torch.logspace(0, -1, shape[1], dtype=torch.float64))
+        for _ in range(8)
+    ]  # singular values well apart
     w = nn.Parameter(w0.clone())
-    opt = GaLoreAdamW([{"params": [w], "rank": rank, "update_proj_gap": gap, "scale": scale, "svd": svd}],
-                      lr=lr, betas=betas, eps=eps, weight_decay=wd)
+    opt = GaLoreAdamW(
+        [{"params": [w], "rank": rank, "update_proj_gap": gap, "scale": scale, "svd": svd}],
+        lr=lr,
+        betas=betas,
+        eps=eps,
+        weight_decay=wd,
+    )
     ours = []
     for g in grads:
         w.grad = g.clone()
@@ -367,10 +389,10 @@ def test_rank_group_equals_galore_algorithm_1_in_float64(shape, svd):
         ours.append((w.detach().clone(), s["exp_avg"].clone(), s["exp_avg_sq"].clone(), s["proj"].clone()))
 
     def basis_sign(t, basis):
-        if svd == "gram":                                       # projector.gram_basis's rule
+        if svd == "gram":  # projector.gram_basis's rule
             biggest = basis.gather(0, basis.abs().argmax(0, keepdim=True))
             return basis * torch.where(biggest < 0, -1.0, 1.0).double()
-        dots = (basis * ours[t][3].double()).sum(0)              # the optimizer's basis of that step
+        dots = (basis * ours[t][3].double()).sum(0)  # the optimizer's basis of that step
         torch.testing.assert_close(dots.abs(), torch.ones(rank, dtype=torch.float64), rtol=0, atol=1e-5)
         return basis * dots.sign()
 
@@ -384,6 +406,6 @@ def test_rank_group_equals_galore_algorithm_1_in_float64(shape, svd):
         torch.testing.assert_close(v_t.double(), v_r, rtol=1e-5, atol=1e-8, msg=f"second moment, step {t}")
         # the weight's displacement, relative to its size: float32 projections of an O(1) weight
         torch.testing.assert_close(w_t - w0, w_r - w0, rtol=1e-5, atol=1e-6, msg=f"weight, step {t}")
-    assert not torch.allclose(ours[2][3], ours[3][3], atol=1e-2)       # the refresh at step 3 changed the basis
-    assert torch.equal(ours[3][3], ours[5][3])                           # and held it until the next one
-    assert (ref[-1][0] - w0).abs().max() > 2 * lr * scale              # the weight moved, by more than a step
+    assert not torch.allclose(ours[2][3], ours[3][3], atol=1e-2)  # the refresh at step 3 changed the basis
+    assert torch.equal(ours[3][3], ours[5][3])  # and held it until the next one
+    assert (ref[-1][0] - w0).abs().max() > 2 * lr * scale  # the weight moved, by more than a step

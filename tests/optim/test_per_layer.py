@@ -2,10 +2,10 @@ import io
 
 import pytest
 import torch
+from conftest import rel_err, tiny_llama
 from torch import nn
 
 import loraflow as lf
-from conftest import rel_err, tiny_llama
 
 
 def batches(n, seed=3):
@@ -48,15 +48,21 @@ def test_per_layer_with_accumulation_equals_the_ordinary_run(galore):
         assert rel_err(pb.detach(), pa.detach()) < 1e-5, n
         changed += int(not torch.equal(pa, tiny_llama().get_parameter(n)))
     assert changed > 10
-    assert all(p.grad is None for p in b.parameters())        # gradients freed in the backward
+    assert all(p.grad is None for p in b.parameters())  # gradients freed in the backward
 
 
 def test_lagged_clipping_and_schedule():
     data = batches(6)
     model = tiny_llama()
     seen = []
-    updates = per_layer(model, lambda g: torch.optim.SGD(g, lr=0.1), data, 2, max_grad_norm=0.01,
-                        schedule=lambda step: seen.append(step) or 1.0 / (1 + step))
+    updates = per_layer(
+        model,
+        lambda g: torch.optim.SGD(g, lr=0.1),
+        data,
+        2,
+        max_grad_norm=0.01,
+        schedule=lambda step: seen.append(step) or 1.0 / (1 + step),
+    )
     assert updates.steps == 3 and updates.last_grad_norm > 0.01
     assert sorted(set(seen)) == [0, 1, 2]
     assert all(g["lr"] == pytest.approx(0.1 / 3) for o in updates.optimizers.values() for g in o.param_groups)
@@ -76,8 +82,9 @@ def test_state_saves_loads_with_weights_only_and_resumes_bit_identically():
     saved = torch.load(buf, weights_only=True)
     resumed = tiny_llama()
     resumed.load_state_dict(saved["model"])
-    u2 = lf.PerLayerUpdates(resumed, make, param_groups=lf.galore_param_groups(resumed, rank=4, update_proj_gap=2),
-                            accumulation=2)
+    u2 = lf.PerLayerUpdates(
+        resumed, make, param_groups=lf.galore_param_groups(resumed, rank=4, update_proj_gap=2), accumulation=2
+    )
     u2.load_state_dict(saved["updates"])
     for x in data[4:]:
         (resumed(input_ids=x, labels=x).loss / 2).backward()
@@ -103,7 +110,7 @@ def test_a_dropped_model_and_its_updates_are_freed():
     model(input_ids=x, labels=x).loss.backward()
     updates.after_backward()
     state = next(iter(updates.optimizers.values())).state
-    assert state                                                    # stepped inside the backward pass
+    assert state  # stepped inside the backward pass
     alive = [weakref.ref(model), weakref.ref(updates), weakref.ref(next(iter(state.values()))["exp_avg"])]
     del model, updates, state
     gc.collect()

@@ -8,7 +8,7 @@ import time
 import torch
 import uvicorn
 from peft import LoraConfig, get_peft_model
-from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from loraflow.serve.api import create_app
@@ -20,19 +20,30 @@ WORDS = [f"w{i}" for i in range(VOCAB - 3)]
 
 def tiny_llama_folder(folder, seed=0, qwen=False):
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      bos_token_id=0, eos_token_id=1, pad_token_id=2, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=2,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():   # larger logits: greedy choices far from ties
+    with torch.no_grad():  # larger logits: greedy choices far from ties
         model.lm_head.weight.mul_(8)
     model.save_pretrained(folder)
     vocab = {"<s>": 0, "</s>": 1, "<pad>": 2} | {w: i + 3 for i, w in enumerate(WORDS)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece(prefix="##")   # joins words with spaces
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<pad>")
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<pad>"
+    )
     fast.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
     fast.save_pretrained(folder)
     return model
@@ -63,10 +74,16 @@ def reference(model_folder, adapter_path, text, max_tokens):
         model = PeftModel.from_pretrained(model, adapter_path).eval()
     ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
-                             do_sample=False, eos_token_id=1, pad_token_id=2)
-    new = out[0, ids.shape[1]:].tolist()
-    return new[:new.index(1)] if 1 in new else new
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_tokens,
+            do_sample=False,
+            eos_token_id=1,
+            pad_token_id=2,
+        )
+    new = out[0, ids.shape[1] :].tolist()
+    return new[: new.index(1)] if 1 in new else new
 
 
 def prompt(seed, n):
@@ -79,8 +96,9 @@ class LiveServer:
 
     def __init__(self, engine, **app_kw):
         self.loop = EngineLoop(engine)
-        self.server = uvicorn.Server(uvicorn.Config(create_app(self.loop, **app_kw), host="127.0.0.1", port=0,
-                                                    log_level="error"))
+        self.server = uvicorn.Server(
+            uvicorn.Config(create_app(self.loop, **app_kw), host="127.0.0.1", port=0, log_level="error")
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         while not self.server.started:

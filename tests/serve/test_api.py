@@ -6,9 +6,9 @@ import time
 import httpx
 import openai
 import pytest
+from helpers import LiveServer, peft_adapter, prompt, reference, tiny_llama_folder
 
 import loraflow as lf
-from helpers import LiveServer, peft_adapter, prompt, reference, tiny_llama_folder
 
 
 @pytest.fixture(scope="module")
@@ -25,11 +25,21 @@ def files(tmp_path_factory):
         "x1": peft_adapter(root / "base", root / "dir" / "x1", 2, ["up_proj"], seed=5),
     }
     import shutil
+
     from transformers import LlamaConfig, LlamaForCausalLM
-    wide = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2))
+
+    wide = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=96,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
     wide.save_pretrained(root / "wide")
-    bad = peft_adapter(root / "wide", root / "bad", 2, ["q_proj"], seed=6)   # another base model's shapes
+    bad = peft_adapter(root / "wide", root / "bad", 2, ["q_proj"], seed=6)  # another base model's shapes
     shutil.copytree(bad, root / "dir" / "wrong")
     return root, adapters
 
@@ -37,8 +47,14 @@ def files(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(files):
     root, adapters = files
-    engine = lf.Engine(model=root / "base", adapter_dir=root / "dir", adapters={"bad": str(root / "bad")},
-                       device="cpu", max_gpu_adapters=2, max_batch_tokens=64)
+    engine = lf.Engine(
+        model=root / "base",
+        adapter_dir=root / "dir",
+        adapters={"bad": str(root / "bad")},
+        device="cpu",
+        max_gpu_adapters=2,
+        max_batch_tokens=64,
+    )
     s = LiveServer(engine, adapter_dir=str(root / "dir"), allow_runtime_lora=True)
     yield s
     s.close()
@@ -50,6 +66,7 @@ def client(server):
 
 def decode(files, ids):
     from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(files[0] / "base").decode(ids, skip_special_tokens=True)
 
 
@@ -74,8 +91,9 @@ def test_chat_non_stream_and_stream(server, files):
     out = c.chat.completions.create(model="med", messages=msgs, max_tokens=6, temperature=0)
     assert out.choices[0].message.role == "assistant" and out.choices[0].message.content
     assert out.usage.completion_tokens >= 1
-    stream = c.chat.completions.create(model="med", messages=msgs, max_tokens=6, temperature=0, stream=True,
-                                       stream_options={"include_usage": True})
+    stream = c.chat.completions.create(
+        model="med", messages=msgs, max_tokens=6, temperature=0, stream=True, stream_options={"include_usage": True}
+    )
     chunks = list(stream)
     text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
     assert text == out.choices[0].message.content
@@ -107,7 +125,9 @@ def test_an_adapter_that_fails_to_load_fails_only_its_requests(server):
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as h:
             return await asyncio.gather(
                 h.post("/v1/completions", json={"model": "bad", "prompt": prompt(3, 4), "max_tokens": 3}),
-                h.post("/v1/completions", json={"model": "sql", "prompt": prompt(3, 4), "max_tokens": 3}))
+                h.post("/v1/completions", json={"model": "sql", "prompt": prompt(3, 4), "max_tokens": 3}),
+            )
+
     bad, good = asyncio.run(run())
     assert bad.status_code == 400 and "another base model" in bad.json()["error"]["message"]
     assert good.status_code == 200 and good.json()["choices"][0]["text"]
@@ -134,13 +154,22 @@ def test_eviction_with_two_device_slots_and_five_adapters_in_use(server, files):
 
     async def run():
         async with httpx.AsyncClient(base_url=server.url, timeout=120) as h:
-            return await asyncio.gather(*[
-                h.post("/v1/completions", json={"model": n, "prompt": prompt(40 + i, 5), "max_tokens": 4,
-                                                "temperature": 0}) for i, n in enumerate(names)])
+            return await asyncio.gather(
+                *[
+                    h.post(
+                        "/v1/completions",
+                        json={"model": n, "prompt": prompt(40 + i, 5), "max_tokens": 4, "temperature": 0},
+                    )
+                    for i, n in enumerate(names)
+                ]
+            )
+
     outs = asyncio.run(run())
     for i, (r, n) in enumerate(zip(outs, names)):
         assert r.status_code == 200
-        assert r.json()["choices"][0]["text"] == decode(files, reference(root / "base", adapters[n], prompt(40 + i, 5), 4))
+        assert r.json()["choices"][0]["text"] == decode(
+            files, reference(root / "base", adapters[n], prompt(40 + i, 5), 4)
+        )
     assert len(server.loop.engine.registry.device) <= 2
     metrics = httpx.get(server.url + "/metrics").text
     values = dict(line.split() for line in metrics.splitlines() if line and not line.startswith("#"))
@@ -150,9 +179,12 @@ def test_eviction_with_two_device_slots_and_five_adapters_in_use(server, files):
 
 def test_disconnect_mid_stream_frees_blocks_and_slot(server):
     engine = server.loop.engine
-    with httpx.stream("POST", server.url + "/v1/completions",
-                      json={"model": "py", "prompt": prompt(5, 5), "max_tokens": 200, "temperature": 1.0,
-                            "stream": True, "seed": 1}, timeout=30) as r:
+    with httpx.stream(
+        "POST",
+        server.url + "/v1/completions",
+        json={"model": "py", "prompt": prompt(5, 5), "max_tokens": 200, "temperature": 1.0, "stream": True, "seed": 1},
+        timeout=30,
+    ) as r:
         for line in r.iter_lines():
             if line.startswith("data: {"):
                 break
@@ -166,9 +198,22 @@ def test_disconnect_mid_stream_frees_blocks_and_slot(server):
 def test_64_concurrent_requests_are_all_answered(server):
     async def run():
         async with httpx.AsyncClient(base_url=server.url, timeout=120) as h:
-            return await asyncio.gather(*[
-                h.post("/v1/completions", json={"model": ["sql", "base", "med"][i % 3], "prompt": prompt(i, 4),
-                                                "max_tokens": 3, "temperature": 0.7, "seed": i}) for i in range(64)])
+            return await asyncio.gather(
+                *[
+                    h.post(
+                        "/v1/completions",
+                        json={
+                            "model": ["sql", "base", "med"][i % 3],
+                            "prompt": prompt(i, 4),
+                            "max_tokens": 3,
+                            "temperature": 0.7,
+                            "seed": i,
+                        },
+                    )
+                    for i in range(64)
+                ]
+            )
+
     outs = asyncio.run(run())
     assert [r.status_code for r in outs] == [200] * 64
     assert all(r.json()["usage"]["completion_tokens"] >= 1 for r in outs)
@@ -203,10 +248,27 @@ def test_the_serve_command_answers_with_each_adapter_and_stops_on_sigterm(files)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "loraflow.cli", "serve", "--model", str(root / "base"),
-                             "--lora", f"sql={adapters['sql']}", "--lora", f"py={adapters['py']}",
-                             "--port", str(port), "--max-batch-tokens", "64"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "loraflow.cli",
+            "serve",
+            "--model",
+            str(root / "base"),
+            "--lora",
+            f"sql={adapters['sql']}",
+            "--lora",
+            f"py={adapters['py']}",
+            "--port",
+            str(port),
+            "--max-batch-tokens",
+            "64",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.time() + 120
         while True:

@@ -25,9 +25,11 @@ def test_cpu_paths_equal_the_direct_computation():
         bank.write(slot, {"proj": (a, b)})
         factors[slot] = (a, b)
     layer = model.proj
-    cases = {"mask": [0, 1, 2, 3, 4, 5, -1, 2],          # 8 tokens, bank of 6 slots: read it whole
-             "rows": [5, 1],                              # 2 tokens: gather their rows
-             "groups": [1] * 20 + [4] * 20 + [-1] * 3}    # many tokens per slot: a matmul per slot
+    cases = {
+        "mask": [0, 1, 2, 3, 4, 5, -1, 2],  # 8 tokens, bank of 6 slots: read it whole
+        "rows": [5, 1],  # 2 tokens: gather their rows
+        "groups": [1] * 20 + [4] * 20 + [-1] * 3,
+    }  # many tokens per slot: a matmul per slot
     for path, slots in cases.items():
         ts = TokenSlots.build(slots, bank, "cpu")
         assert {"mask": ts.mask, "rows": ts.rows, "groups": ts.groups or None}[path] is not None, path

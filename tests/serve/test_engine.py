@@ -1,11 +1,11 @@
 """The engine's greedy output equals transformers (+ PEFT) generate, request by request."""
 
 import pytest
+from helpers import peft_adapter, prompt, tiny_llama_folder
+from helpers import reference as hf_reference
 
 import loraflow as lf
 from loraflow.serve.sampling import SamplingParams
-from helpers import peft_adapter, prompt, tiny_llama_folder
-from helpers import reference as hf_reference
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +26,7 @@ def reference(root, adapter_path, text, max_tokens):
 
 def engine(setup, **kw):
     root, adapters = setup
-    return lf.Engine(model=root / "base", adapters={k: str(v) for k, v in adapters.items()}, device="cpu",
-                     **kw)
+    return lf.Engine(model=root / "base", adapters={k: str(v) for k, v in adapters.items()}, device="cpu", **kw)
 
 
 def decode_only_step(eng, reqs) -> bool:
@@ -39,15 +38,37 @@ def decode_only_step(eng, reqs) -> bool:
     return bool(moved) and all(m == 1 for m in moved)
 
 
-GRAPHS = [False, pytest.param(True, marks=pytest.mark.skipif(
-    __import__("torch").cuda.is_available(), reason="CPU tensors through the Triton interpreter; on a GPU see the CUDA test"))]
+GRAPHS = [
+    False,
+    pytest.param(
+        True,
+        marks=pytest.mark.skipif(
+            __import__("torch").cuda.is_available(),
+            reason="CPU tensors through the Triton interpreter; on a GPU see the CUDA test",
+        ),
+    ),
+]
 
 
-PAGED = GRAPHS[1].marks          # the paged-decode path's skip on a GPU
-MIXED_BATCH = [pytest.param(g, s, r, k, id=f"{'paged-decode' if g else 'gathered'}-bank-{s}x{r}" + (f"-{k}" if k != "rows" else ""),
-                            marks=PAGED if g else ())
-               for g, s, r, k in [(False, 8, 64, "rows"), (False, 3, 8, "rows"), (True, 8, 64, "rows"),
-                                  (True, 3, 8, "rows"), (True, 8, 64, "fused"), (True, 8, 64, "siblings")]]
+PAGED = GRAPHS[1].marks  # the paged-decode path's skip on a GPU
+MIXED_BATCH = [
+    pytest.param(
+        g,
+        s,
+        r,
+        k,
+        id=f"{'paged-decode' if g else 'gathered'}-bank-{s}x{r}" + (f"-{k}" if k != "rows" else ""),
+        marks=PAGED if g else (),
+    )
+    for g, s, r, k in [
+        (False, 8, 64, "rows"),
+        (False, 3, 8, "rows"),
+        (True, 8, 64, "rows"),
+        (True, 3, 8, "rows"),
+        (True, 8, 64, "fused"),
+        (True, 8, 64, "siblings"),
+    ]
+]
 
 
 @pytest.mark.parametrize("graphs,slots,rank,kernel", MIXED_BATCH)
@@ -71,7 +92,10 @@ def test_greedy_equals_transformers_and_peft_per_adapter_in_one_mixed_batch(setu
     while not all(r.finished for r in reqs):
         decode_steps += decode_only_step(eng, reqs)
     assert decode_steps >= 10
-    assert (eng.graphs.steps == decode_steps) if graphs else eng.graphs is None, (decode_steps, eng.graphs and eng.graphs.steps)
+    assert (eng.graphs.steps == decode_steps) if graphs else eng.graphs is None, (
+        decode_steps,
+        eng.graphs and eng.graphs.steps,
+    )
     if graphs:
         assert eng.graphs.paths["mask" if slots == 3 else "rows"] >= 5
         assert slots == 3 or not eng.graphs.paths["mask"]
@@ -83,7 +107,7 @@ def test_greedy_equals_transformers_and_peft_per_adapter_in_one_mixed_batch(setu
 @pytest.mark.parametrize("graphs", GRAPHS, ids=["gathered", "paged-decode"])
 def test_requests_arriving_mid_decode_and_chunked_prompts(setup, graphs):
     root, adapters = setup
-    eng = engine(setup, max_batch_tokens=8, decode_graphs=graphs)    # prompts longer than a step: chunked
+    eng = engine(setup, max_batch_tokens=8, decode_graphs=graphs)  # prompts longer than a step: chunked
     n_groups, build = [], eng._batch
 
     def spy(plan):
@@ -95,11 +119,13 @@ def test_requests_arriving_mid_decode_and_chunked_prompts(setup, graphs):
     first = eng.add_request(prompt(10, 20), SamplingParams(max_tokens=10, temperature=0), "med")
     for _ in range(4):
         eng.step()
-    later = [eng.add_request(prompt(11 + i, 9), SamplingParams(max_tokens=6, temperature=0), a)
-             for i, a in enumerate(["py", None, "sql"])]
+    later = [
+        eng.add_request(prompt(11 + i, 9), SamplingParams(max_tokens=6, temperature=0), a)
+        for i, a in enumerate(["py", None, "sql"])
+    ]
     while eng.has_work():
         eng.step()
-    assert 2 in n_groups        # steps with decode tokens and prompt chunks: two attention groups
+    assert 2 in n_groups  # steps with decode tokens and prompt chunks: two attention groups
     assert first.output_ids == reference(root, adapters["med"], prompt(10, 20), 10)
     for i, (r, a) in enumerate(zip(later, ["py", None, "sql"])):
         assert r.output_ids == reference(root, adapters.get(a), prompt(11 + i, 9), 6)
@@ -114,7 +140,7 @@ def test_generate_api_and_sampling_options(setup):
     assert a == b
     words = outs[0].split()
     stopped = eng.generate([prompt(1, 6)], adapters=["sql"], max_tokens=5, temperature=0.0, stop=[words[1]])
-    assert stopped[0] == outs[0][:outs[0].index(words[1])]
+    assert stopped[0] == outs[0][: outs[0].index(words[1])]
 
 
 def test_bad_requests_are_refused(setup):
@@ -130,11 +156,17 @@ def test_bad_requests_are_refused(setup):
 def test_eviction_with_two_slots_and_five_adapters(setup, tmp_path):
     root, adapters = setup
     extra = {f"x{i}": peft_adapter(root / "base", tmp_path / f"x{i}", 2, ["v_proj"], seed=20 + i) for i in range(2)}
-    eng = lf.Engine(model=root / "base", adapters={**{k: str(v) for k, v in adapters.items()}, **extra},
-                    device="cpu", max_gpu_adapters=2, max_batch_tokens=32)
+    eng = lf.Engine(
+        model=root / "base",
+        adapters={**{k: str(v) for k, v in adapters.items()}, **extra},
+        device="cpu",
+        max_gpu_adapters=2,
+        max_batch_tokens=32,
+    )
     names = ["sql", "med", "py", "x0", "x1", "sql", "py"]
-    reqs = [eng.add_request(prompt(30 + i, 6), SamplingParams(max_tokens=4, temperature=0), a)
-            for i, a in enumerate(names)]
+    reqs = [
+        eng.add_request(prompt(30 + i, 6), SamplingParams(max_tokens=4, temperature=0), a) for i, a in enumerate(names)
+    ]
     while not all(r.finished for r in reqs):
         eng.step()
         assert len(eng.registry.device) <= 2
@@ -146,8 +178,9 @@ def test_eviction_with_two_slots_and_five_adapters(setup, tmp_path):
 
 def test_default_model_answers_through_the_engine():
     eng = lf.Engine(device="cpu", max_batch_tokens=256)
-    chat = eng.tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                             add_generation_prompt=True, tokenize=False)
+    chat = eng.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True, tokenize=False
+    )
     out = eng.generate([chat], max_tokens=16, temperature=0.0)
     assert "Paris" in out[0], out
 
@@ -160,23 +193,32 @@ def test_linear_shapes_match_the_bank(setup):
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="the engine's CUDA path (Triton) needs a GPU")
-@pytest.mark.parametrize("slots,rank,kernel", [(8, 64, "siblings"), (3, 8, "siblings"), (8, 64, "rows"),
-                                                (8, 64, "fused")],
-                         ids=["bank-8x64", "bank-3x8", "bank-8x64-rows", "bank-8x64-fused"])   # mostly free, all in use
+@pytest.mark.parametrize(
+    "slots,rank,kernel",
+    [(8, 64, "siblings"), (3, 8, "siblings"), (8, 64, "rows"), (8, 64, "fused")],
+    ids=["bank-8x64", "bank-3x8", "bank-8x64-rows", "bank-8x64-fused"],
+)  # mostly free, all in use
 def test_cuda_engine_equals_transformers_and_peft(setup, slots, rank, kernel):
     import torch
 
     root, adapters = setup
-    eng = lf.Engine(model=root / "base", adapters={k: str(v) for k, v in adapters.items()}, device="cuda",
-                    dtype=torch.float32, max_batch_tokens=64, max_gpu_adapters=slots, max_lora_rank=rank)
-    eng.graphs.kernel = kernel          # the decode graphs' LoRA launches
+    eng = lf.Engine(
+        model=root / "base",
+        adapters={k: str(v) for k, v in adapters.items()},
+        device="cuda",
+        dtype=torch.float32,
+        max_batch_tokens=64,
+        max_gpu_adapters=slots,
+        max_lora_rank=rank,
+    )
+    eng.graphs.kernel = kernel  # the decode graphs' LoRA launches
     names = ["sql", None, "med", "py"]
     prompts = [prompt(50 + i, 6 + 2 * i) for i in range(len(names))]
     reqs = [eng.add_request(p, SamplingParams(max_tokens=8, temperature=0.0), a) for p, a in zip(prompts, names)]
     decode_steps = 0
     while not all(r.finished for r in reqs):
         decode_steps += decode_only_step(eng, reqs)
-    assert decode_steps >= 5 and eng.graphs.steps == decode_steps     # decode steps replayed CUDA graphs
-    assert eng.graphs.graphs and eng.graphs.paths["rows"] >= 3 and not eng.graphs.paths["mask"]   # Triton on CUDA
+    assert decode_steps >= 5 and eng.graphs.steps == decode_steps  # decode steps replayed CUDA graphs
+    assert eng.graphs.graphs and eng.graphs.paths["rows"] >= 3 and not eng.graphs.paths["mask"]  # Triton on CUDA
     for r, p, a in zip(reqs, prompts, names):
         assert r.output_ids == reference(root, adapters.get(a), p, 8), (a, p)

@@ -14,18 +14,18 @@ def request(ids, computed, blocks, slot=-1):
 
 def test_a_decode_and_a_prompt_chunk_pack_into_two_groups():
     bank = AdapterBank(torch.nn.Sequential(BankedLinear(4, 4, False)), n_slots=2, r_max=2)
-    decode = request([5, 6, 7, 8, 9], computed=4, blocks=[3, 1])            # 1 new token at position 4
-    chunk = request([1, 2, 3, 4, 5, 6], computed=2, blocks=[0, 2])          # 3 of 4 remaining prompt tokens
+    decode = request([5, 6, 7, 8, 9], computed=4, blocks=[3, 1])  # 1 new token at position 4
+    chunk = request([1, 2, 3, 4, 5, 6], computed=2, blocks=[0, 2])  # 3 of 4 remaining prompt tokens
     batch, sample_from = pack([(decode, 1), (chunk, 3)], bank, block_size=4, device="cpu", dtype=torch.float32)
     assert batch.tokens.tolist() == [9, 3, 4, 5]
     assert batch.positions.tolist() == [4, 2, 3, 4]
-    assert batch.cache_index.tolist() == [1 * 4 + 0, 0 * 4 + 2, 0 * 4 + 3, 2 * 4 + 0]   # block table row, offset
-    assert batch.logit_index.tolist() == [0] and sample_from == [decode]             # the chunk's prompt is not done
+    assert batch.cache_index.tolist() == [1 * 4 + 0, 0 * 4 + 2, 0 * 4 + 3, 2 * 4 + 0]  # block table row, offset
+    assert batch.logit_index.tolist() == [0] and sample_from == [decode]  # the chunk's prompt is not done
     d, c = batch.groups
     assert d.tokens.tolist() == [0] and d.q_index.tolist() == [[0]]
-    assert d.kv_index.tolist() == [[12, 13, 14, 15, 4]]                               # its 5 cached positions
+    assert d.kv_index.tolist() == [[12, 13, 14, 15, 4]]  # its 5 cached positions
     assert d.mask[0, 0].tolist() == [[True] * 5]
     assert c.tokens.tolist() == [1, 2, 3] and c.q_index.tolist() == [[1, 2, 3]]
     assert c.kv_index.tolist() == [[0, 1, 2, 3, 8]]
-    assert c.mask[0, 0].int().tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]   # causal
+    assert c.mask[0, 0].int().tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]  # causal
     assert c.out_index.tolist() == [0, 1, 2]

@@ -3,8 +3,8 @@ interpreter on the CPU, the GPU when there is one)."""
 
 import pytest
 import torch
-
 from conftest import DEVICE
+
 from loraflow.serve.paged_attention import paged_decode_attention, paged_decode_reference
 
 
@@ -14,7 +14,7 @@ def test_paged_decode_equals_gathered_attention(heads, kv_heads, head_dim, page)
     pages, lengths = 24, torch.tensor([1, page, 37, 5 * page + 3])
     k = torch.randn(pages * page, kv_heads, head_dim, generator=g)
     v = torch.randn(pages * page, kv_heads, head_dim, generator=g)
-    table = torch.stack([torch.randperm(pages, generator=g) for _ in lengths]).int()   # scattered pages
+    table = torch.stack([torch.randperm(pages, generator=g) for _ in lengths]).int()  # scattered pages
     q = torch.randn(len(lengths), heads, head_dim, generator=g)
     args = [t.to(DEVICE) for t in (q, k, v, table, lengths)]
     out = paged_decode_attention(*args, page)
@@ -23,7 +23,7 @@ def test_paged_decode_equals_gathered_attention(heads, kv_heads, head_dim, page)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     # a one-token context returns that token's value, head by head
     group = heads // kv_heads
-    first = v[table[0, 0].long() * page]                                  # (kv_heads, D)
+    first = v[table[0, 0].long() * page]  # (kv_heads, D)
     torch.testing.assert_close(out[0].cpu(), first.repeat_interleave(group, 0), atol=1e-6, rtol=1e-6)
 
 

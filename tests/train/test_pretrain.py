@@ -6,31 +6,58 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_corpus import _corpus  # n files of tinyshakespeare
 
 from loraflow.train.pretrain import lr_factor, main
-from test_corpus import _corpus   # n files of tinyshakespeare
 
 DATA = Path(__file__).parents[2] / "examples" / "data" / "tinyshakespeare" / "input.txt"
-ARGS = ["--data", str(DATA), "--config", "tiny", "--rank", "8", "--update-proj-gap", "4", "--warmup", "2",
-        "--batch", "4", "--seq", "48", "--lr", "3e-3", "--eval-seqs", "8", "--device", "cpu"]
+ARGS = [
+    "--data",
+    str(DATA),
+    "--config",
+    "tiny",
+    "--rank",
+    "8",
+    "--update-proj-gap",
+    "4",
+    "--warmup",
+    "2",
+    "--batch",
+    "4",
+    "--seq",
+    "48",
+    "--lr",
+    "3e-3",
+    "--eval-seqs",
+    "8",
+    "--device",
+    "cpu",
+]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bf16-mixed"])
 def test_pretraining_lowers_the_held_out_loss(tmp_path, dtype):
-    main(ARGS + ["--optimizer", "galore", "--steps", "16", "--eval-every", "4", "--dtype", dtype, "--out", str(tmp_path)])
+    main(
+        ARGS + ["--optimizer", "galore", "--steps", "16", "--eval-every", "4", "--dtype", dtype, "--out", str(tmp_path)]
+    )
     records = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     evals = [r for r in records if "eval_loss" in r]
     assert len(evals) == 4 and evals[-1]["eval_loss"] < evals[0]["eval_loss"] - 0.5
     assert [r["tokens"] for r in evals] == [4 * 48 * k for k in (4, 8, 12, 16)]
     assert all(r["tokens_per_s"] > 0 for r in evals) and not any("tokens_per_s" in r for r in records if r not in evals)
-    assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == ["complete.json", "config.json",
-                                                                           "model.safetensors", "state.pt"]
+    assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == [
+        "complete.json",
+        "config.json",
+        "model.safetensors",
+        "state.pt",
+    ]
     weights = load_file(tmp_path / "checkpoint" / "model.safetensors")
-    assert {w.dtype for w in weights.values()} == {torch.float32}     # bf16-mixed: float32 weights too
+    assert {w.dtype for w in weights.values()} == {torch.float32}  # bf16-mixed: float32 weights too
 
 
-@pytest.mark.parametrize("extra", [["--optimizer", "galore8bit"], ["--optimizer", "galore", "--per-layer",
-                                                                   "--accumulation", "2"]])
+@pytest.mark.parametrize(
+    "extra", [["--optimizer", "galore8bit"], ["--optimizer", "galore", "--per-layer", "--accumulation", "2"]]
+)
 def test_resume_equals_an_uninterrupted_run(tmp_path, extra):
     common = ARGS + extra + ["--eval-every", "100", "--save-every", "3"]
     main(common + ["--steps", "6", "--out", str(tmp_path / "straight")])
@@ -46,7 +73,7 @@ def test_a_time_limit_stops_with_a_checkpoint_and_resume_finishes_the_same_run(t
     main(common + ["--out", str(tmp_path / "straight")])
     stopped = main(common + ["--out", str(tmp_path / "split"), "--time-limit", "0"])
     assert stopped["step"] == 1 and "stopped at step 1 of 6" in stopped["stopped"] and stopped["tokens_per_s"] > 0
-    with open(tmp_path / "split" / "log.jsonl", "a") as log:           # written after the checkpoint, then killed
+    with open(tmp_path / "split" / "log.jsonl", "a") as log:  # written after the checkpoint, then killed
         log.write(json.dumps({"step": 2, "loss": 99.0}) + "\n")
     main(common + ["--out", str(tmp_path / "split"), "--resume"])
     a = load_file(tmp_path / "straight" / "checkpoint" / "model.safetensors")
@@ -78,8 +105,23 @@ def test_low_rank_baseline_and_a_trained_tokenizer(tmp_path):
     names = to_low_rank(model, 4)
     assert len(names) == 14 and isinstance(model.model.layers[0].mlp.down_proj, LowRankLinear)
     assert sum(p.numel() for p in model.parameters()) < full
-    result = main(ARGS + ["--optimizer", "adamw", "--steps", "4", "--eval-every", "4", "--low-rank", "4",
-                          "--train-tokenizer", "400", "--out", str(tmp_path)])
+    result = main(
+        ARGS
+        + [
+            "--optimizer",
+            "adamw",
+            "--steps",
+            "4",
+            "--eval-every",
+            "4",
+            "--low-rank",
+            "4",
+            "--train-tokenizer",
+            "400",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert result["eval_loss"] > 0 and (tmp_path / "tokenizer" / "tokenizer.json").is_file()
 
 
@@ -97,7 +139,9 @@ def test_tokens_cache_round_trip(tmp_path, monkeypatch):
     assert losses[0] == losses[1] and len(losses[0]) == 4
     ids = load_file(cache)
     monkeypatch.undo()
-    train, held_out = corpus.read_corpus(DATA, pretrain.load_tokenizer(pretrain.parse_args(run + ["--out", "x"]), tmp_path))
+    train, held_out = corpus.read_corpus(
+        DATA, pretrain.load_tokenizer(pretrain.parse_args(run + ["--out", "x"]), tmp_path)
+    )
     assert ids["train"].dtype == torch.int32 and torch.equal(ids["train"].long(), train)
     assert torch.equal(ids["eval"].long(), held_out)
 
@@ -108,7 +152,9 @@ def test_prepare_only_and_a_cache_of_another_tokenizer(tmp_path):
     counts = main(prep + ["--out", str(tmp_path / "a")])
     ids = load_file(cache)
     total = counts["train_tokens"] + counts["eval_tokens"]
-    assert counts["train_tokens"] == len(ids["train"]) == int(0.95 * total) and len(ids["eval"]) == total - int(0.95 * total)
+    assert counts["train_tokens"] == len(ids["train"]) == int(0.95 * total) and len(ids["eval"]) == total - int(
+        0.95 * total
+    )
     assert not (tmp_path / "a" / "log.jsonl").exists()
     with pytest.raises(ValueError, match=f"a tokenizer of {counts['vocab_size']} tokens, this one has 300"):
         main(prep + ["--train-tokenizer", "300", "--out", str(tmp_path / "b")])

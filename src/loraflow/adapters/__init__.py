@@ -5,13 +5,38 @@ from loraflow.adapters.files import load_adapter, save_adapter
 from loraflow.adapters.flora import FLoRA, FLoRAConfig
 from loraflow.adapters.layer import AdapterLinear, adapter_layers
 from loraflow.adapters.lora import LoRA, LoRAConfig
-from loraflow.adapters.manage import (active_adapter, add_adapter, adapter_parameters, delete_adapter,
-                                      list_adapters, mark_trainable, merge_adapter, set_adapter,
-                                      unmerge_adapter)
+from loraflow.adapters.manage import (
+    active_adapter,
+    adapter_parameters,
+    add_adapter,
+    delete_adapter,
+    list_adapters,
+    mark_trainable,
+    merge_adapter,
+    set_adapter,
+    unmerge_adapter,
+)
 
 __all__ = [
-    "AdapterLinear", "DeepLoRA", "DeepLoRAConfig", "FLoRA", "FLoRAConfig", "LoRA", "LoRAConfig",
-    "active_adapter", "adapter_layers", "adapter_parameters", "add_adapter", "compress",
-    "deep_lora_param_groups", "delete_adapter", "list_adapters", "load_adapter", "mark_trainable",
-    "merge_adapter", "save_adapter", "set_adapter", "unmerge_adapter",
+    "AdapterLinear",
+    "DeepLoRA",
+    "DeepLoRAConfig",
+    "FLoRA",
+    "FLoRAConfig",
+    "LoRA",
+    "LoRAConfig",
+    "active_adapter",
+    "adapter_layers",
+    "adapter_parameters",
+    "add_adapter",
+    "compress",
+    "deep_lora_param_groups",
+    "delete_adapter",
+    "list_adapters",
+    "load_adapter",
+    "mark_trainable",
+    "merge_adapter",
+    "save_adapter",
+    "set_adapter",
+    "unmerge_adapter",
 ]

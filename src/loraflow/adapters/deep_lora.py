@@ -23,8 +23,9 @@ default 0.1 is loraflow's choice, not a value tuned on the paper's tasks);
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -55,8 +56,9 @@ class DeepLoRAConfig:
 class DeepLoRA(nn.Module):
     """One Deep LoRA adapter on one linear layer: factors W_1 .. W_L in ``self.factors``."""
 
-    def __init__(self, d_in: int, d_out: int, depth: int, epsilon: float, width: int | None = None,
-                 device=None, dtype=None):
+    def __init__(
+        self, d_in: int, d_out: int, depth: int, epsilon: float, width: int | None = None, device=None, dtype=None
+    ):
         super().__init__()
         self.depth, self.epsilon = depth, epsilon
         w = min(d_in, d_out) if width is None else width
@@ -76,16 +78,16 @@ class DeepLoRA(nn.Module):
 
     def forward(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor:
         """y = W0 x + W_L (⋯ (W_1 x))."""
-        h = x                                          # (..., d_in)
+        h = x  # (..., d_in)
         for w in self.factors:
-            h = F.linear(h, w)                         # (..., width) ... (..., d_out)
+            h = F.linear(h, w)  # (..., width) ... (..., d_out)
         return base(x) + h
 
     def delta_weight(self) -> torch.Tensor:
         d = self.factors[0]
         for w in self.factors[1:]:
             d = w @ d
-        return d                                       # (d_out, d_in)
+        return d  # (d_out, d_in)
 
     def merge_into(self, w0: torch.Tensor) -> torch.Tensor:
         return w0 + self.delta_weight().to(w0.dtype)
@@ -102,15 +104,16 @@ class DeepLoRA(nn.Module):
         mats = [v.T] + [eye] * (self.depth - 2) + [u]
         grad = ref.requires_grad
         self.factors = nn.ParameterList(
-            nn.Parameter((self.epsilon * m).to(ref.device, ref.dtype).contiguous(), requires_grad=grad)
-            for m in mats)
+            nn.Parameter((self.epsilon * m).to(ref.device, ref.dtype).contiguous(), requires_grad=grad) for m in mats
+        )
 
     def extra_repr(self) -> str:
         return f"depth={self.depth}, width={self.width}, epsilon={self.epsilon}"
 
 
-def compress(model: nn.Module, batch: dict, name: str | None = None,
-             loss_fn: Callable | None = None) -> dict[str, torch.Tensor]:
+def compress(
+    model: nn.Module, batch: dict, name: str | None = None, loss_fn: Callable | None = None
+) -> dict[str, torch.Tensor]:
     """Compress the Deep LoRA adapter ``name`` to rank r from one batch's gradient (Sec. 3.2).
 
     ``batch`` is passed as ``model(**batch)``; the loss is ``output.loss`` (a batch with
@@ -124,8 +127,10 @@ def compress(model: nn.Module, batch: dict, name: str | None = None,
     r = _config_of(model, name).r
     for lname, layer in layers:
         if layer.adapters[name].width <= r:
-            raise ValueError(f"Deep LoRA adapter '{name}' on {lname} already has width "
-                             f"{layer.adapters[name].width} <= r={r}: it is compressed already")
+            raise ValueError(
+                f"Deep LoRA adapter '{name}' on {lname} already has width "
+                f"{layer.adapters[name].width} <= r={r}: it is compressed already"
+            )
 
     grads: dict[str, torch.Tensor] = {}
     handles = []
@@ -133,10 +138,13 @@ def compress(model: nn.Module, batch: dict, name: str | None = None,
     def capture(lname):
         def hook(module, args, out):
             x = args[0].detach()
-            def on_grad(g):                            # G = Σ_t g_t x_tᵀ = ∂loss/∂ΔW
+
+            def on_grad(g):  # G = Σ_t g_t x_tᵀ = ∂loss/∂ΔW
                 gg = g.reshape(-1, g.shape[-1]).float().T @ x.reshape(-1, x.shape[-1]).float()
                 grads[lname] = grads[lname] + gg if lname in grads else gg
+
             out.register_hook(on_grad)
+
         return hook
 
     saved = {p: p.requires_grad for p in model.parameters()}

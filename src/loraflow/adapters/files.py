@@ -36,7 +36,7 @@ from loraflow.atomic import atomic_write_dir, recover_dir
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
-ADAPTER_FILES = {CONFIG_NAME, WEIGHTS_NAME, PICKLE_NAME}   # what save_adapter may replace
+ADAPTER_FILES = {CONFIG_NAME, WEIGHTS_NAME, PICKLE_NAME}  # what save_adapter may replace
 PREFIX = "base_model.model."
 SUFFIXES = {
     "LORA": r"lora_[AB]\.weight",
@@ -44,8 +44,13 @@ SUFFIXES = {
     "DEEP_LORA": r"deep_lora\.\d+\.weight",
 }
 # PEFT LoRA features that change the math; loading one of them would silently differ.
-UNSUPPORTED_LORA = {"use_dora": False, "modules_to_save": None, "layers_to_transform": None,
-                    "lora_bias": False, "use_qalora": False}
+UNSUPPORTED_LORA = {
+    "use_dora": False,
+    "modules_to_save": None,
+    "layers_to_transform": None,
+    "lora_bias": False,
+    "use_qalora": False,
+}
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> Path:
@@ -64,8 +69,11 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
         raise KeyError(f"no adapter named {name!r} to save; the model has {sorted(configs)}")
     config = configs[name]
     layers = adapter_layers(model, name)
-    tensors = {f"{PREFIX}{mname}.{suffix}": t.detach().to("cpu", copy=True).contiguous()
-               for mname, layer in layers for suffix, t in layer.adapters[name].file_tensors().items()}
+    tensors = {
+        f"{PREFIX}{mname}.{suffix}": t.detach().to("cpu", copy=True).contiguous()
+        for mname, layer in layers
+        for suffix, t in layer.adapters[name].file_tensors().items()
+    }
     fields = _config_fields(model, config, [m for m, _ in layers])
     path = Path(path)
     _check_replaceable(path)
@@ -82,9 +90,11 @@ def _check_replaceable(path: Path) -> None:
     if path.is_dir():
         others = sorted(p.name for p in path.iterdir() if p.name not in ADAPTER_FILES)
         if others:
-            raise ValueError(f"{path} holds other files than an adapter's ({', '.join(others[:5])}); "
-                             "saving would replace the whole folder. Save to another folder, or move "
-                             "those files away")
+            raise ValueError(
+                f"{path} holds other files than an adapter's ({', '.join(others[:5])}); "
+                "saving would replace the whole folder. Save to another folder, or move "
+                "those files away"
+            )
     elif path.exists():
         raise ValueError(f"{path} exists and is not a folder; save the adapter to another path")
 
@@ -107,17 +117,19 @@ def read_adapter(path: str | os.PathLike, allow_pickle: bool = False):
         parked = recover_dir(path)
         if parked is None or not (parked / CONFIG_NAME).is_file():
             raise FileNotFoundError(f"adapter folder {path} does not exist")
-        warnings.warn(f"adapter folder {path} is missing: a save over it was interrupted; reading the "
-                      f"previous version from {parked}. Save the adapter again to finish", stacklevel=2)
+        warnings.warn(
+            f"adapter folder {path} is missing: a save over it was interrupted; reading the "
+            f"previous version from {parked}. Save the adapter again to finish",
+            stacklevel=2,
+        )
         path = parked
     config_file = _inside(path, CONFIG_NAME)
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} is missing: not an adapter folder")
     try:
         fields = json.loads(config_file.read_text())
-    except ValueError as e:          # JSONDecodeError, UnicodeDecodeError
-        raise ValueError(f"{config_file} is not valid JSON ({e}); save the adapter again or fix "
-                         "the file") from e
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{config_file} is not valid JSON ({e}); save the adapter again or fix the file") from e
     try:
         config = config_from_fields(fields)
     except ValueError as e:
@@ -128,8 +140,10 @@ def read_adapter(path: str | os.PathLike, allow_pickle: bool = False):
     for key, t in tensors.items():
         m = pattern.match(_strip_adapter_name(key))
         if m is None:
-            raise ValueError(f"{path / WEIGHTS_NAME}: key {key!r} is not a {config.kind} adapter "
-                             f"weight (expected '<module>.{SUFFIXES[config.kind]}')")
+            raise ValueError(
+                f"{path / WEIGHTS_NAME}: key {key!r} is not a {config.kind} adapter "
+                f"weight (expected '<module>.{SUFFIXES[config.kind]}')"
+            )
         by_module.setdefault(m.group(1), {})[m.group(2)] = t
     if not by_module:
         raise ValueError(f"{path / WEIGHTS_NAME} holds no adapter weights")
@@ -145,17 +159,19 @@ def _check_layer(path: Path, config, module: str, found: dict[str, torch.Tensor]
         needed = [f"{config.kind.lower()}_{ab}.weight" for ab in "AB"]
     missing = [k for k in needed if k not in found]
     if missing:
-        raise ValueError(f"adapter {path}: layer {module} has {sorted(found)} but no {', '.join(missing)}; "
-                         "the weights file is incomplete: save or convert the adapter again")
+        raise ValueError(
+            f"adapter {path}: layer {module} has {sorted(found)} but no {', '.join(missing)}; "
+            "the weights file is incomplete: save or convert the adapter again"
+        )
     for suffix, t in found.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
             what = " and ".join(w for w, bad in (("NaN", t.isnan().any()), ("Inf", t.isinf().any())) if bad)
-            raise ValueError(f"adapter {path}: layer {module} has non-finite values in {suffix} ({what}); "
-                             "retrain or fix the file")
+            raise ValueError(
+                f"adapter {path}: layer {module} has non-finite values in {suffix} ({what}); retrain or fix the file"
+            )
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = None,
-                 allow_pickle: bool = False) -> str:
+def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = None, allow_pickle: bool = False) -> str:
     """Load a PEFT-layout adapter folder onto ``model`` as ``name`` (default: the folder's
     name). Everything is checked before the model is touched: a failed load leaves it as it was."""
     path = Path(path)
@@ -167,9 +183,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     modules = {}
     for mname, found in by_module.items():
         if mname not in linear:
-            raise ValueError(f"the adapter has weights for layer {mname!r}, which this model does "
-                             f"not have as a linear layer (it has e.g. {sorted(linear)[:4]}): "
-                             "was it trained for another base model?")
+            raise ValueError(
+                f"the adapter has weights for layer {mname!r}, which this model does "
+                f"not have as a linear layer (it has e.g. {sorted(linear)[:4]}): "
+                "was it trained for another base model?"
+            )
         target = model.get_submodule(mname)
         layer = target if isinstance(target, AdapterLinear) else AdapterLinear(target)
         adapter = build_adapter(config, mname, layer, **_shape_from_file(config, found))
@@ -181,7 +199,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
                 raise ValueError(
                     f"layer {mname}: {suffix} has shape {tuple(found[suffix].shape)} in the file but "
                     f"this model needs {tuple(param.shape)} (layer is {layer.d_out}x{layer.d_in}); "
-                    "the adapter was trained for a different base model")
+                    "the adapter was trained for a different base model"
+                )
             with torch.no_grad():
                 param.copy_(found[suffix])
         modules[mname] = adapter
@@ -201,37 +220,60 @@ def config_from_fields(fields: dict):
     if kind == "LORA":
         for key, neutral in UNSUPPORTED_LORA.items():
             if fields.get(key, neutral) not in (neutral, [], {}, False, None):
-                raise ValueError(f"this LoRA adapter uses {key}={fields[key]!r}, which loraflow "
-                                 "does not support yet; load it with PEFT instead")
-        return _build(LoRAConfig, fields, r=_required(fields, "r"), alpha=fields.get("lora_alpha", 8), target_modules=targets,
-                          dropout=fields.get("lora_dropout", 0.0) or 0.0,
-                          use_rslora=bool(fields.get("use_rslora", False)),
-                          rank_pattern=dict(fields.get("rank_pattern") or {}),
-                          alpha_pattern=dict(fields.get("alpha_pattern") or {}))
+                raise ValueError(
+                    f"this LoRA adapter uses {key}={fields[key]!r}, which loraflow "
+                    "does not support yet; load it with PEFT instead"
+                )
+        return _build(
+            LoRAConfig,
+            fields,
+            r=_required(fields, "r"),
+            alpha=fields.get("lora_alpha", 8),
+            target_modules=targets,
+            dropout=fields.get("lora_dropout", 0.0) or 0.0,
+            use_rslora=bool(fields.get("use_rslora", False)),
+            rank_pattern=dict(fields.get("rank_pattern") or {}),
+            alpha_pattern=dict(fields.get("alpha_pattern") or {}),
+        )
     if kind == "FLORA":
-        return _build(FLoRAConfig, fields, r=_required(fields, "r"), target_modules=targets,
-                           init_noise=fields.get("init_noise", 0.0),
-                           rank_pattern=dict(fields.get("rank_pattern") or {}))
+        return _build(
+            FLoRAConfig,
+            fields,
+            r=_required(fields, "r"),
+            target_modules=targets,
+            init_noise=fields.get("init_noise", 0.0),
+            rank_pattern=dict(fields.get("rank_pattern") or {}),
+        )
     if kind == "DEEP_LORA":
-        return _build(DeepLoRAConfig, fields, r=_required(fields, "r"), depth=_required(fields, "depth"),
-                      epsilon=_required(fields, "epsilon"),
-                              gamma=fields.get("gamma", 0.1), target_modules=targets)
+        return _build(
+            DeepLoRAConfig,
+            fields,
+            r=_required(fields, "r"),
+            depth=_required(fields, "depth"),
+            epsilon=_required(fields, "epsilon"),
+            gamma=fields.get("gamma", 0.1),
+            target_modules=targets,
+        )
     raise ValueError(f"peft_type {kind!r} is not supported: loraflow loads LORA, FLORA and DEEP_LORA")
 
 
 def _required(fields: dict, key: str):
     if key not in fields:
-        raise ValueError(f"the {fields.get('peft_type')} config has no {key!r} field; add it (PEFT "
-                         "writes it) or save the adapter again")
+        raise ValueError(
+            f"the {fields.get('peft_type')} config has no {key!r} field; add it (PEFT "
+            "writes it) or save the adapter again"
+        )
     return fields[key]
 
 
 def _build(cls, fields: dict, **kw):
     try:
         return cls(**kw)
-    except (TypeError, AttributeError) as e:     # e.g. "r": "8", target_modules: 3
-        raise ValueError(f"the {fields.get('peft_type')} config has a field of the wrong type ({e}); "
-                         "fix the file or save the adapter again") from e
+    except (TypeError, AttributeError) as e:  # e.g. "r": "8", target_modules: 3
+        raise ValueError(
+            f"the {fields.get('peft_type')} config has a field of the wrong type ({e}); "
+            "fix the file or save the adapter again"
+        ) from e
 
 
 def _config_fields(model: nn.Module, config, adapted: list[str]) -> dict:
@@ -248,16 +290,24 @@ def _config_fields(model: nn.Module, config, adapted: list[str]) -> dict:
     }
     if config.kind == "LORA":
         conv1d = any(is_conv1d(model.get_submodule(m).base) for m in adapted)
-        return {"peft_type": "LORA", **common, "lora_alpha": config.alpha,
-                "lora_dropout": config.dropout, "use_rslora": config.use_rslora,
-                "rank_pattern": config.rank_pattern, "alpha_pattern": config.alpha_pattern,
-                "fan_in_fan_out": conv1d, "bias": "none", "init_lora_weights": True,
-                "use_dora": False, "modules_to_save": None, "layers_to_transform": None}
+        return {
+            "peft_type": "LORA",
+            **common,
+            "lora_alpha": config.alpha,
+            "lora_dropout": config.dropout,
+            "use_rslora": config.use_rslora,
+            "rank_pattern": config.rank_pattern,
+            "alpha_pattern": config.alpha_pattern,
+            "fan_in_fan_out": conv1d,
+            "bias": "none",
+            "init_lora_weights": True,
+            "use_dora": False,
+            "modules_to_save": None,
+            "layers_to_transform": None,
+        }
     if config.kind == "FLORA":
-        return {"peft_type": "FLORA", **common, "init_noise": config.init_noise,
-                "rank_pattern": config.rank_pattern}
-    return {"peft_type": "DEEP_LORA", **common, "depth": config.depth, "epsilon": config.epsilon,
-            "gamma": config.gamma}
+        return {"peft_type": "FLORA", **common, "init_noise": config.init_noise, "rank_pattern": config.rank_pattern}
+    return {"peft_type": "DEEP_LORA", **common, "depth": config.depth, "epsilon": config.epsilon, "gamma": config.gamma}
 
 
 def _task_type(model: nn.Module) -> str | None:
@@ -285,8 +335,9 @@ def _inside(folder: Path, name: str) -> Path:
     """``folder / name``, refused if it is a symlink that leads out of ``folder``."""
     file = folder / name
     if file.is_symlink() and not file.resolve().is_relative_to(folder.resolve()):
-        raise ValueError(f"{file} is a symlink to {file.resolve()}, outside the adapter folder; "
-                         f"copy the file into {folder} instead")
+        raise ValueError(
+            f"{file} is a symlink to {file.resolve()}, outside the adapter folder; copy the file into {folder} instead"
+        )
     return file
 
 
@@ -296,20 +347,24 @@ def _read_weights(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
         try:
             return load_file(weights)
         except SafetensorError as e:
-            raise ValueError(f"{weights} is not a readable safetensors file ({e}): it may be truncated "
-                             "or corrupt; save the adapter again") from e
+            raise ValueError(
+                f"{weights} is not a readable safetensors file ({e}): it may be truncated "
+                "or corrupt; save the adapter again"
+            ) from e
     pickled = _inside(path, PICKLE_NAME)
     if pickled.is_file():
         if not allow_pickle:
             raise ValueError(
                 f"{pickled} is a pickle file, which can run code when loaded; loraflow "
                 "reads adapter_model.safetensors only. Convert it, or pass allow_pickle=True if you "
-                "trust its source")
+                "trust its source"
+            )
         try:
             tensors = torch.load(pickled, map_location="cpu", weights_only=True)
-        except Exception as e:     # pickle and zip errors of every kind
-            raise ValueError(f"{pickled} could not be read ({type(e).__name__}: {e}): it may be "
-                             "truncated or corrupt") from e
+        except Exception as e:  # pickle and zip errors of every kind
+            raise ValueError(
+                f"{pickled} could not be read ({type(e).__name__}: {e}): it may be truncated or corrupt"
+            ) from e
         if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
             raise ValueError(f"{pickled} does not hold a dict of tensors")
         return tensors

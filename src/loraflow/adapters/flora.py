@@ -57,8 +57,7 @@ class FLoRA(nn.Module):
     # |M| below this cannot be divided out again exactly, so such a merge is refused.
     MIN_MERGE_SCALE: ClassVar[float] = 1e-4
 
-    def __init__(self, d_in: int, d_out: int, r: int, init_noise: float = 0.02,
-                 device=None, dtype=None):
+    def __init__(self, d_in: int, d_out: int, r: int, init_noise: float = 0.02, device=None, dtype=None):
         super().__init__()
         self.r = r
         noise = torch.randn(r, d_in, device=device, dtype=torch.float32) * init_noise
@@ -72,20 +71,21 @@ class FLoRA(nn.Module):
     def forward(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor:
         """y = (1/r) Σ_k b_k ∘ (W0 (a_k ∘ x)) + bias."""
         # x: (..., d_in)
-        xs = x.unsqueeze(-2) * self.A                 # (..., r, d_in)
-        z = F.linear(xs, base_weight(base))           # (..., r, d_out)
-        y = (z * self.B.T).mean(-2)                   # (..., d_out)
+        xs = x.unsqueeze(-2) * self.A  # (..., r, d_in)
+        z = F.linear(xs, base_weight(base))  # (..., r, d_out)
+        y = (z * self.B.T).mean(-2)  # (..., d_out)
         return y if base.bias is None else y + base.bias
 
     def multiplier(self) -> torch.Tensor:
-        return (self.B @ self.A) / self.r             # M: (d_out, d_in)
+        return (self.B @ self.A) / self.r  # M: (d_out, d_in)
 
     def merge_into(self, w0: torch.Tensor) -> torch.Tensor:
         m = self.multiplier()
         if m.abs().min() < self.MIN_MERGE_SCALE:
             raise ValueError(
                 "this FLoRA adapter scales some weights by ~0, so merging it could not be undone "
-                "(unmerge divides by the multiplier); keep it unmerged")
+                "(unmerge divides by the multiplier); keep it unmerged"
+            )
         return w0 * m.to(w0.dtype)
 
     def unmerge_from(self, w: torch.Tensor) -> torch.Tensor:

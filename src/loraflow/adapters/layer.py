@@ -1,8 +1,8 @@
 """The adapter layer: a linear layer that carries named adapters, one of them active.
 
-    y = base(x)                       no active adapter, or the active one merged into W0
-    y = adapter(x, base)              otherwise (LoRA adds s·BAx, FLoRA scales W0, ...)
-    y_i = adapter_{s_i}(x_i, base)    inside ``use_adapters``: row i with its own adapter
+y = base(x)                       no active adapter, or the active one merged into W0
+y = adapter(x, base)              otherwise (LoRA adds s·BAx, FLoRA scales W0, ...)
+y_i = adapter_{s_i}(x_i, base)    inside ``use_adapters``: row i with its own adapter
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ class AdapterLinear(nn.Module):
         self.adapters = nn.ModuleDict()
         self.active: str | None = None
         self.merged: str | None = None
-        self.rows: RowPlan | None = None   # set by use_adapters
+        self.rows: RowPlan | None = None  # set by use_adapters
         self.d_out, self.d_in = linear_shape(base)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -60,8 +60,9 @@ class AdapterLinear(nn.Module):
         return f"d_in={self.d_in}, d_out={self.d_out}, active={self.active!r}, merged={self.merged!r}"
 
 
-def adapter_layers(model: nn.Module, name: str | None = None, kind: type | None = None
-                   ) -> list[tuple[str, AdapterLinear]]:
+def adapter_layers(
+    model: nn.Module, name: str | None = None, kind: type | None = None
+) -> list[tuple[str, AdapterLinear]]:
     """(module name, layer) of every adapter layer, only those holding ``name`` if given,
     and only adapters of class ``kind`` if given."""
     out = []

@@ -48,8 +48,17 @@ class LoRAConfig:
 class LoRA(nn.Module):
     """One LoRA adapter on one linear layer."""
 
-    def __init__(self, d_in: int, d_out: int, r: int, alpha: float, dropout: float = 0.0,
-                 use_rslora: bool = False, device=None, dtype=None):
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
         self.scale = alpha / math.sqrt(r) if use_rslora else alpha / r
@@ -65,11 +74,11 @@ class LoRA(nn.Module):
     def forward(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor:
         """y = W0 x + s · B (A dropout(x))."""
         # x: (..., d_in)
-        h = F.linear(self.dropout(x), self.A)        # (..., r)
-        return base(x) + self.scale * F.linear(h, self.B)   # (..., d_out)
+        h = F.linear(self.dropout(x), self.A)  # (..., r)
+        return base(x) + self.scale * F.linear(h, self.B)  # (..., d_out)
 
     def delta_weight(self) -> torch.Tensor:
-        return self.scale * (self.B @ self.A)        # (d_out, d_in)
+        return self.scale * (self.B @ self.A)  # (d_out, d_in)
 
     def merge_into(self, w0: torch.Tensor) -> torch.Tensor:
         return w0 + self.delta_weight().to(w0.dtype)

@@ -33,8 +33,7 @@ def build_adapter(config: AdapterConfig, module_name: str, layer: nn.Module, **s
         return FLoRA(d_in, d_out, r, config.init_noise, **kw)
     if isinstance(config, DeepLoRAConfig):
         return DeepLoRA(d_in, d_out, config.depth, config.epsilon, shape.get("width"), **kw)
-    raise TypeError(f"unknown adapter config {type(config).__name__}: use LoRAConfig, "
-                    "FLoRAConfig or DeepLoRAConfig")
+    raise TypeError(f"unknown adapter config {type(config).__name__}: use LoRAConfig, FLoRAConfig or DeepLoRAConfig")
 
 
 def _configs(model: nn.Module) -> dict:
@@ -78,8 +77,9 @@ def add_adapter(model: nn.Module, config: AdapterConfig, name: str = "default") 
     if not isinstance(name, str) or not name or "." in name:
         raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}")
     if name in _configs(model):
-        raise ValueError(f"the model already has an adapter named {name!r}; pick another name "
-                         "or delete_adapter(model, name) first")
+        raise ValueError(
+            f"the model already has an adapter named {name!r}; pick another name or delete_adapter(model, name) first"
+        )
     targets = find_targets(model, config.target_modules)
     modules = {}
     for module_name in targets:
@@ -121,8 +121,10 @@ def set_adapter(model: nn.Module, name: str | None) -> None:
         _check_name(model, name)
     merged = {layer.merged for _, layer in adapter_layers(model)} - {None}
     if merged and merged != {name}:
-        raise RuntimeError(f"adapter {merged.pop()!r} is merged into the base weights; "
-                           "unmerge_adapter(model, name) before switching adapters")
+        raise RuntimeError(
+            f"adapter {merged.pop()!r} is merged into the base weights; "
+            "unmerge_adapter(model, name) before switching adapters"
+        )
     for _, layer in adapter_layers(model):
         layer.active = name if name in layer.adapters else None
     model.loraflow_active = name

@@ -14,11 +14,14 @@ def check_targets(target_modules):
     """A regex string, 'all-linear', or a non-empty list of module names (returned as a list)."""
     if isinstance(target_modules, str):
         if not target_modules:
-            raise ValueError("target_modules must not be empty: pass names like ['q_proj'], "
-                             "a regular expression, or 'all-linear'")
+            raise ValueError(
+                "target_modules must not be empty: pass names like ['q_proj'], a regular expression, or 'all-linear'"
+            )
         return target_modules
     names = list(target_modules)
     if not names or not all(isinstance(n, str) and n for n in names):
-        raise ValueError(f"target_modules must be a non-empty list of module names, a regular "
-                         f"expression, or 'all-linear'; got {target_modules!r}")
+        raise ValueError(
+            f"target_modules must be a non-empty list of module names, a regular "
+            f"expression, or 'all-linear'; got {target_modules!r}"
+        )
     return names

@@ -24,12 +24,17 @@ def cmd_bench_kernels(args) -> None:
     bandwidth = copy_bandwidth_gbs()
     if args.sweep:
         import itertools
+
         decode = kernels.Case("decode", 4096, 4096, 64, 1, 16, "distinct")
         prefill = kernels.Case("prefill", 4096, 4096, 16, 256, 16, "distinct")
-        rows_cfgs = [dict(variant=v, block_k=bk, split_k=sk, block_n=bn, warps=w) for v, bk, sk, bn, w in
-                     itertools.product(["rows", "fused"], [256, 512], [8, 16, 32], [512, 1024], [4, 8])]
-        tile_cfgs = [dict(block_m=bm, block_k=bk, split_k=sk, block_n=bn, warps=w) for bm, bk, sk, bn, w in
-                     itertools.product([32, 64], [64, 128], [2, 4, 8], [128, 256], [4, 8])]
+        rows_cfgs = [
+            dict(variant=v, block_k=bk, split_k=sk, block_n=bn, warps=w)
+            for v, bk, sk, bn, w in itertools.product(["rows", "fused"], [256, 512], [8, 16, 32], [512, 1024], [4, 8])
+        ]
+        tile_cfgs = [
+            dict(block_m=bm, block_k=bk, split_k=sk, block_n=bn, warps=w)
+            for bm, bk, sk, bn, w in itertools.product([32, 64], [64, 128], [2, 4, 8], [128, 256], [4, 8])
+        ]
         for case, cfgs in [(decode, rows_cfgs), (prefill, tile_cfgs)]:
             res = sorted(kernels.sweep(case, cfgs), key=lambda r: r["addon_us"])
             print(f"{case.kind}: copy bandwidth {bandwidth:.0f} GB/s; best of {len(res)}:")
@@ -40,29 +45,51 @@ def cmd_bench_kernels(args) -> None:
                 if best:
                     print("   best", v, best[0])
         return
-    errors = {f"{c.kind} {c.rows}x{c.T} r{c.rank} {c.mix}": kernels.check_case(c)
-              for c in cases if c.d_in == 4096 and c.d_out == 4096}
+    errors = {
+        f"{c.kind} {c.rows}x{c.T} r{c.rank} {c.mix}": kernels.check_case(c)
+        for c in cases
+        if c.d_in == 4096 and c.d_out == 4096
+    }
     bad = {k: e for k, e in errors.items() if not e < 1e-2}
     if bad:
         sys.exit(f"kernels disagree with the float64 loop: {bad}")
     if args.part:
         i, k = (int(v) for v in args.part.split("/"))
-        cases = cases[i - 1::k]
+        cases = cases[i - 1 :: k]
     rows = []
     for case in tqdm(cases, desc="cases"):
         rows.append(kernels.run_case(case, bandwidth, peft=not args.no_peft))
     env = report.environment()
-    if args.part:   # a share of the grid: JSON only, ``--merge`` makes the report
+    if args.part:  # a share of the grid: JSON only, ``--merge`` makes the report
         path = Path(args.out) / f"kernels.part{i}of{k}{'.' + args.kind if args.kind else ''}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"environment": env, "copy_bandwidth_gbs": bandwidth,
-                                    "max_rel_error_bf16": max(errors.values()), "cases": rows}, indent=1))
+        path.write_text(
+            json.dumps(
+                {
+                    "environment": env,
+                    "copy_bandwidth_gbs": bandwidth,
+                    "max_rel_error_bf16": max(errors.values()),
+                    "cases": rows,
+                },
+                indent=1,
+            )
+        )
         print("wrote", path)
         return
-    payload = {"environment": env, "copy_bandwidth_gbs": bandwidth, "max_rel_error_bf16": max(errors.values()),
-               "targets": kernels_report.targets(rows), "cases": rows}
-    paths = report.write(args.out, "kernels" + ("-quick" if args.quick else ""), payload,
-                         kernels_report.markdown(env, bandwidth, rows), kernels_report.figure(rows))
+    payload = {
+        "environment": env,
+        "copy_bandwidth_gbs": bandwidth,
+        "max_rel_error_bf16": max(errors.values()),
+        "targets": kernels_report.targets(rows),
+        "cases": rows,
+    }
+    paths = report.write(
+        args.out,
+        "kernels" + ("-quick" if args.quick else ""),
+        payload,
+        kernels_report.markdown(env, bandwidth, rows),
+        kernels_report.figure(rows),
+    )
     print(kernels_report.markdown(env, bandwidth, rows).split("## decode")[0])
     print("wrote", *paths)
 
@@ -79,9 +106,16 @@ def cmd_bench_serve(args) -> None:
     from loraflow.serve.llama import SHAPES, LlamaArgs, linear_shapes
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    w = bench.Workload(requests=args.requests, rate=args.rate, prompt_len=args.prompt_len,
-                       output_len=args.output_len, mix=args.mix, adapters=args.adapters,
-                       registered=args.registered, rank=args.rank)
+    w = bench.Workload(
+        requests=args.requests,
+        rate=args.rate,
+        prompt_len=args.prompt_len,
+        output_len=args.output_len,
+        mix=args.mix,
+        adapters=args.adapters,
+        registered=args.registered,
+        rank=args.rank,
+    )
     if args.shape == "default":
         shape = LlamaArgs.from_hf(json.loads((default_model_path() / "config.json").read_text()))
         base_name, model_args = "SmolLM2-135M-Instruct", []
@@ -91,21 +125,40 @@ def cmd_bench_serve(args) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="loraflow-bench-"))
     folders = bench.make_adapters(linear_shapes(shape), tmp / "pool", w.adapters, w.rank, device=device)
     names = bench.name_folders(tmp / "names", folders, w.registered)
-    serve_args = [*model_args, "--adapter-dir", str(names), "--max-gpu-adapters", str(args.max_gpu_adapters or w.adapters),
-                  "--max-cpu-adapters", str(max(64, w.adapters)), "--max-lora-rank", str(w.rank),
-                  "--max-batch-tokens", str(args.max_batch_tokens), "--max-waiting", str(4 * w.requests + 64)]
+    serve_args = [
+        *model_args,
+        "--adapter-dir",
+        str(names),
+        "--max-gpu-adapters",
+        str(args.max_gpu_adapters or w.adapters),
+        "--max-cpu-adapters",
+        str(max(64, w.adapters)),
+        "--max-lora-rank",
+        str(w.rank),
+        "--max-batch-tokens",
+        str(args.max_batch_tokens),
+        "--max-waiting",
+        str(4 * w.requests + 64),
+    ]
     result = bench.run(serve_args, w, base_name, shape.vocab_size, tmp / "server.log", args.repeats)
-    if device == "cuda":      # where a batch-64 decode step is bound by memory bandwidth
+    if device == "cuda":  # where a batch-64 decode step is bound by memory bandwidth
         result["roofline"] = bench.decode_roofline(shape, w)
     print(json.dumps({k: result[k] for k in ("adapters", "base", "adapters_over_base")}, indent=1), flush=True)
-    Path(args.out).mkdir(parents=True, exist_ok=True)     # kept if the baseline below fails
+    Path(args.out).mkdir(parents=True, exist_ok=True)  # kept if the baseline below fails
     (Path(args.out) / f"serve-{args.shape}-{device}.partial.json").write_text(
-        json.dumps({"environment": report.environment(), **result}, indent=1))
+        json.dumps({"environment": report.environment(), **result}, indent=1)
+    )
     if not args.no_peft:
-        peft_w = bench.Workload(**{**bench.asdict(w), "requests": args.peft_requests or w.requests,
-                                   "output_len": args.peft_output_len or w.output_len})
-        result["peft"] = bench.peft_baseline(_hf_model(args.shape, shape, device), folders, peft_w,
-                                             args.peft_batch, device)
+        peft_w = bench.Workload(
+            **{
+                **bench.asdict(w),
+                "requests": args.peft_requests or w.requests,
+                "output_len": args.peft_output_len or w.output_len,
+            }
+        )
+        result["peft"] = bench.peft_baseline(
+            _hf_model(args.shape, shape, device), folders, peft_w, args.peft_batch, device
+        )
         result["ours_over_peft"] = result["adapters"]["output_tokens_per_s"] / result["peft"]["output_tokens_per_s"]
     env = report.environment()
     payload = {"environment": env, **result}
@@ -127,10 +180,17 @@ def _hf_model(shape_name: str, shape, device: str):
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if shape_name == "default":
         return LlamaForCausalLM.from_pretrained(default_model_path(), dtype=dtype).to(device).eval()
-    cfg = LlamaConfig(vocab_size=shape.vocab_size, hidden_size=shape.dim, intermediate_size=shape.intermediate,
-                      num_hidden_layers=shape.n_layers, num_attention_heads=shape.n_heads,
-                      num_key_value_heads=shape.n_kv_heads, max_position_embeddings=shape.max_seq_len,
-                      rms_norm_eps=shape.norm_eps, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=shape.vocab_size,
+        hidden_size=shape.dim,
+        intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.n_layers,
+        num_attention_heads=shape.n_heads,
+        num_key_value_heads=shape.n_kv_heads,
+        max_position_embeddings=shape.max_seq_len,
+        rms_norm_eps=shape.norm_eps,
+        tie_word_embeddings=False,
+    )
     with torch.device(device):
         return LlamaForCausalLM(cfg).to(dtype).eval()
 
@@ -144,15 +204,19 @@ def cmd_bench_train(args) -> None:
     from loraflow.bench import report, train_report
     from loraflow.bench.train import TrainCase, run_case
 
-    if args.merge:        # one report from the JSON files of several runs (e.g. 7B in a call of its own)
+    if args.merge:  # one report from the JSON files of several runs (e.g. 7B in a call of its own)
         parts = [json.loads(Path(f).read_text()) for f in args.merge]
         rows = [row for p in parts for row in p["cases"]]
         env = dict(parts[0]["environment"])
         env["command"] = " + ".join(p["environment"]["command"] for p in parts)
-        env["date"] = ", ".join(dict.fromkeys(p["environment"]["date"] for p in parts))    # each part's, in order
+        env["date"] = ", ".join(dict.fromkeys(p["environment"]["date"] for p in parts))  # each part's, in order
         payload = {"environment": env, "targets": train_report.targets(rows), "cases": rows}
-        print("wrote", *report.write(args.out, f"train-{args.name}", payload, train_report.markdown(env, rows),
-                                     train_report.figure(rows)))
+        print(
+            "wrote",
+            *report.write(
+                args.out, f"train-{args.name}", payload, train_report.markdown(env, rows), train_report.figure(rows)
+            ),
+        )
         return
     if not torch.cuda.is_available() and not args.cpu:
         sys.exit("loraflow bench train measures GPU memory: run it on a CUDA machine (or --cpu for a smoke run)")
@@ -161,12 +225,23 @@ def cmd_bench_train(args) -> None:
     for config in args.configs.split(","):
         for variant in args.variants.split(","):
             for per_layer in (False, True):
-                cases.append(TrainCase(config, variant, per_layer, ranks[config], batch=args.batch,
-                                       accumulation=args.accumulation, steps=args.steps, state_dtype=args.state_dtype,
-                                       checkpointing=config == "7b", svd=args.svd))
+                cases.append(
+                    TrainCase(
+                        config,
+                        variant,
+                        per_layer,
+                        ranks[config],
+                        batch=args.batch,
+                        accumulation=args.accumulation,
+                        steps=args.steps,
+                        state_dtype=args.state_dtype,
+                        checkpointing=config == "7b",
+                        svd=args.svd,
+                    )
+                )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    partial = Path(args.out) / f"train-{device}.partial.jsonl"     # each case as it ends: kept if the run is cut
+    partial = Path(args.out) / f"train-{device}.partial.jsonl"  # each case as it ends: kept if the run is cut
     rows = []
     for c in tqdm(cases, desc="train cases"):
         rows.append(run_case(c, device, torch.bfloat16 if device == "cuda" else torch.float32))
@@ -174,7 +249,9 @@ def cmd_bench_train(args) -> None:
             f.write(json.dumps(rows[-1]) + "\n")
     env = report.environment()
     payload = {"environment": env, "targets": train_report.targets(rows), "cases": rows}
-    paths = report.write(args.out, f"train-{device}", payload, train_report.markdown(env, rows), train_report.figure(rows))
+    paths = report.write(
+        args.out, f"train-{device}", payload, train_report.markdown(env, rows), train_report.figure(rows)
+    )
     partial.unlink()
     print(train_report.markdown(env, rows).split("## Runs")[0])
     print("wrote", *paths)
@@ -192,18 +269,22 @@ def merge_kernel_parts(folder: str, out: str) -> None:
     env = dict(loaded[0]["environment"])
     env["command"] = "; ".join(sorted({d["environment"]["command"] for d in loaded}))
     bandwidth = max(d["copy_bandwidth_gbs"] for d in loaded)
-    by_key = {}   # a later part (e.g. a re-run of one kind) replaces the same case
+    by_key = {}  # a later part (e.g. a re-run of one kind) replaces the same case
     for d in sorted(loaded, key=lambda d: d["environment"]["date"]):
         for r in d["cases"]:
             by_key[tuple(r[k] for k in ("kind", "d_in", "d_out", "rows", "T", "rank", "mix"))] = r
     rows = list(by_key.values())
-    for r in rows:   # one roofline for the whole report: the best bandwidth any part measured
+    for r in rows:  # one roofline for the whole report: the best bandwidth any part measured
         if "addon_bytes" in r:
             r["roofline_ms"] = r["addon_bytes"] / (bandwidth * 1e9) * 1e3
             r["addon_over_roofline"] = r["triton_addon_ms"] / r["roofline_ms"]
-    payload = {"environment": env, "copy_bandwidth_gbs": bandwidth,
-               "max_rel_error_bf16": max(d["max_rel_error_bf16"] for d in loaded),
-               "targets": kernels_report.targets(rows), "cases": rows}
+    payload = {
+        "environment": env,
+        "copy_bandwidth_gbs": bandwidth,
+        "max_rel_error_bf16": max(d["max_rel_error_bf16"] for d in loaded),
+        "targets": kernels_report.targets(rows),
+        "cases": rows,
+    }
     markdown = kernels_report.markdown(env, bandwidth, rows)
     paths = report.write(out, "kernels", payload, markdown, kernels_report.figure(rows))
     print(markdown.split("## decode")[0])

@@ -23,20 +23,20 @@ from torch import nn
 from loraflow.bench.timing import rotations, time_ms
 from loraflow.multi import ops
 
-SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]      # (d_in, d_out) of Llama-2-7B
+SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # (d_in, d_out) of Llama-2-7B
 RANKS = [1, 2, 4, 8, 16, 32, 64]
-MIXED_RANKS = [8, 16, 32, 64]                               # "mixed": cycled over adapters
+MIXED_RANKS = [8, 16, 32, 64]  # "mixed": cycled over adapters
 MIXES = ["identical", "uniform", "skewed", "distinct"]
 
 
 @dataclass
 class Case:
-    kind: str            # "decode" | "prefill" | "flora"
+    kind: str  # "decode" | "prefill" | "flora"
     d_in: int
     d_out: int
-    rows: int            # requests in the batch
-    T: int               # tokens per row (1: decode)
-    rank: int | str      # an int, or "mixed"
+    rows: int  # requests in the batch
+    T: int  # tokens per row (1: decode)
+    rank: int | str  # an int, or "mixed"
     mix: str
 
     @property
@@ -51,9 +51,11 @@ def grid(quick: bool = False, kind: str | None = None) -> list[Case]:
 
 def _grid(quick: bool) -> list[Case]:
     if quick:
-        return [Case("decode", 4096, 4096, 64, 1, 16, "distinct"),
-                Case("prefill", 4096, 4096, 16, 256, 16, "distinct"),
-                Case("flora", 4096, 4096, 16, 256, 1, "distinct")]
+        return [
+            Case("decode", 4096, 4096, 64, 1, 16, "distinct"),
+            Case("prefill", 4096, 4096, 16, 256, 16, "distinct"),
+            Case("flora", 4096, 4096, 16, 256, 1, "distinct"),
+        ]
     cases = []
     for d_in, d_out in SHAPES:
         for rows in [1, 4, 16, 64, 256]:
@@ -70,7 +72,7 @@ def _grid(quick: bool) -> list[Case]:
         cases.append(Case("flora", 4096, 4096, 16, 256, rank, "distinct"))
     for tokens in [2048, 8192]:
         cases.append(Case("flora", 4096, 4096, 16, tokens // 16, 1, "distinct"))
-    for rank in [1, 2, 4, 8]:               # decode-sized batches, where FLoRA's GEMM is cheap
+    for rank in [1, 2, 4, 8]:  # decode-sized batches, where FLoRA's GEMM is cheap
         cases.append(Case("flora", 4096, 4096, 64, 1, rank, "distinct"))
     return cases
 
@@ -105,8 +107,9 @@ def _inputs(case: Case, gen: torch.Generator, device, dtype):
 
 
 def _addon_bytes(case: Case, A, B, elt: int = 2) -> int:
-    return elt * (case.tokens * case.d_in + sum(a.numel() for a in A) + sum(b.numel() for b in B)
-                  + case.tokens * case.d_out)
+    return elt * (
+        case.tokens * case.d_in + sum(a.numel() for a in A) + sum(b.numel() for b in B) + case.tokens * case.d_out
+    )
 
 
 def _peft_layer(case: Case, W, A, B, device, dtype):
@@ -122,7 +125,7 @@ def _peft_layer(case: Case, W, A, B, device, dtype):
             return self.lin(x)
 
     model = None
-    for i, (a, b) in enumerate(zip(A, B)):
+    for i, (a, _) in enumerate(zip(A, B)):
         cfg = LoraConfig(r=a.shape[0], lora_alpha=a.shape[0], target_modules=["lin"])
         if model is None:
             model = get_peft_model(One(), cfg, adapter_name=f"t{i}")
@@ -139,14 +142,16 @@ def _peft_layer(case: Case, W, A, B, device, dtype):
 
 
 @torch.no_grad()
-def run_case(case: Case, bandwidth_gbs: float, peft: bool = True, device="cuda",
-             dtype=torch.bfloat16) -> dict:
+def run_case(case: Case, bandwidth_gbs: float, peft: bool = True, device="cuda", dtype=torch.bfloat16) -> dict:
     from loraflow.multi import triton_lora
 
-    gen = torch.Generator().manual_seed(hash((case.kind, case.d_in, case.d_out, case.rows, case.T,
-                                              str(case.rank), case.mix)) % 2**31)
+    gen = torch.Generator().manual_seed(
+        hash((case.kind, case.d_in, case.d_out, case.rows, case.T, str(case.rank), case.mix)) % 2**31
+    )
     first = _inputs(case, gen, device, dtype)
-    set_bytes = 2 * (first[0].numel() + first[1].numel() + sum(a.numel() + b.numel() for a, b in zip(first[2], first[3])))
+    set_bytes = 2 * (
+        first[0].numel() + first[1].numel() + sum(a.numel() + b.numel() for a, b in zip(first[2], first[3]))
+    )
     sets = [first] + [_inputs(case, gen, device, dtype) for _ in range(rotations(set_bytes) - 1)]
     x0, W0, A0, B0, slots0 = first
     n_used = len(A0)
@@ -154,21 +159,27 @@ def run_case(case: Case, bandwidth_gbs: float, peft: bool = True, device="cuda",
 
     # base GEMM alone, and the layer output buffers
     out["base_ms"] = time_ms([lambda s=s: F.linear(s[0], s[1]) for s in sets])
-    ones = lambda s: [1.0] * len(s[2])                          # unit scales (folded into B)
+    ones = lambda s: [1.0] * len(s[2])  # unit scales (folded into B)
 
     if case.kind == "flora":
         flora = [ops.flora_stack([1 + 0.1 * a for a in s[2]], s[3]) for s in sets]
-        out["flora_dense_ms"] = time_ms([lambda s=s, f=f: ops.flora_dense_stacked(s[0], s[4], s[1], *f)
-                                         for s, f in zip(sets, flora)])
+        out["flora_dense_ms"] = time_ms(
+            [lambda s=s, f=f: ops.flora_dense_stacked(s[0], s[4], s[1], *f) for s, f in zip(sets, flora)]
+        )
         stacks = [ops.padded(s[2], s[3], ones(s)) for s in sets]
-        out["lora_bmm_layer_ms"] = time_ms([lambda s=s, st=st: F.linear(s[0], s[1]) + ops.bmm_padded(s[0], s[4], *st)
-                                            for s, st in zip(sets, stacks)])
+        out["lora_bmm_layer_ms"] = time_ms(
+            [lambda s=s, st=st: F.linear(s[0], s[1]) + ops.bmm_padded(s[0], s[4], *st) for s, st in zip(sets, stacks)]
+        )
         packed = [triton_lora.PackedLoRA.pack(s[2], s[3], ones(s)) for s in sets]
         tokens = [s[4].repeat_interleave(case.T) for s in sets]
         variant = triton_lora.choose_variant(case.tokens, n_used)
         plans = [triton_lora.tile_plan(t, len(s[2])) if variant == "tiles" else None for s, t in zip(sets, tokens)]
-        out["lora_triton_layer_ms"] = time_ms([lambda s=s, p=p, t=t, pl=pl: _triton_layer(s, p, t, pl, case, variant)
-                                               for s, p, t, pl in zip(sets, packed, tokens, plans)])
+        out["lora_triton_layer_ms"] = time_ms(
+            [
+                lambda s=s, p=p, t=t, pl=pl: _triton_layer(s, p, t, pl, case, variant)
+                for s, p, t, pl in zip(sets, packed, tokens, plans)
+            ]
+        )
         out["flora_speedup_vs_bmm"] = out["lora_bmm_layer_ms"] / out["flora_dense_ms"]
         return out
 
@@ -178,17 +189,26 @@ def run_case(case: Case, bandwidth_gbs: float, peft: bool = True, device="cuda",
     plans = [triton_lora.tile_plan(t, len(s[2])) if variant == "tiles" else None for s, t in zip(sets, tokens)]
     ys = [torch.empty(case.tokens, case.d_out, device=device, dtype=dtype) for _ in sets]
     out["triton_variant"] = variant
-    out["triton_addon_ms"] = time_ms([
-        lambda s=s, t=t, p=p, pl=pl, y=y: triton_lora.lora_delta(s[0].view(case.tokens, -1), t, p, variant, pl,
-                                                                  out=y)
-        for s, t, p, pl, y in zip(sets, tokens, packed, plans, ys)])
-    out["triton_layer_ms"] = time_ms([lambda s=s, p=p, t=t, pl=pl: _triton_layer(s, p, t, pl, case, variant)
-                                      for s, p, t, pl in zip(sets, packed, tokens, plans)])
+    out["triton_addon_ms"] = time_ms(
+        [
+            lambda s=s, t=t, p=p, pl=pl, y=y: triton_lora.lora_delta(
+                s[0].view(case.tokens, -1), t, p, variant, pl, out=y
+            )
+            for s, t, p, pl, y in zip(sets, tokens, packed, plans, ys)
+        ]
+    )
+    out["triton_layer_ms"] = time_ms(
+        [
+            lambda s=s, p=p, t=t, pl=pl: _triton_layer(s, p, t, pl, case, variant)
+            for s, p, t, pl in zip(sets, packed, tokens, plans)
+        ]
+    )
     stacks = [ops.padded(s[2], s[3], ones(s)) for s in sets]
     out["bmm_addon_ms"] = time_ms([lambda s=s, st=st: ops.bmm_padded(s[0], s[4], *st) for s, st in zip(sets, stacks)])
     out["loop_addon_ms"] = time_ms([lambda s=s: ops.loop(s[0], s[4], s[2], s[3], ones(s)) for s in sets], graph=False)
-    out["segmented_addon_ms"] = time_ms([lambda s=s: ops.segmented(s[0], s[4], s[2], s[3], ones(s)) for s in sets],
-                                        graph=False)
+    out["segmented_addon_ms"] = time_ms(
+        [lambda s=s: ops.segmented(s[0], s[4], s[2], s[3], ones(s)) for s in sets], graph=False
+    )
     if peft:
         layer = _peft_layer(case, W0, A0, B0, device, dtype)
         names = [f"t{int(i)}" for i in slots0.tolist()]
@@ -224,8 +244,14 @@ def sweep(case: Case, configs: list[dict], device="cuda", dtype=torch.bfloat16) 
         prep = []
         for s in sets:
             t = s[4].repeat_interleave(case.T)
-            prep.append((s[0].view(case.tokens, -1), t, triton_lora.PackedLoRA.pack(s[2], s[3], [1.0] * len(s[2])),
-                         triton_lora.tile_plan(t, len(s[2]), bm) if variant == "tiles" else None))
+            prep.append(
+                (
+                    s[0].view(case.tokens, -1),
+                    t,
+                    triton_lora.PackedLoRA.pack(s[2], s[3], [1.0] * len(s[2])),
+                    triton_lora.tile_plan(t, len(s[2]), bm) if variant == "tiles" else None,
+                )
+            )
         ms = time_ms([lambda p=p: triton_lora.lora_delta(p[0], p[1], p[2], variant, p[3], config=cfg) for p in prep])
         out.append({"variant": variant, **cfg, "addon_us": ms * 1e3})
     return out

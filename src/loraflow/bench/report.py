@@ -7,7 +7,7 @@ import json
 import os
 import platform
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from loraflow.atomic import atomic_write
@@ -16,12 +16,18 @@ from loraflow.atomic import atomic_write
 def environment() -> dict:
     import torch
 
-    env = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-           "command": " ".join(["loraflow"] + sys.argv[1:]) if sys.argv[0].endswith(("loraflow", "loraflow/cli.py"))
-           else " ".join(sys.argv), "python": platform.python_version(), "torch": torch.__version__,
-           "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"}
+    env = {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": " ".join(["loraflow"] + sys.argv[1:])
+        if sys.argv[0].endswith(("loraflow", "loraflow/cli.py"))
+        else " ".join(sys.argv),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+    }
     try:
         import triton
+
         env["triton"] = triton.__version__
     except ImportError:
         pass
@@ -36,6 +42,7 @@ def pyplot():
         raise ModuleNotFoundError("benchmark plots need matplotlib: pip install 'loraflow[bench]'") from e
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 
@@ -44,9 +51,11 @@ def write(out_dir: str | os.PathLike, stem: str, payload: dict, markdown: str, f
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{stem}.json", out / f"{stem}.md", out / f"{stem}.png"]
-    for path, write_to in [(paths[0], lambda p: p.write_text(json.dumps(payload, indent=1) + "\n")),
-                           (paths[1], lambda p: p.write_text(markdown)),
-                           (paths[2], lambda p: figure.savefig(p, dpi=110, bbox_inches="tight", format="png"))]:
+    for path, write_to in [
+        (paths[0], lambda p: p.write_text(json.dumps(payload, indent=1) + "\n")),
+        (paths[1], lambda p: p.write_text(markdown)),
+        (paths[2], lambda p: figure.savefig(p, dpi=110, bbox_inches="tight", format="png")),
+    ]:
         atomic_write(path, lambda tmp: write_to(Path(tmp)))
     return paths
 

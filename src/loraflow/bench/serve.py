@@ -26,18 +26,25 @@ from safetensors.torch import save_file
 @dataclass
 class Workload:
     requests: int = 64
-    rate: float = 0.0            # requests per second (Poisson); 0: all at once
+    rate: float = 0.0  # requests per second (Poisson); 0: all at once
     prompt_len: int = 128
     output_len: int = 128
     mix: str = "distinct"
-    adapters: int = 64           # distinct adapters the requests draw from
-    registered: int = 1000       # names registered on the server
+    adapters: int = 64  # distinct adapters the requests draw from
+    registered: int = 1000  # names registered on the server
     rank: int = 16
     seed: int = 0
 
 
-def make_adapters(shapes: dict[str, tuple[int, int]], folder: Path, n: int, rank: int, seed: int = 0,
-                  dtype=torch.bfloat16, device: str = "cpu") -> list[Path]:
+def make_adapters(
+    shapes: dict[str, tuple[int, int]],
+    folder: Path,
+    n: int,
+    rank: int,
+    seed: int = 0,
+    dtype=torch.bfloat16,
+    device: str = "cpu",
+) -> list[Path]:
     """``n`` random LoRA adapters (all linear layers, rank ``rank``) in PEFT's layout. The
     values are drawn on ``device`` (a GPU draws 64 of Llama-2-7B's 80 MB adapters in a
     moment where the CPU takes minutes); the same seed gives the same adapters on a device."""
@@ -49,13 +56,16 @@ def make_adapters(shapes: dict[str, tuple[int, int]], folder: Path, n: int, rank
         path.mkdir(parents=True, exist_ok=True)
         tensors = {}
         for module, (d_out, d_in) in shapes.items():
-            a = torch.randn(rank, d_in, generator=g, device=device) / d_in ** 0.5
+            a = torch.randn(rank, d_in, generator=g, device=device) / d_in**0.5
             b = torch.randn(d_out, rank, generator=g, device=device) * 0.02
             tensors[f"base_model.model.{module}.lora_A.weight"] = a.to(dtype).cpu()
             tensors[f"base_model.model.{module}.lora_B.weight"] = b.to(dtype).cpu()
         save_file(tensors, path / "adapter_model.safetensors")
-        (path / "adapter_config.json").write_text(json.dumps(
-            {"peft_type": "LORA", "r": rank, "lora_alpha": rank, "target_modules": leaves, "task_type": "CAUSAL_LM"}))
+        (path / "adapter_config.json").write_text(
+            json.dumps(
+                {"peft_type": "LORA", "r": rank, "lora_alpha": rank, "target_modules": leaves, "task_type": "CAUSAL_LM"}
+            )
+        )
         out.append(path)
     return out
 
@@ -90,8 +100,13 @@ def decode_roofline(shape, w: Workload, bytes_per_value: int = 2) -> dict:
     weights = params * bytes_per_value
     kv = w.requests * context * kv_per_token
     adapters = distinct * w.rank * sum(o + i for o, i in layers.values()) * bytes_per_value
-    return {"weights_gb": weights / 1e9, "kv_gb": kv / 1e9, "adapters_gb": adapters / 1e9,
-            "distinct_adapters": distinct, "ratio_bound": (weights + kv) / (weights + kv + adapters)}
+    return {
+        "weights_gb": weights / 1e9,
+        "kv_gb": kv / 1e9,
+        "adapters_gb": adapters / 1e9,
+        "distinct_adapters": distinct,
+        "ratio_bound": (weights + kv) / (weights + kv + adapters),
+    }
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -105,8 +120,15 @@ async def _one(client, model: str, prompt: list[int], w: Workload, start_at: flo
     await asyncio.sleep(max(0.0, start_at - (time.perf_counter() - t0)))
     sent = time.perf_counter()
     times, tokens = [], 0
-    body = {"model": model, "prompt": prompt, "max_tokens": w.output_len, "temperature": 0, "stream": True,
-            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": w.output_len,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+        "stream_options": {"include_usage": True},
+    }
     async with client.stream("POST", "/v1/completions", json=body) as r:
         if r.status_code != 200:
             return {"error": f"{r.status_code}: {(await r.aread())[:200]!r}"}
@@ -118,8 +140,12 @@ async def _one(client, model: str, prompt: list[int], w: Workload, start_at: flo
                 times.append(time.perf_counter())
             if data.get("usage"):
                 tokens = data["usage"]["completion_tokens"]
-    return {"ttft": times[0] - sent if times else float("nan"),
-            "itl": [b - a for a, b in zip(times, times[1:])], "tokens": tokens, "done": time.perf_counter()}
+    return {
+        "ttft": times[0] - sent if times else float("nan"),
+        "itl": [b - a for a, b in zip(times, times[1:])],
+        "tokens": tokens,
+        "done": time.perf_counter(),
+    }
 
 
 async def _load(url: str, models: list[str], prompts: list[list[int]], w: Workload) -> tuple[list[dict], float]:
@@ -144,10 +170,18 @@ def summarize(results: list[dict], t0: float) -> dict:
     itl = [x for r in ok for x in r["itl"]]
     ttft = [r["ttft"] for r in ok]
     total = sum(r["tokens"] for r in ok)
-    return {"requests": len(results), "errors": len(errors), "first_error": errors[0] if errors else None,
-            "output_tokens": total, "wall_s": wall, "output_tokens_per_s": total / wall if ok else 0.0,
-            "ttft_p50_ms": 1e3 * percentile(ttft, 50), "ttft_p99_ms": 1e3 * percentile(ttft, 99),
-            "itl_p50_ms": 1e3 * percentile(itl, 50), "itl_p99_ms": 1e3 * percentile(itl, 99)}
+    return {
+        "requests": len(results),
+        "errors": len(errors),
+        "first_error": errors[0] if errors else None,
+        "output_tokens": total,
+        "wall_s": wall,
+        "output_tokens_per_s": total / wall if ok else 0.0,
+        "ttft_p50_ms": 1e3 * percentile(ttft, 50),
+        "ttft_p99_ms": 1e3 * percentile(ttft, 99),
+        "itl_p50_ms": 1e3 * percentile(itl, 50),
+        "itl_p99_ms": 1e3 * percentile(itl, 99),
+    }
 
 
 def name_folders(folder: Path, adapter_folders: list[Path], registered: int) -> Path:
@@ -205,22 +239,38 @@ def run(serve_args: list[str], w: Workload, base_name: str, vocab: int, log: Pat
         # the first timed run of each kind, NOTES-serve.md)
         asyncio.run(_load(url, chosen, prompts, w))
         asyncio.run(_load(url, [base_name] * w.requests, prompts, w))
-        pairs = []      # (with adapters, base only), back to back, ``repeats`` times
+        pairs = []  # (with adapters, base only), back to back, ``repeats`` times
         for _ in range(repeats):
-            pairs.append((summarize(*asyncio.run(_load(url, chosen, prompts, w))),
-                           summarize(*asyncio.run(_load(url, [base_name] * w.requests, prompts, w)))))
+            pairs.append(
+                (
+                    summarize(*asyncio.run(_load(url, chosen, prompts, w))),
+                    summarize(*asyncio.run(_load(url, [base_name] * w.requests, prompts, w))),
+                )
+            )
         metrics = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
     finally:
         proc.terminate()
         proc.wait(timeout=60)
-    registry = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
-                if line.startswith("loraflow_adapter")}
+    registry = {
+        line.split()[0]: float(line.split()[1]) for line in metrics.splitlines() if line.startswith("loraflow_adapter")
+    }
     with_adapters, base_only = median_run([a for a, _ in pairs]), median_run([b for _, b in pairs])
-    return {"workload": asdict(w), "repeats": repeats, "adapters": with_adapters, "base": base_only,
-            "adapters_over_base": with_adapters["output_tokens_per_s"] / base_only["output_tokens_per_s"],
-            "pairs": [{"adapters_tokens_per_s": a["output_tokens_per_s"], "base_tokens_per_s": b["output_tokens_per_s"],
-                       "ratio": a["output_tokens_per_s"] / b["output_tokens_per_s"]} for a, b in pairs],
-            "server": registry}
+    return {
+        "workload": asdict(w),
+        "repeats": repeats,
+        "adapters": with_adapters,
+        "base": base_only,
+        "adapters_over_base": with_adapters["output_tokens_per_s"] / base_only["output_tokens_per_s"],
+        "pairs": [
+            {
+                "adapters_tokens_per_s": a["output_tokens_per_s"],
+                "base_tokens_per_s": b["output_tokens_per_s"],
+                "ratio": a["output_tokens_per_s"] / b["output_tokens_per_s"],
+            }
+            for a, b in pairs
+        ],
+        "server": registry,
+    }
 
 
 def median_run(runs: list[dict]) -> dict:
@@ -243,15 +293,26 @@ def peft_baseline(hf_model, adapter_folders: list[Path], w: Workload, batch: int
     rows = popularity(w.mix, w.requests, n, rng)
     total, start = 0, time.perf_counter()
     for lo in range(0, w.requests, batch):
-        group = rows[lo:lo + batch]
+        group = rows[lo : lo + batch]
         ids = torch.randint(3, vocab, (len(group), w.prompt_len), device=device)
         with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=w.output_len,
-                                 min_new_tokens=w.output_len, do_sample=False,
-                                 adapter_names=[f"a{i}" for i in group], pad_token_id=0)
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=w.output_len,
+                min_new_tokens=w.output_len,
+                do_sample=False,
+                adapter_names=[f"a{i}" for i in group],
+                pad_token_id=0,
+            )
         total += (out.shape[1] - ids.shape[1]) * len(group)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     wall = time.perf_counter() - start
-    return {"requests": w.requests, "batch": batch, "output_tokens": total, "wall_s": wall,
-            "output_tokens_per_s": total / wall}
+    return {
+        "requests": w.requests,
+        "batch": batch,
+        "output_tokens": total,
+        "wall_s": wall,
+        "output_tokens_per_s": total / wall,
+    }

@@ -7,39 +7,69 @@ def markdown(env: dict, p: dict) -> str:
     from loraflow.bench.report import table
 
     w = p["workload"]
+    arrivals = "all at once" if not w["rate"] else f"{w['rate']} req/s (Poisson)"
     rows = [dict(run="with adapters", **p["adapters"]), dict(run="base model only", **p["base"])]
-    lines = ["# Serving benchmark: many adapters per batch", "",
-             f"- device: {env['device']}; torch {env['torch']}; date: {env['date']}",
-             f"- command: `{env['command']}`",
-             f"- workload: {w['requests']} requests, {'all at once' if not w['rate'] else str(w['rate']) + ' req/s (Poisson)'}, "
-             f"prompt {w['prompt_len']} tokens, output {w['output_len']} tokens (ignore_eos), {w['mix']} mix over "
-             f"{w['adapters']} rank-{w['rank']} adapters on all linear layers, {w['registered']} adapter names registered",
-             "- streamed through the HTTP API on loopback; the server ran " +
-             ("in the load generator's process (engine on a thread)" if p.get("in_process")
-              else "as its own process (`loraflow serve`)"), "",
-             table(rows, [("run", "run", ""), ("output_tokens_per_s", "output tok/s", ".1f"),
-                          ("ttft_p50_ms", "TTFT p50 (ms)", ".0f"), ("ttft_p99_ms", "TTFT p99 (ms)", ".0f"),
-                          ("itl_p50_ms", "ITL p50 (ms)", ".1f"), ("itl_p99_ms", "ITL p99 (ms)", ".1f"),
-                          ("wall_s", "wall (s)", ".1f"), ("errors", "errors", "")]), "",
-             f"- adapters / base throughput: **{p['adapters_over_base']:.2f}** (target >= 0.90)" +
-             (f" from each kind's median run of {len(p['pairs'])}; the runs in turn: " +
-              ", ".join(f"{q['adapters_tokens_per_s']:.0f} / {q['base_tokens_per_s']:.0f} = {q['ratio']:.2f}"
-                        for q in p["pairs"]) if len(p.get("pairs", [])) > 1 else "")]
+    lines = [
+        "# Serving benchmark: many adapters per batch",
+        "",
+        f"- device: {env['device']}; torch {env['torch']}; date: {env['date']}",
+        f"- command: `{env['command']}`",
+        f"- workload: {w['requests']} requests, {arrivals}, "
+        f"prompt {w['prompt_len']} tokens, output {w['output_len']} tokens (ignore_eos), {w['mix']} mix over "
+        f"{w['adapters']} rank-{w['rank']} adapters on all linear layers, {w['registered']} adapter names registered",
+        "- streamed through the HTTP API on loopback; the server ran "
+        + (
+            "in the load generator's process (engine on a thread)"
+            if p.get("in_process")
+            else "as its own process (`loraflow serve`)"
+        ),
+        "",
+        table(
+            rows,
+            [
+                ("run", "run", ""),
+                ("output_tokens_per_s", "output tok/s", ".1f"),
+                ("ttft_p50_ms", "TTFT p50 (ms)", ".0f"),
+                ("ttft_p99_ms", "TTFT p99 (ms)", ".0f"),
+                ("itl_p50_ms", "ITL p50 (ms)", ".1f"),
+                ("itl_p99_ms", "ITL p99 (ms)", ".1f"),
+                ("wall_s", "wall (s)", ".1f"),
+                ("errors", "errors", ""),
+            ],
+        ),
+        "",
+        f"- adapters / base throughput: **{p['adapters_over_base']:.2f}** (target >= 0.90)"
+        + (
+            f" from each kind's median run of {len(p['pairs'])}; the runs in turn: "
+            + ", ".join(
+                f"{q['adapters_tokens_per_s']:.0f} / {q['base_tokens_per_s']:.0f} = {q['ratio']:.2f}"
+                for q in p["pairs"]
+            )
+            if len(p.get("pairs", [])) > 1
+            else ""
+        ),
+    ]
     if "roofline" in p:
         r = p["roofline"]
-        lines += [f"- that ratio at the roofline, with every decode step at the copy bandwidth: {r['ratio_bound']:.2f} "
-                  f"(a decode step of the batch reads {r['weights_gb']:.1f} GB of weights and {r['kv_gb']:.1f} GB of keys "
-                  f"and values at the average context; its {r['distinct_adapters']} distinct adapters add "
-                  f"{r['adapters_gb']:.1f} GB). A base step slower than its roofline hides some of the adapters' "
-                  f"bytes, so a measured ratio can exceed this one"]
+        lines += [
+            f"- that ratio at the roofline, with every decode step at the copy bandwidth: {r['ratio_bound']:.2f} "
+            f"(a decode step of the batch reads {r['weights_gb']:.1f} GB of weights and {r['kv_gb']:.1f} GB of keys "
+            f"and values at the average context; its {r['distinct_adapters']} distinct adapters add "
+            f"{r['adapters_gb']:.1f} GB). A base step slower than its roofline hides some of the adapters' "
+            f"bytes, so a measured ratio can exceed this one"
+        ]
     if "peft" in p:
         q = p["peft"]
-        lines += [f"- transformers + PEFT mixed-batch generate ({q['requests']} requests, {q['batch']} rows per call, "
-                  f"{q['output_tokens'] // max(1, q['requests'])} output tokens each): "
-                  f"{q['output_tokens_per_s']:.1f} output tok/s; ours / PEFT: **{p['ours_over_peft']:.1f}x** (target >= 10)"]
+        lines += [
+            f"- transformers + PEFT mixed-batch generate ({q['requests']} requests, {q['batch']} rows per call, "
+            f"{q['output_tokens'] // max(1, q['requests'])} output tokens each): "
+            f"{q['output_tokens_per_s']:.1f} output tok/s; ours / PEFT: **{p['ours_over_peft']:.1f}x** (target >= 10)"
+        ]
     else:
-        lines += ["- transformers + PEFT baseline: not measured in this run" +
-                  (f" ({p['peft_note']})" if p.get("peft_note") else "")]
+        lines += [
+            "- transformers + PEFT baseline: not measured in this run"
+            + (f" ({p['peft_note']})" if p.get("peft_note") else "")
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -52,7 +82,7 @@ def figure(p: dict):
     names = ["with adapters", "base only"] + (["transformers + PEFT"] if "peft" in p else [])
     values = [p["adapters"]["output_tokens_per_s"], p["base"]["output_tokens_per_s"]]
     values += [p["peft"]["output_tokens_per_s"]] if "peft" in p else []
-    axes[0].bar(names, values, color=["tab:blue", "tab:gray", "tab:red"][:len(names)])
+    axes[0].bar(names, values, color=["tab:blue", "tab:gray", "tab:red"][: len(names)])
     axes[0].set(ylabel="output tokens / s", title="throughput")
     for i, v in enumerate(values):
         axes[0].text(i, v, f"{v:.0f}", ha="center", va="bottom")

@@ -28,7 +28,7 @@ def time_ms(fns, graph: bool = True, reps: int = 15, inner: int = 5) -> float:
         return statistics.median(times)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):          # warm-up: compiles kernels, fills allocator pools
+    with torch.cuda.stream(stream):  # warm-up: compiles kernels, fills allocator pools
         for _ in range(2):
             for f in fns:
                 f()
@@ -41,9 +41,11 @@ def time_ms(fns, graph: bool = True, reps: int = 15, inner: int = 5) -> float:
                 f()
         run = g.replay
     else:
+
         def run():
             for f in fns:
                 f()
+
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
     for _ in range(reps):

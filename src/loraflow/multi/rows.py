@@ -29,7 +29,7 @@ from loraflow.multi import ops
 Impl = Literal["loop", "bmm", "segmented", "triton"]
 IMPLS = ("loop", "bmm", "segmented", "triton")
 LORA_OPS = {"loop": ops.loop, "bmm": ops.bmm, "segmented": ops.segmented}
-FLORA_OPS = {"loop": ops.flora_loop, "bmm": ops.flora_bmm}   # else FLoRA's dense path
+FLORA_OPS = {"loop": ops.flora_loop, "bmm": ops.flora_bmm}  # else FLoRA's dense path
 
 try:
     from loraflow.multi import triton_lora
@@ -40,13 +40,14 @@ except ImportError:  # Triton is optional: the PyTorch ops need nothing more
 @dataclass
 class RowPlan:
     """What one layer does for each row of the batch."""
-    additive: list[str]         # LoRA / Deep LoRA adapters on this layer that rows use
-    add_slots: torch.Tensor     # (rows,) index into ``additive``, -1: none
-    flora: list[str]            # FLoRA adapters on this layer that rows use
-    flora_rows: torch.Tensor    # (k,) rows that use one of them
-    flora_slots: torch.Tensor   # (k,) index into ``flora``
-    impl: Impl | None           # None: chosen per call by device and autograd
-    cache: dict = field(default_factory=dict)   # per-batch work shared by layers (tile plans)
+
+    additive: list[str]  # LoRA / Deep LoRA adapters on this layer that rows use
+    add_slots: torch.Tensor  # (rows,) index into ``additive``, -1: none
+    flora: list[str]  # FLoRA adapters on this layer that rows use
+    flora_rows: torch.Tensor  # (k,) rows that use one of them
+    flora_slots: torch.Tensor  # (k,) index into ``flora``
+    impl: Impl | None  # None: chosen per call by device and autograd
+    cache: dict = field(default_factory=dict)  # per-batch work shared by layers (tile plans)
 
 
 def _plan(adapters: nn.ModuleDict, names: list[str | None], impl, device) -> RowPlan:
@@ -56,8 +57,7 @@ def _plan(adapters: nn.ModuleDict, names: list[str | None], impl, device) -> Row
     add_slots = [additive.index(n) if n in additive else -1 for n in names]
     frows = [i for i, n in enumerate(names) if n in flora]
     as_t = lambda v: torch.tensor(v, dtype=torch.long, device=device)
-    return RowPlan(additive, as_t(add_slots), flora, as_t(frows),
-                   as_t([flora.index(names[i]) for i in frows]), impl)
+    return RowPlan(additive, as_t(add_slots), flora, as_t(frows), as_t([flora.index(names[i]) for i in frows]), impl)
 
 
 @contextmanager
@@ -80,10 +80,12 @@ def use_adapters(model: nn.Module, names: Sequence[str | None], impl: Impl | Non
     layers = [layer for _, layer in adapter_layers(model)]
     merged = {layer.merged for layer in layers} - {None}
     if merged:
-        raise RuntimeError(f"adapter {merged.pop()!r} is merged into the base weights; "
-                           "unmerge_adapter(model, name) before use_adapters")
+        raise RuntimeError(
+            f"adapter {merged.pop()!r} is merged into the base weights; "
+            "unmerge_adapter(model, name) before use_adapters"
+        )
     device = next(model.parameters()).device
-    shared: dict[tuple, RowPlan] = {}   # layers holding the same adapters share one plan
+    shared: dict[tuple, RowPlan] = {}  # layers holding the same adapters share one plan
     previous = [(layer, layer.rows) for layer in layers]
     try:
         for layer in layers:
@@ -134,6 +136,7 @@ class _Stamp:
     ``param.data`` (``param.data.copy_``) are not counted: PyTorch gives ``.data`` a version
     counter of its own so that autograd does not see them, and this cache cannot either.
     """
+
     __slots__ = ("ref", "storage", "version", "where")
 
     def __init__(self, t: torch.Tensor):
@@ -157,9 +160,13 @@ def _cached(layer, attr: str, meta: tuple, sources: list[torch.Tensor], compute:
     (Deep LoRA's product W_L ⋯ W_2 is new on every call: its id says nothing).
     """
     entry = getattr(layer, attr, None)
-    if (entry is None or entry[0] != meta or len(entry[1]) != len(sources)
-            or not all(st.still(t) for st, t in zip(entry[1], sources))):
-        stamps = [_Stamp(t) for t in sources]        # before compute: a write during it repacks
+    if (
+        entry is None
+        or entry[0] != meta
+        or len(entry[1]) != len(sources)
+        or not all(st.still(t) for st, t in zip(entry[1], sources))
+    ):
+        stamps = [_Stamp(t) for t in sources]  # before compute: a write during it repacks
         with torch.no_grad():
             entry = (meta, stamps, compute())
         setattr(layer, attr, entry)
@@ -179,10 +186,12 @@ def _triton_layer(layer, plan: RowPlan, x: torch.Tensor) -> torch.Tensor:
     if triton_lora is None:
         raise ImportError("impl='triton' needs the triton package: pip install triton")
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("impl='triton' runs on CUDA tensors (or on the CPU with TRITON_INTERPRET=1 "
-                         "for tests); use 'segmented' on the CPU")
+        raise ValueError(
+            "impl='triton' runs on CUDA tensors (or on the CPU with TRITON_INTERPRET=1 "
+            "for tests); use 'segmented' on the CPU"
+        )
 
-    def pack():                                # once, until the weights change
+    def pack():  # once, until the weights change
         A, B, scales, _ = _additive_factors(layer, plan.additive)
         return triton_lora.PackedLoRA.pack(A, B, scales)
 
@@ -190,7 +199,7 @@ def _triton_layer(layer, plan: RowPlan, x: torch.Tensor) -> torch.Tensor:
     packed = _cached(layer, "_packed", meta, _additive_sources(layer, plan.additive), pack)
     R, T, _ = x.shape
     n = len(plan.additive)
-    if ("tokens", T) not in plan.cache:        # once per batch, not once per layer
+    if ("tokens", T) not in plan.cache:  # once per batch, not once per layer
         tokens = plan.add_slots.repeat_interleave(T)
         variant = triton_lora.choose_variant(R * T, n)
         tiles = triton_lora.tile_plan(tokens, n) if variant == "tiles" else None
@@ -199,7 +208,7 @@ def _triton_layer(layer, plan: RowPlan, x: torch.Tensor) -> torch.Tensor:
     x2 = x.reshape(R * T, -1)
     with torch.no_grad():
         delta = triton_lora.lora_delta(x2, tokens, packed, variant, tiles, bias=layer.base.bias)
-        y = torch.addmm(delta, x2, base_weight(layer.base).T)   # (R·T, d_out)
+        y = torch.addmm(delta, x2, base_weight(layer.base).T)  # (R·T, d_out)
     return y.view(R, T, -1)
 
 
@@ -212,17 +221,18 @@ def _flora_stacked(layer, plan: RowPlan, A, B, needs_grad: bool):
 
 def mixed_forward(layer, x: torch.Tensor, plan: RowPlan) -> torch.Tensor:
     """The layer's output when row i of x uses its own adapter (``plan``)."""
-    x3 = x.unsqueeze(1) if x.dim() == 2 else x                   # (R, T, d_in); 2-D: tokens as rows
+    x3 = x.unsqueeze(1) if x.dim() == 2 else x  # (R, T, d_in); 2-D: tokens as rows
     if x3.dim() != 3 or x3.shape[0] != plan.add_slots.numel():
-        raise ValueError(f"use_adapters got {plan.add_slots.numel()} adapter names but the batch "
-                         f"has {x3.shape[0] if x3.dim() == 3 else tuple(x.shape)} rows: pass one "
-                         "name (or None) per row")
-    needs_grad = any(p.requires_grad for n in plan.additive + plan.flora
-                     for p in layer.adapters[n].parameters())
+        raise ValueError(
+            f"use_adapters got {plan.add_slots.numel()} adapter names but the batch "
+            f"has {x3.shape[0] if x3.dim() == 3 else tuple(x.shape)} rows: pass one "
+            "name (or None) per row"
+        )
+    needs_grad = any(p.requires_grad for n in plan.additive + plan.flora for p in layer.adapters[n].parameters())
     impl = plan.impl or choose_impl(x3, needs_grad)
     if not plan.additive:
-        y = layer.base(x3)                                        # (R, T, d_out)
-    elif impl == "triton":                                        # factors only when it repacks
+        y = layer.base(x3)  # (R, T, d_out)
+    elif impl == "triton":  # factors only when it repacks
         y = _triton_layer(layer, plan, x3)
     else:
         A, B, scales, dropouts = _additive_factors(layer, plan.additive)
@@ -237,8 +247,9 @@ def mixed_forward(layer, x: torch.Tensor, plan: RowPlan) -> torch.Tensor:
         if impl in FLORA_OPS:
             yf = FLORA_OPS[impl](xf, plan.flora_slots, base_weight(layer.base), A, B)
         else:
-            yf = ops.flora_dense_stacked(xf, plan.flora_slots, base_weight(layer.base),
-                                         *_flora_stacked(layer, plan, A, B, needs_grad))
+            yf = ops.flora_dense_stacked(
+                xf, plan.flora_slots, base_weight(layer.base), *_flora_stacked(layer, plan, A, B, needs_grad)
+            )
         if layer.base.bias is not None:
             yf = yf + layer.base.bias
         y = y.index_copy(0, plan.flora_rows, yf.to(y.dtype))

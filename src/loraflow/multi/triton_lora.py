@@ -32,14 +32,15 @@ import triton.language as tl
 @dataclass
 class PackedLoRA:
     """One layer's additive adapters, packed for the kernels (see module docstring)."""
-    a: torch.Tensor          # (Σ r_i, d_in)
-    bt: torch.Tensor         # (Σ r_i, d_out), scale folded in
-    offsets: torch.Tensor    # (n,) int32
-    ranks: torch.Tensor      # (n,) int32
+
+    a: torch.Tensor  # (Σ r_i, d_in)
+    bt: torch.Tensor  # (Σ r_i, d_out), scale folded in
+    offsets: torch.Tensor  # (n,) int32
+    ranks: torch.Tensor  # (n,) int32
     r_max: int
 
     @staticmethod
-    def pack(A, B, scales) -> "PackedLoRA":
+    def pack(A, B, scales) -> PackedLoRA:
         ranks = [a.shape[0] for a in A]
         offsets = [0]
         for r in ranks[:-1]:
@@ -50,7 +51,8 @@ class PackedLoRA:
             bt=torch.cat([(s * b.detach()).T for b, s in zip(B, scales)]).contiguous(),
             offsets=torch.tensor(offsets, dtype=torch.int32, device=dev),
             ranks=torch.tensor(ranks, dtype=torch.int32, device=dev),
-            r_max=max(ranks))
+            r_max=max(ranks),
+        )
 
 
 @triton.jit
@@ -62,8 +64,9 @@ def _slot_info(slot_ptr_or_val, rank_ptr, off_ptr):
 
 
 @triton.jit
-def _shrink_chunk(x_ptr, a_ptr, m, k_lo, K, K_SPLIT, r, off, stride_x, stride_a,
-                  BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+def _shrink_chunk(
+    x_ptr, a_ptr, m, k_lo, K, K_SPLIT, r, off, stride_x, stride_a, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr
+):
     """A_s[:, k_lo : k_lo + K_SPLIT] · x_m[k_lo : k_lo + K_SPLIT] as (BLOCK_R,) float32."""
     rs = tl.arange(0, BLOCK_R)
     acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
@@ -71,8 +74,9 @@ def _shrink_chunk(x_ptr, a_ptr, m, k_lo, K, K_SPLIT, r, off, stride_x, stride_a,
         ks = k_lo + k0 + tl.arange(0, BLOCK_K)
         kmask = (ks < K) & (ks < k_lo + K_SPLIT) & (r > 0)
         xk = tl.load(x_ptr + m * stride_x + ks, mask=kmask, other=0.0).to(tl.float32)
-        a = tl.load(a_ptr + (off + rs)[:, None] * stride_a + ks[None, :],
-                    mask=(rs[:, None] < r) & kmask[None, :], other=0.0).to(tl.float32)
+        a = tl.load(
+            a_ptr + (off + rs)[:, None] * stride_a + ks[None, :], mask=(rs[:, None] < r) & kmask[None, :], other=0.0
+        ).to(tl.float32)
         acc += tl.sum(a * xk[None, :], axis=1)
     return acc
 
@@ -80,8 +84,9 @@ def _shrink_chunk(x_ptr, a_ptr, m, k_lo, K, K_SPLIT, r, off, stride_x, stride_a,
 @triton.jit
 def _expand_block(h, bt_ptr, bias_ptr, out_ptr, m, off, r, rs, ns, N, stride_b, stride_o, HAS_BIAS: tl.constexpr):
     """out[m, ns] = h · (scale · B_s)ᵀ[:, ns] (+ bias[ns]) for one token and one block of d_out."""
-    b = tl.load(bt_ptr + (off + rs)[:, None] * stride_b + ns[None, :],
-                mask=(rs[:, None] < r) & (ns[None, :] < N), other=0.0).to(tl.float32)
+    b = tl.load(
+        bt_ptr + (off + rs)[:, None] * stride_b + ns[None, :], mask=(rs[:, None] < r) & (ns[None, :] < N), other=0.0
+    ).to(tl.float32)
     out = tl.sum(h[:, None] * b, axis=0)
     if HAS_BIAS:
         out += tl.load(bias_ptr + ns, mask=ns < N, other=0.0).to(tl.float32)
@@ -89,8 +94,22 @@ def _expand_block(h, bt_ptr, bias_ptr, out_ptr, m, off, r, rs, ns, N, stride_b, 
 
 
 @triton.jit
-def _shrink_rows(x_ptr, slot_ptr, a_ptr, off_ptr, rank_ptr, hp_ptr, K, K_SPLIT, stride_x, stride_a,
-                 stride_hs, stride_hm, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+def _shrink_rows(
+    x_ptr,
+    slot_ptr,
+    a_ptr,
+    off_ptr,
+    rank_ptr,
+    hp_ptr,
+    K,
+    K_SPLIT,
+    stride_x,
+    stride_a,
+    stride_hs,
+    stride_hm,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """hp[split, m, :r] = A_s[:, chunk] · x_m[chunk] for one token m and one chunk of d_in."""
     m = tl.program_id(0)
     split = tl.program_id(1)
@@ -101,9 +120,24 @@ def _shrink_rows(x_ptr, slot_ptr, a_ptr, off_ptr, rank_ptr, hp_ptr, K, K_SPLIT, 
 
 
 @triton.jit
-def _expand_rows(hp_ptr, slot_ptr, bt_ptr, off_ptr, rank_ptr, bias_ptr, out_ptr, N, SPLIT_K,
-                 stride_hs, stride_hm, stride_b, stride_o,
-                 BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr):
+def _expand_rows(
+    hp_ptr,
+    slot_ptr,
+    bt_ptr,
+    off_ptr,
+    rank_ptr,
+    bias_ptr,
+    out_ptr,
+    N,
+    SPLIT_K,
+    stride_hs,
+    stride_hm,
+    stride_b,
+    stride_o,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+):
     """out[m, block] = Σ_split hp[split, m] · B_sᵀ[:, block] (+ bias); every element written."""
     m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -117,10 +151,32 @@ def _expand_rows(hp_ptr, slot_ptr, bt_ptr, off_ptr, rank_ptr, bias_ptr, out_ptr,
 
 
 @triton.jit
-def _lora_rows_fused(x_ptr, slot_ptr, a_ptr, bt_ptr, off_ptr, rank_ptr, bias_ptr, out_ptr, hp_ptr, count_ptr,
-                     K, N, K_SPLIT, SPLIT_K, stride_x, stride_a, stride_b, stride_hs, stride_hm, stride_o,
-                     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                     HAS_BIAS: tl.constexpr):
+def _lora_rows_fused(
+    x_ptr,
+    slot_ptr,
+    a_ptr,
+    bt_ptr,
+    off_ptr,
+    rank_ptr,
+    bias_ptr,
+    out_ptr,
+    hp_ptr,
+    count_ptr,
+    K,
+    N,
+    K_SPLIT,
+    SPLIT_K,
+    stride_x,
+    stride_a,
+    stride_b,
+    stride_hs,
+    stride_hm,
+    stride_o,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+):
     """Shrink and expand in one launch: each (token, d_in chunk) program writes its partial h;
     the last of a token's programs to finish (an atomic counter) adds the partials and writes
     the token's whole output row, then resets the counter for the next launch."""
@@ -142,10 +198,26 @@ def _lora_rows_fused(x_ptr, slot_ptr, a_ptr, bt_ptr, off_ptr, rank_ptr, bias_ptr
 
 
 @triton.jit
-def _shrink_tiles(x_ptr, tok_ptr, tslot_ptr, tstart_ptr, tend_ptr, a_ptr, off_ptr, rank_ptr, h_ptr,
-                  K, K_SPLIT, stride_x, stride_a, stride_h,
-                  BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-                  PRECISION: tl.constexpr):
+def _shrink_tiles(
+    x_ptr,
+    tok_ptr,
+    tslot_ptr,
+    tstart_ptr,
+    tend_ptr,
+    a_ptr,
+    off_ptr,
+    rank_ptr,
+    h_ptr,
+    K,
+    K_SPLIT,
+    stride_x,
+    stride_a,
+    stride_h,
+    BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """h[tile tokens, :r] += x_tile[:, chunk] · A_s[:, chunk]ᵀ (atomics over the d_in chunks)."""
     t = tl.program_id(0)
     split = tl.program_id(1)
@@ -161,20 +233,36 @@ def _shrink_tiles(x_ptr, tok_ptr, tslot_ptr, tstart_ptr, tend_ptr, a_ptr, off_pt
     for k0 in range(0, K_SPLIT, BLOCK_K):
         ks = k_lo + k0 + tl.arange(0, BLOCK_K)
         kmask = (ks < K) & (ks < k_lo + K_SPLIT)
-        xt = tl.load(x_ptr + toks[:, None] * stride_x + ks[None, :],
-                     mask=mmask[:, None] & kmask[None, :], other=0.0)
-        at = tl.load(a_ptr + (off + rs)[None, :] * stride_a + ks[:, None],
-                     mask=(rs[None, :] < r) & kmask[:, None], other=0.0)
+        xt = tl.load(x_ptr + toks[:, None] * stride_x + ks[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
+        at = tl.load(
+            a_ptr + (off + rs)[None, :] * stride_a + ks[:, None], mask=(rs[None, :] < r) & kmask[:, None], other=0.0
+        )
         acc = tl.dot(xt, at, acc, input_precision=PRECISION)
-    tl.atomic_add(h_ptr + toks[:, None] * stride_h + rs[None, :], acc,
-                  mask=mmask[:, None] & (rs[None, :] < r))
+    tl.atomic_add(h_ptr + toks[:, None] * stride_h + rs[None, :], acc, mask=mmask[:, None] & (rs[None, :] < r))
 
 
 @triton.jit
-def _expand_tiles(h_ptr, tok_ptr, tslot_ptr, tstart_ptr, tend_ptr, bt_ptr, off_ptr, rank_ptr, bias_ptr,
-                  out_ptr, N, stride_h, stride_b, stride_o,
-                  BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                  PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr):
+def _expand_tiles(
+    h_ptr,
+    tok_ptr,
+    tslot_ptr,
+    tstart_ptr,
+    tend_ptr,
+    bt_ptr,
+    off_ptr,
+    rank_ptr,
+    bias_ptr,
+    out_ptr,
+    N,
+    stride_h,
+    stride_b,
+    stride_o,
+    BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+):
     """out[tile tokens, block] = h_tile · B_sᵀ[:, block] (+ bias); base tiles get zeros (+ bias)."""
     t = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -186,15 +274,18 @@ def _expand_tiles(h_ptr, tok_ptr, tslot_ptr, tstart_ptr, tend_ptr, bt_ptr, off_p
     toks = tl.load(tok_ptr + ms, mask=mmask, other=0)
     rs = tl.arange(0, BLOCK_R)
     ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    h = tl.load(h_ptr + toks[:, None] * stride_h + rs[None, :],
-                mask=mmask[:, None] & (rs[None, :] < r), other=0.0)
-    b = tl.load(bt_ptr + (off + rs)[:, None] * stride_b + ns[None, :],
-                mask=(rs[:, None] < r) & (ns[None, :] < N), other=0.0).to(tl.float32)
+    h = tl.load(h_ptr + toks[:, None] * stride_h + rs[None, :], mask=mmask[:, None] & (rs[None, :] < r), other=0.0)
+    b = tl.load(
+        bt_ptr + (off + rs)[:, None] * stride_b + ns[None, :], mask=(rs[:, None] < r) & (ns[None, :] < N), other=0.0
+    ).to(tl.float32)
     out = tl.dot(h, b, input_precision=PRECISION)
     if HAS_BIAS:
         out += tl.load(bias_ptr + ns, mask=ns < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + toks[:, None] * stride_o + ns[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=mmask[:, None] & (ns[None, :] < N))
+    tl.store(
+        out_ptr + toks[:, None] * stride_o + ns[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=mmask[:, None] & (ns[None, :] < N),
+    )
 
 
 def _block_r(r_max: int, minimum: int) -> int:
@@ -214,17 +305,18 @@ def _rows_split(K: int, N: int, cfg: dict) -> tuple[int, int, int]:
 class TilePlan:
     """Tokens sorted by slot, each segment (base tokens too) cut into tiles of ``block_m``
     tokens. Computed once per batch (one host sync) and shared by every layer."""
-    order: torch.Tensor      # (N,) int32 token ids, sorted by slot
-    tslot: torch.Tensor      # (tiles,) int32 adapter of each tile, -1: base tokens
-    tstart: torch.Tensor     # (tiles,) int32 first position in ``order``
-    tend: torch.Tensor       # (tiles,) int32 one past the last
+
+    order: torch.Tensor  # (N,) int32 token ids, sorted by slot
+    tslot: torch.Tensor  # (tiles,) int32 adapter of each tile, -1: base tokens
+    tstart: torch.Tensor  # (tiles,) int32 first position in ``order``
+    tend: torch.Tensor  # (tiles,) int32 one past the last
     block_m: int
 
 
 def tile_plan(slots: torch.Tensor, n: int, block_m: int = 32) -> TilePlan:
     """Plan for token slots (N,) in [-1, n)."""
     order = torch.argsort(slots, stable=True).to(torch.int32)
-    counts = torch.bincount(slots.long() + 1, minlength=n + 1).tolist()    # one host sync
+    counts = torch.bincount(slots.long() + 1, minlength=n + 1).tolist()  # one host sync
     tslot, tstart, tend = [], [], []
     start = 0
     for i, c in enumerate(counts):
@@ -235,7 +327,7 @@ def tile_plan(slots: torch.Tensor, n: int, block_m: int = 32) -> TilePlan:
     return TilePlan(order, as_t(tslot), as_t(tstart), as_t(tend), block_m)
 
 
-DECODE_VARIANT = "rows"   # or "fused"; set from the benchmark sweep
+DECODE_VARIANT = "rows"  # or "fused"; set from the benchmark sweep
 
 
 def choose_variant(n_tokens: int, n_adapters: int) -> str:
@@ -248,9 +340,11 @@ def choose_variant(n_tokens: int, n_adapters: int) -> str:
 # On 2026-11-28: rows 12.3 us, fused 13.9 us (decode); tiles 34.7 us (prefill). "rows" (also
 # the sibling launches) re-chosen on 2026-11-29 over 180 configurations at Llama-2-7B's
 # decoder blocks (benchmarks/scripts/lora_sweep.py): 67.8 us a block against 72.3 us before.
-DEFAULTS = {"rows": {"block_k": 128, "split_k": 8, "block_n": 2048, "warps": 8},
-            "fused": {"block_k": 512, "split_k": 16, "block_n": 1024, "warps": 4},
-            "tiles": {"block_m": 32, "block_k": 128, "split_k": 4, "block_n": 256, "warps": 8}}
+DEFAULTS = {
+    "rows": {"block_k": 128, "split_k": 8, "block_n": 2048, "warps": 8},
+    "fused": {"block_k": 512, "split_k": 16, "block_n": 1024, "warps": 4},
+    "tiles": {"block_m": 32, "block_k": 128, "split_k": 4, "block_n": 256, "warps": 8},
+}
 _COUNTERS: dict = {}
 
 
@@ -263,9 +357,16 @@ def _counters(device, n: int) -> torch.Tensor:
     return buf
 
 
-def lora_delta(x: torch.Tensor, slots: torch.Tensor, packed: PackedLoRA, variant: str | None = None,
-               plan: TilePlan | None = None, bias: torch.Tensor | None = None,
-               out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+def lora_delta(
+    x: torch.Tensor,
+    slots: torch.Tensor,
+    packed: PackedLoRA,
+    variant: str | None = None,
+    plan: TilePlan | None = None,
+    bias: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    config: dict | None = None,
+) -> torch.Tensor:
     """Δy (+ bias) for tokens x: (N, d_in) with slots (N,) (-1: none): (N, d_out), every
     element written. ``variant``: "rows" (decode), "tiles" (prefill) or None
     (``choose_variant``); the tiles variant takes a precomputed ``plan`` or makes one."""
@@ -279,7 +380,7 @@ def lora_delta(x: torch.Tensor, slots: torch.Tensor, packed: PackedLoRA, variant
     variant = variant or ("tiles" if plan is not None else choose_variant(N, n))
     cfg = {**DEFAULTS.get(variant, {}), **(config or {})}
     has_bias = bias is not None
-    bias = bias if has_bias else out          # a valid pointer, never read
+    bias = bias if has_bias else out  # a valid pointer, never read
     if variant in ("rows", "fused"):
         slots = slots.to(torch.int32)
         block_r = _block_r(packed.r_max, 1)
@@ -287,20 +388,71 @@ def lora_delta(x: torch.Tensor, slots: torch.Tensor, packed: PackedLoRA, variant
         hp = torch.empty(split_k, N, packed.r_max, device=x.device, dtype=torch.float32)
     if variant == "fused":
         block_n = min(cfg["block_n"], triton.next_power_of_2(D))
-        _lora_rows_fused[(N, split_k)](x, slots, packed.a, packed.bt, packed.offsets, packed.ranks, bias, out,
-                                       hp, _counters(x.device, N), K, D, k_split, split_k, x.stride(0),
-                                       packed.a.stride(0), packed.bt.stride(0), hp.stride(0), hp.stride(1),
-                                       out.stride(0), BLOCK_R=block_r, BLOCK_K=block_k, BLOCK_N=block_n,
-                                       HAS_BIAS=has_bias, num_warps=cfg["warps"])
+        _lora_rows_fused[(N, split_k)](
+            x,
+            slots,
+            packed.a,
+            packed.bt,
+            packed.offsets,
+            packed.ranks,
+            bias,
+            out,
+            hp,
+            _counters(x.device, N),
+            K,
+            D,
+            k_split,
+            split_k,
+            x.stride(0),
+            packed.a.stride(0),
+            packed.bt.stride(0),
+            hp.stride(0),
+            hp.stride(1),
+            out.stride(0),
+            BLOCK_R=block_r,
+            BLOCK_K=block_k,
+            BLOCK_N=block_n,
+            HAS_BIAS=has_bias,
+            num_warps=cfg["warps"],
+        )
     elif variant == "rows":
-        _shrink_rows[(N, split_k)](x, slots, packed.a, packed.offsets, packed.ranks, hp, K, k_split,
-                                   x.stride(0), packed.a.stride(0), hp.stride(0), hp.stride(1),
-                                   BLOCK_R=block_r, BLOCK_K=block_k, num_warps=cfg["warps"])
+        _shrink_rows[(N, split_k)](
+            x,
+            slots,
+            packed.a,
+            packed.offsets,
+            packed.ranks,
+            hp,
+            K,
+            k_split,
+            x.stride(0),
+            packed.a.stride(0),
+            hp.stride(0),
+            hp.stride(1),
+            BLOCK_R=block_r,
+            BLOCK_K=block_k,
+            num_warps=cfg["warps"],
+        )
         block_n = min(cfg["block_n"], triton.next_power_of_2(D))
-        _expand_rows[(N, triton.cdiv(D, block_n))](hp, slots, packed.bt, packed.offsets, packed.ranks,
-                                                    bias, out, D, split_k, hp.stride(0), hp.stride(1),
-                                                    packed.bt.stride(0), out.stride(0), BLOCK_R=block_r,
-                                                    BLOCK_N=block_n, HAS_BIAS=has_bias, num_warps=cfg["warps"])
+        _expand_rows[(N, triton.cdiv(D, block_n))](
+            hp,
+            slots,
+            packed.bt,
+            packed.offsets,
+            packed.ranks,
+            bias,
+            out,
+            D,
+            split_k,
+            hp.stride(0),
+            hp.stride(1),
+            packed.bt.stride(0),
+            out.stride(0),
+            BLOCK_R=block_r,
+            BLOCK_N=block_n,
+            HAS_BIAS=has_bias,
+            num_warps=cfg["warps"],
+        )
     elif variant == "tiles":
         plan = plan or tile_plan(slots, n, cfg["block_m"])
         tiles = plan.tslot.numel()
@@ -311,17 +463,50 @@ def lora_delta(x: torch.Tensor, slots: torch.Tensor, packed: PackedLoRA, variant
         split_k = triton.cdiv(K, k_split)
         h = torch.zeros(N, packed.r_max, device=x.device, dtype=torch.float32)
         precision = "ieee" if x.dtype == torch.float32 else "tf32"
-        _shrink_tiles[(tiles, split_k)](x, plan.order, plan.tslot, plan.tstart, plan.tend, packed.a,
-                                        packed.offsets, packed.ranks, h, K, k_split, x.stride(0),
-                                        packed.a.stride(0), h.stride(0), BLOCK_M=plan.block_m,
-                                        BLOCK_R=block_r, BLOCK_K=block_k, PRECISION=precision,
-                                        num_warps=cfg["warps"])
+        _shrink_tiles[(tiles, split_k)](
+            x,
+            plan.order,
+            plan.tslot,
+            plan.tstart,
+            plan.tend,
+            packed.a,
+            packed.offsets,
+            packed.ranks,
+            h,
+            K,
+            k_split,
+            x.stride(0),
+            packed.a.stride(0),
+            h.stride(0),
+            BLOCK_M=plan.block_m,
+            BLOCK_R=block_r,
+            BLOCK_K=block_k,
+            PRECISION=precision,
+            num_warps=cfg["warps"],
+        )
         block_n = cfg["block_n"]
         _expand_tiles[(tiles, triton.cdiv(D, block_n))](
-            h, plan.order, plan.tslot, plan.tstart, plan.tend, packed.bt, packed.offsets, packed.ranks,
-            bias, out, D, h.stride(0), packed.bt.stride(0), out.stride(0), BLOCK_M=plan.block_m,
-            BLOCK_R=block_r, BLOCK_N=block_n, PRECISION=precision, HAS_BIAS=has_bias,
-            num_warps=cfg["warps"])
+            h,
+            plan.order,
+            plan.tslot,
+            plan.tstart,
+            plan.tend,
+            packed.bt,
+            packed.offsets,
+            packed.ranks,
+            bias,
+            out,
+            D,
+            h.stride(0),
+            packed.bt.stride(0),
+            out.stride(0),
+            BLOCK_M=plan.block_m,
+            BLOCK_R=block_r,
+            BLOCK_N=block_n,
+            PRECISION=precision,
+            HAS_BIAS=has_bias,
+            num_warps=cfg["warps"],
+        )
     else:
         raise ValueError(f"variant must be 'rows', 'fused', 'tiles' or None, got {variant!r}")
     return out

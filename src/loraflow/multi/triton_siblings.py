@@ -21,8 +21,15 @@ import torch
 import triton
 import triton.language as tl
 
-from loraflow.multi.triton_lora import (DEFAULTS, PackedLoRA, _block_r, _expand_block, _rows_split, _shrink_chunk,
-                                        _slot_info)
+from loraflow.multi.triton_lora import (
+    DEFAULTS,
+    PackedLoRA,
+    _block_r,
+    _expand_block,
+    _rows_split,
+    _shrink_chunk,
+    _slot_info,
+)
 
 
 @triton.jit
@@ -37,25 +44,90 @@ def _pick(j, v0, v1, v2):
 
 
 @triton.jit
-def _shrink_siblings(x_ptr, slot_ptr, a0, a1, a2, off0, off1, off2, rank0, rank1, rank2, hp_ptr,
-                     K, K_SPLIT, R_MAX, stride_x, sa0, sa1, sa2, stride_hs, stride_hm,
-                     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+def _shrink_siblings(
+    x_ptr,
+    slot_ptr,
+    a0,
+    a1,
+    a2,
+    off0,
+    off1,
+    off2,
+    rank0,
+    rank1,
+    rank2,
+    hp_ptr,
+    K,
+    K_SPLIT,
+    R_MAX,
+    stride_x,
+    sa0,
+    sa1,
+    sa2,
+    stride_hs,
+    stride_hm,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """hp[split, m, j·R_MAX : j·R_MAX + r] = A_{j,s}[:, chunk] · x_m[chunk]."""
     m = tl.program_id(0)
     split = tl.program_id(1)
     j = tl.program_id(2)
     r, off = _slot_info(tl.load(slot_ptr + m), _pick(j, rank0, rank1, rank2), _pick(j, off0, off1, off2))
     rs = tl.arange(0, BLOCK_R)
-    acc = _shrink_chunk(x_ptr, _pick(j, a0, a1, a2), m, split * K_SPLIT, K, K_SPLIT, r, off, stride_x,
-                        _pick(j, sa0, sa1, sa2), BLOCK_R, BLOCK_K)
+    acc = _shrink_chunk(
+        x_ptr,
+        _pick(j, a0, a1, a2),
+        m,
+        split * K_SPLIT,
+        K,
+        K_SPLIT,
+        r,
+        off,
+        stride_x,
+        _pick(j, sa0, sa1, sa2),
+        BLOCK_R,
+        BLOCK_K,
+    )
     tl.store(hp_ptr + split * stride_hs + m * stride_hm + j * R_MAX + rs, acc, mask=rs < r)
 
 
 @triton.jit
-def _expand_siblings(hp_ptr, slot_ptr, b0, b1, b2, off0, off1, off2, rank0, rank1, rank2,
-                     bias0, bias1, bias2, out0, out1, out2, N0, N1, N2, SPLIT_K, R_MAX,
-                     stride_hs, stride_hm, sb0, sb1, sb2, so0, so1, so2,
-                     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr):
+def _expand_siblings(
+    hp_ptr,
+    slot_ptr,
+    b0,
+    b1,
+    b2,
+    off0,
+    off1,
+    off2,
+    rank0,
+    rank1,
+    rank2,
+    bias0,
+    bias1,
+    bias2,
+    out0,
+    out1,
+    out2,
+    N0,
+    N1,
+    N2,
+    SPLIT_K,
+    R_MAX,
+    stride_hs,
+    stride_hm,
+    sb0,
+    sb1,
+    sb2,
+    so0,
+    so1,
+    so2,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+):
     """out_j[m, block] = Σ_split hp[split, m, j's rows] · B_{j,s}ᵀ[:, block] (+ bias_j); every
     element of every sibling's output written (blocks past a narrower sibling's d_out idle)."""
     m = tl.program_id(0)
@@ -69,12 +141,30 @@ def _expand_siblings(hp_ptr, slot_ptr, b0, b1, b2, off0, off1, off2, rank0, rank
         h = tl.zeros((BLOCK_R,), dtype=tl.float32)
         for sp in range(0, SPLIT_K):
             h += tl.load(hp_ptr + sp * stride_hs + m * stride_hm + j * R_MAX + rs, mask=rs < r, other=0.0)
-        _expand_block(h, _pick(j, b0, b1, b2), _pick(j, bias0, bias1, bias2), _pick(j, out0, out1, out2),
-                      m, off, r, rs, ns, N, _pick(j, sb0, sb1, sb2), _pick(j, so0, so1, so2), HAS_BIAS)
+        _expand_block(
+            h,
+            _pick(j, b0, b1, b2),
+            _pick(j, bias0, bias1, bias2),
+            _pick(j, out0, out1, out2),
+            m,
+            off,
+            r,
+            rs,
+            ns,
+            N,
+            _pick(j, sb0, sb1, sb2),
+            _pick(j, so0, so1, so2),
+            HAS_BIAS,
+        )
 
 
-def lora_delta_siblings(x: torch.Tensor, slots: torch.Tensor, packed: list[PackedLoRA],
-                        biases: list[torch.Tensor | None] | None = None, config: dict | None = None) -> list[torch.Tensor]:
+def lora_delta_siblings(
+    x: torch.Tensor,
+    slots: torch.Tensor,
+    packed: list[PackedLoRA],
+    biases: list[torch.Tensor | None] | None = None,
+    config: dict | None = None,
+) -> list[torch.Tensor]:
     """[Δy_j (+ bias_j)] for tokens x: (N, d_in) with slots (N,) (-1: none) through 2 or 3
     sibling layers' adapters: each (N, d_out_j), every element written."""
     n_sib = len(packed)
@@ -94,20 +184,49 @@ def lora_delta_siblings(x: torch.Tensor, slots: torch.Tensor, packed: list[Packe
     block_r = _block_r(r_max, 1)
     block_k, split_k, k_split = _rows_split(K, N, cfg)
     hp = torch.empty(split_k, N, n_sib * r_max, device=x.device, dtype=torch.float32)
-    three = lambda v: list(v) + [v[-1]] * (3 - n_sib)       # pad to three arguments (never read)
+    three = lambda v: list(v) + [v[-1]] * (3 - n_sib)  # pad to three arguments (never read)
     P = three(packed)
     has_bias = biases[0] is not None
-    B = three([b if has_bias else o for b, o in zip(biases, outs)])   # valid pointers, read only with a bias
-    O = three(outs)
+    B = three([b if has_bias else o for b, o in zip(biases, outs)])  # valid pointers, read only with a bias
+    Y = three(outs)
     _shrink_siblings[(N, split_k, n_sib)](
-        x, slots, *[p.a for p in P], *[p.offsets for p in P], *[p.ranks for p in P], hp, K, k_split, r_max,
-        x.stride(0), *[p.a.stride(0) for p in P], hp.stride(0), hp.stride(1),
-        BLOCK_R=block_r, BLOCK_K=block_k, num_warps=cfg["warps"])
+        x,
+        slots,
+        *[p.a for p in P],
+        *[p.offsets for p in P],
+        *[p.ranks for p in P],
+        hp,
+        K,
+        k_split,
+        r_max,
+        x.stride(0),
+        *[p.a.stride(0) for p in P],
+        hp.stride(0),
+        hp.stride(1),
+        BLOCK_R=block_r,
+        BLOCK_K=block_k,
+        num_warps=cfg["warps"],
+    )
     d_max = max(p.bt.shape[1] for p in packed)
     block_n = min(cfg["block_n"], triton.next_power_of_2(d_max))
     _expand_siblings[(N, triton.cdiv(d_max, block_n), n_sib)](
-        hp, slots, *[p.bt for p in P], *[p.offsets for p in P], *[p.ranks for p in P], *B, *O,
-        *[p.bt.shape[1] for p in P], split_k, r_max, hp.stride(0), hp.stride(1),
-        *[p.bt.stride(0) for p in P], *[o.stride(0) for o in O],
-        BLOCK_R=block_r, BLOCK_N=block_n, HAS_BIAS=has_bias, num_warps=cfg["warps"])
+        hp,
+        slots,
+        *[p.bt for p in P],
+        *[p.offsets for p in P],
+        *[p.ranks for p in P],
+        *B,
+        *Y,
+        *[p.bt.shape[1] for p in P],
+        split_k,
+        r_max,
+        hp.stride(0),
+        hp.stride(1),
+        *[p.bt.stride(0) for p in P],
+        *[o.stride(0) for o in Y],
+        BLOCK_R=block_r,
+        BLOCK_N=block_n,
+        HAS_BIAS=has_bias,
+        num_warps=cfg["warps"],
+    )
     return outs

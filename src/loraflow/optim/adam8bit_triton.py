@@ -34,9 +34,27 @@ def _nearest(y, mids_ptr):
 
 
 @triton.jit
-def _adam8bit(g_ptr, m_codes, m_absmax, v_codes, v_absmax, out_ptr, n,
-              m_levels, m_mids, v_levels, v_mids, w1, b2, w2, eps, c1, c2,
-              FIRST: tl.constexpr, BLOCK: tl.constexpr):
+def _adam8bit(
+    g_ptr,
+    m_codes,
+    m_absmax,
+    v_codes,
+    v_absmax,
+    out_ptr,
+    n,
+    m_levels,
+    m_mids,
+    v_levels,
+    v_mids,
+    w1,
+    b2,
+    w2,
+    eps,
+    c1,
+    c2,
+    FIRST: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     blk = tl.program_id(0)
     offs = blk * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -67,7 +85,7 @@ def _adam8bit(g_ptr, m_codes, m_absmax, v_codes, v_absmax, out_ptr, n,
 
 def _tables(signed: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
     levels, mids = quant8.codebook(signed, device)
-    return levels, torch.cat([mids, torch.full((1,), float("inf"), device=device)])   # 256 for the search
+    return levels, torch.cat([mids, torch.full((1,), float("inf"), device=device)])  # 256 for the search
 
 
 def adam8bit_direction(state: dict, g: torch.Tensor, b1: float, b2: float, eps: float, step: int) -> torch.Tensor:
@@ -84,7 +102,25 @@ def adam8bit_direction(state: dict, g: torch.Tensor, b1: float, b2: float, eps: 
             state[f"{key}_absmax"] = torch.empty(blocks, dtype=torch.float32, device=g.device)
     out = torch.empty(g.shape, dtype=torch.float32, device=g.device)
     (ml, mm), (vl, vm) = _tables(True, g.device), _tables(False, g.device)
-    _adam8bit[(blocks,)](g, state["exp_avg_codes"], state["exp_avg_absmax"], state["exp_avg_sq_codes"],
-                         state["exp_avg_sq_absmax"], out, n, ml, mm, vl, vm, 1 - b1, b2, 1 - b2, eps,
-                         1 - b1 ** step, 1 - b2 ** step, FIRST=first, BLOCK=quant8.BLOCK)
+    _adam8bit[(blocks,)](
+        g,
+        state["exp_avg_codes"],
+        state["exp_avg_absmax"],
+        state["exp_avg_sq_codes"],
+        state["exp_avg_sq_absmax"],
+        out,
+        n,
+        ml,
+        mm,
+        vl,
+        vm,
+        1 - b1,
+        b2,
+        1 - b2,
+        eps,
+        1 - b1**step,
+        1 - b2**step,
+        FIRST=first,
+        BLOCK=quant8.BLOCK,
+    )
     return out

@@ -21,7 +21,7 @@ from loraflow.optim import quant8
 
 try:
     from loraflow.optim import adam8bit_triton
-except ImportError:         # no Triton: the PyTorch path
+except ImportError:  # no Triton: the PyTorch path
     adam8bit_triton = None
 from loraflow.optim.projector import SVD_METHODS, SvdMethod, project, project_back, side, top_singular
 
@@ -71,7 +71,7 @@ class _GaLoreBase(torch.optim.Optimizer):
         which = side(tuple(p.shape), group.get("proj_type", "std"))
         rank = min(group["rank"], *p.shape)
         if state["step"] % group.get("update_proj_gap", 200) == 0 or "proj" not in state:
-            method = group.get("svd", "randomized" if group.get("randomized_svd") else "full")   # older states
+            method = group.get("svd", "randomized" if group.get("randomized_svd") else "full")  # older states
             basis = top_singular(g, rank, which, method, state.get("proj"))
             state["proj"] = basis.to(basis_dtype(p))
         return project(g, state["proj"], which), which
@@ -89,11 +89,19 @@ class GaLoreAdamW(_GaLoreBase):
     memory, as torch's AdamW and galore-torch keep them for bf16 weights); the update itself
     is computed in float32 either way."""
 
-    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-6, weight_decay: float = 0.0, state_dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        state_dtype: torch.dtype = torch.float32,
+    ):
         if lr < 0 or eps < 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
-            raise ValueError(f"invalid GaLoreAdamW settings: lr={lr}, betas={betas}, eps={eps}, "
-                             f"weight_decay={weight_decay}")
+            raise ValueError(
+                f"invalid GaLoreAdamW settings: lr={lr}, betas={betas}, eps={eps}, weight_decay={weight_decay}"
+            )
         if state_dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"state_dtype must be torch.float32 or torch.bfloat16, got {state_dtype}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
@@ -120,15 +128,15 @@ class GaLoreAdamW(_GaLoreBase):
         m.lerp_(g, 1 - b1)
         v.mul_(b2).addcmul_(g, g, value=1 - b2)
         self._store_moments(state, m, v)
-        denom = (v / (1 - b2 ** t)).sqrt_().add_(group["eps"])
-        return (m / (1 - b1 ** t)) / denom
+        denom = (v / (1 - b2**t)).sqrt_().add_(group["eps"])
+        return (m / (1 - b1**t)) / denom
 
     def _moments(self, state, g):
         if "exp_avg" not in state:
             state["exp_avg"] = torch.zeros_like(g, dtype=self.state_dtype)
             state["exp_avg_sq"] = torch.zeros_like(g, dtype=self.state_dtype)
         m, v = state["exp_avg"], state["exp_avg_sq"]
-        return (m, v) if m.dtype == torch.float32 else (m.float(), v.float())   # float32: updated in place
+        return (m, v) if m.dtype == torch.float32 else (m.float(), v.float())  # float32: updated in place
 
     def _store_moments(self, state, m, v):
         if state["exp_avg"].dtype != torch.float32:
@@ -144,9 +152,16 @@ class GaLoreAdamW8bit(GaLoreAdamW):
     parameter (``adam8bit_triton``) instead of about ten PyTorch ops over float32 copies of
     the states; the stored states are the same either way."""
 
-    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-6, weight_decay: float = 0.0, fused: bool | None = None):
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)     # states: 8-bit
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        fused: bool | None = None,
+    ):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)  # states: 8-bit
         self.fused = fused
 
     def _direction(self, state: dict, g: torch.Tensor, group: dict) -> torch.Tensor:
@@ -162,8 +177,10 @@ class GaLoreAdamW8bit(GaLoreAdamW):
         if "exp_avg_codes" not in state:
             return torch.zeros_like(g, dtype=torch.float32), torch.zeros_like(g, dtype=torch.float32)
         shape = g.shape
-        return (quant8.dequantize(state["exp_avg_codes"], state["exp_avg_absmax"], shape, signed=True),
-                quant8.dequantize(state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"], shape, signed=False))
+        return (
+            quant8.dequantize(state["exp_avg_codes"], state["exp_avg_absmax"], shape, signed=True),
+            quant8.dequantize(state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"], shape, signed=False),
+        )
 
     def _store_moments(self, state, m, v):
         state["exp_avg_codes"], state["exp_avg_absmax"] = quant8.quantize(m, signed=True)
@@ -190,9 +207,15 @@ class GaLoreSGD(_GaLoreBase):
         return loss
 
 
-def galore_param_groups(model: nn.Module, target_modules="all-linear", rank: int = 128,
-                        update_proj_gap: int = 200, scale: float = 0.25, proj_type: str = "std",
-                        svd: SvdMethod = "gram") -> list[dict]:
+def galore_param_groups(
+    model: nn.Module,
+    target_modules="all-linear",
+    rank: int = 128,
+    update_proj_gap: int = 200,
+    scale: float = 0.25,
+    proj_type: str = "std",
+    svd: SvdMethod = "gram",
+) -> list[dict]:
     """Two groups: the weights of the targeted linear layers (GaLore), everything else.
     ``svd``: how the basis is found (``projector.SvdMethod``): "gram" (the default: the
     smaller Gram matrix's eigenvectors, the SVD's subspace; one refresh at 1B on an H200 took
@@ -202,24 +225,34 @@ def galore_param_groups(model: nn.Module, target_modules="all-linear", rank: int
     from loraflow.adapters.targets import find_targets
 
     if rank < 1 or update_proj_gap < 1 or scale <= 0:
-        raise ValueError(f"rank and update_proj_gap must be >= 1 and scale > 0, got {rank}, "
-                         f"{update_proj_gap}, {scale}")
+        raise ValueError(f"rank and update_proj_gap must be >= 1 and scale > 0, got {rank}, {update_proj_gap}, {scale}")
     if svd not in SVD_METHODS:
         raise ValueError(f"svd must be one of {SVD_METHODS}, got {svd!r}")
     chosen = {id(model.get_submodule(n).weight) for n in find_targets(model, target_modules)}
     galore = [p for p in model.parameters() if id(p) in chosen and p.requires_grad]
     rest = [p for p in model.parameters() if id(p) not in chosen and p.requires_grad]
-    return [{"params": galore, "rank": rank, "update_proj_gap": update_proj_gap, "scale": scale,
-             "proj_type": proj_type, "svd": svd}, {"params": rest}]
+    return [
+        {
+            "params": galore,
+            "rank": rank,
+            "update_proj_gap": update_proj_gap,
+            "scale": scale,
+            "proj_type": proj_type,
+            "svd": svd,
+        },
+        {"params": rest},
+    ]
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of every tensor in the optimizer's state, and of the tensors that objects in it
     hold as attributes (galore-torch keeps each basis in a ``GaLoreProjector``)."""
+
     def tensors(v):
         if torch.is_tensor(v):
             return [v]
         return [t for t in vars(v).values() if torch.is_tensor(t)] if hasattr(v, "__dict__") else []
+
     return sum(t.numel() * t.element_size() for s in optimizer.state.values() for v in s.values() for t in tensors(v))
 
 
@@ -251,14 +284,31 @@ class GaLoreAdafactor(_GaLoreBase):
     clipped to RMS ``clip_threshold``, optional first moment ``beta1``. Settings as
     transformers' Adafactor with an explicit lr (relative_step=False, scale_parameter=False)."""
 
-    def __init__(self, params: Iterable, lr: float = 1e-3, eps: tuple[float, float] = (1e-30, 1e-3),
-                 clip_threshold: float = 1.0, decay_rate: float = -0.8, beta1: float | None = None,
-                 weight_decay: float = 0.0):
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        eps: tuple[float, float] = (1e-30, 1e-3),
+        clip_threshold: float = 1.0,
+        decay_rate: float = -0.8,
+        beta1: float | None = None,
+        weight_decay: float = 0.0,
+    ):
         if lr <= 0 or clip_threshold <= 0 or not decay_rate < 0:
-            raise ValueError(f"invalid GaLoreAdafactor settings: lr={lr}, clip_threshold={clip_threshold}, "
-                             f"decay_rate={decay_rate}")
-        super().__init__(params, dict(lr=lr, eps=eps, clip_threshold=clip_threshold, decay_rate=decay_rate,
-                                      beta1=beta1, weight_decay=weight_decay))
+            raise ValueError(
+                f"invalid GaLoreAdafactor settings: lr={lr}, clip_threshold={clip_threshold}, decay_rate={decay_rate}"
+            )
+        super().__init__(
+            params,
+            dict(
+                lr=lr,
+                eps=eps,
+                clip_threshold=clip_threshold,
+                decay_rate=decay_rate,
+                beta1=beta1,
+                weight_decay=weight_decay,
+            ),
+        )
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -266,7 +316,7 @@ class GaLoreAdafactor(_GaLoreBase):
         for group, p, state, g, which in self._each():
             beta2 = 1.0 - state["step"] ** group["decay_rate"]
             sq = g * g + group["eps"][0]
-            if g.dim() == 2:                                       # factored: rows and columns
+            if g.dim() == 2:  # factored: rows and columns
                 row = state.setdefault("exp_avg_sq_row", torch.zeros(g.shape[0], device=g.device))
                 col = state.setdefault("exp_avg_sq_col", torch.zeros(g.shape[1], device=g.device))
                 row.mul_(beta2).add_(sq.mean(1), alpha=1 - beta2)

@@ -29,14 +29,22 @@ from torch import nn
 
 
 class PerLayerUpdates:
-    def __init__(self, model: nn.Module, make_optimizer: Callable[[list[dict]], torch.optim.Optimizer],
-                 param_groups: list[dict] | None = None, accumulation: int = 1,
-                 max_grad_norm: float | None = None, schedule: Callable[[int], float] | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        make_optimizer: Callable[[list[dict]], torch.optim.Optimizer],
+        param_groups: list[dict] | None = None,
+        accumulation: int = 1,
+        max_grad_norm: float | None = None,
+        schedule: Callable[[int], float] | None = None,
+    ):
         if accumulation < 1:
             raise ValueError(f"accumulation must be >= 1, got {accumulation}")
         if isinstance(model, nn.parallel.DistributedDataParallel):
-            raise ValueError("per-layer updates step each weight before DDP has averaged its gradient "
-                             "across processes: use an ordinary optimizer step with DDP")
+            raise ValueError(
+                "per-layer updates step each weight before DDP has averaged its gradient "
+                "across processes: use an ordinary optimizer step with DDP"
+            )
         if max_grad_norm is not None and max_grad_norm <= 0:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
         groups = param_groups or [{"params": [p for p in model.parameters() if p.requires_grad]}]
@@ -58,8 +66,8 @@ class PerLayerUpdates:
         # parameter) would keep the model and every state alive forever. They hold a weak
         # reference instead, and are removed when this object goes.
         weakref.finalize(self, _remove, self._handles)
-        self.micro = 0                # backward passes done
-        self.steps = 0                # optimizer steps done
+        self.micro = 0  # backward passes done
+        self.steps = 0  # optimizer steps done
         self.last_grad_norm: float | None = None
         self._sq = 0.0
 
@@ -72,7 +80,7 @@ class PerLayerUpdates:
         def hook(p: torch.Tensor) -> None:
             updates = owner()
             if updates is None or not updates._boundary():
-                return                                    # keep accumulating into p.grad
+                return  # keep accumulating into p.grad
             opt = updates.optimizers[name]
             if updates.max_grad_norm is not None:
                 updates._sq += float(p.grad.detach().float().pow(2).sum())
@@ -82,7 +90,8 @@ class PerLayerUpdates:
                 for g in opt.param_groups:
                     g["lr"] = g["initial_lr"] * updates.schedule(updates.steps)
             opt.step()
-            p.grad = None                                 # freed right away
+            p.grad = None  # freed right away
+
         return hook
 
     def after_backward(self) -> bool:
@@ -97,14 +106,19 @@ class PerLayerUpdates:
         return boundary
 
     def state_dict(self) -> dict:
-        return {"optimizers": {n: o.state_dict() for n, o in self.optimizers.items()}, "micro": self.micro,
-                "steps": self.steps, "last_grad_norm": self.last_grad_norm}
+        return {
+            "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
+            "micro": self.micro,
+            "steps": self.steps,
+            "last_grad_norm": self.last_grad_norm,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         missing = set(self.optimizers) - set(state["optimizers"])
         if missing:
-            raise ValueError(f"the saved per-layer state has no optimizer for {sorted(missing)[:3]}: "
-                             "was it saved for another model?")
+            raise ValueError(
+                f"the saved per-layer state has no optimizer for {sorted(missing)[:3]}: was it saved for another model?"
+            )
         for n, o in self.optimizers.items():
             o.load_state_dict(state["optimizers"][n])
         self.micro, self.steps, self.last_grad_norm = state["micro"], state["steps"], state["last_grad_norm"]

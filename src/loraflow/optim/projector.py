@@ -32,7 +32,7 @@ SVD_METHODS = ("full", "gram", "randomized")
 
 
 def side(shape: tuple[int, int], proj_type: ProjType) -> str:
-    """"left" (P: m x r, R = PᵀG) or "right" (Q: n x r, R = GQ): std compresses the larger side."""
+    """ "left" (P: m x r, R = PᵀG) or "right" (Q: n x r, R = GQ): std compresses the larger side."""
     m, n = shape
     if proj_type == "std":
         return "right" if m >= n else "left"
@@ -49,22 +49,23 @@ def gram_basis(x: torch.Tensor, rank: int, which: str, block: int = 512) -> torc
     over blocks of ``block`` columns (rows), so a TF32 matmul setting cannot round it and no
     whole copy of x is made; the eigenproblem runs in float32 (float64 if x is). Each vector's
     sign is fixed (its largest entry positive), so rounding-level changes of x do not flip it."""
-    xs = x if which == "left" else x.T                            # xs: (k, l), gram = xs xsᵀ
-    gram = torch.zeros(xs.shape[0], xs.shape[0], dtype=torch.float64, device=x.device)   # (k, k)
+    xs = x if which == "left" else x.T  # xs: (k, l), gram = xs xsᵀ
+    gram = torch.zeros(xs.shape[0], xs.shape[0], dtype=torch.float64, device=x.device)  # (k, k)
     for j in range(0, xs.shape[1], block):
-        part = xs[:, j:j + block].double()                        # (k, <= block)
+        part = xs[:, j : j + block].double()  # (k, <= block)
         gram.addmm_(part, part.T)
     gram = gram.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
-    _, vectors = torch.linalg.eigh(gram)                          # ascending eigenvalues
-    top = vectors[:, -rank:].flip(-1)                             # (k, rank), largest first
+    _, vectors = torch.linalg.eigh(gram)  # ascending eigenvalues
+    top = vectors[:, -rank:].flip(-1)  # (k, rank), largest first
     # An eigenvector's sign is arbitrary and eigh's flips under rounding-level changes of the
     # gradient; Adam's moments outlive a refresh in GaLore, so fix it: largest entry positive.
-    biggest = top.gather(0, top.abs().argmax(0, keepdim=True))    # (1, rank)
+    biggest = top.gather(0, top.abs().argmax(0, keepdim=True))  # (1, rank)
     return top * torch.where(biggest < 0, -1.0, 1.0).to(top.dtype)
 
 
-def top_singular(g: torch.Tensor, rank: int, which: str, method: SvdMethod = "full",
-                 previous: torch.Tensor | None = None) -> torch.Tensor:
+def top_singular(
+    g: torch.Tensor, rank: int, which: str, method: SvdMethod = "full", previous: torch.Tensor | None = None
+) -> torch.Tensor:
     """Top-``rank`` left (m x r) or right (n x r) singular vectors of g, in float32."""
     if method not in SVD_METHODS:
         raise ValueError(f"svd must be one of {SVD_METHODS}, got {method!r}")
@@ -73,7 +74,7 @@ def top_singular(g: torch.Tensor, rank: int, which: str, method: SvdMethod = "fu
         try:
             if attempt == "float64-cpu":
                 x = g.double().cpu()
-            else:                               # the Gram basis reads g in blocks: no float32 copy
+            else:  # the Gram basis reads g in blocks: no float32 copy
                 x = g if method == "gram" else g.float()
             if method == "gram":
                 basis = gram_basis(x, rank, which)
@@ -85,13 +86,16 @@ def top_singular(g: torch.Tensor, rank: int, which: str, method: SvdMethod = "fu
                 basis = (u if which == "left" else vh.T)[:, :rank]
             if torch.isfinite(basis).all():
                 return basis.to(g.device, torch.float32).contiguous()
-        except RuntimeError:        # torch.linalg.LinAlgError: SVD did not converge
+        except RuntimeError:  # torch.linalg.LinAlgError: SVD did not converge
             pass
     if previous is not None:
-        warnings.warn("GaLore: SVD of the gradient failed; keeping the previous projection", RuntimeWarning)
+        warnings.warn(
+            "GaLore: SVD of the gradient failed; keeping the previous projection", RuntimeWarning, stacklevel=2
+        )
         return previous
-    raise RuntimeError("GaLore: SVD of the gradient failed and there is no previous projection "
-                       "(is the gradient finite?)")
+    raise RuntimeError(
+        "GaLore: SVD of the gradient failed and there is no previous projection (is the gradient finite?)"
+    )
 
 
 def _compute_dtype(basis: torch.Tensor, g: torch.Tensor) -> torch.dtype:

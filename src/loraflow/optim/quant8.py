@@ -34,7 +34,9 @@ def codebook(signed: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
             pos = torch.logspace(-DECADES, 0, 127, dtype=torch.float64)
             levels = torch.cat([-pos.flip(0), torch.zeros(1, dtype=torch.float64), pos])
         else:
-            levels = torch.cat([torch.zeros(1, dtype=torch.float64), torch.logspace(-DECADES, 0, 255, dtype=torch.float64)])
+            levels = torch.cat(
+                [torch.zeros(1, dtype=torch.float64), torch.logspace(-DECADES, 0, 255, dtype=torch.float64)]
+            )
         levels = levels.float().to(device)
         _CODES[key] = (levels, (levels[1:] + levels[:-1]) / 2)
     return _CODES[key]

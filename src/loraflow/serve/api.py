@@ -20,37 +20,66 @@ import time
 import uuid
 from pathlib import Path
 
-from fastapi import FastAPI, Request as HTTPRequest
+from fastapi import FastAPI
+from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from loraflow.adapters.files import CONFIG_NAME, WEIGHTS_NAME
-from loraflow.serve.request import ContextTooLong, PromptError, QueueFull
 from loraflow.serve.guard import Guard
 from loraflow.serve.loop import EngineDown, EngineLoop
-from loraflow.serve.protocol import (ChatBody, CompletionBody, LoadBody, Sampling, UnloadBody, chat_logprobs,
-                                     completion_logprobs)
+from loraflow.serve.protocol import (
+    ChatBody,
+    CompletionBody,
+    LoadBody,
+    Sampling,
+    UnloadBody,
+    chat_logprobs,
+    completion_logprobs,
+)
 from loraflow.serve.registry import AdapterError, factors_for_bank
+from loraflow.serve.request import ContextTooLong, PromptError, QueueFull
 from loraflow.serve.sampling import SamplingParams
 
 log = logging.getLogger("loraflow.serve")
 
 # a failed request's error_type -> HTTP status and OpenAI error type
-FAILURES = {"adapter": (400, "adapter_error"), "capacity": (503, "server_error"), "engine": (503, "server_error"),
-            "timeout": (504, "timeout"), "request": (500, "server_error")}
+FAILURES = {
+    "adapter": (400, "adapter_error"),
+    "capacity": (503, "server_error"),
+    "engine": (503, "server_error"),
+    "timeout": (504, "timeout"),
+    "request": (500, "server_error"),
+}
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 code: str | None = None, headers: dict | None = None, param: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        code: str | None = None,
+        headers: dict | None = None,
+        param: str | None = None,
+    ):
         self.status, self.message, self.type, self.code, self.headers, self.param = (
-            status, message, type_, code, headers, param)
+            status,
+            message,
+            type_,
+            code,
+            headers,
+            param,
+        )
 
 
 def _error(e: APIError) -> JSONResponse:
-    return JSONResponse({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}},
-                        status_code=e.status, headers=e.headers)
+    return JSONResponse(
+        {"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}},
+        status_code=e.status,
+        headers=e.headers,
+    )
 
 
 async def _disconnected(http: HTTPRequest) -> None:
@@ -59,9 +88,16 @@ async def _disconnected(http: HTTPRequest) -> None:
         pass
 
 
-def create_app(loop: EngineLoop, api_key: str | None = None, adapter_dir: str | None = None,
-               allow_runtime_lora: bool = False, *, max_body_bytes: int = 4 * 2**20, body_timeout: float = 30.0,
-               max_prompt_tokens: int | None = None) -> FastAPI:
+def create_app(
+    loop: EngineLoop,
+    api_key: str | None = None,
+    adapter_dir: str | None = None,
+    allow_runtime_lora: bool = False,
+    *,
+    max_body_bytes: int = 4 * 2**20,
+    body_timeout: float = 30.0,
+    max_prompt_tokens: int | None = None,
+) -> FastAPI:
     engine = loop.engine
     app = FastAPI(title="loraflow", version="0.1.0")
     app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes, body_timeout=body_timeout)
@@ -76,11 +112,14 @@ def create_app(loop: EngineLoop, api_key: str | None = None, adapter_dir: str | 
     async def _bad_body(request, e: RequestValidationError):
         first = e.errors()[0] if e.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        return _error(APIError(400, f"invalid request: {where or 'body'}: {first.get('msg', 'malformed JSON')}",
-                               param=where or None))
+        return _error(
+            APIError(
+                400, f"invalid request: {where or 'body'}: {first.get('msg', 'malformed JSON')}", param=where or None
+            )
+        )
 
     @app.exception_handler(Exception)
-    async def _bug(request, e: Exception):         # logged with its traceback by the server
+    async def _bug(request, e: Exception):  # logged with its traceback by the server
         return _error(APIError(500, f"internal error: {type(e).__name__}: {e}", "server_error"))
 
     @app.get("/health")
@@ -92,16 +131,21 @@ def create_app(loop: EngineLoop, api_key: str | None = None, adapter_dir: str | 
     @app.get("/v1/models")
     async def models():
         now = int(counters["started"])
-        data = [{"id": base, "object": "model", "created": now, "owned_by": "loraflow", "root": base,
-                 "parent": None}]
-        data += [{"id": name, "object": "model", "created": now, "owned_by": "loraflow", "root": str(path),
-                  "parent": base} for name, path in sorted(engine.registry.paths.items())]
+        data = [{"id": base, "object": "model", "created": now, "owned_by": "loraflow", "root": base, "parent": None}]
+        data += [
+            {"id": name, "object": "model", "created": now, "owned_by": "loraflow", "root": str(path), "parent": base}
+            for name, path in sorted(engine.registry.paths.items())
+        ]
         return {"object": "list", "data": data}
 
     def _runtime_lora() -> None:
         if not allow_runtime_lora or adapter_dir is None:
-            raise APIError(403, "loading and unloading adapters at run time is off: start the server with "
-                                "--allow-runtime-lora and --adapter-dir", code="forbidden")
+            raise APIError(
+                403,
+                "loading and unloading adapters at run time is off: start the server with "
+                "--allow-runtime-lora and --adapter-dir",
+                code="forbidden",
+            )
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora(body: LoadBody):
@@ -112,18 +156,19 @@ def create_app(loop: EngineLoop, api_key: str | None = None, adapter_dir: str | 
         path = Path(body.lora_path).resolve()
         if not path.is_relative_to(root):
             raise APIError(403, f"{body.lora_path} is outside the allowed folder {adapter_dir}", code="forbidden")
-        for name in (CONFIG_NAME, WEIGHTS_NAME):     # a file linked to somewhere outside the folder is refused
+        for name in (CONFIG_NAME, WEIGHTS_NAME):  # a file linked to somewhere outside the folder is refused
             if (path / name).exists() and not (path / name).resolve().is_relative_to(root):
-                raise APIError(403, f"{body.lora_path}/{name} links outside the allowed folder {adapter_dir}",
-                               code="forbidden")
+                raise APIError(
+                    403, f"{body.lora_path}/{name} links outside the allowed folder {adapter_dir}", code="forbidden"
+                )
         if not (path / WEIGHTS_NAME).is_file():
             raise APIError(400, f"{body.lora_path} is not a safetensors adapter folder (no {WEIGHTS_NAME})")
-        try:     # refuse now, not at the first request; reading runs off the event loop
+        try:  # refuse now, not at the first request; reading runs off the event loop
             await run_in_threadpool(factors_for_bank, path, engine.registry.shapes, engine.bank.r_max)
             engine.registry.register(body.lora_name, path)
         except AdapterError as e:
             raise APIError(409 if "in use" in str(e) else 400, str(e)) from e
-        except Exception as e:               # a file no reader understood: still the request's fault
+        except Exception as e:  # a file no reader understood: still the request's fault
             raise APIError(400, f"{body.lora_path} cannot be read as an adapter: {type(e).__name__}: {e}") from e
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
@@ -166,8 +211,12 @@ def create_app(loop: EngineLoop, api_key: str | None = None, adapter_dir: str | 
         if model == base:
             return None
         if not engine.registry.known(model):
-            raise APIError(404, f"the model {model!r} does not exist: use {base!r} or one of the adapters "
-                                "in GET /v1/models", code="model_not_found", param="model")
+            raise APIError(
+                404,
+                f"the model {model!r} does not exist: use {base!r} or one of the adapters in GET /v1/models",
+                code="model_not_found",
+                param="model",
+            )
         return model
 
     async def _prompt_ids(prompt: str | list[int]) -> list[int]:
@@ -177,16 +226,24 @@ def create_app(loop: EngineLoop, api_key: str | None = None, adapter_dir: str | 
         except PromptError as e:
             raise APIError(400, str(e), param="prompt") from e
         if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
-            raise APIError(400, f"the prompt has {len(ids)} tokens, above this server's limit of {max_prompt_tokens} "
-                                "(--max-prompt-tokens): shorten it", param="prompt")
+            raise APIError(
+                400,
+                f"the prompt has {len(ids)} tokens, above this server's limit of {max_prompt_tokens} "
+                "(--max-prompt-tokens): shorten it",
+                param="prompt",
+            )
         return ids
 
     def _params(body: Sampling, n_prompt: int, chat: bool) -> SamplingParams:
         unsupported = body.unsupported()
         if unsupported:
-            raise APIError(400, f"unsupported parameter {unsupported[0]!r}: this server does not implement "
-                                f"{', '.join(unsupported)}; remove {'it' if len(unsupported) == 1 else 'them'} "
-                                "(the README lists the supported fields)", param=unsupported[0])
+            raise APIError(
+                400,
+                f"unsupported parameter {unsupported[0]!r}: this server does not implement "
+                f"{', '.join(unsupported)}; remove {'it' if len(unsupported) == 1 else 'them'} "
+                "(the README lists the supported fields)",
+                param=unsupported[0],
+            )
         if chat:
             if body.top_logprobs is not None and not body.logprobs:
                 raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
@@ -194,15 +251,27 @@ def create_app(loop: EngineLoop, api_key: str | None = None, adapter_dir: str | 
             requested = body.max_completion_tokens or body.max_tokens
         else:
             if body.echo and body.logprobs is not None:
-                raise APIError(400, "echo with logprobs would need the prompt's log-probabilities, which this "
-                                    "server does not compute: drop one of them", param="echo")
+                raise APIError(
+                    400,
+                    "echo with logprobs would need the prompt's log-probabilities, which this "
+                    "server does not compute: drop one of them",
+                    param="echo",
+                )
             logprobs, requested = body.logprobs, body.max_tokens
-        try:                      # not asked for: OpenAI's 16, as far as the context allows
-            return SamplingParams(max_tokens=requested or max(1, min(16, engine.max_len - n_prompt)),
-                                  temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-                                  seed=body.seed, stop=body.stop or [], ignore_eos=body.ignore_eos,
-                                  frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty,
-                                  repetition_penalty=body.repetition_penalty, logprobs=logprobs)
+        try:  # not asked for: OpenAI's 16, as far as the context allows
+            return SamplingParams(
+                max_tokens=requested or max(1, min(16, engine.max_len - n_prompt)),
+                temperature=body.temperature,
+                top_p=body.top_p,
+                top_k=body.top_k,
+                seed=body.seed,
+                stop=body.stop or [],
+                ignore_eos=body.ignore_eos,
+                frequency_penalty=body.frequency_penalty,
+                presence_penalty=body.presence_penalty,
+                repetition_penalty=body.repetition_penalty,
+                logprobs=logprobs,
+            )
         except ValueError as e:
             raise APIError(400, str(e)) from e
 
@@ -213,27 +282,35 @@ def create_app(loop: EngineLoop, api_key: str | None = None, adapter_dir: str | 
             raise APIError(400, str(e), code="context_length_exceeded", param="max_tokens") from e
         except PromptError as e:
             raise APIError(400, str(e), code="invalid_prompt", param="prompt") from e
-        except KeyError:                 # unloaded between the check and the queue
+        except KeyError:  # unloaded between the check and the queue
             raise APIError(404, f"the model {adapter!r} does not exist", code="model_not_found") from None
         except QueueFull as e:
-            raise APIError(503, f"the server is busy ({e}); retry shortly", "server_error",
-                           headers={"Retry-After": "1"}) from e
+            raise APIError(
+                503, f"the server is busy ({e}); retry shortly", "server_error", headers={"Retry-After": "1"}
+            ) from e
         except EngineDown as e:
-            raise APIError(503, f"the server is restarting ({e})", "server_error",
-                           headers={"Retry-After": "10"}) from e
+            raise APIError(503, f"the server is restarting ({e})", "server_error", headers={"Retry-After": "10"}) from e
         counters["requests"] += 1
         return req, queue
 
     def _log(rid: str, model: str, status, u=None, started: float = 0.0) -> None:
         ttft = f"{u.ttft:.3f}s" if u is not None and u.ttft is not None else "-"
-        log.info("%s model=%s prompt_tokens=%d output_tokens=%d ttft=%s total=%.3fs status=%s", rid, model,
-                 u.prompt_tokens if u else 0, u.completion_tokens if u else 0, ttft,
-                 time.perf_counter() - started, status)
+        log.info(
+            "%s model=%s prompt_tokens=%d output_tokens=%d ttft=%s total=%.3fs status=%s",
+            rid,
+            model,
+            u.prompt_tokens if u else 0,
+            u.completion_tokens if u else 0,
+            ttft,
+            time.perf_counter() - started,
+            status,
+        )
 
     def _failure(u) -> APIError:
         status, type_ = FAILURES.get(u.error_type, (500, "server_error"))
-        return APIError(status, u.error or "generation failed", type_,
-                        headers={"Retry-After": "1"} if status == 503 else None)
+        return APIError(
+            status, u.error or "generation failed", type_, headers={"Retry-After": "1"} if status == 503 else None
+        )
 
     async def _respond(prompt, body: Sampling, http: HTTPRequest, chat: bool, echo: bool = False):
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
@@ -255,17 +332,17 @@ def create_app(loop: EngineLoop, api_key: str | None = None, adapter_dir: str | 
         return engine.tokenizer.decode([token])
 
     def _logprobs(u, chat: bool, start: int = 0, offset: int = 0):
-        records = u.logprobs[start:u.completion_tokens]
+        records = u.logprobs[start : u.completion_tokens]
         return chat_logprobs(records, _piece) if chat else completion_logprobs(records, _piece, offset)
 
     async def _answer(req, queue, body, http, chat, rid, echo, started):
         gone = asyncio.ensure_future(_disconnected(http))
-        result = asyncio.ensure_future(queue.get())     # final_only: the one update is the last
+        result = asyncio.ensure_future(queue.get())  # final_only: the one update is the last
         try:
             await asyncio.wait({gone, result}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             gone.cancel()
-            if not result.done():          # the client left: stop generating for nobody
+            if not result.done():  # the client left: stop generating for nobody
                 result.cancel()
                 loop.abort(req.id)
                 _log(rid, body.model, "client-gone", started=started)
@@ -276,12 +353,25 @@ def create_app(loop: EngineLoop, api_key: str | None = None, adapter_dir: str | 
             raise e
         want = body.logprobs is not None and body.logprobs is not False
         lp = _logprobs(u, chat, offset=len(echo)) if want else None
-        choice = ({"index": 0, "message": {"role": "assistant", "content": u.text}, "logprobs": lp,
-                   "finish_reason": u.finish_reason} if chat else
-                  {"index": 0, "text": echo + u.text, "logprobs": lp, "finish_reason": u.finish_reason})
+        choice = (
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": u.text},
+                "logprobs": lp,
+                "finish_reason": u.finish_reason,
+            }
+            if chat
+            else {"index": 0, "text": echo + u.text, "logprobs": lp, "finish_reason": u.finish_reason}
+        )
         _log(rid, body.model, 200, u, started)
-        return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-                "model": body.model, "choices": [choice], "usage": _usage(u)}
+        return {
+            "id": rid,
+            "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": body.model,
+            "choices": [choice],
+            "usage": _usage(u),
+        }
 
     async def _events(req, queue, body, chat, rid, echo, started):
         created, kind = int(time.time()), "chat.completion.chunk" if chat else "text_completion"
@@ -289,8 +379,13 @@ def create_app(loop: EngineLoop, api_key: str | None = None, adapter_dir: str | 
         want = body.logprobs is not None and body.logprobs is not False
 
         def chunk(choice: dict, usage=None) -> str:
-            out = {"id": rid, "object": kind, "created": created, "model": body.model,
-                   "choices": [choice] if choice else []}
+            out = {
+                "id": rid,
+                "object": kind,
+                "created": created,
+                "model": body.model,
+                "choices": [choice] if choice else [],
+            }
             if usage is not None:
                 out["usage"] = usage
             return f"data: {json.dumps(out)}\n\n"
@@ -313,9 +408,11 @@ def create_app(loop: EngineLoop, api_key: str | None = None, adapter_dir: str | 
                 if len(u.text) > sent or u.finished:
                     reason = u.finish_reason if u.finished else None
                     lp = _logprobs(u, chat, sent_lp, len(echo) + sent) if want else None
-                    yield chunk({"index": 0, "delta": {"content": u.text[sent:]}, "logprobs": lp,
-                                 "finish_reason": reason} if chat else
-                                {"index": 0, "text": u.text[sent:], "logprobs": lp, "finish_reason": reason})
+                    yield chunk(
+                        {"index": 0, "delta": {"content": u.text[sent:]}, "logprobs": lp, "finish_reason": reason}
+                        if chat
+                        else {"index": 0, "text": u.text[sent:], "logprobs": lp, "finish_reason": reason}
+                    )
                     sent, sent_lp = len(u.text), u.completion_tokens
                 if u.finished:
                     if include_usage:
@@ -323,7 +420,7 @@ def create_app(loop: EngineLoop, api_key: str | None = None, adapter_dir: str | 
                     status = 200
                     break
             yield "data: [DONE]\n\n"
-        finally:                          # the client went away: free its KV blocks and slot
+        finally:  # the client went away: free its KV blocks and slot
             if not req.finished:
                 loop.abort(req.id)
             _log(rid, body.model, status, u, started)
@@ -340,9 +437,9 @@ def create_app(loop: EngineLoop, api_key: str | None = None, adapter_dir: str | 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatBody, http: HTTPRequest):
         template = engine.tokenizer.apply_chat_template
-        try:     # the template runs off the event loop too
+        try:  # the template runs off the event loop too
             prompt = await run_in_threadpool(template, body.messages, add_generation_prompt=True, tokenize=False)
-        except Exception as e:   # the template's own errors (roles, missing content, ...)
+        except Exception as e:  # the template's own errors (roles, missing content, ...)
             raise APIError(400, f"messages do not fit the model's chat template: {e}", param="messages") from e
         return await _respond(prompt, body, http, chat=True)
 
@@ -350,5 +447,8 @@ def create_app(loop: EngineLoop, api_key: str | None = None, adapter_dir: str | 
 
 
 def _usage(u) -> dict:
-    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-            "total_tokens": u.prompt_tokens + u.completion_tokens}
+    return {
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
+    }

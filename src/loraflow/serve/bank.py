@@ -28,29 +28,30 @@ except ImportError:
 class TokenSlots:
     """Each token's adapter slot, and the per-step work that every layer shares: the tile
     plan of the GPU prefill kernels, or the tokens of each slot for the CPU path."""
-    ids: torch.Tensor                       # (N,) slot of each token, -1: none
-    used: list[int]                         # distinct slots >= 0 in the batch
+
+    ids: torch.Tensor  # (N,) slot of each token, -1: none
+    used: list[int]  # distinct slots >= 0 in the batch
     groups: list[tuple[int, torch.Tensor]]  # CPU: (slot, token indices)
-    variant: str | None = None              # GPU: "rows" | "tiles"; decode graphs also "fused" | "siblings"
-    plan: object | None = None              # GPU: triton_lora.TilePlan for "tiles"
-    rows: torch.Tensor | None = None        # CPU, few tokens per slot: (N, r_max) bank rows to gather
-    valid: torch.Tensor | None = None       # (N, 1) 1.0 for tokens with an adapter
-    mask: torch.Tensor | None = None        # decode, bank mostly in use: (N, slots · r_max) 1 on each token's rows
+    variant: str | None = None  # GPU: "rows" | "tiles"; decode graphs also "fused" | "siblings"
+    plan: object | None = None  # GPU: triton_lora.TilePlan for "tiles"
+    rows: torch.Tensor | None = None  # CPU, few tokens per slot: (N, r_max) bank rows to gather
+    valid: torch.Tensor | None = None  # (N, 1) 1.0 for tokens with an adapter
+    mask: torch.Tensor | None = None  # decode, bank mostly in use: (N, slots · r_max) 1 on each token's rows
 
     @staticmethod
-    def build(slots: list[int], bank: "AdapterBank", device, dtype=torch.float32) -> "TokenSlots":
+    def build(slots: list[int], bank: AdapterBank, device, dtype=torch.float32) -> TokenSlots:
         used = sorted({s for s in slots if s >= 0})
         n_slots, r_max = bank.n_slots, bank.r_max
         decode_like = len(used) > 1 and len(slots) <= 8 * len(used)
         if torch.device(device).type == "cuda" and triton_lora is not None:
-            ids = torch.tensor(slots, dtype=torch.int32, device=device)     # the kernels' slot type
+            ids = torch.tensor(slots, dtype=torch.int32, device=device)  # the kernels' slot type
             variant = triton_lora.choose_variant(len(slots), len(used)) if used else None
             plan = triton_lora.tile_plan(ids, n_slots) if variant == "tiles" else None
             return TokenSlots(ids, used, [], variant, plan)
         ids = torch.tensor(slots, dtype=torch.long, device=device)
-        if decode_like and bank.dense_pays(used):          # the bank is mostly in use: read it whole
+        if decode_like and bank.dense_pays(used):  # the bank is mostly in use: read it whole
             return TokenSlots(ids, used, [], mask=TokenSlots.slot_mask(ids, n_slots, r_max, dtype))
-        if decode_like:                                     # CPU: gather each token's rows
+        if decode_like:  # CPU: gather each token's rows
             return TokenSlots(ids, used, [], rows=TokenSlots.bank_rows(ids, r_max), valid=(ids >= 0).float()[:, None])
         groups = [(u, torch.tensor([i for i, s in enumerate(slots) if s == u], device=device)) for u in used]
         return TokenSlots(ids, used, groups)
@@ -74,7 +75,7 @@ class BankedLinear(nn.Module):
         self.d_in, self.d_out = d_in, d_out
         self.weight = nn.Parameter(torch.empty(d_out, d_in), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(d_out), requires_grad=False) if bias else None
-        self.packed = None    # a BankView over the bank's buffers, set by AdapterBank
+        self.packed = None  # a BankView over the bank's buffers, set by AdapterBank
 
     def forward(self, x: torch.Tensor, slots: TokenSlots) -> torch.Tensor:
         """y = W0 x + b + B_s A_s x for each token's slot s."""
@@ -82,24 +83,24 @@ class BankedLinear(nn.Module):
         p = self.packed
         if p is None or not slots.used or not p.any_active:
             return F.linear(x, self.weight, self.bias)
-        if slots.mask is not None:          # decode over a mostly used bank: two dense matmuls, no gathers
-            h = F.linear(x, p.a) * slots.mask.to(x.dtype)                 # (N, slots · r_max): own slot's rows only
-            return torch.addmm(F.linear(x, self.weight, self.bias), h, p.bt)   # W0 x + b + Σ_r h_r (s·B)ᵀ_r
-        if slots.variant is not None:                                     # CUDA: Triton kernels
-            variant = "rows" if slots.variant == "siblings" else slots.variant   # a layer alone
+        if slots.mask is not None:  # decode over a mostly used bank: two dense matmuls, no gathers
+            h = F.linear(x, p.a) * slots.mask.to(x.dtype)  # (N, slots · r_max): own slot's rows only
+            return torch.addmm(F.linear(x, self.weight, self.bias), h, p.bt)  # W0 x + b + Σ_r h_r (s·B)ᵀ_r
+        if slots.variant is not None:  # CUDA: Triton kernels
+            variant = "rows" if slots.variant == "siblings" else slots.variant  # a layer alone
             delta = triton_lora.lora_delta(x, slots.ids, p, variant, slots.plan, bias=self.bias)
-            return delta.addmm_(x, self.weight.T)                         # W0 x + b + Δ, in place: no copy of Δ
+            return delta.addmm_(x, self.weight.T)  # W0 x + b + Δ, in place: no copy of Δ
         y = F.linear(x, self.weight, self.bias)
-        if slots.rows is not None:                                        # CPU, decode: gather + bmm
-            h = torch.bmm(p.a[slots.rows], x.unsqueeze(2))                # (N, r_max, 1)
-            delta = torch.bmm(p.bt[slots.rows].transpose(1, 2), h)[:, :, 0]   # (N, d_out)
+        if slots.rows is not None:  # CPU, decode: gather + bmm
+            h = torch.bmm(p.a[slots.rows], x.unsqueeze(2))  # (N, r_max, 1)
+            delta = torch.bmm(p.bt[slots.rows].transpose(1, 2), h)[:, :, 0]  # (N, d_out)
             return y + delta * slots.valid.to(delta.dtype)
-        for slot, idx in slots.groups:                                    # CPU: matmuls per slot
+        for slot, idx in slots.groups:  # CPU: matmuls per slot
             r = p.ranks_host[slot]
             if r:
                 lo = slot * p.r_max
-                h = F.linear(x.index_select(0, idx), p.a[lo:lo + r])      # (n_s, r)
-                y.index_add_(0, idx, h @ p.bt[lo:lo + r])                 # (n_s, d_out)
+                h = F.linear(x.index_select(0, idx), p.a[lo : lo + r])  # (n_s, r)
+                y.index_add_(0, idx, h @ p.bt[lo : lo + r])  # (n_s, d_out)
         return y
 
 
@@ -111,7 +112,7 @@ def banked_siblings(x: torch.Tensor, slots: TokenSlots, layers: tuple[BankedLine
     if slots.variant != "siblings" or not slots.used or any(p is None or not p.any_active for p in views):
         return [m(x, slots) for m in layers]
     deltas = lora_delta_siblings(x, slots.ids, views, [m.bias for m in layers])
-    return [d.addmm_(x, m.weight.T) for d, m in zip(deltas, layers)]          # W0 x + b + Δ, in place
+    return [d.addmm_(x, m.weight.T) for d, m in zip(deltas, layers)]  # W0 x + b + Δ, in place
 
 
 class BankView:
@@ -120,7 +121,7 @@ class BankView:
     def __init__(self, a, bt, offsets, ranks, r_max):
         self.a, self.bt, self.offsets, self.ranks, self.r_max = a, bt, offsets, ranks, r_max
         self.ranks_host = [0] * ranks.numel()
-        self.any_active = False     # some slot has an adapter on this layer (stays True once set)
+        self.any_active = False  # some slot has an adapter on this layer (stays True once set)
 
 
 class AdapterBank:
@@ -129,16 +130,19 @@ class AdapterBank:
     def __init__(self, model: nn.Module, n_slots: int, r_max: int):
         self.n_slots, self.r_max = n_slots, r_max
         self.device = next(model.parameters()).device
-        self.slot_ranks = [0] * n_slots    # each slot's largest rank over the layers
-        self.layout = 0    # bumped when a layer first gets an adapter: CUDA graphs of older layouts are stale
-        self.layers: dict[str, BankedLinear] = {n: m for n, m in model.named_modules()
-                                                if isinstance(m, BankedLinear)}
+        self.slot_ranks = [0] * n_slots  # each slot's largest rank over the layers
+        self.layout = 0  # bumped when a layer first gets an adapter: CUDA graphs of older layouts are stale
+        self.layers: dict[str, BankedLinear] = {n: m for n, m in model.named_modules() if isinstance(m, BankedLinear)}
         for m in self.layers.values():
             w = m.weight
             offsets = torch.arange(n_slots, dtype=torch.int32, device=w.device) * r_max
-            m.packed = BankView(torch.zeros(n_slots * r_max, m.d_in, device=w.device, dtype=w.dtype),
-                                torch.zeros(n_slots * r_max, m.d_out, device=w.device, dtype=w.dtype),
-                                offsets, torch.zeros(n_slots, dtype=torch.int32, device=w.device), r_max)
+            m.packed = BankView(
+                torch.zeros(n_slots * r_max, m.d_in, device=w.device, dtype=w.dtype),
+                torch.zeros(n_slots * r_max, m.d_out, device=w.device, dtype=w.dtype),
+                offsets,
+                torch.zeros(n_slots, dtype=torch.int32, device=w.device),
+                r_max,
+            )
 
     def dense_pays(self, used) -> bool:
         """Whether to read the whole bank (``n_slots · r_max`` rows a layer, by two dense
@@ -162,13 +166,13 @@ class AdapterBank:
         for name, m in self.layers.items():
             p = m.packed
             lo = slot * self.r_max
-            p.a[lo:lo + self.r_max].zero_()      # rows past the rank stay zero (read by gathers)
-            p.bt[lo:lo + self.r_max].zero_()
+            p.a[lo : lo + self.r_max].zero_()  # rows past the rank stay zero (read by gathers)
+            p.bt[lo : lo + self.r_max].zero_()
             if name in factors:
                 a, b = factors[name]
                 r = a.shape[0]
-                p.a[lo:lo + r].copy_(a)
-                p.bt[lo:lo + r].copy_(b.T)
+                p.a[lo : lo + r].copy_(a)
+                p.bt[lo : lo + r].copy_(b.T)
             else:
                 r = 0
             p.ranks[slot] = r

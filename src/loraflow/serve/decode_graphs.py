@@ -37,15 +37,16 @@ def bucket(n: int) -> int:
 
 
 class DecodeGraphs:
-    def __init__(self, model: Llama, kv: KVCache, bank: AdapterBank, max_batch: int, max_len: int,
-                 capture: bool = True):
+    def __init__(
+        self, model: Llama, kv: KVCache, bank: AdapterBank, max_batch: int, max_len: int, capture: bool = True
+    ):
         if max_batch > BUCKETS[-1]:
             raise ValueError(f"decode graphs hold at most {BUCKETS[-1]} sequences, got max_batch={max_batch}")
         self.model, self.kv, self.bank, self.capture = model, kv, bank, capture
         dev = kv.layers[0][0].device
         self.size = bucket(max_batch)
         width = -(-max_len // kv.block_size)
-        self.host = np.zeros((5, self.size), dtype=np.int64)     # tokens, positions, slots, rows, lengths
+        self.host = np.zeros((5, self.size), dtype=np.int64)  # tokens, positions, slots, rows, lengths
         self.host_table = np.zeros((self.size, width), dtype=np.int32)
         self.inputs = torch.zeros(5, self.size, dtype=torch.long, device=dev)
         self.table = torch.zeros(self.size, width, dtype=torch.int32, device=dev)
@@ -58,17 +59,22 @@ class DecodeGraphs:
         # expand a layer) or "fused" (one launch a layer). On an H200, a Llama-2-7B step with
         # 64 adapters replays in 12.92, 13.49 and 14.26 ms (results/engine-steps-h200-v7.json)
         self.kernel = "siblings"
-        self.steps = 0                       # decode steps run through this path
-        self.paths: Counter = Counter()      # ... by adapter path: None, "rows", "mask"
+        self.steps = 0  # decode steps run through this path
+        self.paths: Counter = Counter()  # ... by adapter path: None, "rows", "mask"
 
     def _batch(self, n: int, path: str | None) -> Batch:
         """``path``: None (no adapters), "rows" (Triton kernels) or "mask" (the whole bank)."""
         tokens, positions, slots, rows, lengths = self.inputs[:, :n]
-        ts = TokenSlots(self.slots32[:n] if path == "rows" else slots, [0] if path else [], [],
-                        variant=self.kernel if path == "rows" else None,
-                        mask=self.mask[:n] if path == "mask" else None)
-        return Batch(tokens, positions, ts, rows, block_table=self.table[:n], seq_lens=lengths,
-                     block_size=self.kv.block_size)
+        ts = TokenSlots(
+            self.slots32[:n] if path == "rows" else slots,
+            [0] if path else [],
+            [],
+            variant=self.kernel if path == "rows" else None,
+            mask=self.mask[:n] if path == "mask" else None,
+        )
+        return Batch(
+            tokens, positions, ts, rows, block_table=self.table[:n], seq_lens=lengths, block_size=self.kv.block_size
+        )
 
     @torch.inference_mode()
     def run(self, steps: list[tuple[int, int, int, list[int]]]) -> torch.Tensor:
@@ -79,17 +85,18 @@ class DecodeGraphs:
         trash = self.kv.trash_block
         for i, (token, pos, slot, blocks) in enumerate(steps):
             h[:, i] = (token, pos, slot, blocks[pos // bs] * bs + pos % bs, pos + 1)
-            ht[i, :len(blocks)] = blocks
+            ht[i, : len(blocks)] = blocks
         h[:, n:size] = np.array((0, 0, -1, trash * bs, 1))[:, None]
         ht[n:size, 0] = trash
         self.inputs[:, :size].copy_(torch.from_numpy(h[:, :size]))
         self.table[:size].copy_(torch.from_numpy(ht[:size]))
-        self.slots32[:size].copy_(self.inputs[2, :size])        # one cast a step, not one a layer
+        self.slots32[:size].copy_(self.inputs[2, :size])  # one cast a step, not one a layer
         used = {s[2] for s in steps} - {-1}
         path = None if not used else "mask" if self.bank.dense_pays(used) else "rows"
         if path == "mask":
-            TokenSlots.slot_mask(self.inputs[2, :size], self.bank.n_slots, self.bank.r_max, self.mask.dtype,
-                                 out=self.mask[:size])
+            TokenSlots.slot_mask(
+                self.inputs[2, :size], self.bank.n_slots, self.bank.r_max, self.mask.dtype, out=self.mask[:size]
+            )
         self.steps += 1
         self.paths[path] += 1
         if not self.capture:

@@ -16,39 +16,51 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from loraflow.serve.bank import AdapterBank
-from loraflow.serve.kv_cache import KVCache
 from loraflow.serve.decode_graphs import BUCKETS, DecodeGraphs
+from loraflow.serve.kv_cache import KVCache
 from loraflow.serve.llama import Batch, Llama, load_llama, paged_decode_attention
 from loraflow.serve.packing import pack
 from loraflow.serve.registry import AdapterRegistry
-from loraflow.serve.request import (ERROR_TYPES, ContextTooLong, PromptError, QueueFull, Request,
-                                    eos_ids)
+from loraflow.serve.request import ERROR_TYPES, ContextTooLong, PromptError, QueueFull, Request, eos_ids
 from loraflow.serve.sampling import NonFiniteLogits, SamplingParams, sample
 
 log = logging.getLogger("loraflow.serve")
 
 
 class Engine:
-    def __init__(self, model: str | Path | Llama | None = None, adapters: dict[str, str] | None = None, *,
-                 adapter_dir: str | Path | None = None, device: str | None = None, dtype=None,
-                 tokenizer=None, model_name: str | None = None,
-                 max_batch_tokens: int = 512, kv_cache_bytes: int | None = None, block_size: int = 16,
-                 max_gpu_adapters: int = 8, max_cpu_adapters: int = 64, max_lora_rank: int = 64,
-                 max_waiting: int = 1024, decode_graphs: bool | None = None,
-                 request_timeout: float | None = None):
+    def __init__(
+        self,
+        model: str | Path | Llama | None = None,
+        adapters: dict[str, str] | None = None,
+        *,
+        adapter_dir: str | Path | None = None,
+        device: str | None = None,
+        dtype=None,
+        tokenizer=None,
+        model_name: str | None = None,
+        max_batch_tokens: int = 512,
+        kv_cache_bytes: int | None = None,
+        block_size: int = 16,
+        max_gpu_adapters: int = 8,
+        max_cpu_adapters: int = 64,
+        max_lora_rank: int = 64,
+        max_waiting: int = 1024,
+        decode_graphs: bool | None = None,
+        request_timeout: float | None = None,
+    ):
         from transformers import AutoTokenizer
 
         from loraflow.models.loading import default_model_path
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-        if isinstance(model, Llama):        # a model built in memory (benchmarks): bring a tokenizer
+        if isinstance(model, Llama):  # a model built in memory (benchmarks): bring a tokenizer
             if tokenizer is None:
                 raise ValueError("Engine(model=<Llama module>) needs tokenizer=")
             self.model, self.tokenizer, folder = model, tokenizer, None
@@ -67,8 +79,9 @@ class Engine:
         if adapter_dir is not None:
             self.registry.scan(adapter_dir)
         if kv_cache_bytes is None:
-            kv_cache_bytes = (int(0.5 * torch.cuda.mem_get_info(self.device)[0]) if self.device.type == "cuda"
-                              else 512 * 2**20)
+            kv_cache_bytes = (
+                int(0.5 * torch.cuda.mem_get_info(self.device)[0]) if self.device.type == "cuda" else 512 * 2**20
+            )
         self.kv = KVCache(a.n_layers, a.n_kv_heads, a.head_dim, kv_cache_bytes, block_size, dtype, device)
         self.max_len = min(a.max_seq_len, self.kv.n_blocks * block_size)
         self.max_batch_tokens, self.max_waiting = max_batch_tokens, max_waiting
@@ -84,8 +97,18 @@ class Engine:
         self._window_decode = backend.decode if plain else self.tokenizer.decode
         if decode_graphs is None:
             decode_graphs = self.device.type == "cuda" and paged_decode_attention is not None
-        self.graphs = (DecodeGraphs(self.model, self.kv, self.bank, min(max_batch_tokens, BUCKETS[-1]), self.max_len,
-                                    capture=self.device.type == "cuda") if decode_graphs else None)
+        self.graphs = (
+            DecodeGraphs(
+                self.model,
+                self.kv,
+                self.bank,
+                min(max_batch_tokens, BUCKETS[-1]),
+                self.max_len,
+                capture=self.device.type == "cuda",
+            )
+            if decode_graphs
+            else None
+        )
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._incoming: deque[Request] = deque()
@@ -94,16 +117,18 @@ class Engine:
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "steps": 0, "failed_steps": 0}
-        self.failures_in_a_row = 0            # steps that raised since the last one that did not
+        self.failures_in_a_row = 0  # steps that raised since the last one that did not
 
     # submitting ------------------------------------------------------------------------
     def tokenize(self, prompt: str) -> list[int]:
         """Token ids of a text prompt (thread-safe; the server calls it off its event loop)."""
         try:
             prompt.encode("utf-8")
-        except UnicodeEncodeError as e:          # a lone surrogate ("\ud800") has no UTF-8 form
-            raise PromptError(f"the prompt is not valid Unicode text ({e.reason} at character {e.start}); "
-                              "send it as UTF-8 without unpaired surrogates") from None
+        except UnicodeEncodeError as e:  # a lone surrogate ("\ud800") has no UTF-8 form
+            raise PromptError(
+                f"the prompt is not valid Unicode text ({e.reason} at character {e.start}); "
+                "send it as UTF-8 without unpaired surrogates"
+            ) from None
         return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
     def check_prompt(self, ids: list[int], max_tokens: int) -> None:
@@ -111,20 +136,29 @@ class Engine:
         leaves no room for ``max_tokens`` in the context."""
         if not ids:
             raise PromptError("the prompt is empty: send at least one token")
-        bad = next((t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size),
-                   None)
+        bad = next(
+            (t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size), None
+        )
         if bad is not None:
-            raise PromptError(f"the prompt holds token id {bad!r}, outside this model's vocabulary: ids must be "
-                              f"integers in [0, {self.vocab_size})")
+            raise PromptError(
+                f"the prompt holds token id {bad!r}, outside this model's vocabulary: ids must be "
+                f"integers in [0, {self.vocab_size})"
+            )
         if len(ids) + max_tokens > self.max_len:
             raise ContextTooLong(
                 f"this server's context holds {self.max_len} tokens (prompt and output together), but the prompt "
                 f"has {len(ids)} tokens and max_tokens is {max_tokens}: shorten the prompt or lower max_tokens "
-                f"to at most {max(self.max_len - len(ids), 0)}")
+                f"to at most {max(self.max_len - len(ids), 0)}"
+            )
 
-    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    adapter: str | None = None, request_id: str | None = None,
-                    on_output: Callable[[Request], None] | None = None) -> Request:
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        adapter: str | None = None,
+        request_id: str | None = None,
+        on_output: Callable[[Request], None] | None = None,
+    ) -> Request:
         """Queue a request (thread-safe). Raises KeyError for an unknown adapter, PromptError
         (a ValueError) for a prompt the model cannot run or that does not fit the context with
         ``max_tokens``, QueueFull when the queue is full."""
@@ -169,9 +203,15 @@ class Engine:
             if r.id in aborts:
                 touched.append(self._finish(r, "abort"))
             elif now > r.deadline:
-                touched.append(self._fail(r, "timeout", f"the request ran past this server's time limit of "
-                                          f"{self.request_timeout:g} s (--request-timeout)"))
-        for r in list(self.waiting):        # adapters that failed to load, or were unloaded, fail their requests
+                touched.append(
+                    self._fail(
+                        r,
+                        "timeout",
+                        f"the request ran past this server's time limit of "
+                        f"{self.request_timeout:g} s (--request-timeout)",
+                    )
+                )
+        for r in list(self.waiting):  # adapters that failed to load, or were unloaded, fail their requests
             why = r.adapter and self.registry.error(r.adapter)
             if why:
                 touched.append(self._fail(r, "adapter", f"adapter {r.adapter!r} cannot be served: {why}"))
@@ -182,8 +222,11 @@ class Engine:
         except Exception as e:
             self.failures_in_a_row += 1
             self.stats["failed_steps"] += 1
-            log.exception("engine step failed (%d in a row); failing the %d requests in flight",
-                          self.failures_in_a_row, len(self.running))
+            log.exception(
+                "engine step failed (%d in a row); failing the %d requests in flight",
+                self.failures_in_a_row,
+                len(self.running),
+            )
             touched += self.fail_all(f"the engine failed: {type(e).__name__}: {e}", waiting=False)
         touched += self._failed
         self._failed = []
@@ -204,14 +247,16 @@ class Engine:
         for req, n in plan:
             req.computed += n
         greedy = finite = None
-        if any(r.params.batched_greedy for _, r in rows):    # one argmax and one transfer for the batch
+        if any(r.params.batched_greedy for _, r in rows):  # one argmax and one transfer for the batch
             greedy, finite = torch.stack([logits.argmax(-1), torch.isfinite(logits).all(-1).long()]).tolist()
         for row, req in rows:
             try:
                 if req.params.batched_greedy:
                     if not finite[row]:
-                        raise NonFiniteLogits("the model produced non-finite logits (NaN or inf) for this request; "
-                                              "its adapter's weights are the likely cause")
+                        raise NonFiniteLogits(
+                            "the model produced non-finite logits (NaN or inf) for this request; "
+                            "its adapter's weights are the likely cause"
+                        )
                     token, record = greedy[row], None
                 else:
                     token, record = sample(logits[row], req.params, req.generator, req.prompt_ids, req.output_ids)
@@ -221,7 +266,7 @@ class Engine:
                 req.first_token_at = req.first_token_at or time.perf_counter()
                 self.stats["generated_tokens"] += 1
                 self._check_stop(req, token)
-            except Exception as e:          # this request's own failure: the others go on
+            except Exception as e:  # this request's own failure: the others go on
                 log.warning("request %s failed while sampling: %s", req.id, e)
                 self._fail(req, "request", f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e))
         self.stats["steps"] += 1
@@ -232,7 +277,7 @@ class Engine:
             if req.on_output is not None:
                 try:
                     req.on_output(req)
-                except Exception:             # a consumer's bug must not stop the engine
+                except Exception:  # a consumer's bug must not stop the engine
                     log.exception("on_output of request %s raised", req.id)
 
     def fail_all(self, message: str, waiting: bool = True) -> list[Request]:
@@ -248,10 +293,10 @@ class Engine:
     def _schedule(self) -> list[tuple[Request, int]]:
         budget = self.max_batch_tokens
         plan, planned = [], set()
-        for req in sorted(self.running, key=lambda r: r.n_tokens - r.computed):   # decodes first
+        for req in sorted(self.running, key=lambda r: r.n_tokens - r.computed):  # decodes first
             if budget <= 0:
                 break
-            if req not in self.running:       # preempted below for an earlier request
+            if req not in self.running:  # preempted below for an earlier request
                 continue
             n = min(req.n_tokens - req.computed, budget)
             while not self.kv.grow(req.blocks, req.computed + n):
@@ -270,7 +315,7 @@ class Engine:
                 break
             if req.adapter is not None:
                 slot = self.registry.acquire(req.adapter)
-                if slot is None:         # still loading, or every slot busy: others go first
+                if slot is None:  # still loading, or every slot busy: others go first
                     continue
                 req.slot = slot
             n = min(len(req.ids) - req.computed, budget)
@@ -324,10 +369,10 @@ class Engine:
         text of ids[prefix:] minus that of ids[prefix:read] (a token's text can depend on its
         neighbours), held back while it ends in an unfinished multi-byte character."""
         ids, decode = req.output_ids, self._window_decode
-        before = decode(ids[req.prefix_offset:req.read_offset], skip_special_tokens=True)
-        after = decode(ids[req.prefix_offset:], skip_special_tokens=True)
+        before = decode(ids[req.prefix_offset : req.read_offset], skip_special_tokens=True)
+        after = decode(ids[req.prefix_offset :], skip_special_tokens=True)
         if len(after) > len(before) and not after.endswith("\ufffd"):
-            req.text += after[len(before):]
+            req.text += after[len(before) :]
             req.prefix_offset, req.read_offset = req.read_offset, len(ids)
 
     def _decode(self, req: Request) -> str:
@@ -336,7 +381,7 @@ class Engine:
     def _fail(self, req: Request, error_type: str, message: str) -> Request:
         assert error_type in ERROR_TYPES, error_type
         req.error, req.error_type = message, error_type
-        self._failed.append(req)             # reported at the end of this step, wherever it failed
+        self._failed.append(req)  # reported at the end of this step, wherever it failed
         return self._finish(req, "error")
 
     def _finish(self, req: Request, reason: str) -> Request:
@@ -358,12 +403,13 @@ class Engine:
         if req.finished:
             return req.text
         hold = max((len(s) - 1 for s in req.params.stop), default=0)
-        text = req.text[:len(req.text) - hold] if hold else req.text
+        text = req.text[: len(req.text) - hold] if hold else req.text
         return text.rstrip("\ufffd")
 
     # convenience ---------------------------------------------------------------------
-    def generate(self, prompts: list[str | list[int]], adapters: list[str | None] | None = None,
-                 **sampling) -> list[str]:
+    def generate(
+        self, prompts: list[str | list[int]], adapters: list[str | None] | None = None, **sampling
+    ) -> list[str]:
         """Run requests to completion on the calling thread; returns the texts in order."""
         params = SamplingParams(**sampling)
         adapters = adapters or [None] * len(prompts)
@@ -372,7 +418,7 @@ class Engine:
         reqs = [self.add_request(p, params, a) for p, a in zip(prompts, adapters)]
         while not all(r.finished for r in reqs):
             if not self.step():
-                time.sleep(0.002)     # waiting for an adapter to load
+                time.sleep(0.002)  # waiting for an adapter to load
         bad = [r for r in reqs if r.finish_reason == "error"]
         if bad:
             raise RuntimeError(f"request {bad[0].id} failed: {bad[0].error}")

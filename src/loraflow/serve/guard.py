@@ -16,15 +16,22 @@ import json
 
 async def _answer(send, status: int, message: str, type_: str, code: str | None = None) -> None:
     body = json.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
 class Guard:
-    def __init__(self, app, api_key: str | None = None, max_body_bytes: int = 4 * 2**20,
-                 body_timeout: float = 30.0):
+    def __init__(self, app, api_key: str | None = None, max_body_bytes: int = 4 * 2**20, body_timeout: float = 30.0):
         self.app, self.max_body_bytes, self.body_timeout = app, max_body_bytes, body_timeout
         self.key = f"Bearer {api_key}".encode() if api_key else None
 
@@ -34,25 +41,32 @@ class Guard:
         headers = dict(scope["headers"])
         if self.key is not None and scope["path"] != "/health":
             if not hmac.compare_digest(headers.get(b"authorization", b""), self.key):
-                return await _answer(send, 401, "missing or wrong API key (Authorization: Bearer ...)",
-                                     "authentication_error")
+                return await _answer(
+                    send, 401, "missing or wrong API key (Authorization: Bearer ...)", "authentication_error"
+                )
         limit = self.max_body_bytes
-        too_large = (f"the request body is larger than this server's limit of {limit} bytes "
-                     "(--max-body-mb): send a shorter prompt")
+        too_large = (
+            f"the request body is larger than this server's limit of {limit} bytes "
+            "(--max-body-mb): send a shorter prompt"
+        )
         length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
-            return await _answer(send, 413 if length.isdigit() else 400,
-                                 too_large if length.isdigit() else "invalid Content-Length", "invalid_request_error")
+            return await _answer(
+                send,
+                413 if length.isdigit() else 400,
+                too_large if length.isdigit() else "invalid Content-Length",
+                "invalid_request_error",
+            )
         state = {"bytes": 0, "body_done": False, "answered": False}
 
         async def refuse(status: int, message: str) -> dict:
             state["answered"] = True
             await _answer(send, status, message, "invalid_request_error")
-            return {"type": "http.disconnect"}        # the route stops reading; its own answer is dropped
+            return {"type": "http.disconnect"}  # the route stops reading; its own answer is dropped
 
         async def guarded_receive():
             if state["body_done"] or state["answered"]:
-                return await receive()                # after the body: the client's disconnect, when it comes
+                return await receive()  # after the body: the client's disconnect, when it comes
             try:
                 message = await asyncio.wait_for(receive(), self.body_timeout)
             except TimeoutError:

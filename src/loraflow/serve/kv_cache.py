@@ -9,20 +9,34 @@ import torch
 
 
 class KVCache:
-    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, budget_bytes: int,
-                 block_size: int = 16, dtype=torch.float32, device="cpu"):
+    def __init__(
+        self,
+        n_layers: int,
+        n_kv_heads: int,
+        head_dim: int,
+        budget_bytes: int,
+        block_size: int = 16,
+        dtype=torch.float32,
+        device="cpu",
+    ):
         elt = torch.tensor([], dtype=dtype).element_size()
         per_block = 2 * n_layers * block_size * n_kv_heads * head_dim * elt
         self.n_blocks = int(budget_bytes // per_block)
         if self.n_blocks < 2:
-            raise ValueError(f"a KV-cache budget of {budget_bytes} bytes holds {self.n_blocks} blocks of "
-                             f"{per_block} bytes; give at least {2 * per_block} bytes")
+            raise ValueError(
+                f"a KV-cache budget of {budget_bytes} bytes holds {self.n_blocks} blocks of "
+                f"{per_block} bytes; give at least {2 * per_block} bytes"
+            )
         self.block_size = block_size
-        self.trash_block = self.n_blocks                    # padding rows write here
+        self.trash_block = self.n_blocks  # padding rows write here
         rows = (self.n_blocks + 1) * block_size
-        self.layers = [(torch.zeros(rows, n_kv_heads, head_dim, dtype=dtype, device=device),
-                        torch.zeros(rows, n_kv_heads, head_dim, dtype=dtype, device=device))
-                       for _ in range(n_layers)]
+        self.layers = [
+            (
+                torch.zeros(rows, n_kv_heads, head_dim, dtype=dtype, device=device),
+                torch.zeros(rows, n_kv_heads, head_dim, dtype=dtype, device=device),
+            )
+            for _ in range(n_layers)
+        ]
         self.free = list(range(self.n_blocks - 1, -1, -1))
 
     @property

@@ -31,7 +31,7 @@ SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDP
 
 try:
     from loraflow.serve.paged_attention import paged_decode_attention
-except ImportError:          # no Triton: decode steps use the gathered-context path
+except ImportError:  # no Triton: decode steps use the gathered-context path
     paged_decode_attention = None
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -56,7 +56,7 @@ class LlamaArgs:
     mlp_bias: bool
 
     @staticmethod
-    def from_hf(cfg: dict) -> "LlamaArgs":
+    def from_hf(cfg: dict) -> LlamaArgs:
         kind = cfg.get("model_type")
         if kind not in SUPPORTED:
             raise ValueError(f"model_type {kind!r} is not served; loraflow serves {SUPPORTED}")
@@ -67,15 +67,21 @@ class LlamaArgs:
             raise ValueError(f"rope type {rope_type!r} is not supported (default and llama3 are)")
         n_heads = cfg["num_attention_heads"]
         return LlamaArgs(
-            vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
-            n_heads=n_heads, n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+            vocab_size=cfg["vocab_size"],
+            dim=cfg["hidden_size"],
+            n_layers=cfg["num_hidden_layers"],
+            n_heads=n_heads,
+            n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
             head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
-            intermediate=cfg["intermediate_size"], norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=float(theta), rope_scaling=rope if rope_type == "llama3" else None,
+            intermediate=cfg["intermediate_size"],
+            norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            rope_scaling=rope if rope_type == "llama3" else None,
             max_seq_len=cfg.get("max_position_embeddings", 4096),
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             qkv_bias=kind == "qwen2" or bool(cfg.get("attention_bias", False)),
-            mlp_bias=bool(cfg.get("mlp_bias", False)))
+            mlp_bias=bool(cfg.get("mlp_bias", False)),
+        )
 
 
 def rope_frequencies(args: LlamaArgs) -> torch.Tensor:
@@ -116,11 +122,12 @@ class AttnGroup:
     """Sequences whose new tokens are padded to one length for attention. A step's decode
     sequences (one new token) and its prompt chunks form separate groups, so a long chunk
     does not pad every decode query to its length."""
-    tokens: torch.Tensor         # (n,) packed index of the group's new tokens
-    q_index: torch.Tensor        # (S, q_max) packed index of each sequence's new tokens (0: pad)
-    kv_index: torch.Tensor       # (S, ctx_max) flat KV-cache rows of each sequence's context
-    mask: torch.Tensor           # (S, 1, q_max, ctx_max) bool: query may see key
-    out_index: torch.Tensor      # (n,) where each of ``tokens`` sits in (S * q_max)
+
+    tokens: torch.Tensor  # (n,) packed index of the group's new tokens
+    q_index: torch.Tensor  # (S, q_max) packed index of each sequence's new tokens (0: pad)
+    kv_index: torch.Tensor  # (S, ctx_max) flat KV-cache rows of each sequence's context
+    mask: torch.Tensor  # (S, 1, q_max, ctx_max) bool: query may see key
+    out_index: torch.Tensor  # (n,) where each of ``tokens`` sits in (S * q_max)
 
 
 @dataclass
@@ -128,14 +135,15 @@ class Batch:
     """One step's packed tokens and where their keys and values live (built by the engine).
     Steps with prompt chunks use the gathered-context fields; decode-only steps (one new
     token per sequence) use the block tables, read by the paged attention kernel."""
-    tokens: torch.Tensor         # (N,) token ids
-    positions: torch.Tensor      # (N,) position of each token in its sequence
-    slots: TokenSlots            # adapter slot of each token (-1: base model), grouped once per step
-    cache_index: torch.Tensor    # (N,) flat KV-cache row of each new token
-    groups: list[AttnGroup] | None = None    # steps with prompt chunks: sequences padded together
+
+    tokens: torch.Tensor  # (N,) token ids
+    positions: torch.Tensor  # (N,) position of each token in its sequence
+    slots: TokenSlots  # adapter slot of each token (-1: base model), grouped once per step
+    cache_index: torch.Tensor  # (N,) flat KV-cache row of each new token
+    groups: list[AttnGroup] | None = None  # steps with prompt chunks: sequences padded together
     logit_index: torch.Tensor | None = None  # (S',) packed index of the tokens whose logits are needed; None: all
     block_table: torch.Tensor | None = None  # decode: (N, max_blocks) int32 block ids of each sequence
-    seq_lens: torch.Tensor | None = None     # decode: (N,) context length, the new token included
+    seq_lens: torch.Tensor | None = None  # decode: (N,) context length, the new token included
     block_size: int = 0
 
 
@@ -151,24 +159,29 @@ class Attention(nn.Module):
     def forward(self, x, b: Batch, cos, sin, cache_k, cache_v):
         """softmax(q kᵀ / √d + mask) v over each sequence's cached context."""
         a = self.a
-        q, k, v = banked_siblings(x, b.slots, (self.q_proj, self.k_proj, self.v_proj))   # W x + b + B_s A_s x
-        q = q.view(-1, a.n_heads, a.head_dim)                                 # (N, H, D)
-        k = k.view(-1, a.n_kv_heads, a.head_dim)                              # (N, Hkv, D)
+        q, k, v = banked_siblings(x, b.slots, (self.q_proj, self.k_proj, self.v_proj))  # W x + b + B_s A_s x
+        q = q.view(-1, a.n_heads, a.head_dim)  # (N, H, D)
+        k = k.view(-1, a.n_kv_heads, a.head_dim)  # (N, Hkv, D)
         v = v.view(-1, a.n_kv_heads, a.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        cache_k.index_copy_(0, b.cache_index, k)                              # cache: (rows, Hkv, D)
+        cache_k.index_copy_(0, b.cache_index, k)  # cache: (rows, Hkv, D)
         cache_v.index_copy_(0, b.cache_index, v)
-        if b.block_table is not None:                                         # decode: paged kernel
+        if b.block_table is not None:  # decode: paged kernel
             o = paged_decode_attention(q, cache_k, cache_v, b.block_table, b.seq_lens, b.block_size)
             return self.o_proj(o.view(-1, a.n_heads * a.head_dim), b.slots)
-        out = q.new_empty(q.shape[0], a.n_heads * a.head_dim)                 # (N, H·D)
+        out = q.new_empty(q.shape[0], a.n_heads * a.head_dim)  # (N, H·D)
         for g in b.groups:
             S, q_max = g.q_index.shape
-            Q = q[g.q_index].transpose(1, 2)                                  # (S, H, q_max, D)
-            K = cache_k[g.kv_index].transpose(1, 2)                           # (S, Hkv, ctx, D)
+            Q = q[g.q_index].transpose(1, 2)  # (S, H, q_max, D)
+            K = cache_k[g.kv_index].transpose(1, 2)  # (S, Hkv, ctx, D)
             V = cache_v[g.kv_index].transpose(1, 2)
-            o = F.scaled_dot_product_attention(Q, K, V, attn_mask=g.mask,    # backends: SDPA_BACKENDS
-                                               enable_gqa=a.n_kv_heads != a.n_heads)
+            o = F.scaled_dot_product_attention(
+                Q,
+                K,
+                V,
+                attn_mask=g.mask,  # backends: SDPA_BACKENDS
+                enable_gqa=a.n_kv_heads != a.n_heads,
+            )
             out[g.tokens] = o.transpose(1, 2).reshape(S * q_max, -1)[g.out_index]
         return self.o_proj(out, b.slots)
 
@@ -219,11 +232,11 @@ class Llama(nn.Module):
 
     def forward(self, b: Batch, caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """Logits (S', vocab) of the tokens in ``b.logit_index``."""
-        angles = b.positions.float()[:, None] * self.inv_freq[None, :]          # (N, D/2)
+        angles = b.positions.float()[:, None] * self.inv_freq[None, :]  # (N, D/2)
         angles = torch.cat((angles, angles), dim=-1)
-        x = self.model.embed_tokens(b.tokens)                                   # (N, dim)
+        x = self.model.embed_tokens(b.tokens)  # (N, dim)
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-        with sdpa_kernel(SDPA_BACKENDS) if b.groups else contextlib.nullcontext():   # once, not per layer
+        with sdpa_kernel(SDPA_BACKENDS) if b.groups else contextlib.nullcontext():  # once, not per layer
             for layer, (ck, cv) in zip(self.model.layers, caches):
                 x = layer(x, b, cos, sin, ck, cv)
         x = self.model.norm(x if b.logit_index is None else x[b.logit_index])
@@ -236,16 +249,35 @@ class Llama(nn.Module):
 def linear_shapes(a: LlamaArgs) -> dict[str, tuple[int, int]]:
     """(d_out, d_in) of every linear layer an adapter may target, by module name."""
     q, kv = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
-    per = {"self_attn.q_proj": (q, a.dim), "self_attn.k_proj": (kv, a.dim), "self_attn.v_proj": (kv, a.dim),
-           "self_attn.o_proj": (a.dim, q), "mlp.gate_proj": (a.intermediate, a.dim),
-           "mlp.up_proj": (a.intermediate, a.dim), "mlp.down_proj": (a.dim, a.intermediate)}
+    per = {
+        "self_attn.q_proj": (q, a.dim),
+        "self_attn.k_proj": (kv, a.dim),
+        "self_attn.v_proj": (kv, a.dim),
+        "self_attn.o_proj": (a.dim, q),
+        "mlp.gate_proj": (a.intermediate, a.dim),
+        "mlp.up_proj": (a.intermediate, a.dim),
+        "mlp.down_proj": (a.dim, a.intermediate),
+    }
     return {f"model.layers.{i}.{k}": v for i in range(a.n_layers) for k, v in per.items()}
 
 
-SHAPES = {   # model shapes for benchmarks with random weights
-    "llama2-7b": dict(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, head_dim=128,
-                      intermediate=11008, norm_eps=1e-5, rope_theta=10000.0, rope_scaling=None, max_seq_len=4096,
-                      tie_embeddings=False, qkv_bias=False, mlp_bias=False),
+SHAPES = {  # model shapes for benchmarks with random weights
+    "llama2-7b": dict(
+        vocab_size=32000,
+        dim=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=32,
+        head_dim=128,
+        intermediate=11008,
+        norm_eps=1e-5,
+        rope_theta=10000.0,
+        rope_scaling=None,
+        max_seq_len=4096,
+        tie_embeddings=False,
+        qkv_bias=False,
+        mlp_bias=False,
+    ),
 }
 
 
@@ -293,7 +325,8 @@ def load_llama(folder: str | Path, dtype=torch.float32, device="cpu") -> Llama:
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = [m for m in missing if m != "inv_freq"]
     if missing or unexpected:
-        raise ValueError(f"{folder}: weights do not match the config: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
+        raise ValueError(
+            f"{folder}: weights do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     model.inv_freq = rope_frequencies(args)
     return model.to(device).eval()

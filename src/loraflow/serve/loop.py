@@ -21,6 +21,7 @@ class EngineDown(Exception):
 @dataclass
 class Update:
     """A snapshot of a request after one engine step, safe to hand to another thread."""
+
     text: str
     finished: bool
     finish_reason: str | None
@@ -28,8 +29,8 @@ class Update:
     error_type: str | None
     prompt_tokens: int
     completion_tokens: int
-    logprobs: list                  # the request's records so far (append-only; read up to completion_tokens)
-    ttft: float | None              # seconds from arrival to the first token
+    logprobs: list  # the request's records so far (append-only; read up to completion_tokens)
+    ttft: float | None  # seconds from arrival to the first token
 
 
 class EngineLoop:
@@ -52,7 +53,7 @@ class EngineLoop:
         self.down: str | None = None
         self._wake = threading.Event()
         self._stop = False
-        self._outbox: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue, Update]] = []   # this step's updates
+        self._outbox: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue, Update]] = []  # this step's updates
         self._thread = None
         if background:
             self._thread = threading.Thread(target=self.run_forever, name="engine", daemon=True)
@@ -70,13 +71,19 @@ class EngineLoop:
                     raise EngineDown(self.down)
                 self._deliver()
                 if not touched:
-                    time.sleep(0.002)        # only requests whose adapter is still loading
+                    time.sleep(0.002)  # only requests whose adapter is still loading
             else:
                 self._wake.wait(0.05)
                 self._wake.clear()
 
-    def submit(self, prompt, params: SamplingParams, adapter: str | None, request_id: str | None = None,
-               final_only: bool = False) -> tuple[Request, asyncio.Queue]:
+    def submit(
+        self,
+        prompt,
+        params: SamplingParams,
+        adapter: str | None,
+        request_id: str | None = None,
+        final_only: bool = False,
+    ) -> tuple[Request, asyncio.Queue]:
         """Queue a request; its updates arrive on the returned asyncio queue (of this loop):
         one per step that advanced it, or with ``final_only`` only the last."""
         if self.down:
@@ -85,12 +92,21 @@ class EngineLoop:
         queue: asyncio.Queue[Update] = asyncio.Queue()
         engine = self.engine
 
-        def on_output(req: Request) -> None:           # engine thread, inside step()
+        def on_output(req: Request) -> None:  # engine thread, inside step()
             if final_only and not req.finished:
                 return
             ttft = req.first_token_at - req.arrival if req.first_token_at is not None else None
-            update = Update(engine.stream_text(req), req.finished, req.finish_reason, req.error, req.error_type,
-                            len(req.prompt_ids), len(req.output_ids), req.logprobs, ttft)
+            update = Update(
+                engine.stream_text(req),
+                req.finished,
+                req.finish_reason,
+                req.error,
+                req.error_type,
+                len(req.prompt_ids),
+                len(req.output_ids),
+                req.logprobs,
+                ttft,
+            )
             self._outbox.append((loop, queue, update))
 
         req = engine.add_request(prompt, params, adapter, request_id=request_id, on_output=on_output)
@@ -107,7 +123,7 @@ class EngineLoop:
         for loop, items in by_loop.items():
             try:
                 loop.call_soon_threadsafe(_put_all, items)
-            except RuntimeError:             # that event loop is closed: nobody is listening
+            except RuntimeError:  # that event loop is closed: nobody is listening
                 log.warning("dropped %d updates for a closed event loop", len(items))
 
     def abort(self, request_id: str) -> None:

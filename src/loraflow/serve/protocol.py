@@ -34,8 +34,8 @@ class Sampling(BaseModel):
     n: int = Field(1, ge=1)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
-    repetition_penalty: float = Field(1.0, gt=0, le=10)   # vLLM's extension
-    ignore_eos: bool = False          # vLLM's extension: generate max_tokens tokens
+    repetition_penalty: float = Field(1.0, gt=0, le=10)  # vLLM's extension
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens tokens
 
     def unsupported(self) -> list[str]:
         """Fields this server does not implement that the request sets (to a value other than null)."""
@@ -73,13 +73,17 @@ def completion_logprobs(records: list, piece, offset: int = 0) -> dict:
     for text in tokens:
         offsets.append(offset)
         offset += len(text)
-    return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in records],
-            "top_logprobs": [{piece(i): lp for i, lp in alts} for _, _, alts in records],
-            "text_offset": offsets}
+    return {
+        "tokens": tokens,
+        "token_logprobs": [lp for _, lp, _ in records],
+        "top_logprobs": [{piece(i): lp for i, lp in alts} for _, _, alts in records],
+        "text_offset": offsets,
+    }
 
 
 def chat_logprobs(records: list, piece) -> dict:
     """The chat API's ``logprobs`` object: per token its text, log-probability, UTF-8 bytes and alternatives."""
+
     def entry(token: int, lp: float) -> dict:
         text = piece(token)
         return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8", "replace"))}

@@ -16,7 +16,6 @@ from collections import Counter, OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-
 from loraflow.adapters.files import CONFIG_NAME, read_adapter
 from loraflow.adapters.targets import pattern_value
 from loraflow.serve.bank import AdapterBank
@@ -37,8 +36,10 @@ def factors_for_bank(path: Path, shapes: dict[str, tuple[int, int]], r_max: int)
     out = {}
     for module, found in by_module.items():
         if module not in shapes:
-            raise AdapterError(f"adapter {path.name}: layer {module} is not a linear layer of the served "
-                               "model; it was trained for another base model")
+            raise AdapterError(
+                f"adapter {path.name}: layer {module} is not a linear layer of the served "
+                "model; it was trained for another base model"
+            )
         d_out, d_in = shapes[module]
         if config.kind == "LORA":
             a, b = found["lora_A.weight"], found["lora_B.weight"]
@@ -51,15 +52,19 @@ def factors_for_bank(path: Path, shapes: dict[str, tuple[int, int]], r_max: int)
             for w in reversed(ws[1:-1]):
                 b = b @ w
         else:
-            raise AdapterError(f"adapter {path.name} is {config.kind}: the server serves LoRA and "
-                               "Deep LoRA (additive) adapters")
+            raise AdapterError(
+                f"adapter {path.name} is {config.kind}: the server serves LoRA and Deep LoRA (additive) adapters"
+            )
         if tuple(a.shape) != (a.shape[0], d_in) or tuple(b.shape) != (d_out, a.shape[0]):
-            raise AdapterError(f"adapter {path.name}: layer {module} has A {tuple(a.shape)} and B "
-                               f"{tuple(b.shape)}, but the served model's layer is {d_out}x{d_in}: it was "
-                               "trained for another base model")
+            raise AdapterError(
+                f"adapter {path.name}: layer {module} has A {tuple(a.shape)} and B "
+                f"{tuple(b.shape)}, but the served model's layer is {d_out}x{d_in}: it was "
+                "trained for another base model"
+            )
         if a.shape[0] > r_max:
-            raise AdapterError(f"adapter {path.name} has rank {a.shape[0]} on {module}, above the "
-                               f"server's --max-lora-rank {r_max}")
+            raise AdapterError(
+                f"adapter {path.name} has rank {a.shape[0]} on {module}, above the server's --max-lora-rank {r_max}"
+            )
         out[module] = (a.float(), (scale * b.float()))
     return out
 
@@ -77,7 +82,7 @@ class AdapterRegistry:
         self.free_slots = list(range(bank.n_slots - 1, -1, -1))
         self.pins: Counter = Counter()
         self.loading: dict = {}
-        self.versions: Counter = Counter()     # bumped by each (re-)registration: a load of an older one is dropped
+        self.versions: Counter = Counter()  # bumped by each (re-)registration: a load of an older one is dropped
         self.errors: dict[str, str] = {}
         self.stats = Counter(hits=0, misses=0, loads=0, evictions=0, load_failures=0)
         self._lock = threading.Lock()
@@ -97,8 +102,10 @@ class AdapterRegistry:
             raise AdapterError(f"{path} is not an adapter folder (no {CONFIG_NAME})")
         with self._lock:
             if self.pins[name]:
-                raise AdapterError(f"adapter {name!r} is in use by running requests; register it again "
-                                   "once they finish, or under another name")
+                raise AdapterError(
+                    f"adapter {name!r} is in use by running requests; register it again "
+                    "once they finish, or under another name"
+                )
             self.paths[name] = path
             self.versions[name] += 1
             self.errors.pop(name, None)
@@ -129,7 +136,7 @@ class AdapterRegistry:
             self.errors.pop(name, None)
             self.loading.pop(name, None)
             slot = self.device.pop(name, None)
-            if slot is not None:          # the next adapter written there overwrites every row of it
+            if slot is not None:  # the next adapter written there overwrites every row of it
                 self.free_slots.append(slot)
 
     def known(self, name: str) -> bool:
@@ -139,7 +146,7 @@ class AdapterRegistry:
     def _load(self, name: str, path: Path, version: int) -> None:
         try:
             factors = factors_for_bank(path, self.shapes, self.bank.r_max)
-        except Exception as e:    # any failure fails only this adapter's requests
+        except Exception as e:  # any failure fails only this adapter's requests
             with self._lock:
                 if self.versions[name] == version:
                     self.errors[name] = str(e) if isinstance(e, AdapterError) else f"{type(e).__name__}: {e}"
@@ -147,7 +154,7 @@ class AdapterRegistry:
                     self.loading.pop(name, None)
             return
         with self._lock:
-            if self.versions[name] != version:       # unloaded or re-registered meanwhile
+            if self.versions[name] != version:  # unloaded or re-registered meanwhile
                 return
             self.host[name] = factors
             self.host.move_to_end(name)
@@ -172,7 +179,7 @@ class AdapterRegistry:
                 self.pins[name] += 1
                 self.stats["hits"] += 1
                 return self.device[name]
-            if name in self.errors or name not in self.paths:      # the engine fails its requests
+            if name in self.errors or name not in self.paths:  # the engine fails its requests
                 return None
             factors = self.host.get(name)
             if factors is None:
@@ -192,9 +199,10 @@ class AdapterRegistry:
             self.pins[name] += 1
         dev = next(iter(self.bank.layers.values())).weight
         try:
-            self.bank.write(slot, {m: (a.to(dev.device, dev.dtype), b.to(dev.device, dev.dtype))
-                                   for m, (a, b) in factors.items()})
-        except BaseException:           # e.g. out of device memory: the slot holds nothing usable
+            self.bank.write(
+                slot, {m: (a.to(dev.device, dev.dtype), b.to(dev.device, dev.dtype)) for m, (a, b) in factors.items()}
+            )
+        except BaseException:  # e.g. out of device memory: the slot holds nothing usable
             with self._lock:
                 self.pins[name] -= 1
                 if self.device.get(name) == slot:
@@ -209,8 +217,13 @@ class AdapterRegistry:
 
     def snapshot(self) -> dict:
         with self._lock:
-            return {"registered": len(self.paths), "host": len(self.host), "device": len(self.device),
-                    "loading": len(self.loading), **self.stats}
+            return {
+                "registered": len(self.paths),
+                "host": len(self.host),
+                "device": len(self.device),
+                "loading": len(self.loading),
+                **self.stats,
+            }
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -31,28 +31,28 @@ class ContextTooLong(PromptError):
 ERROR_TYPES = ("adapter", "capacity", "engine", "timeout", "request")
 
 
-@dataclass(eq=False)          # identity: the scheduler's membership tests stay O(1) per comparison
+@dataclass(eq=False)  # identity: the scheduler's membership tests stay O(1) per comparison
 class Request:
     id: str
     prompt_ids: list[int]
     params: SamplingParams
     adapter: str | None = None
-    on_output: Callable[["Request"], None] | None = None
+    on_output: Callable[[Request], None] | None = None
     output_ids: list[int] = field(default_factory=list)
     text: str = ""
-    finish_reason: str | None = None        # "stop" | "length" | "abort" | "error"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     error: str | None = None
-    error_type: str | None = None            # one of ERROR_TYPES
+    error_type: str | None = None  # one of ERROR_TYPES
     blocks: list[int] = field(default_factory=list)
-    computed: int = 0                        # tokens whose keys and values are cached
+    computed: int = 0  # tokens whose keys and values are cached
     slot: int = -1
     arrival: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     generator: torch.Generator | None = None
-    deadline: float = float("inf")           # perf_counter time after which it fails with "timeout"
-    logprobs: list = field(default_factory=list)   # per output token: (id, logprob, [(id, logprob), ...])
-    prefix_offset: int = 0                   # incremental detokenization: output ids[prefix_offset:read_offset]
-    read_offset: int = 0                     # were decoded into the tail of ``text``
+    deadline: float = float("inf")  # perf_counter time after which it fails with "timeout"
+    logprobs: list = field(default_factory=list)  # per output token: (id, logprob, [(id, logprob), ...])
+    prefix_offset: int = 0  # incremental detokenization: output ids[prefix_offset:read_offset]
+    read_offset: int = 0  # were decoded into the tail of ``text``
 
     @property
     def ids(self) -> list[int]:

@@ -27,14 +27,14 @@ class SamplingParams:
     max_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
-    top_k: int = 0                    # 0: no limit
+    top_k: int = 0  # 0: no limit
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
-    frequency_penalty: float = 0.0    # [-2, 2], on output tokens
-    presence_penalty: float = 0.0     # [-2, 2], on output tokens
-    repetition_penalty: float = 1.0   # > 0, on prompt and output tokens; 1: none
-    logprobs: int | None = None       # None: none; k: the chosen token's and the k most likely (k <= 20)
+    frequency_penalty: float = 0.0  # [-2, 2], on output tokens
+    presence_penalty: float = 0.0  # [-2, 2], on output tokens
+    repetition_penalty: float = 1.0  # > 0, on prompt and output tokens; 1: none
+    logprobs: int | None = None  # None: none; k: the chosen token's and the k most likely (k <= 20)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -43,7 +43,7 @@ class SamplingParams:
             raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         for name, lo, hi in (("temperature", 0, 100), ("frequency_penalty", -2, 2), ("presence_penalty", -2, 2)):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not lo <= value <= hi:   # NaN fails too
+            if not isinstance(value, (int, float)) or not lo <= value <= hi:  # NaN fails too
                 raise ValueError(f"{name} must be a number in [{lo}, {hi}], got {value!r}")
         if not isinstance(self.repetition_penalty, (int, float)) or not 0 < self.repetition_penalty <= 10:
             raise ValueError(f"repetition_penalty must be in (0, 10] (1: none), got {self.repetition_penalty!r}")
@@ -81,21 +81,30 @@ def penalize(logits: torch.Tensor, p: SamplingParams, prompt_ids: list[int], out
     logits = logits.float().clone()
     if p.repetition_penalty != 1:
         seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), device=logits.device)
-        l = logits[seen]
-        logits[seen] = torch.where(l > 0, l / p.repetition_penalty, l * p.repetition_penalty)
+        seen_logits = logits[seen]
+        logits[seen] = torch.where(
+            seen_logits > 0, seen_logits / p.repetition_penalty, seen_logits * p.repetition_penalty
+        )
     if (p.frequency_penalty or p.presence_penalty) and output_ids:
         counts = torch.bincount(torch.tensor(output_ids, device=logits.device), minlength=logits.numel()).float()
         logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
     return logits
 
 
-def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None,
-           prompt_ids: list[int] = (), output_ids: list[int] = ()) -> tuple[int, tuple | None]:
+def sample(
+    logits: torch.Tensor,
+    p: SamplingParams,
+    generator: torch.Generator | None,
+    prompt_ids: list[int] = (),
+    output_ids: list[int] = (),
+) -> tuple[int, tuple | None]:
     """One token id from logits (vocab,), and its log-probability record when asked for:
     (logprob of the token, [(id, logprob) of the ``p.logprobs`` most likely])."""
     if not bool(torch.isfinite(logits).all()):
-        raise NonFiniteLogits("the model produced non-finite logits (NaN or inf) for this request; "
-                              "its adapter's weights are the likely cause")
+        raise NonFiniteLogits(
+            "the model produced non-finite logits (NaN or inf) for this request; "
+            "its adapter's weights are the likely cause"
+        )
     scores = penalize(logits, p, list(prompt_ids), list(output_ids))
     if p.greedy:
         token = int(torch.argmax(scores))
@@ -107,7 +116,7 @@ def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator |
         probs = torch.softmax(scores, -1)
         if p.top_p < 1:
             sorted_p, idx = torch.sort(probs, descending=True)
-            keep = sorted_p.cumsum(0) - sorted_p < p.top_p        # the smallest set reaching top_p
+            keep = sorted_p.cumsum(0) - sorted_p < p.top_p  # the smallest set reaching top_p
             probs = torch.zeros_like(probs).scatter(0, idx[keep], sorted_p[keep])
         token = int(torch.multinomial(probs.cpu(), 1, generator=generator))
     return token, (logprob_record(logits, token, p.logprobs) if p.logprobs is not None else None)

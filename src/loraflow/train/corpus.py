@@ -35,8 +35,9 @@ def train_tokenizer(files: list[Path], vocab_size: int, out: Path):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train([str(f) for f in files], trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=SPECIAL[0], pad_token=SPECIAL[0])
     fast.save_pretrained(out)
@@ -85,7 +86,7 @@ def tokenize_files(paths: list[Path], tokenizer, files_per_call: int = 256) -> t
         raise ValueError("the tokenizer has no eos_token: give one that has (files are joined with it)")
     parts = [torch.zeros(0, dtype=torch.long)]
     for i in range(0, len(paths), files_per_call):
-        texts = [p.read_text(errors="ignore") for p in paths[i:i + files_per_call]]
+        texts = [p.read_text(errors="ignore") for p in paths[i : i + files_per_call]]
         ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
         parts.append(torch.tensor(list(chain.from_iterable(x + [eos] for x in ids)), dtype=torch.long))
     return torch.cat(parts)
@@ -121,15 +122,21 @@ def cached_corpus(folder: Path, tokenizer, cache: Path | None) -> tuple[torch.Te
             saved = f.metadata() or {}
         redo = "delete it to tokenize again"
         if saved.get("vocab_size") != meta["vocab_size"]:
-            raise ValueError(f"--tokens-cache {cache} was made with a tokenizer of {saved.get('vocab_size')} tokens, "
-                             f"this one has {meta['vocab_size']}: give the tokenizer it was made with "
-                             f"(--tokenizer FOLDER), or {redo}")
+            raise ValueError(
+                f"--tokens-cache {cache} was made with a tokenizer of {saved.get('vocab_size')} tokens, "
+                f"this one has {meta['vocab_size']}: give the tokenizer it was made with "
+                f"(--tokenizer FOLDER), or {redo}"
+            )
         if saved.get("vocab_sha1") != meta["vocab_sha1"]:
-            raise ValueError(f"--tokens-cache {cache} was made with another tokenizer of the same size: give the "
-                             f"tokenizer it was made with (--tokenizer FOLDER), or {redo}")
+            raise ValueError(
+                f"--tokens-cache {cache} was made with another tokenizer of the same size: give the "
+                f"tokenizer it was made with (--tokenizer FOLDER), or {redo}"
+            )
         if saved.get("files") != meta["files"]:
-            raise ValueError(f"--tokens-cache {cache} was made from {saved.get('files')} files, --data {folder} "
-                             f"has {meta['files']}: give the same --data, or {redo}")
+            raise ValueError(
+                f"--tokens-cache {cache} was made from {saved.get('files')} files, --data {folder} "
+                f"has {meta['files']}: give the same --data, or {redo}"
+            )
         ids = load_file(cache)
         return ids["train"].long(), ids["eval"].long()
     train, held_out = corpus_ids(files, tokenizer)

@@ -33,8 +33,14 @@ def to_low_rank(model: nn.Module, rank: int, target_modules="all-linear") -> lis
     names = find_targets(model, target_modules)
     for name in names:
         old = model.get_submodule(name)
-        new = LowRankLinear(old.in_features, old.out_features, min(rank, old.in_features, old.out_features),
-                            old.bias is not None, old.weight.device, old.weight.dtype)
+        new = LowRankLinear(
+            old.in_features,
+            old.out_features,
+            min(rank, old.in_features, old.out_features),
+            old.bias is not None,
+            old.weight.device,
+            old.weight.dtype,
+        )
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
     return names

@@ -43,11 +43,20 @@ import loraflow as lf
 from loraflow.atomic import fsync_dir, fsync_tree
 from loraflow.cli import HelpFormatter
 from loraflow.optim.projector import SVD_METHODS
-from loraflow.train.corpus import (cached_corpus, pack, split_files, spread, text_files, tokenizer_sample,
-                                   train_tokenizer)
+from loraflow.train.corpus import (
+    cached_corpus,
+    pack,
+    split_files,
+    spread,
+    text_files,
+    tokenizer_sample,
+    train_tokenizer,
+)
 
 OPTIMIZERS = ("adamw", "adamw8bit", "galore", "galore8bit", "galore-adafactor")
 DTYPES = ("float32", "bfloat16", "bf16-mixed")
+
+
 def lr_factor(step: int, total: int, warmup: int, floor: float = 0.1) -> float:
     """Linear warmup, then cosine decay to ``floor`` of the peak."""
     if step < warmup:
@@ -61,12 +70,18 @@ def optimizer_parts(name: str, model, args):
     if name not in OPTIMIZERS:
         raise ValueError(f"--optimizer must be one of {OPTIMIZERS}, got {name!r}")
     if name.startswith("galore"):
-        groups = lf.galore_param_groups(model, rank=args.rank, update_proj_gap=args.update_proj_gap, scale=args.scale,
-                                        svd=args.svd)
+        groups = lf.galore_param_groups(
+            model, rank=args.rank, update_proj_gap=args.update_proj_gap, scale=args.scale, svd=args.svd
+        )
     else:
         groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
-    cls = {"adamw": lf.GaLoreAdamW, "galore": lf.GaLoreAdamW, "adamw8bit": lf.GaLoreAdamW8bit,
-           "galore8bit": lf.GaLoreAdamW8bit, "galore-adafactor": lf.GaLoreAdafactor}[name]
+    cls = {
+        "adamw": lf.GaLoreAdamW,
+        "galore": lf.GaLoreAdamW,
+        "adamw8bit": lf.GaLoreAdamW8bit,
+        "galore8bit": lf.GaLoreAdamW8bit,
+        "galore-adafactor": lf.GaLoreAdafactor,
+    }[name]
     kw = dict(lr=args.lr, weight_decay=args.weight_decay)
     return groups, lambda g: cls(g, **kw)
 
@@ -83,7 +98,7 @@ def evaluate(model, seqs: torch.Tensor, batch: int, device, autocast=contextlib.
     model.eval()
     total, n = 0.0, 0
     for i in range(0, len(seqs), batch):
-        x = seqs[i:i + batch].to(device)
+        x = seqs[i : i + batch].to(device)
         with autocast():
             total += model(input_ids=x, labels=x).loss.item() * len(x)
         n += len(x)
@@ -92,7 +107,7 @@ def evaluate(model, seqs: torch.Tensor, batch: int, device, autocast=contextlib.
 
 
 CHECKPOINT_FILES = ("model.safetensors", "state.pt", "config.json")
-MARKER = "complete.json"     # written last: {"step": N, "files": {name: size}}
+MARKER = "complete.json"  # written last: {"step": N, "files": {name: size}}
 
 
 def checkpoint_paths(out: Path) -> tuple[Path, Path, Path]:
@@ -113,14 +128,15 @@ def checkpoint_step(folder: Path) -> int | None:
             step, sizes = int(info["step"]), dict(info["files"])
         except (ValueError, KeyError, TypeError):
             return None
-        whole = all((folder / name).is_file() and (folder / name).stat().st_size == size
-                    for name, size in sizes.items())
+        whole = all(
+            (folder / name).is_file() and (folder / name).stat().st_size == size for name, size in sizes.items()
+        )
         return step if whole and set(CHECKPOINT_FILES) <= set(sizes) else None
     if folder.name == "checkpoint" and all((folder / name).is_file() for name in CHECKPOINT_FILES):
         try:
             state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True, mmap=True)
-            return int(state["step"])     # mmap: the optimizer state is not read
-        except Exception:          # a damaged legacy file: not a checkpoint to resume from
+            return int(state["step"])  # mmap: the optimizer state is not read
+        except Exception:  # a damaged legacy file: not a checkpoint to resume from
             return None
     return None
 
@@ -128,8 +144,11 @@ def checkpoint_step(folder: Path) -> int | None:
 def latest_checkpoint(out: Path) -> tuple[Path, int] | None:
     """The newest complete checkpoint in ``out`` and its step: ``checkpoint``, or, where a save
     was killed half way, ``checkpoint.tmp`` / ``checkpoint.old`` (on a tie, in that order)."""
-    found = [(step, -i, folder) for i, folder in enumerate(checkpoint_paths(out))
-             if (step := checkpoint_step(folder)) is not None]
+    found = [
+        (step, -i, folder)
+        for i, folder in enumerate(checkpoint_paths(out))
+        if (step := checkpoint_step(folder)) is not None
+    ]
     if not found:
         return None
     step, _, folder = max(found)
@@ -146,7 +165,7 @@ def save_checkpoint(out: Path, model, opt_state: dict, step: int) -> None:
     complete folder becomes ``checkpoint`` before anything older is deleted."""
     final, tmp, old = checkpoint_paths(out)
     _settle(out)
-    shutil.rmtree(tmp, ignore_errors=True)            # partial: `checkpoint` is the newest complete one
+    shutil.rmtree(tmp, ignore_errors=True)  # partial: `checkpoint` is the newest complete one
     tmp.mkdir(parents=True)
     save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
     torch.save({"optimizer": opt_state, "step": step}, tmp / "state.pt")
@@ -171,7 +190,7 @@ def _settle(out: Path) -> None:
     final, tmp, old = checkpoint_paths(out)
     newest = latest_checkpoint(out)
     if newest is not None and newest[0] != final:
-        shutil.rmtree(final, ignore_errors=True)      # older or partial
+        shutil.rmtree(final, ignore_errors=True)  # older or partial
         os.replace(newest[0], final)
         fsync_dir(out)
     for folder in (tmp, old):
@@ -188,34 +207,53 @@ class PretrainHelp(argparse.RawDescriptionHelpFormatter, HelpFormatter):
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="loraflow pretrain", description=__doc__,
-                                 formatter_class=PretrainHelp)
+    ap = argparse.ArgumentParser(prog="loraflow pretrain", description=__doc__, formatter_class=PretrainHelp)
     ap.add_argument("--data", required=True, help="a folder of text/code files, or one text file")
     ap.add_argument("--tokenizer", help="a local tokenizer folder (default: the embedded SmolLM2's)")
-    ap.add_argument("--train-tokenizer", type=int, metavar="VOCAB",
-                    help="train a byte-level BPE tokenizer of this size on the training files instead "
-                         "(saved to OUT/tokenizer)")
-    ap.add_argument("--tokenizer-sample-mb", type=float, default=100.0, metavar="MB",
-                    help="--train-tokenizer learns from the first training files, whole and in order, up to "
-                         "this many MB (default 100: a 32000 vocabulary in well under a minute)")
-    ap.add_argument("--tokens-cache", metavar="FILE",
-                    help="a .safetensors file of the token ids: loaded when it exists (it must have been made "
-                         "with the same tokenizer and --data), else written")
-    ap.add_argument("--prepare-only", action="store_true",
-                    help="stop after the tokenizer and the token ids (with --tokens-cache: build it once)")
-    ap.add_argument("--low-rank", type=int, metavar="R",
-                    help="the paper's baseline: train every linear weight as W = BA of rank R")
+    ap.add_argument(
+        "--train-tokenizer",
+        type=int,
+        metavar="VOCAB",
+        help="train a byte-level BPE tokenizer of this size on the training files instead (saved to OUT/tokenizer)",
+    )
+    ap.add_argument(
+        "--tokenizer-sample-mb",
+        type=float,
+        default=100.0,
+        metavar="MB",
+        help="--train-tokenizer learns from the first training files, whole and in order, up to "
+        "this many MB (default 100: a 32000 vocabulary in well under a minute)",
+    )
+    ap.add_argument(
+        "--tokens-cache",
+        metavar="FILE",
+        help="a .safetensors file of the token ids: loaded when it exists (it must have been made "
+        "with the same tokenizer and --data), else written",
+    )
+    ap.add_argument(
+        "--prepare-only",
+        action="store_true",
+        help="stop after the tokenizer and the token ids (with --tokens-cache: build it once)",
+    )
+    ap.add_argument(
+        "--low-rank", type=int, metavar="R", help="the paper's baseline: train every linear weight as W = BA of rank R"
+    )
     ap.add_argument("--config", default="60m", help="60m, 130m, 350m, 1b, 7b or tiny")
     ap.add_argument("--optimizer", default="galore", choices=OPTIMIZERS, help="the optimizer")
     ap.add_argument("--rank", type=int, default=128, help="GaLore's projection rank")
     ap.add_argument("--update-proj-gap", type=int, default=200, help="steps between GaLore's basis refreshes")
     ap.add_argument("--scale", type=float, default=0.25, help="GaLore's update scale")
-    ap.add_argument("--svd", default="gram", choices=SVD_METHODS,
-                    help="how GaLore finds its bases: gram (default), the smaller Gram matrix's eigenvectors (the "
-                         "SVD's subspace, 8x faster than it at 1B on an H200); full SVD; randomized, "
-                         "torch.svd_lowrank (approximate)")
-    ap.add_argument("--randomized-svd", dest="svd", action="store_const", const="randomized",
-                    help="the same as --svd randomized")
+    ap.add_argument(
+        "--svd",
+        default="gram",
+        choices=SVD_METHODS,
+        help="how GaLore finds its bases: gram (default), the smaller Gram matrix's eigenvectors (the "
+        "SVD's subspace, 8x faster than it at 1B on an H200); full SVD; randomized, "
+        "torch.svd_lowrank (approximate)",
+    )
+    ap.add_argument(
+        "--randomized-svd", dest="svd", action="store_const", const="randomized", help="the same as --svd randomized"
+    )
     ap.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     ap.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay")
     ap.add_argument("--steps", type=int, default=1000, help="optimizer steps")
@@ -225,22 +263,40 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seq", type=int, default=256, help="tokens per sequence")
     ap.add_argument("--per-layer", action="store_true", help="step each weight inside the backward pass")
     ap.add_argument("--max-grad-norm", type=float, default=None, help="clip the gradient norm to this")
-    ap.add_argument("--dtype", default="float32", choices=DTYPES,
-                    help="weights' dtype; bf16-mixed: float32 weights and optimizer states, bfloat16 autocast")
+    ap.add_argument(
+        "--dtype",
+        default="float32",
+        choices=DTYPES,
+        help="weights' dtype; bf16-mixed: float32 weights and optimizer states, bfloat16 autocast",
+    )
     ap.add_argument("--compile", action="store_true", help="torch.compile the model")
-    ap.add_argument("--activation-checkpointing", action="store_true",
-                    help="recompute activations in the backward pass (less memory)")
+    ap.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        help="recompute activations in the backward pass (less memory)",
+    )
     ap.add_argument("--eval-every", type=int, default=200, help="steps between held-out evaluations")
-    ap.add_argument("--eval-seqs", type=int, default=256,
-                    help="held-out sequences per evaluation, evenly spaced over the held-out tokens")
+    ap.add_argument(
+        "--eval-seqs",
+        type=int,
+        default=256,
+        help="held-out sequences per evaluation, evenly spaced over the held-out tokens",
+    )
     ap.add_argument("--save-every", type=int, default=500, help="steps between checkpoints")
     ap.add_argument("--out", required=True, help="folder for checkpoints and log.jsonl")
-    ap.add_argument("--resume", action="store_true",
-                    help="continue from the newest complete checkpoint in --out (--out/checkpoint, or what "
-                         "an interrupted save left); without it, an --out holding a checkpoint is refused")
-    ap.add_argument("--time-limit", type=float, metavar="SECONDS",
-                    help="stop once this much wall time has passed since the start, with an evaluation and a "
-                         "checkpoint (--resume continues)")
+    ap.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest complete checkpoint in --out (--out/checkpoint, or what "
+        "an interrupted save left); without it, an --out holding a checkpoint is refused",
+    )
+    ap.add_argument(
+        "--time-limit",
+        type=float,
+        metavar="SECONDS",
+        help="stop once this much wall time has passed since the start, with an evaluation and a "
+        "checkpoint (--resume continues)",
+    )
     ap.add_argument("--seed", type=int, default=0, help="seed of the initialization and the data order")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where to train")
     return ap.parse_args(argv)
@@ -251,8 +307,9 @@ def load_tokenizer(args: argparse.Namespace, out: Path):
 
     if args.train_tokenizer:
         train_files, _ = split_files(text_files(Path(args.data)))
-        return train_tokenizer(tokenizer_sample(train_files, args.tokenizer_sample_mb), args.train_tokenizer,
-                               out / "tokenizer")
+        return train_tokenizer(
+            tokenizer_sample(train_files, args.tokenizer_sample_mb), args.train_tokenizer, out / "tokenizer"
+        )
     return AutoTokenizer.from_pretrained(args.tokenizer or lf.models.default_model_path(), local_files_only=True)
 
 
@@ -272,11 +329,15 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     existing = latest_checkpoint(out) if out.is_dir() and not args.prepare_only else None
     if existing is not None and not args.resume:
-        raise ValueError(f"{out} already holds a checkpoint ({existing[0].name}, step {existing[1]}); pass "
-                         "--resume to continue it, or choose another --out (a new run would overwrite it)")
+        raise ValueError(
+            f"{out} already holds a checkpoint ({existing[0].name}, step {existing[1]}); pass "
+            "--resume to continue it, or choose another --out (a new run would overwrite it)"
+        )
     if args.resume and not args.prepare_only and existing is None:
-        raise FileNotFoundError(f"--resume: no checkpoint in {out} (no complete checkpoint, checkpoint.tmp "
-                                "or checkpoint.old folder); run without --resume to start")
+        raise FileNotFoundError(
+            f"--resume: no checkpoint in {out} (no complete checkpoint, checkpoint.tmp "
+            "or checkpoint.old folder); run without --resume to start"
+        )
     out.mkdir(parents=True, exist_ok=True)
     tok = load_tokenizer(args, out)
     cache = Path(args.tokens_cache) if args.tokens_cache else None
@@ -288,12 +349,13 @@ def main(argv: list[str] | None = None) -> dict:
     model = LlamaForCausalLM(lf.llama_config(args.config, vocab_size=len(tok), max_seq_len=args.seq))
     if args.low_rank:
         from loraflow.train.lowrank import to_low_rank
+
         to_low_rank(model, args.low_rank)
     model.to(args.device, torch.float32 if args.dtype == "bf16-mixed" else getattr(torch, args.dtype)).train()
     if args.activation_checkpointing:
         model.gradient_checkpointing_enable()
     if args.compile:
-        model.compile()          # in place: state_dict keys and checkpoints stay those of the plain model
+        model.compile()  # in place: state_dict keys and checkpoints stay those of the plain model
     autocast = autocast_for(args.dtype, args.device)
     groups, make = optimizer_parts(args.optimizer, model, args)
     schedule = lambda step: lr_factor(step, args.steps, args.warmup)
@@ -307,8 +369,11 @@ def main(argv: list[str] | None = None) -> dict:
     if args.resume:
         ckpt = existing[0]
         if ckpt.name != "checkpoint":
-            print(f"--resume: {out / 'checkpoint'} is missing, partial or older (a save was interrupted); resuming "
-                  f"from {ckpt}, step {existing[1]}", file=sys.stderr)
+            print(
+                f"--resume: {out / 'checkpoint'} is missing, partial or older (a save was interrupted); resuming "
+                f"from {ckpt}, step {existing[1]}",
+                file=sys.stderr,
+            )
         model.load_state_dict(load_file(ckpt / "model.safetensors", device=args.device))
         state = torch.load(ckpt / "state.pt", weights_only=True)
         opt.load_state_dict(state["optimizer"])
@@ -319,7 +384,7 @@ def main(argv: list[str] | None = None) -> dict:
     log = open(out / "log.jsonl", "a")
     result = {}
     bar = tqdm(total=args.steps, initial=step, desc=f"pretrain {args.config} {args.optimizer}")
-    interval_tokens, interval_seconds = 0, 0.0        # training since the last evaluation record
+    interval_tokens, interval_seconds = 0, 0.0  # training since the last evaluation record
     while step < args.steps:
         start = time.perf_counter()
         losses = []
@@ -343,7 +408,7 @@ def main(argv: list[str] | None = None) -> dict:
         stopping = step < args.steps and time.time() >= deadline
         evaluating = step % args.eval_every == 0 or step == args.steps or stopping
         if evaluating:
-            _synchronize(args.device)                  # the last step's kernels count as training
+            _synchronize(args.device)  # the last step's kernels count as training
         interval_seconds += time.perf_counter() - start
         interval_tokens += per_step * args.seq
         record = {"step": step, "tokens": step * per_step * args.seq, "loss": sum(losses), "time": time.time()}
@@ -360,8 +425,11 @@ def main(argv: list[str] | None = None) -> dict:
         if step % args.save_every == 0 or step == args.steps or stopping:
             save_checkpoint(out, model, opt.state_dict(), step)
         if stopping:
-            result = {**result, "stopped": f"--time-limit {args.time_limit:g} s: stopped at step {step} of "
-                                            f"{args.steps}; --resume continues"}
+            result = {
+                **result,
+                "stopped": f"--time-limit {args.time_limit:g} s: stopped at step {step} of "
+                f"{args.steps}; --resume continues",
+            }
             break
     bar.close()
     log.close()
