@@ -23,7 +23,7 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from loraflow.adapters.files import CONFIG_NAME, WEIGHTS_NAME
@@ -346,6 +346,8 @@ def create_app(
                 result.cancel()
                 loop.abort(req.id)
                 _log(rid, body.model, "client-gone", started=started)
+        if result.cancelled():  # nobody to answer: an empty response that goes nowhere
+            return Response(status_code=499)
         u = result.result()
         if u.finish_reason == "error":
             e = _failure(u)
