@@ -25,11 +25,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from loraflow.adapters.deep_lora import DeepLoRAConfig
-from loraflow.adapters.flora import FLoRAConfig
+from loraflow.adapters.kinds import kind_named
 from loraflow.adapters.layer import AdapterLinear, adapter_layers
-from loraflow.adapters.lora import LoRAConfig
-from loraflow.adapters.manage import active_adapter, attach, build_adapter, list_adapters
+from loraflow.adapters.manage import active_adapter, attach, list_adapters
 from loraflow.adapters.targets import find_targets, is_conv1d, linear_module_names
 from loraflow.atomic import atomic_write_dir, recover_dir
 
@@ -38,19 +36,6 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 ADAPTER_FILES = {CONFIG_NAME, WEIGHTS_NAME, PICKLE_NAME}  # what save_adapter may replace
 PREFIX = "base_model.model."
-SUFFIXES = {
-    "LORA": r"lora_[AB]\.weight",
-    "FLORA": r"flora_[AB]\.weight",
-    "DEEP_LORA": r"deep_lora\.\d+\.weight",
-}
-# PEFT LoRA features that change the math; loading one of them would silently differ.
-UNSUPPORTED_LORA = {
-    "use_dora": False,
-    "modules_to_save": None,
-    "layers_to_transform": None,
-    "lora_bias": False,
-    "use_qalora": False,
-}
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> Path:
@@ -135,14 +120,14 @@ def read_adapter(path: str | os.PathLike, allow_pickle: bool = False):
     except ValueError as e:
         raise ValueError(f"{config_file}: {e}") from e
     tensors = _read_weights(path, allow_pickle)
-    pattern = re.compile(rf"^(?:{re.escape(PREFIX)})?(.+?)\.({SUFFIXES[config.kind]})$")
+    pattern = re.compile(rf"^(?:{re.escape(PREFIX)})?(.+?)\.({kind_named(config.kind).keys})$")
     by_module: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         m = pattern.match(_strip_adapter_name(key))
         if m is None:
             raise ValueError(
                 f"{path / WEIGHTS_NAME}: key {key!r} is not a {config.kind} adapter "
-                f"weight (expected '<module>.{SUFFIXES[config.kind]}')"
+                f"weight (expected '<module>.{kind_named(config.kind).keys}')"
             )
         by_module.setdefault(m.group(1), {})[m.group(2)] = t
     if not by_module:
@@ -153,10 +138,7 @@ def read_adapter(path: str | os.PathLike, allow_pickle: bool = False):
 
 
 def _check_layer(path: Path, config, module: str, found: dict[str, torch.Tensor]) -> None:
-    if config.kind == "DEEP_LORA":
-        needed = [f"deep_lora.{i}.weight" for i in range(max(2, len(found)))]
-    else:
-        needed = [f"{config.kind.lower()}_{ab}.weight" for ab in "AB"]
+    needed = kind_named(config.kind).required_keys(found)
     missing = [k for k in needed if k not in found]
     if missing:
         raise ValueError(
@@ -190,22 +172,32 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
             )
         target = model.get_submodule(mname)
         layer = target if isinstance(target, AdapterLinear) else AdapterLinear(target)
-        adapter = build_adapter(config, mname, layer, **_shape_from_file(config, found))
-        expected = adapter.file_tensors()
-        if set(found) != set(expected):
-            raise ValueError(f"layer {mname}: the file has {sorted(found)}, expected {sorted(expected)}")
-        for suffix, param in expected.items():
-            if tuple(found[suffix].shape) != tuple(param.shape):
-                raise ValueError(
-                    f"layer {mname}: {suffix} has shape {tuple(found[suffix].shape)} in the file but "
-                    f"this model needs {tuple(param.shape)} (layer is {layer.d_out}x{layer.d_in}); "
-                    "the adapter was trained for a different base model"
-                )
-            with torch.no_grad():
-                param.copy_(found[suffix])
-        modules[mname] = adapter
+        w = layer.base.weight
+        modules[mname] = adapter_from_file(config, mname, layer.d_in, layer.d_out, found, w.device, w.dtype)
     attach(model, config, name, modules)
     return name
+
+
+def adapter_from_file(
+    config, module_name: str, d_in: int, d_out: int, found: dict[str, torch.Tensor], device=None, dtype=None
+) -> nn.Module:
+    """The adapter module of one (d_out x d_in) layer from its tensors in a file; ValueError
+    naming the layer when its keys or shapes do not fit the layer."""
+    kind = kind_named(config.kind)
+    adapter = kind.build(config, module_name, d_in, d_out, kind.shape_from_file(found), device=device, dtype=dtype)
+    expected = adapter.file_tensors()
+    if set(found) != set(expected):
+        raise ValueError(f"layer {module_name}: the file has {sorted(found)}, expected {sorted(expected)}")
+    for suffix, param in expected.items():
+        if tuple(found[suffix].shape) != tuple(param.shape):
+            raise ValueError(
+                f"layer {module_name}: {suffix} has shape {tuple(found[suffix].shape)} in the file but "
+                f"this model needs {tuple(param.shape)} (layer is {d_out}x{d_in}); "
+                "the adapter was trained for another base model"
+            )
+        with torch.no_grad():
+            param.copy_(found[suffix])
+    return adapter
 
 
 def config_from_fields(fields: dict):
@@ -213,67 +205,11 @@ def config_from_fields(fields: dict):
     the field) when it is not a JSON object, lacks a required field or has a bad value."""
     if not isinstance(fields, dict):
         raise ValueError(f"the config must be a JSON object, got {type(fields).__name__}")
-    kind = fields.get("peft_type")
+    kind = kind_named(fields.get("peft_type"))
     targets = fields.get("target_modules")
     if isinstance(targets, (list, set, tuple)):
         targets = sorted(targets)
-    if kind == "LORA":
-        for key, neutral in UNSUPPORTED_LORA.items():
-            if fields.get(key, neutral) not in (neutral, [], {}, False, None):
-                raise ValueError(
-                    f"this LoRA adapter uses {key}={fields[key]!r}, which loraflow "
-                    "does not support yet; load it with PEFT instead"
-                )
-        return _build(
-            LoRAConfig,
-            fields,
-            r=_required(fields, "r"),
-            alpha=fields.get("lora_alpha", 8),
-            target_modules=targets,
-            dropout=fields.get("lora_dropout", 0.0) or 0.0,
-            use_rslora=bool(fields.get("use_rslora", False)),
-            rank_pattern=dict(fields.get("rank_pattern") or {}),
-            alpha_pattern=dict(fields.get("alpha_pattern") or {}),
-        )
-    if kind == "FLORA":
-        return _build(
-            FLoRAConfig,
-            fields,
-            r=_required(fields, "r"),
-            target_modules=targets,
-            init_noise=fields.get("init_noise", 0.0),
-            rank_pattern=dict(fields.get("rank_pattern") or {}),
-        )
-    if kind == "DEEP_LORA":
-        return _build(
-            DeepLoRAConfig,
-            fields,
-            r=_required(fields, "r"),
-            depth=_required(fields, "depth"),
-            epsilon=_required(fields, "epsilon"),
-            gamma=fields.get("gamma", 0.1),
-            target_modules=targets,
-        )
-    raise ValueError(f"peft_type {kind!r} is not supported: loraflow loads LORA, FLORA and DEEP_LORA")
-
-
-def _required(fields: dict, key: str):
-    if key not in fields:
-        raise ValueError(
-            f"the {fields.get('peft_type')} config has no {key!r} field; add it (PEFT "
-            "writes it) or save the adapter again"
-        )
-    return fields[key]
-
-
-def _build(cls, fields: dict, **kw):
-    try:
-        return cls(**kw)
-    except (TypeError, AttributeError) as e:  # e.g. "r": "8", target_modules: 3
-        raise ValueError(
-            f"the {fields.get('peft_type')} config has a field of the wrong type ({e}); "
-            "fix the file or save the adapter again"
-        ) from e
+    return kind.from_fields(fields, targets)
 
 
 def _config_fields(model: nn.Module, config, adapted: list[str]) -> dict:
@@ -288,26 +224,8 @@ def _config_fields(model: nn.Module, config, adapted: list[str]) -> dict:
         "target_modules": targets,
         "inference_mode": True,
     }
-    if config.kind == "LORA":
-        conv1d = any(is_conv1d(model.get_submodule(m).base) for m in adapted)
-        return {
-            "peft_type": "LORA",
-            **common,
-            "lora_alpha": config.alpha,
-            "lora_dropout": config.dropout,
-            "use_rslora": config.use_rslora,
-            "rank_pattern": config.rank_pattern,
-            "alpha_pattern": config.alpha_pattern,
-            "fan_in_fan_out": conv1d,
-            "bias": "none",
-            "init_lora_weights": True,
-            "use_dora": False,
-            "modules_to_save": None,
-            "layers_to_transform": None,
-        }
-    if config.kind == "FLORA":
-        return {"peft_type": "FLORA", **common, "init_noise": config.init_noise, "rank_pattern": config.rank_pattern}
-    return {"peft_type": "DEEP_LORA", **common, "depth": config.depth, "epsilon": config.epsilon, "gamma": config.gamma}
+    conv1d = any(is_conv1d(model.get_submodule(m).base) for m in adapted)
+    return {"peft_type": config.kind, **common, **kind_named(config.kind).to_fields(config, conv1d)}
 
 
 def _task_type(model: nn.Module) -> str | None:
@@ -317,13 +235,6 @@ def _task_type(model: nn.Module) -> str | None:
     if cls.endswith("ForSequenceClassification"):
         return "SEQ_CLS"
     return None  # PEFT's plain PeftModel: fits encoder-decoders (Whisper) and bare models
-
-
-def _shape_from_file(config, found: dict[str, torch.Tensor]) -> dict:
-    if config.kind == "DEEP_LORA":
-        return {"width": found["deep_lora.0.weight"].shape[0]} if "deep_lora.0.weight" in found else {}
-    a = found.get("lora_A.weight", found.get("flora_A.weight"))
-    return {"r": a.shape[0]} if a is not None else {}
 
 
 def _strip_adapter_name(key: str) -> str:

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from loraflow.adapters.deep_lora import DeepLoRA, DeepLoRAConfig
-from loraflow.adapters.flora import FLoRA, FLoRAConfig
+from loraflow.adapters.deep_lora import DeepLoRAConfig
+from loraflow.adapters.flora import FLoRAConfig
+from loraflow.adapters.kinds import kind_of
 from loraflow.adapters.layer import AdapterLinear, adapter_layers
-from loraflow.adapters.lora import LoRA, LoRAConfig
-from loraflow.adapters.targets import find_targets, pattern_value
+from loraflow.adapters.lora import LoRAConfig
+from loraflow.adapters.targets import find_targets
 
 AdapterConfig = LoRAConfig | FLoRAConfig | DeepLoRAConfig
 
@@ -22,18 +23,7 @@ def build_adapter(config: AdapterConfig, module_name: str, layer: nn.Module, **s
     """One adapter module for one linear layer. ``shape`` may force ``r`` or ``width``
     (as read from an adapter file) instead of what the config and its patterns say."""
     w = layer.base.weight if isinstance(layer, AdapterLinear) else layer.weight
-    kw = dict(device=w.device, dtype=w.dtype)
-    d_out, d_in = layer.d_out, layer.d_in
-    if isinstance(config, LoRAConfig):
-        r = shape.get("r") or pattern_value(module_name, config.rank_pattern, config.r)
-        alpha = pattern_value(module_name, config.alpha_pattern, config.alpha)
-        return LoRA(d_in, d_out, r, alpha, config.dropout, config.use_rslora, **kw)
-    if isinstance(config, FLoRAConfig):
-        r = shape.get("r") or pattern_value(module_name, config.rank_pattern, config.r)
-        return FLoRA(d_in, d_out, r, config.init_noise, **kw)
-    if isinstance(config, DeepLoRAConfig):
-        return DeepLoRA(d_in, d_out, config.depth, config.epsilon, shape.get("width"), **kw)
-    raise TypeError(f"unknown adapter config {type(config).__name__}: use LoRAConfig, FLoRAConfig or DeepLoRAConfig")
+    return kind_of(config).build(config, module_name, layer.d_in, layer.d_out, shape, device=w.device, dtype=w.dtype)
 
 
 def _configs(model: nn.Module) -> dict:

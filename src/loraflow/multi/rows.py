@@ -21,8 +21,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from loraflow.adapters.deep_lora import DeepLoRA
-from loraflow.adapters.flora import FLoRA
+from loraflow.adapters.kinds import kind_of
 from loraflow.adapters.targets import base_weight
 from loraflow.multi import ops
 
@@ -52,8 +51,8 @@ class RowPlan:
 
 def _plan(adapters: nn.ModuleDict, names: list[str | None], impl, device) -> RowPlan:
     used = [n for n in dict.fromkeys(names) if n is not None and n in adapters]
-    additive = [n for n in used if not isinstance(adapters[n], FLoRA)]
-    flora = [n for n in used if isinstance(adapters[n], FLoRA)]
+    additive = [n for n in used if kind_of(adapters[n]).additive]
+    flora = [n for n in used if not kind_of(adapters[n]).additive]  # FLoRA: multiplicative
     add_slots = [additive.index(n) if n in additive else -1 for n in names]
     frows = [i for i, n in enumerate(names) if n in flora]
     as_t = lambda v: torch.tensor(v, dtype=torch.long, device=device)
@@ -101,26 +100,14 @@ def use_adapters(model: nn.Module, names: Sequence[str | None], impl: Impl | Non
 
 def _additive_sources(layer, names) -> list[torch.Tensor]:
     """The parameters that the (A_i, B_i) of ``_additive_factors`` are computed from."""
-    out = []
-    for n in names:
-        a = layer.adapters[n]
-        out += list(a.factors) if isinstance(a, DeepLoRA) else [a.A, a.B]
-    return out
+    return [p for n in names for p in layer.adapters[n].parameters()]
 
 
 def _additive_factors(layer, names):
-    """(A_i, B_i, scale_i, dropout_i) of each additive adapter; Deep LoRA as A = W_1,
-    B = W_L ⋯ W_2."""
-    A, B, scales, dropouts = [], [], [], []
-    for n in names:
-        a = layer.adapters[n]
-        if isinstance(a, DeepLoRA):
-            b = a.factors[-1]
-            for w in reversed(list(a.factors)[1:-1]):
-                b = b @ w
-            A.append(a.factors[0]), B.append(b), scales.append(1.0), dropouts.append(nn.Identity())
-        else:
-            A.append(a.A), B.append(a.B), scales.append(a.scale), dropouts.append(a.dropout)
+    """(A_i, B_i, scale_i, dropout_i) of each additive adapter, as its kind gives them
+    (``adapters/kinds.py``; Deep LoRA: A = W_1, B = W_L ⋯ W_2)."""
+    factors = [kind_of(layer.adapters[n]).additive(layer.adapters[n]) for n in names]
+    A, B, scales, dropouts = (list(t) for t in zip(*factors)) if factors else ([], [], [], [])
     return A, B, scales, dropouts
 
 

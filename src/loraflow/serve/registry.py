@@ -9,15 +9,16 @@ fails to load fails only the requests that asked for it.
 
 from __future__ import annotations
 
-import math
 import re
 import threading
 from collections import Counter, OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from loraflow.adapters.files import CONFIG_NAME, read_adapter
-from loraflow.adapters.targets import pattern_value
+import torch
+
+from loraflow.adapters.files import CONFIG_NAME, adapter_from_file, read_adapter
+from loraflow.adapters.kinds import KINDS, kind_named
 from loraflow.serve.bank import AdapterBank
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,127}$")
@@ -28,11 +29,16 @@ class AdapterError(Exception):
 
 
 def factors_for_bank(path: Path, shapes: dict[str, tuple[int, int]], r_max: int) -> dict:
-    """module name -> (A (r, d_in), scale·B (d_out, r)) on the CPU, checked against the model."""
+    """module name -> (A (r, d_in), scale·B (d_out, r)) on the CPU, checked against the model:
+    the additive factors of the adapter's kind (``adapters/kinds.py``)."""
     try:
         config, by_module = read_adapter(path)
     except (OSError, ValueError) as e:
         raise AdapterError(str(e)) from e
+    kind = kind_named(config.kind)
+    if kind.additive is None:
+        served = [k.peft_type for k in KINDS.values() if k.additive]
+        raise AdapterError(f"adapter {path.name} is {config.kind}: the server serves additive adapters ({served})")
     out = {}
     for module, found in by_module.items():
         if module not in shapes:
@@ -41,31 +47,18 @@ def factors_for_bank(path: Path, shapes: dict[str, tuple[int, int]], r_max: int)
                 "model; it was trained for another base model"
             )
         d_out, d_in = shapes[module]
-        if config.kind == "LORA":
-            a, b = found["lora_A.weight"], found["lora_B.weight"]
-            r = a.shape[0]
-            alpha = pattern_value(module, config.alpha_pattern, config.alpha)
-            scale = alpha / math.sqrt(r) if config.use_rslora else alpha / r
-        elif config.kind == "DEEP_LORA":
-            ws = [found[f"deep_lora.{i}.weight"] for i in range(len(found))]
-            a, b, scale = ws[0], ws[-1], 1.0
-            for w in reversed(ws[1:-1]):
-                b = b @ w
-        else:
-            raise AdapterError(
-                f"adapter {path.name} is {config.kind}: the server serves LoRA and Deep LoRA (additive) adapters"
-            )
-        if tuple(a.shape) != (a.shape[0], d_in) or tuple(b.shape) != (d_out, a.shape[0]):
-            raise AdapterError(
-                f"adapter {path.name}: layer {module} has A {tuple(a.shape)} and B "
-                f"{tuple(b.shape)}, but the served model's layer is {d_out}x{d_in}: it was "
-                "trained for another base model"
-            )
+        try:
+            adapter = adapter_from_file(config, module, d_in, d_out, found)
+        except ValueError as e:
+            raise AdapterError(f"adapter {path.name}: {e}") from e
+        with torch.no_grad():
+            a, b, scale, _ = kind.additive(adapter)
+            a, b = a.detach().float(), scale * b.detach().float()
         if a.shape[0] > r_max:
             raise AdapterError(
                 f"adapter {path.name} has rank {a.shape[0]} on {module}, above the server's --max-lora-rank {r_max}"
             )
-        out[module] = (a.float(), (scale * b.float()))
+        out[module] = (a, b)
     return out
 
 
