@@ -8,7 +8,6 @@ lf.add_adapter(model, lf.LoRAConfig(r=8, alpha=16, target_modules=["q_proj", "v_
 from loraflow.adapters import *  # noqa: F401,F403
 from loraflow.adapters import __all__ as _adapters_all
 from loraflow.models import cache_dir, llama_config, load_model
-from loraflow.multi.rows import use_adapters
 from loraflow.optim import (
     GaLoreAdafactor,
     GaLoreAdamW,
@@ -25,7 +24,6 @@ __all__ = [
     "cache_dir",
     "llama_config",
     "load_model",
-    "use_adapters",
     "Engine",
     "GaLoreAdafactor",
     "GaLoreAdamW",

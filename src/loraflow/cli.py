@@ -11,23 +11,9 @@ import sys
 import time
 from pathlib import Path
 
+from loraflow.help_format import Parser
+
 API_KEY_ENV = "LORAFLOW_API_KEY"
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """``--help`` shows each option's default, except for flags and options without one."""
-
-    def _get_help_string(self, action):
-        if action.default is None or isinstance(action.default, bool):  # flags: their name says it
-            return action.help
-        return super()._get_help_string(action)
-
-
-class Parser(argparse.ArgumentParser):
-    """An argument parser with ``HelpFormatter``; its subcommands' parsers are of its class too."""
-
-    def __init__(self, *args, formatter_class=HelpFormatter, **kwargs):
-        super().__init__(*args, formatter_class=formatter_class, **kwargs)
 
 
 def cmd_prepare(args) -> None:

@@ -1,6 +1,7 @@
 """Adapter kinds (LoRA, FLoRA, Deep LoRA), their injection into any model, and their files."""
 
-from loraflow.adapters.deep_lora import DeepLoRA, DeepLoRAConfig, compress, deep_lora_param_groups
+from loraflow.adapters.compress import compress, deep_lora_param_groups
+from loraflow.adapters.deep_lora import DeepLoRA, DeepLoRAConfig
 from loraflow.adapters.files import load_adapter, save_adapter
 from loraflow.adapters.flora import FLoRA, FLoRAConfig
 from loraflow.adapters.layer import AdapterLinear, adapter_layers
@@ -15,6 +16,7 @@ from loraflow.adapters.manage import (
     merge_adapter,
     set_adapter,
     unmerge_adapter,
+    use_adapters,
 )
 
 __all__ = [
@@ -39,4 +41,5 @@ __all__ = [
     "save_adapter",
     "set_adapter",
     "unmerge_adapter",
+    "use_adapters",
 ]

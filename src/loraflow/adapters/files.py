@@ -28,8 +28,8 @@ from torch import nn
 from loraflow.adapters.kinds import kind_named
 from loraflow.adapters.layer import AdapterLinear, adapter_layers
 from loraflow.adapters.manage import active_adapter, attach, list_adapters
-from loraflow.adapters.targets import find_targets, is_conv1d, linear_module_names
 from loraflow.atomic import atomic_write_dir, recover_dir
+from loraflow.modules import find_targets, is_conv1d, linear_module_names
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

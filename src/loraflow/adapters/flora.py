@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loraflow.adapters.targets import base_weight
 from loraflow.adapters.validate import check_positive, check_targets
+from loraflow.modules import base_weight
 
 
 @dataclass

@@ -23,7 +23,7 @@ from torch import nn
 from loraflow.adapters.deep_lora import DeepLoRA, DeepLoRAConfig
 from loraflow.adapters.flora import FLoRA, FLoRAConfig
 from loraflow.adapters.lora import LoRA, LoRAConfig
-from loraflow.adapters.targets import pattern_value
+from loraflow.modules import pattern_value
 
 Factors = tuple[torch.Tensor, torch.Tensor, float, nn.Module]  # (A, B, scale, dropout)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from loraflow.adapters.targets import base_weight, is_conv1d, linear_shape
+from loraflow.modules import base_weight, is_conv1d, linear_shape
 from loraflow.multi.rows import RowPlan, mixed_forward
 
 

@@ -7,6 +7,9 @@ The configs of a model's adapters live in ``model.loraflow_configs`` (name -> co
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from contextlib import contextmanager
+
 from torch import nn
 
 from loraflow.adapters.deep_lora import DeepLoRAConfig
@@ -14,7 +17,8 @@ from loraflow.adapters.flora import FLoRAConfig
 from loraflow.adapters.kinds import kind_of
 from loraflow.adapters.layer import AdapterLinear, adapter_layers
 from loraflow.adapters.lora import LoRAConfig
-from loraflow.adapters.targets import find_targets
+from loraflow.modules import find_targets
+from loraflow.multi.rows import IMPLS, Impl, RowPlan, plan_rows
 
 AdapterConfig = LoRAConfig | FLoRAConfig | DeepLoRAConfig
 
@@ -160,3 +164,39 @@ def mark_trainable(model: nn.Module, name: str) -> list[nn.Parameter]:
     for p in params:
         p.requires_grad_(True)
     return params
+
+
+@contextmanager
+def use_adapters(model: nn.Module, names: Sequence[str | None], impl: Impl | None = None):
+    """Run the model with adapter ``names[i]`` on row i (``None``: the base model).
+
+    ``impl`` forces one implementation ("loop", "bmm", "segmented", "triton"); by default
+    autograd batches use "segmented" and CUDA inference uses "triton" when Triton is there.
+    """
+    names = list(names)
+    known = list_adapters(model)
+    for n in names:
+        if n is not None and n not in known:
+            raise KeyError(f"unknown adapter {n!r} in use_adapters; the model has {sorted(known)}")
+    if impl is not None and impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS} or None, got {impl!r}")
+    layers = [layer for _, layer in adapter_layers(model)]
+    merged = {layer.merged for layer in layers} - {None}
+    if merged:
+        raise RuntimeError(
+            f"adapter {merged.pop()!r} is merged into the base weights; "
+            "unmerge_adapter(model, name) before use_adapters"
+        )
+    device = next(model.parameters()).device
+    shared: dict[tuple, RowPlan] = {}  # layers holding the same adapters share one plan
+    previous = [(layer, layer.rows) for layer in layers]
+    try:
+        for layer in layers:
+            key = tuple((n, type(a)) for n, a in layer.adapters.items())
+            if key not in shared:
+                shared[key] = plan_rows(layer.adapters, names, impl, device)
+            layer.rows = shared[key]
+        yield
+    finally:
+        for layer, rows in previous:
+            layer.rows = rows

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import os
 import weakref
-from collections.abc import Callable, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -22,7 +21,7 @@ import torch
 from torch import nn
 
 from loraflow.adapters.kinds import kind_of
-from loraflow.adapters.targets import base_weight
+from loraflow.modules import base_weight
 from loraflow.multi import ops
 
 Impl = Literal["loop", "bmm", "segmented", "triton"]
@@ -49,7 +48,7 @@ class RowPlan:
     cache: dict = field(default_factory=dict)  # per-batch work shared by layers (tile plans)
 
 
-def _plan(adapters: nn.ModuleDict, names: list[str | None], impl, device) -> RowPlan:
+def plan_rows(adapters: nn.ModuleDict, names: list[str | None], impl, device) -> RowPlan:
     used = [n for n in dict.fromkeys(names) if n is not None and n in adapters]
     additive = [n for n in used if kind_of(adapters[n]).additive]
     flora = [n for n in used if not kind_of(adapters[n]).additive]  # FLoRA: multiplicative
@@ -57,45 +56,6 @@ def _plan(adapters: nn.ModuleDict, names: list[str | None], impl, device) -> Row
     frows = [i for i, n in enumerate(names) if n in flora]
     as_t = lambda v: torch.tensor(v, dtype=torch.long, device=device)
     return RowPlan(additive, as_t(add_slots), flora, as_t(frows), as_t([flora.index(names[i]) for i in frows]), impl)
-
-
-@contextmanager
-def use_adapters(model: nn.Module, names: Sequence[str | None], impl: Impl | None = None):
-    """Run the model with adapter ``names[i]`` on row i (``None``: the base model).
-
-    ``impl`` forces one implementation ("loop", "bmm", "segmented", "triton"); by default
-    autograd batches use "segmented" and CUDA inference uses "triton" when Triton is there.
-    """
-    from loraflow.adapters.layer import adapter_layers
-    from loraflow.adapters.manage import list_adapters
-
-    names = list(names)
-    known = list_adapters(model)
-    for n in names:
-        if n is not None and n not in known:
-            raise KeyError(f"unknown adapter {n!r} in use_adapters; the model has {sorted(known)}")
-    if impl is not None and impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS} or None, got {impl!r}")
-    layers = [layer for _, layer in adapter_layers(model)]
-    merged = {layer.merged for layer in layers} - {None}
-    if merged:
-        raise RuntimeError(
-            f"adapter {merged.pop()!r} is merged into the base weights; "
-            "unmerge_adapter(model, name) before use_adapters"
-        )
-    device = next(model.parameters()).device
-    shared: dict[tuple, RowPlan] = {}  # layers holding the same adapters share one plan
-    previous = [(layer, layer.rows) for layer in layers]
-    try:
-        for layer in layers:
-            key = tuple((n, type(a)) for n, a in layer.adapters.items())
-            if key not in shared:
-                shared[key] = _plan(layer.adapters, names, impl, device)
-            layer.rows = shared[key]
-        yield
-    finally:
-        for layer, rows in previous:
-            layer.rows = rows
 
 
 def _additive_sources(layer, names) -> list[torch.Tensor]:

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from loraflow.modules import find_targets
 from loraflow.optim import quant8
 
 try:
@@ -222,8 +223,6 @@ def galore_param_groups(
     4.9 s against the full SVD's 38.5 s), "full" (the SVD, as the paper and galore-torch) or
     "randomized" (``torch.svd_lowrank``: 6.6 s, approximate);
     benchmarks/NOTES-galore.md."""
-    from loraflow.adapters.targets import find_targets
-
     if rank < 1 or update_proj_gap < 1 or scale <= 0:
         raise ValueError(f"rank and update_proj_gap must be >= 1 and scale > 0, got {rank}, {update_proj_gap}, {scale}")
     if svd not in SVD_METHODS:

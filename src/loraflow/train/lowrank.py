@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loraflow.adapters.targets import find_targets
+from loraflow.modules import find_targets
 
 
 class LowRankLinear(nn.Module):

@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 import loraflow as lf
 from loraflow.atomic import fsync_dir, fsync_tree
-from loraflow.cli import HelpFormatter
+from loraflow.help_format import HelpFormatter
 from loraflow.optim.projector import SVD_METHODS
 from loraflow.train.corpus import (
     cached_corpus,

@@ -1,4 +1,5 @@
-"""Which modules of a model an adapter config targets, with PEFT's matching rules.
+"""Linear layers of any model, and which of them an adapter config targets (PEFT's rules).
+Every package of loraflow may import this module; it imports none of them.
 
 - a list of names: a module matches when its full name equals an entry or ends with
   ``"." + entry`` (``"q_proj"`` matches ``model.layers.0.self_attn.q_proj``);
@@ -36,15 +37,15 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
 
 
 def linear_module_names(model: nn.Module) -> list[str]:
-    """Full names of every linear layer, adapted ones included (by their original name)."""
-    from loraflow.adapters.layer import AdapterLinear  # local: layer imports this module
-
+    """Full names of every linear layer, adapted ones included (by their original name: an
+    adapter layer wraps the linear layer as its child ``base``)."""
     names = []
     for name, module in model.named_modules():
-        if isinstance(module, AdapterLinear):
-            names.append(name)
-        elif is_linear(module) and not name.endswith(".base"):
-            names.append(name)
+        if not is_linear(module):
+            continue
+        parent, _, leaf = name.rpartition(".")
+        wrapped = leaf == "base" and hasattr(model.get_submodule(parent), "adapters")
+        names.append(parent if wrapped else name)
     return names
 
 
