@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 import torch
-from helpers import LiveServer, peft_adapter, prompt, reference, tiny_llama_folder
+from helpers import LiveServer, peft_adapter, prompt, reference, tiny_llama_folder, wide_llama_folder
 
 import loraflow as lf
 from loraflow.serve.loop import EngineDown, EngineLoop
@@ -24,15 +24,7 @@ def files(tmp_path_factory):
         "sql": peft_adapter(root / "base", root / "dir" / "sql", 4, ["q_proj", "v_proj"], seed=1),
         "py": peft_adapter(root / "base", root / "dir" / "py", 2, "all-linear", seed=3),
     }
-    wide_cfg = __import__("transformers").LlamaConfig(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    __import__("transformers").LlamaForCausalLM(wide_cfg).save_pretrained(root / "wide")
+    wide_llama_folder(root / "wide")
     adapters["bad"] = peft_adapter(root / "wide", root / "bad", 2, ["q_proj"], seed=6)  # another model's shapes
     return root, adapters
 

@@ -49,6 +49,20 @@ def tiny_llama_folder(folder, seed=0, qwen=False):
     return model
 
 
+def wide_llama_folder(folder):
+    """A Llama of the tiny one's vocabulary but half its width: another base model, whose
+    adapters do not fit ``tiny_llama_folder``'s layers."""
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+
+
 def peft_adapter(model_folder, out, r, targets, seed, alpha=None):
     """A PEFT LoRA adapter with random (non-zero) weights, saved to ``out``."""
     base = LlamaForCausalLM.from_pretrained(model_folder)

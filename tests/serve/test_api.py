@@ -6,7 +6,7 @@ import time
 import httpx
 import openai
 import pytest
-from helpers import LiveServer, peft_adapter, prompt, reference, tiny_llama_folder
+from helpers import LiveServer, peft_adapter, prompt, reference, tiny_llama_folder, wide_llama_folder
 
 import loraflow as lf
 
@@ -26,19 +26,7 @@ def files(tmp_path_factory):
     }
     import shutil
 
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    wide = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=96,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )
-    )
-    wide.save_pretrained(root / "wide")
+    wide_llama_folder(root / "wide")
     bad = peft_adapter(root / "wide", root / "bad", 2, ["q_proj"], seed=6)  # another base model's shapes
     shutil.copytree(bad, root / "dir" / "wrong")
     return root, adapters

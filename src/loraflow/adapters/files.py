@@ -184,7 +184,11 @@ def adapter_from_file(
     """The adapter module of one (d_out x d_in) layer from its tensors in a file; ValueError
     naming the layer when its keys or shapes do not fit the layer."""
     kind = kind_named(config.kind)
-    adapter = kind.build(config, module_name, d_in, d_out, kind.shape_from_file(found), device=device, dtype=dtype)
+    # built on the meta device, then given memory: no initialization that the file overwrites
+    # (a wide Deep LoRA's orthogonal init took 3.6 s a 4096x4096 layer on the CPU, this 0.2 ms)
+    shape = kind.shape_from_file(found)
+    adapter = kind.build(config, module_name, d_in, d_out, shape, device="meta", dtype=dtype)
+    adapter = adapter.to_empty(device=device if device is not None else "cpu")
     expected = adapter.file_tensors()
     if set(found) != set(expected):
         raise ValueError(f"layer {module_name}: the file has {sorted(found)}, expected {sorted(expected)}")
