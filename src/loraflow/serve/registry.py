@@ -157,11 +157,12 @@ class AdapterRegistry:
             self.loading.pop(name, None)
 
     def error(self, name: str) -> str | None:
-        """Why ``name`` cannot be served (it failed to load, or was unloaded), or None."""
-        with self._lock:
-            if name not in self.paths:
-                return "it was unloaded"
-            return self.errors.get(name)
+        """Why ``name`` cannot be served (it failed to load, or was unloaded), or None. Called
+        for every waiting request each step: two dict reads without the lock (each is atomic;
+        a change between them is seen at the next step)."""
+        if name not in self.paths:
+            return "it was unloaded"
+        return self.errors.get(name)
 
     def acquire(self, name: str) -> int | None:
         """A device slot holding ``name``, pinned until ``release``; None while it loads or
