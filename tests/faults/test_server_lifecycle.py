@@ -252,3 +252,29 @@ def test_loading_and_unloading_while_requests_use_the_adapter(server, files):
     assert eng.kv.used_blocks == 0 and not any(eng.registry.pins.values())
     assert httpx.get(url + "/health").json() == {"status": "ok"}
     assert torch.isfinite(next(iter(eng.bank.layers.values())).packed.a).all()
+
+
+def test_stopping_the_server_ends_open_streams_with_an_error_at_once(files):
+    """What Ctrl-C does: the requests in flight answer "shutting down" and the HTTP server's
+    graceful stop does not wait for generations that will never finish."""
+    eng = engine(files)
+    slow_model(eng, 0.02)
+    s = LiveServer(eng)
+    lines, started = [], threading.Event()
+
+    def stream():
+        body = {"model": "sql", "prompt": prompt(3, 4), "max_tokens": 200, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=30) as r:
+            for line in r.iter_lines():
+                lines.append(line)
+                started.set()
+
+    thread = threading.Thread(target=stream)
+    thread.start()
+    assert started.wait(30)
+    t = time.perf_counter()
+    s.close()
+    thread.join(timeout=10)
+    assert time.perf_counter() - t < 5 and not thread.is_alive()
+    events = [line for line in lines if line]
+    assert any("shutting down" in e for e in events) and events[-1] == "data: [DONE]"

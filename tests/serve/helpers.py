@@ -120,7 +120,7 @@ class LiveServer:
         port = self.server.servers[0].sockets[0].getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
 
-    def close(self):
+    def close(self):  # in the order ``loraflow serve`` stops
         self.server.should_exit = True
-        self.thread.join(timeout=5)
         self.loop.close()
+        self.thread.join(timeout=5)

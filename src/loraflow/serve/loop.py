@@ -136,10 +136,15 @@ class EngineLoop:
         self._wake.set()
 
     def close(self) -> None:
+        """Stop the engine and answer what is still in flight (503, "shutting down"), so that
+        streams end with an error event and the HTTP server's graceful stop need not wait."""
         self._stop = True
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        if self._thread is None or not self._thread.is_alive():  # no step runs: the engine is ours
+            self.engine.notify(self.engine.fail_all("the server is shutting down; retry once it is back"))
+            self._deliver()
         self.engine.registry.close()
 
 
