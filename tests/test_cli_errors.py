@@ -96,3 +96,23 @@ def test_help_shows_defaults(command, shown, capsys):
     for s in shown:
         assert " ".join(s.split()) in text
     assert "(default: None)" not in text and "(default: False)" not in text
+
+
+@pytest.mark.parametrize(
+    "error,code,words",
+    [
+        (KeyboardInterrupt(), 130, "--resume continues"),
+        (ValueError("/x already holds a checkpoint"), None, "already holds"),
+    ],
+)
+def test_pretrain_interrupted_or_refused_ends_in_one_line(monkeypatch, capsys, error, code, words):
+    import loraflow.train.pretrain as pretrain
+
+    def stop(argv):
+        raise error
+
+    monkeypatch.setattr(pretrain, "main", stop)
+    with pytest.raises(SystemExit) as e:
+        main(["pretrain", "--data", "x", "--out", "y"])
+    message = e.value.code if code is None else capsys.readouterr().err
+    assert (code is None or e.value.code == code) and words in message and message.startswith(("loraflow", "\n"))

@@ -284,7 +284,17 @@ def _main(argv: list[str] | None) -> None:
     if argv[:1] == ["pretrain"]:  # a recipe with its own arguments
         from loraflow.train.pretrain import main as pretrain
 
-        print(json.dumps(pretrain(argv[1:])))
+        try:
+            print(json.dumps(pretrain(argv[1:])))
+        except (ValueError, FileNotFoundError) as e:  # the run's own checks: what to change, in one line
+            sys.exit(f"loraflow pretrain: {e}")
+        except KeyboardInterrupt:  # checkpoints are written whole: the last one stands
+            print(
+                "\nloraflow pretrain: interrupted; the same command with --resume continues from the last "
+                "complete checkpoint in --out",
+                file=sys.stderr,
+            )
+            sys.exit(130)
         return
     parser = Parser(prog="loraflow", description=__doc__)
     parser.add_argument("--version", action="store_true", help="print the version and exit")
