@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import pytest
 import torch
-from conftest import ids, outputs, randomize, tiny_llama
+from conftest import DEVICE, ids, outputs, randomize, rel_err, tiny_llama
 from torch import nn
 
 import loraflow as lf
@@ -78,13 +78,12 @@ def test_built_in_kinds_are_registered_by_config_module_and_name():
 
 @torch.no_grad()
 def test_a_registered_toy_kind_round_trips_through_add_save_load_and_a_mixed_batch(vector_kind, tmp_path):
-    model = tiny_llama()
-    x = ids(batch=3)
+    model, x = tiny_llama().to(DEVICE), ids(batch=3).to(DEVICE)  # triton runs on CUDA, or interpreted
     base = outputs(model, x)
     lf.add_adapter(model, VectorConfig(), name="vec")
     assert torch.allclose(outputs(model, x), base)  # zero-init: the base model
     for _, layer in lf.adapter_layers(model, "vec"):
-        layer.adapters["vec"].v.copy_(torch.randn(layer.d_in) * 0.3)
+        layer.adapters["vec"].v.copy_(torch.randn(layer.d_in, device=DEVICE) * 0.3)
     lf.add_adapter(model, lf.LoRAConfig(r=4, target_modules=["q_proj", "v_proj"]), name="lora")
     randomize(model, "lora")
     one_by_one = []
@@ -95,12 +94,12 @@ def test_a_registered_toy_kind_round_trips_through_add_save_load_and_a_mixed_bat
     for impl in ("loop", "segmented", "bmm", "triton"):
         with lf.use_adapters(model, ["vec", None, "lora"], impl=impl):
             mixed = outputs(model, x)
-        assert torch.allclose(mixed, torch.cat(one_by_one), atol=1e-5), impl
+        assert rel_err(mixed, torch.cat(one_by_one)) < 1e-5, impl
 
     lf.save_adapter(model, tmp_path / "vec", name="vec")
     fields = json.loads((tmp_path / "vec" / "adapter_config.json").read_text())
     assert fields["peft_type"] == "VECTOR" and sorted(fields["target_modules"]) == ["o_proj", "q_proj"]
-    fresh = tiny_llama()
+    fresh = tiny_llama().to(DEVICE)
     assert lf.load_adapter(fresh, tmp_path / "vec") == "vec"
     lf.set_adapter(fresh, "vec")
     assert torch.allclose(outputs(fresh, x[:1]), one_by_one[0], atol=1e-6)
@@ -113,4 +112,4 @@ def test_a_registered_toy_kind_round_trips_through_add_save_load_and_a_mixed_bat
     layers = dict(lf.adapter_layers(model, "vec"))
     assert set(factors) == set(layers)
     for name, (a, b) in factors.items():
-        assert torch.allclose(b @ a, torch.diag(layers[name].adapters["vec"].v), atol=1e-6)
+        assert torch.allclose(b @ a, torch.diag(layers[name].adapters["vec"].v).cpu(), atol=1e-6)
