@@ -38,8 +38,13 @@ ADAPTER_FILES = {CONFIG_NAME, WEIGHTS_NAME, PICKLE_NAME}  # what save_adapter ma
 PREFIX = "base_model.model."
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> Path:
+def save_adapter(
+    model: nn.Module, path: str | os.PathLike, name: str | None = None, modules_to_save: list[str] | None = None
+) -> Path:
     """Write adapter ``name`` (default: the active one) as a PEFT-layout folder at ``path``.
+
+    ``modules_to_save`` names whole modules trained with the adapter (a classifier's
+    ``score`` head): their weights are saved beside the adapter's, as PEFT does.
 
     The folder is written as one unit (``atomic_write_dir``): both files go into a temporary
     folder beside ``path``, which then takes its place, so a reader (``load_adapter``, the
@@ -48,6 +53,23 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     adapter_config.json, adapter_model.safetensors or adapter_model.bin) or empty; anything
     else raises ValueError and is left untouched.
     """
+    tensors, fields = adapter_files(model, name, modules_to_save)
+    path = Path(path)
+    _check_replaceable(path)
+
+    def write(folder: Path) -> None:
+        save_file(tensors, folder / WEIGHTS_NAME, metadata={"format": "pt"})
+        (folder / CONFIG_NAME).write_text(json.dumps(fields, indent=2) + "\n")
+
+    atomic_write_dir(path, write)
+    return path
+
+
+def adapter_files(
+    model: nn.Module, name: str | None = None, modules_to_save: list[str] | None = None
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """What ``save_adapter`` writes: the tensors of adapter ``name`` (and of the modules in
+    ``modules_to_save``) by their keys in the weights file, and the config's fields."""
     name = name if name is not None else active_adapter(model)
     configs = list_adapters(model)
     if name not in configs:
@@ -59,16 +81,13 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
         for mname, layer in layers
         for suffix, t in layer.adapters[name].file_tensors().items()
     }
+    for module in modules_to_save or []:
+        for key, t in model.get_submodule(module).state_dict().items():
+            tensors[f"{PREFIX}{module}.{key}"] = t.detach().to("cpu", copy=True).contiguous()
     fields = _config_fields(model, config, [m for m, _ in layers])
-    path = Path(path)
-    _check_replaceable(path)
-
-    def write(folder: Path) -> None:
-        save_file(tensors, folder / WEIGHTS_NAME, metadata={"format": "pt"})
-        (folder / CONFIG_NAME).write_text(json.dumps(fields, indent=2) + "\n")
-
-    atomic_write_dir(path, write)
-    return path
+    if modules_to_save:
+        fields["modules_to_save"] = list(modules_to_save)
+    return tensors, fields
 
 
 def _check_replaceable(path: Path) -> None:
@@ -85,7 +104,22 @@ def _check_replaceable(path: Path) -> None:
 
 
 def read_adapter(path: str | os.PathLike, allow_pickle: bool = False):
-    """An adapter folder's config and tensors by module: (config, {module: {suffix: tensor}}).
+    """An adapter folder's config and tensors by module: (config, {module: {suffix: tensor}}),
+    for an adapter alone: one that also holds trained modules (PEFT's ``modules_to_save``, a
+    classifier's head) is refused with a ValueError; ``read_adapter_files`` reads those too."""
+    config, by_module, saved = read_adapter_files(path, allow_pickle)
+    if saved:
+        raise ValueError(
+            f"adapter {path} also holds trained modules {sorted(saved)} (PEFT's modules_to_save, e.g. a "
+            "classifier's head): it belongs to a model with those modules; load it with "
+            "lf.load_adapter on such a model (a classifier: loraflow eval --adapter)"
+        )
+    return config, by_module
+
+
+def read_adapter_files(path: str | os.PathLike, allow_pickle: bool = False):
+    """An adapter folder's config, tensors by module, and the tensors of the whole modules
+    saved with it: (config, {module: {suffix: tensor}}, {module: {param: tensor}}).
 
     Everything is checked: every failure is a FileNotFoundError (missing folder or file) or a
     ValueError naming the file and the problem: a config that is not a JSON object or lacks a
@@ -120,6 +154,7 @@ def read_adapter(path: str | os.PathLike, allow_pickle: bool = False):
     except ValueError as e:
         raise ValueError(f"{config_file}: {e}") from e
     tensors = _read_weights(path, allow_pickle)
+    saved = _saved_modules(path, fields, tensors)  # pops their tensors
     pattern = re.compile(rf"^(?:{re.escape(PREFIX)})?(.+?)\.({kind_named(config.kind).keys})$")
     by_module: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
@@ -134,7 +169,28 @@ def read_adapter(path: str | os.PathLike, allow_pickle: bool = False):
         raise ValueError(f"{path / WEIGHTS_NAME} holds no adapter weights")
     for module, found in by_module.items():
         _check_layer(path, config, module, found)
-    return config, by_module
+    return config, by_module, saved
+
+
+def _saved_modules(path: Path, fields: dict, tensors: dict) -> dict[str, dict[str, torch.Tensor]]:
+    """Take the tensors of the config's ``modules_to_save`` out of ``tensors``, by module."""
+    names = fields.get("modules_to_save") or []
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"{path / CONFIG_NAME}: modules_to_save must be a list of module names, got {names!r}")
+    saved: dict[str, dict[str, torch.Tensor]] = {}
+    for key in list(tensors):
+        bare = key.removeprefix(PREFIX)
+        for name in names:
+            if bare.startswith(name + ".") and "." not in bare[len(name) + 1 :]:
+                saved.setdefault(name, {})[bare[len(name) + 1 :]] = tensors.pop(key)
+    for name, found in saved.items():
+        for param, t in found.items():
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise ValueError(f"adapter {path}: saved module {name} has non-finite values in {param}")
+    missing = [n for n in names if n not in saved]
+    if missing:
+        raise ValueError(f"adapter {path}: the config lists modules_to_save {missing} but the weights file lacks them")
+    return saved
 
 
 def _check_layer(path: Path, config, module: str, found: dict[str, torch.Tensor]) -> None:
@@ -160,7 +216,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     name = name if name is not None else path.name
     if name in list_adapters(model):
         raise ValueError(f"the model already has an adapter named {name!r}; pass another name=")
-    config, by_module = read_adapter(path, allow_pickle)
+    config, by_module, saved = read_adapter_files(path, allow_pickle)
     linear = set(linear_module_names(model))
     modules = {}
     for mname, found in by_module.items():
@@ -174,8 +230,29 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
         layer = target if isinstance(target, AdapterLinear) else AdapterLinear(target)
         w = layer.base.weight
         modules[mname] = adapter_from_file(config, mname, layer.d_in, layer.d_out, found, w.device, w.dtype)
+    states = {module: _saved_state(model, path, module, found) for module, found in saved.items()}
     attach(model, config, name, modules)
+    for module, state in states.items():  # like PEFT: the saved modules take the file's weights
+        model.get_submodule(module).load_state_dict(state)
     return name
+
+
+def _saved_state(model: nn.Module, path: Path, module: str, found: dict[str, torch.Tensor]) -> dict:
+    """The state of saved module ``module`` checked against the model's (names and shapes)."""
+    try:
+        own = model.get_submodule(module).state_dict()
+    except AttributeError:
+        raise ValueError(
+            f"adapter {path} was saved with a trained module {module!r} (e.g. a classifier head) that this "
+            f"model ({type(model).__name__}) lacks; load it on the model it was trained with"
+        ) from None
+    if set(own) != set(found) or any(own[k].shape != found[k].shape for k in own):
+        shapes = {k: tuple(v.shape) for k, v in found.items()}
+        raise ValueError(
+            f"adapter {path}: saved module {module} has {shapes} but this model's has "
+            f"{ {k: tuple(v.shape) for k, v in own.items()} } (another number of classes?)"
+        )
+    return {k: t.to(own[k].device, own[k].dtype) for k, t in found.items()}
 
 
 def adapter_from_file(

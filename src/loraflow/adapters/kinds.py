@@ -100,7 +100,6 @@ def _rank_from(key: str) -> Callable[[dict], dict]:
 # PEFT LoRA features that change the math; loading one of them would silently differ.
 UNSUPPORTED_LORA = {
     "use_dora": False,
-    "modules_to_save": None,
     "layers_to_transform": None,
     "lora_bias": False,
     "use_qalora": False,

@@ -28,8 +28,6 @@ import argparse
 import contextlib
 import json
 import math
-import os
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -40,9 +38,10 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 import loraflow as lf
-from loraflow.atomic import fsync_dir, fsync_tree
 from loraflow.help_format import HelpFormatter
 from loraflow.optim.projector import SVD_METHODS
+from loraflow.train import checkpoint
+from loraflow.train.checkpoint import checkpoint_paths, lr_factor  # noqa: F401 (their home before)
 from loraflow.train.corpus import (
     cached_corpus,
     pack,
@@ -55,14 +54,6 @@ from loraflow.train.corpus import (
 
 OPTIMIZERS = ("adamw", "adamw8bit", "galore", "galore8bit", "galore-adafactor")
 DTYPES = ("float32", "bfloat16", "bf16-mixed")
-
-
-def lr_factor(step: int, total: int, warmup: int, floor: float = 0.1) -> float:
-    """Linear warmup, then cosine decay to ``floor`` of the peak."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def optimizer_parts(name: str, model, args):
@@ -107,94 +98,28 @@ def evaluate(model, seqs: torch.Tensor, batch: int, device, autocast=contextlib.
 
 
 CHECKPOINT_FILES = ("model.safetensors", "state.pt", "config.json")
-MARKER = "complete.json"  # written last: {"step": N, "files": {name: size}}
-
-
-def checkpoint_paths(out: Path) -> tuple[Path, Path, Path]:
-    """(checkpoint, checkpoint.tmp, checkpoint.old) in ``out``."""
-    return out / "checkpoint", out / "checkpoint.tmp", out / "checkpoint.old"
 
 
 def checkpoint_step(folder: Path) -> int | None:
-    """The step of the complete checkpoint in ``folder``, or None if it is missing or partial.
-
-    Complete: ``complete.json`` present and every file it lists present with its size. A
-    ``checkpoint`` folder from before the marker existed counts as complete when its three
-    files are there (it was only ever made by renaming a finished folder)."""
-    marker = folder / MARKER
-    if marker.is_file():
-        try:
-            info = json.loads(marker.read_text())
-            step, sizes = int(info["step"]), dict(info["files"])
-        except (ValueError, KeyError, TypeError):
-            return None
-        whole = all(
-            (folder / name).is_file() and (folder / name).stat().st_size == size for name, size in sizes.items()
-        )
-        return step if whole and set(CHECKPOINT_FILES) <= set(sizes) else None
-    if folder.name == "checkpoint" and all((folder / name).is_file() for name in CHECKPOINT_FILES):
-        try:
-            state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True, mmap=True)
-            return int(state["step"])  # mmap: the optimizer state is not read
-        except Exception:  # a damaged legacy file: not a checkpoint to resume from
-            return None
-    return None
+    return checkpoint.checkpoint_step(folder, CHECKPOINT_FILES, legacy=True)
 
 
 def latest_checkpoint(out: Path) -> tuple[Path, int] | None:
-    """The newest complete checkpoint in ``out`` and its step: ``checkpoint``, or, where a save
-    was killed half way, ``checkpoint.tmp`` / ``checkpoint.old`` (on a tie, in that order)."""
-    found = [
-        (step, -i, folder)
-        for i, folder in enumerate(checkpoint_paths(out))
-        if (step := checkpoint_step(folder)) is not None
-    ]
-    if not found:
-        return None
-    step, _, folder = max(found)
-    return folder, step
+    """The newest complete checkpoint in ``out`` (``train/checkpoint.py``) and its step."""
+    return checkpoint.latest_checkpoint(out, CHECKPOINT_FILES, legacy=True)
 
 
 def save_checkpoint(out: Path, model, opt_state: dict, step: int) -> None:
-    """Write ``out/checkpoint`` so that a kill at any point leaves a complete checkpoint, the
-    previous one or this one (``latest_checkpoint`` finds it; ``--resume`` continues from it).
+    """Write ``out/checkpoint`` (weights, optimizer state and step, config) so that a kill at
+    any point leaves a complete checkpoint, the previous one or this one."""
 
-    The files go to ``checkpoint.tmp``, are fsynced, and ``complete.json`` is written last;
-    then ``checkpoint`` -> ``checkpoint.old``, ``checkpoint.tmp`` -> ``checkpoint``, and
-    ``checkpoint.old`` is removed. Leftovers of a killed save are settled first: the newest
-    complete folder becomes ``checkpoint`` before anything older is deleted."""
-    final, tmp, old = checkpoint_paths(out)
-    _settle(out)
-    shutil.rmtree(tmp, ignore_errors=True)  # partial: `checkpoint` is the newest complete one
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
-    torch.save({"optimizer": opt_state, "step": step}, tmp / "state.pt")
-    model.config.to_json_file(tmp / "config.json")
-    fsync_tree(tmp)
-    sizes = {name: (tmp / name).stat().st_size for name in CHECKPOINT_FILES}
-    with open(tmp / MARKER, "w") as f:
-        json.dump({"step": step, "files": sizes}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    fsync_dir(tmp)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    fsync_dir(out)
-    shutil.rmtree(old, ignore_errors=True)
+    def write(folder: Path) -> None:
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(state, folder / "model.safetensors")
+        torch.save({"optimizer": opt_state, "step": step}, folder / "state.pt")
+        model.config.to_json_file(folder / "config.json")
 
-
-def _settle(out: Path) -> None:
-    """Leave the newest complete checkpoint at ``checkpoint`` and remove the other folders
-    (older or partial). Each step keeps a complete copy of the newest on disk."""
-    final, tmp, old = checkpoint_paths(out)
-    newest = latest_checkpoint(out)
-    if newest is not None and newest[0] != final:
-        shutil.rmtree(final, ignore_errors=True)  # older or partial
-        os.replace(newest[0], final)
-        fsync_dir(out)
-    for folder in (tmp, old):
-        shutil.rmtree(folder, ignore_errors=True)
+    checkpoint.save_checkpoint(out, step, write, CHECKPOINT_FILES)
 
 
 def _synchronize(device: str) -> None:
