@@ -21,6 +21,8 @@ from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, Lla
 
 from loraflow.adapters import DeepLoRA, FLoRA, LoRA, adapter_layers
 
+pytest_plugins = ["finetune_fixtures"]  # tiny_smol, chat_file, tenant_files, medical_csv
+
 VOCAB = 128
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where the Triton kernels run for real
 

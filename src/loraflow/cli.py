@@ -281,19 +281,22 @@ def _main(argv: list[str] | None) -> None:
     from loraflow.bench.commands import cmd_bench_kernels, cmd_bench_serve, cmd_bench_train
 
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["pretrain"]:  # a recipe with its own arguments
-        from loraflow.train.pretrain import main as pretrain
+    recipes = {  # commands with their own arguments (module: main(argv) -> a JSON-able summary)
+        "pretrain": "loraflow.train.pretrain",
+        "finetune": "loraflow.finetune.command",
+        "eval": "loraflow.evaluate.command",
+    }
+    if argv[:1] and argv[0] in recipes:
+        import importlib
 
+        command = argv[0]
         try:
-            print(json.dumps(pretrain(argv[1:])))
+            print(json.dumps(importlib.import_module(recipes[command]).main(argv[1:])))
         except (ValueError, FileNotFoundError) as e:  # the run's own checks: what to change, in one line
-            sys.exit(f"loraflow pretrain: {e}")
+            sys.exit(f"loraflow {command}: {e}")
         except KeyboardInterrupt:  # checkpoints are written whole: the last one stands
-            print(
-                "\nloraflow pretrain: interrupted; the same command with --resume continues from the last "
-                "complete checkpoint in --out",
-                file=sys.stderr,
-            )
+            resumable = " the same command with --resume continues from the last complete checkpoint in --out"
+            print(f"\nloraflow {command}: interrupted;" + (resumable if command != "eval" else ""), file=sys.stderr)
             sys.exit(130)
         return
     parser = Parser(prog="loraflow", description=__doc__)
@@ -301,6 +304,8 @@ def _main(argv: list[str] | None) -> None:
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("prepare", help=cmd_prepare.__doc__).set_defaults(func=cmd_prepare)
     sub.add_parser("pretrain", help="train a LLaMA from scratch (loraflow pretrain --help)")
+    sub.add_parser("finetune", help="train an adapter on your data (loraflow finetune --help)")
+    sub.add_parser("eval", help="score an adapter: classification, perplexity, code pass@k (loraflow eval --help)")
     p = sub.add_parser("inspect", help=cmd_inspect.__doc__)
     p.add_argument("path", help="an adapter folder (adapter_config.json + adapter_model.safetensors)")
     p.set_defaults(func=cmd_inspect)

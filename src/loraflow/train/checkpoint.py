@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from loraflow.atomic import fsync_dir, fsync_tree
+from loraflow.atomic import atomic_write, fsync_dir, fsync_tree
 
 MARKER = "complete.json"  # written last: {"step": N, "files": {name: size}}
 
@@ -109,3 +109,19 @@ def _settle(out: Path, required: tuple[str, ...]) -> None:
         fsync_dir(out)
     for folder in (tmp, old):
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def trim_log(path: Path, step: int) -> None:
+    """Drop the records past ``step`` (those a run wrote after the checkpoint it resumes from)
+    and a last line that a kill cut short; the file is replaced atomically."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:  # cut short by a kill
+            continue
+        if record.get("step", 0) <= step:
+            kept.append(line + "\n")
+    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(kept)))

@@ -41,7 +41,7 @@ import loraflow as lf
 from loraflow.help_format import HelpFormatter
 from loraflow.optim.projector import SVD_METHODS
 from loraflow.train import checkpoint
-from loraflow.train.checkpoint import checkpoint_paths, lr_factor  # noqa: F401 (their home before)
+from loraflow.train.checkpoint import checkpoint_paths, lr_factor, trim_log  # noqa: F401 (their home before)
 from loraflow.train.corpus import (
     cached_corpus,
     pack,
@@ -236,13 +236,6 @@ def load_tokenizer(args: argparse.Namespace, out: Path):
             tokenizer_sample(train_files, args.tokenizer_sample_mb), args.train_tokenizer, out / "tokenizer"
         )
     return AutoTokenizer.from_pretrained(args.tokenizer or lf.models.default_model_path(), local_files_only=True)
-
-
-def trim_log(path: Path, step: int) -> None:
-    """Drop the records past ``step``: those a run wrote after the checkpoint it resumes from."""
-    if path.is_file():
-        lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in lines))
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -1,0 +1,1 @@
+"""Evaluation: classification metrics, perplexity, and code generation scored in a sandbox."""

@@ -1,0 +1,1 @@
+"""Fine-tuning: data sets to examples, the training loop, many tenants in one job."""

@@ -1,0 +1,271 @@
+"""``lf.finetune(cfg)``: train adapters (or all weights) on a user's data, evaluate on a dev
+split, keep the best, checkpoint, resume.
+
+One optimizer step takes ``accumulation`` micro-batches of ``batch_size`` rows per tenant;
+every tenant's rows run in the same forward pass, each row through its own adapter
+(``use_adapters``). The loss of a step is, per tenant,
+
+    L_t = Σ_{rows of t} loss(row) / N_t,        minimized as  L = Σ_t L_t
+
+with N_t the tenant's labelled tokens (causal LM) or rows (classification) in the whole
+step, so that a tenant's gradient, and with per-tenant clipping its update, is what it gets
+training alone on the same rows (FLoRA's claim made practical: Wen & Chaudhuri, ICLR 2024).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from loraflow.adapters import compress, deep_lora_param_groups, use_adapters
+from loraflow.finetune.config import FinetuneConfig
+from loraflow.finetune.data import collate
+from loraflow.finetune.evaluation import evaluate_dev
+from loraflow.finetune.model import build_model, classify, head_losses, token_losses, trainable
+from loraflow.finetune.outputs import CKPT_FILES, RunFolder
+from loraflow.finetune.sources import load_run_data, rows_of
+from loraflow.train.checkpoint import lr_factor, save_checkpoint, trim_log
+
+
+def finetune(cfg: FinetuneConfig) -> dict:
+    """Run ``cfg``; returns a summary (steps, losses, the best dev metric per tenant, speed)."""
+    started = time.time()
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    bf16 = cfg.bf16 if cfg.bf16 is not None else device.startswith("cuda")
+    folder = RunFolder(Path(cfg.out), cfg)
+    existing = folder.prepare()  # refusals before anything is loaded or written
+    from transformers import AutoTokenizer
+
+    from loraflow.models.loading import default_model_path
+
+    tok = AutoTokenizer.from_pretrained(cfg.model or default_model_path(), local_files_only=True)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    data = load_run_data(cfg, tok)
+    names = list(data.train)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    model, tok = build_model(cfg, names, sum(data.head_sizes) or None, device, bf16)
+    if cfg.method == "deep-lora":
+        for name in names:  # the compression step, from each tenant's first batch (Sec. 3.2)
+            rows = {name: rows_of(len(data.train[name]), cfg.seed, 0, cfg.batch_size)}
+            _compress(cfg, model, _batch(cfg, data, rows, tok, device), name, data.head_sizes)
+    owners = trainable(model, cfg, names)
+    opt = _optimizer(cfg, model, owners, device)
+    class_weights = _class_weights(cfg, data)
+    per_step = max(len(ex) for ex in data.train.values())
+    steps = cfg.steps or max(1, math.ceil((cfg.epochs or 1.0) * per_step / (cfg.batch_size * cfg.accumulation)))
+    warmup = int(cfg.warmup * steps)
+    eval_every = cfg.eval_every or max(1, steps // 10)
+    save_every = cfg.save_every or eval_every
+    autocast = (
+        (lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    )
+    if cfg.compile:
+        model.compile()
+
+    step, best, stale = 0, {}, 0
+    if existing is not None:
+        step, best, stale = _resume(existing[0], model, opt, owners)
+        trim_log(folder.log_path, step)
+    folder.write_run_json(data)
+    log = open(folder.log_path, "a")
+    bar = tqdm(total=steps, initial=step, desc=f"finetune {cfg.method}", disable=not cfg.progress)
+    tokens_seen, train_seconds, result = 0, 0.0, {}
+    while step < steps:
+        t0 = time.perf_counter()
+        micro = [
+            {
+                name: rows_of(len(ex), cfg.seed, step * cfg.accumulation + m, cfg.batch_size)
+                for name, ex in data.train.items()
+            }
+            for m in range(cfg.accumulation)
+        ]
+        denom = _denominators(cfg, data, micro, class_weights)
+        for g in opt.param_groups:
+            g["lr"] = g["initial_lr"] * lr_factor(step, steps, warmup, floor=0.0)
+        loss_sum = {name: 0.0 for name in names}
+        for rows in micro:
+            batch = _batch(cfg, data, rows, tok, device)
+            tokens_seen += int(batch["attention_mask"].sum())
+            with autocast(), _rows_adapters(model, cfg, batch["tenant"]):
+                losses = _row_losses(cfg, model, batch, data.head_sizes, class_weights)  # (B,)
+            scale = torch.tensor([1.0 / denom[n] for n in batch["tenant"]], device=losses.device)
+            (losses * scale).sum().backward()
+            for v, n in zip((losses * scale).tolist(), batch["tenant"]):
+                loss_sum[n] += v
+        if cfg.max_grad_norm:
+            for params in owners.values():  # per tenant: its update is its own
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        train_seconds += time.perf_counter() - t0
+        loss = sum(loss_sum.values()) / len(names)
+        record = {"step": step, "loss": loss, "lr": opt.param_groups[0]["lr"], "time": time.time()}
+        if len(names) > 1:
+            record["tenant_loss"] = loss_sum
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_seen / train_seconds:.0f}")
+        if step % eval_every == 0 or step == steps:
+            record["tokens_per_s"] = tokens_seen / train_seconds
+            if any(data.dev.values()):
+                with autocast():
+                    scores = evaluate_dev(cfg, model, tok, data, device)
+                record["dev"] = scores
+                improved = folder.keep_best(model, tok, data, scores, best, step)
+                stale = 0 if improved else stale + 1
+                bar.set_postfix(loss=f"{loss:.4f}", dev=folder.describe(scores))
+            result = record
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+        stopping = cfg.early_stopping is not None and stale >= cfg.early_stopping
+        if step % save_every == 0 or step == steps or stopping:
+            if not any(data.dev.values()):
+                folder.save_outputs(model, tok, data)  # no dev split: the latest is the one kept
+            _checkpoint(folder.out, step, model, opt, owners, best, stale)
+            folder.plot()
+        if stopping:
+            result["stopped"] = f"early stopping: no dev improvement in {stale} evaluations (step {step} of {steps})"
+            break
+    bar.close()
+    log.close()
+    folder.plot()
+    return {
+        **result,
+        "steps": step,
+        "best": best,
+        "out": str(folder.out),
+        "outputs": folder.output_paths(),
+        "truncated": {n: s.get("truncated", 0) for n, s in data.stats.items()},
+        "seconds": time.time() - started,
+    }
+
+
+def _optimizer(cfg: FinetuneConfig, model, owners: dict, device: str):
+    import loraflow as lf
+
+    if cfg.method == "galore":
+        groups = lf.galore_param_groups(
+            model, rank=cfg.galore_rank, update_proj_gap=cfg.update_proj_gap, scale=cfg.galore_scale
+        )
+        opt = lf.GaLoreAdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        groups = []
+        for owner, params in owners.items():
+            if cfg.method == "deep-lora" and owner != "head":
+                groups += deep_lora_param_groups(model, owner, cfg.lr)
+            else:
+                groups.append({"params": params, "lr": cfg.lr})
+        fused = {"fused": True} if device.startswith("cuda") else {"foreach": True}
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
+    for g in opt.param_groups:
+        g["initial_lr"] = g["lr"]
+    return opt
+
+
+def _batch(cfg, data, rows: dict[str, list[int]], tok, device) -> dict:
+    """The collated rows of each tenant, one after the other, and each row's tenant."""
+    examples, tenant = [], []
+    for name, idx in rows.items():
+        examples += [data.train[name][i] for i in idx]
+        tenant += [name] * len(idx)
+    batch = {k: v.to(device) for k, v in collate(examples, tok.pad_token_id).items()}
+    batch["tenant"] = tenant
+    return batch
+
+
+def _compress(cfg, model, batch: dict, name: str, sizes: list[int]) -> None:
+    """Deep LoRA's compression of tenant ``name``'s adapter from one batch's gradient."""
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if cfg.task == "causal-lm":
+        compress(model, {**inputs, "labels": batch["labels"]}, name=name)
+    else:
+        classes = batch["classes"]
+        compress(model, inputs, name=name, loss_fn=lambda out, _: head_losses(out.logits, classes, sizes, None).mean())
+
+
+def _rows_adapters(model, cfg, tenant: list[str]):
+    """Each row through its tenant's adapter; one tenant: its adapter is the active one."""
+    if not cfg.adapter or len(set(tenant)) == 1 and getattr(model, "loraflow_active", None) == tenant[0]:
+        return contextlib.nullcontext()
+    return use_adapters(model, tenant)
+
+
+def _row_losses(cfg, model, batch, sizes, class_weights) -> torch.Tensor:
+    if cfg.task == "causal-lm":
+        return token_losses(model, batch)
+    logits = classify(model, batch["input_ids"], batch["attention_mask"])
+    return head_losses(logits, batch["classes"], sizes, class_weights)
+
+
+def _class_weights(cfg: FinetuneConfig, data) -> list[torch.Tensor] | None:
+    """Per head, weights n / (K · count_k) from the training labels (inverse frequency)."""
+    if not cfg.class_weights or cfg.task != "classification":
+        return None
+    examples = data.train["default"]
+    weights = []
+    for j, k in enumerate(data.head_sizes):
+        counts = torch.bincount(torch.tensor([e.classes[j] for e in examples]), minlength=k).float()
+        weights.append(len(examples) / (k * counts.clamp(min=1)))
+    return weights
+
+
+def _denominators(cfg, data, micro, class_weights) -> dict[str, float]:
+    """N_t: each tenant's labelled tokens (causal LM) or rows (classification; weighted: the sum
+    of the rows' class weights over heads / heads) over the whole step."""
+    denom = {}
+    for name, examples in data.train.items():
+        idx = [i for rows in micro for i in rows[name]]
+        if cfg.task == "causal-lm":
+            n = sum(sum(1 for t in examples[i].labels[1:] if t != -100) for i in idx)
+        else:
+            n = len(idx)
+        denom[name] = float(max(1, n))
+    return denom
+
+
+def _checkpoint(out: Path, step: int, model, opt, owners: dict, best: dict, stale: int) -> None:
+    ids = {id(p) for params in owners.values() for p in params}
+    tensors = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if id(p) in ids}
+
+    def write(folder: Path) -> None:
+        save_file(tensors, folder / "trainable.safetensors")
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save(
+            {"optimizer": opt.state_dict(), "step": step, "best": best, "stale": stale, "rng": rng}, folder / "state.pt"
+        )
+
+    save_checkpoint(out, step, write, CKPT_FILES)
+
+
+def _resume(folder: Path, model, opt, owners: dict) -> tuple[int, dict, int]:
+    tensors = load_file(folder / "trainable.safetensors")
+    params = dict(model.named_parameters())
+    missing = sorted(set(tensors) ^ {n for n, p in params.items() if p.requires_grad})
+    if missing:
+        raise ValueError(
+            f"the checkpoint in {folder} does not fit this model (differs in {missing[:3]}); start a new run"
+        )
+    with torch.no_grad():
+        for n, t in tensors.items():
+            params[n].copy_(t)
+    state = torch.load(folder / "state.pt", weights_only=True)
+    opt.load_state_dict(state["optimizer"])
+    for g in opt.param_groups:
+        g.setdefault("initial_lr", g["lr"])
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    if "cuda" in state["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return state["step"], state["best"], state["stale"]
