@@ -70,8 +70,8 @@ def test_compress_keeps_the_map_and_spans_the_gradient_subspace():
         assert all(w.requires_grad for w in a.factors)
         u, s, vh = torch.linalg.svd(expected[n])
         torch.testing.assert_close(singular[n], s[:3], rtol=1e-4, atol=1e-7)
-        delta = a.delta_weight() / 1e-9  # eps^3 · U_r V_rᵀ
-        torch.testing.assert_close(delta, (u[:, :3] @ vh[:3]), rtol=1e-3, atol=1e-4)
+        delta = a.delta_weight() / 1e-9  # -eps^3 · U_r V_rᵀ: along -G, downhill
+        torch.testing.assert_close(delta, -(u[:, :3] @ vh[:3]), rtol=1e-3, atol=1e-4)
     with pytest.raises(ValueError, match="compressed already"):
         lf.compress(model, batch, name="d")
 

@@ -79,7 +79,9 @@ def compress(
         if lname not in grads:
             raise ValueError(f"layer {lname} got no gradient from this batch; it cannot be compressed")
         u, s, vh = torch.linalg.svd(grads[lname], full_matrices=False)
-        layer.adapters[name].compress_to(u[:, :r], vh[:r].T)
+        # ΔW = -eps^L U_r V_rᵀ: the compressed map starts downhill, along -G (from +G, gradient
+        # descent first shrinks every factor through zero: it stalled in bench deep-matrix-completion)
+        layer.adapters[name].compress_to(-u[:, :r], vh[:r].T)
         singular[lname] = s[:r]
     return singular
 

@@ -11,7 +11,7 @@ gradient. ``compress(model, batch)`` computes that gradient G = ∂loss/∂ΔW o
 takes its top-r singular vectors U_r (d_out, r) and V_r (d_in, r), and replaces the factors
 with the width-r network
 
-    W_1 = eps · V_rᵀ,   W_l = eps · I_r,   W_L = eps · U_r
+    W_1 = eps · V_rᵀ,   W_l = eps · I_r,   W_L = -eps · U_r   (ΔW along -G: downhill)
 
 which costs about as much as a rank-r LoRA. The end-to-end map stays O(eps^L) (1e-9 with
 the defaults), so the model's outputs do not change. The outer factors W_1, W_L then learn
