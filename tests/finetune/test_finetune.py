@@ -104,6 +104,17 @@ def test_every_method_trains_and_saves(tmp_path, tiny_smol, chat_file, method):
             assert all(t.shape[0] == 2 or t.shape[1] == 2 for k, t in w.items())
 
 
+@pytest.mark.parametrize("method", ["deep-lora", "flora", "lora"])
+def test_classifier_in_bfloat16_mixed_precision(tmp_path, tiny_smol, medical_csv, method):
+    """bf16 frozen weights under autocast, float32 adapter and head (what CUDA runs by default);
+    Deep LoRA's compression step runs in the same precision (it failed on the H200 before)."""
+    result = run(tmp_path, model=tiny_smol, data=medical_csv, task="classification", method=method, steps=2,
+                 dev_fraction=0.25, bf16=True, r=2)  # fmt: skip
+    assert 0.0 <= result["dev"]["default"]["macro_f1"] <= 1.0
+    head = load_file(tmp_path / "out" / "adapter_model.safetensors")["base_model.model.score.weight"]
+    assert head.dtype == torch.float32
+
+
 def test_resume_after_a_crash_ends_in_the_same_adapter(tmp_path, tiny_smol, chat_file, monkeypatch):
     kw = dict(model=tiny_smol, data=chat_file, steps=6, save_every=2, dev_fraction=0.0, lr=2e-3, dropout=0.0)
     run(tmp_path, "whole", **kw)

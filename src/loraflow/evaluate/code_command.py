@@ -2,9 +2,10 @@
 HumanEval, generated in one batched run with each row through its own adapter, every program
 executed in a sandboxed process (``evaluate/sandbox.py``).
 
-Additive adapters (LoRA, Deep LoRA) generate through ``lf.Engine`` (continuous batching, the
-server's kernels); a run with a FLoRA adapter generates through the Hugging Face model under
-``use_adapters`` instead, as the engine does not serve FLoRA yet.
+Additive adapters (LoRA, Deep LoRA) and the base model generate through ``lf.Engine``
+(continuous batching, the server's kernels); FLoRA adapters, which the engine does not serve
+yet, through the Hugging Face model's ``generate`` under ``use_adapters`` (--batch-size rows
+at once, each through its own adapter).
 """
 
 from __future__ import annotations
@@ -50,16 +51,20 @@ def run_code(args, out: Path) -> dict:
         problems = load_mbpp(args.data, args.split)
     problems = problems[: args.limit] if args.limit else problems
     kinds = {name: read_adapter(path)[0].kind for name, path in adapters.items()}
-    rows = ([None] if args.base else []) + list(adapters)
-    if any(k == "FLORA" for k in kinds.values()):
-        completions = _generate_hf(args, problems, adapters, rows)
-    else:
+    flora = {n: p for n, p in adapters.items() if kinds[n] == "FLORA"}  # the engine serves additive kinds
+    served = {n: p for n, p in adapters.items() if n not in flora}
+    rows = ([None] if args.base else []) + list(served)
+    completions = {}
+    if rows:
         import loraflow as lf
 
-        engine = lf.Engine(args.model, adapters=adapters, device=args.device, max_gpu_adapters=max(1, len(adapters)))
+        engine = lf.Engine(args.model, adapters=served, device=args.device, max_gpu_adapters=max(1, len(served)))
         completions = generate_completions(
             engine, problems, rows, args.samples, args.temperature, args.max_tokens, chat=True
         )
+        del engine
+    if flora:
+        completions |= _generate_hf(args, problems, flora, list(flora))
     results, lines = {}, []
     for name, answers in completions.items():
         report = score(problems, answers, ks, args.timeout, args.memory_mb)

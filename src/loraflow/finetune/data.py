@@ -9,13 +9,13 @@ Labels are per-token targets aligned with ``input_ids`` (not shifted: the model 
 where there is no loss. Every problem in the data is a ValueError (or FileNotFoundError) naming the
 file, the line or row, the problem and the fix: these messages are read by people who wrote the
 file by hand, usually long after the line that caused them scrolled away.
+
+Reading the files is in ``records`` (``read_rows`` is re-exported here), the chat template in ``chat``.
 """
 
 from __future__ import annotations
 
-import csv
 import difflib
-import json
 import math
 import os
 import warnings
@@ -25,14 +25,14 @@ from pathlib import Path
 
 import torch
 
+from loraflow.finetune.chat import assistant_targets, encode
+from loraflow.finetune.records import JSON_TYPES, ROW_SUFFIXES, places, read_rows
+
 IGNORE = -100  # the label of a token without loss (PyTorch's cross-entropy ignore_index)
-ROW_SUFFIXES = (".jsonl", ".json", ".csv")
-ROLES = ("system", "user", "assistant", "tool")
 FORMATS = (
     'prompt-completion records {"prompt": "...", "completion": "..."} or chat records '
     '{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}'
 )
-_JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean"}
 
 
 @dataclass
@@ -57,96 +57,9 @@ class Stats:
     loss_tokens: int  # tokens with a label != -100 (classification: examples)
 
 
-class Rows(list):
-    """The records of a file, with ``where[i]`` naming record i's place in it: "line 7" or "row 3".
-
-    A plain ``list[dict]`` to its callers; the places let later checks (``classification_examples``)
-    name the true line of a JSONL record even when blank lines were skipped before it.
-    """
-
-    def __init__(self, rows: list[dict], where: list[str]):
-        super().__init__(rows)
-        self.where = where
-
-
-def read_rows(path: str | os.PathLike) -> list[dict]:
-    """The records of a ``.csv`` (header row first) or ``.jsonl``/``.json`` (one object per line) file."""
-    path = Path(path)
-    if not path.is_file():
-        if path.is_dir():
-            raise ValueError(f"{path} is a folder: name a .csv, .jsonl or .json file in it")
-        raise FileNotFoundError(f"{path} does not exist: check the path")
-    suffix = path.suffix.lower()
-    if suffix not in ROW_SUFFIXES:
-        raise ValueError(f"{path} has the extension '{suffix}'; accepted: .csv, .jsonl, .json (one object per line)")
-    try:
-        rows = _read_csv(path) if suffix == ".csv" else _read_jsonl(path)
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text (byte {e.start} cannot be decoded): save it as UTF-8") from None
-    if not rows:
-        raise ValueError(f"{path} holds no rows")
-    return rows
-
-
-def _read_csv(path: Path) -> Rows:
-    csv.field_size_limit(2**31 - 1)  # the default 128 KiB refuses long documents; a C long holds this everywhere
-    rows, where = [], []
-    with path.open(encoding="utf-8-sig", newline="") as f:
-        reader = csv.DictReader(f)
-        try:
-            for number, row in enumerate(reader, start=2):  # the header is row 1
-                if None in row:
-                    raise ValueError(
-                        f"{path} row {number} has {len(reader.fieldnames) + len(row[None])} fields but the header "
-                        f"has {len(reader.fieldnames)}: put fields that contain commas in double quotes"
-                    )
-                rows.append(row)
-                where.append(f"row {number}")
-        except csv.Error as e:
-            raise ValueError(
-                f"{path} near line {reader.line_num} is not valid CSV ({e}): fix or re-export it"
-            ) from None
-    return Rows(rows, where)
-
-
-def _read_jsonl(path: Path) -> Rows:
-    rows, where = [], []
-    with path.open(encoding="utf-8-sig") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(
-                    f"{path} line {number} is not valid JSON ({e.msg} at column {e.colno}): write one complete "
-                    "JSON object per line (JSON Lines; a pretty-printed file or one JSON array must be rewritten)"
-                ) from None
-            if not isinstance(record, dict):
-                raise ValueError(
-                    f"{path} line {number} is {_JSON_TYPES.get(type(record), 'null')}, not a JSON object: "
-                    'write one object per line, such as {"prompt": "...", "completion": "..."}'
-                )
-            rows.append(record)
-            where.append(f"line {number}")
-    return Rows(rows, where)
-
-
-def _places(rows: list[dict], source: str) -> list[str]:
-    """Where each row sits in its file: kept by read_rows, else counted (CSV: the header is row 1)."""
-    if isinstance(rows, Rows) and len(rows.where) == len(rows):
-        return rows.where
-    first = 2 if str(source).lower().endswith(".csv") else 1
-    return [f"row {i + first}" for i in range(len(rows))]
-
-
 def _check_max_length(max_length: int) -> None:
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
         raise ValueError(f"--max-length must be a positive whole number of tokens, got {max_length!r}")
-
-
-def _encode(tokenizer, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def causal_lm_examples(path: str | os.PathLike, tokenizer, max_length: int) -> tuple[list[Example], Stats]:
@@ -164,7 +77,7 @@ def causal_lm_examples(path: str | os.PathLike, tokenizer, max_length: int) -> t
     if tokenizer.eos_token_id is None:
         raise ValueError(f"the model's tokenizer has no eos token, so {path}'s examples cannot end: set one")
     rows = read_rows(path)
-    where = _places(rows, str(path))
+    where = places(rows, str(path))
     first = _record_format(rows[0], f"{path} {where[0]}")
     if first == "messages" and not getattr(tokenizer, "chat_template", None):
         raise ValueError(
@@ -215,7 +128,7 @@ def _record_format(record: dict, at: str) -> str:
 def _implicit_bos(tokenizer) -> list[int]:
     """``[bos_token_id]`` when the tokenizer's normal call starts with a BOS that add_special_tokens=False drops."""
     bos = tokenizer.bos_token_id
-    plain, special = _encode(tokenizer, "a"), list(tokenizer("a")["input_ids"])
+    plain, special = encode(tokenizer, "a"), list(tokenizer("a")["input_ids"])
     return [bos] if bos is not None and special[:1] == [bos] and plain[:1] != [bos] else []
 
 
@@ -235,102 +148,23 @@ def _prompt_completion(record: dict, tokenizer, max_length: int, at: str, bos: l
     """TRL's convention: prompt + completion + eos, with loss on the completion and the eos only."""
     for key in ("prompt", "completion"):
         if not isinstance(record[key], str):
-            kind = _JSON_TYPES.get(type(record[key]), "null")
+            kind = JSON_TYPES.get(type(record[key]), "null")
             raise ValueError(f"{at}: '{key}' is {kind}, not a string: give text (for conversations use 'messages')")
-    prompt = bos + _encode(tokenizer, record["prompt"])
-    completion = _encode(tokenizer, record["completion"])
+    prompt = bos + encode(tokenizer, record["prompt"])
+    completion = encode(tokenizer, record["completion"])
     if completion[-1:] != [tokenizer.eos_token_id]:
         completion.append(tokenizer.eos_token_id)
     return _finish(prompt + completion, [IGNORE] * len(prompt) + completion, max_length, at, "the prompt")
 
 
-def _check_messages(messages, at: str) -> list[dict]:
-    if not isinstance(messages, list) or not messages:
-        raise ValueError(f"{at}: 'messages' must be a non-empty list of {{'role': ..., 'content': ...}} objects")
-    for k, m in enumerate(messages, start=1):
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
-            role = m.get("role") if isinstance(m, dict) else None
-            raise ValueError(f"{at}: message {k} has the role {role!r}; roles are {', '.join(ROLES)}")
-        if not isinstance(m.get("content"), str):
-            kind = _JSON_TYPES.get(type(m.get("content")), "null")
-            raise ValueError(f"{at}: the content of message {k} ({m['role']}) is {kind}, not a string")
-    if not any(m["role"] == "assistant" for m in messages):
-        raise ValueError(
-            f"{at} has no assistant turn: nothing to learn from it; add the assistant's reply or remove the record"
-        )
-    if messages[0]["role"] == "assistant":
-        raise ValueError(f"{at} starts with an assistant turn: start the conversation with a system or user message")
-    return messages
-
-
-def _render(tokenizer, messages: list[dict], at: str, generation_prompt: bool = False) -> str:
-    try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-    except Exception as e:  # jinja's TemplateError, or a template's raise_exception ("roles must alternate")
-        raise ValueError(f"{at}: the model's chat template refused this conversation: {e}") from None
-
-
 def _chat_example(record: dict, tokenizer, max_length: int, at: str, bos: list[int]) -> Example:
-    """The conversation through the chat template, with loss on each assistant turn and its end-of-turn token.
-
-    For assistant message i, the text of ``messages[:i]`` with the generation prompt must be a prefix of
-    the text of ``messages[:i + 1]``: the characters between them are the turn. Tokens after the last
-    eos in a turn (SmolLM2's newline after ``<|im_end|>``) are template, not reply, so they carry no loss.
-    """
+    """The conversation through the chat template, with loss on each assistant turn and its end-of-turn token."""
     del bos  # the chat template writes its own BOS, if the model uses one
-    messages = _check_messages(record["messages"], at)
-    full = _render(tokenizer, messages, at)
-    spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        before = _render(tokenizer, messages[:i], at, generation_prompt=True)
-        through = _render(tokenizer, messages[: i + 1], at)
-        if not (through.startswith(before) and full.startswith(through)):
-            raise ValueError(
-                f"{at}: the model's chat template does not render this conversation turn by turn (the text before "
-                f"message {i + 1} is not a prefix of the text with it), so the assistant turns cannot be found: "
-                "use prompt/completion records instead"
-            )
-        spans.append((len(before), len(through)))
-    ids, token_spans = _token_spans(tokenizer, full, spans, at)
+    ids, targets = assistant_targets(record["messages"], tokenizer, at)
     labels = [IGNORE] * len(ids)
-    for start, end in token_spans:
-        turn = ids[start:end]
-        if tokenizer.eos_token_id in turn:
-            end = start + len(turn) - turn[::-1].index(tokenizer.eos_token_id)
+    for start, end in targets:
         labels[start:end] = ids[start:end]
     return _finish(ids, labels, max_length, at, "the conversation before the first assistant turn")
-
-
-def _token_spans(tokenizer, text: str, spans: list[tuple[int, int]], at: str):
-    """``text``'s token ids and the token spans of the character ``spans``.
-
-    Token counts of the prefixes when their tokens are a prefix of the whole (the usual case); else
-    (a merge across a boundary, such as a reply starting with a blank line) the tokens' character offsets,
-    where a token straddling a boundary belongs to the turn.
-    """
-    ids = _encode(tokenizer, text)
-    counts = {}
-    for cut in sorted({c for span in spans for c in span}):
-        prefix = _encode(tokenizer, text[:cut])
-        if ids[: len(prefix)] != prefix:
-            break
-        counts[cut] = len(prefix)
-    else:
-        return ids, [(counts[s], counts[e]) for s, e in spans]
-    try:
-        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-    except (NotImplementedError, ValueError, TypeError):
-        raise ValueError(
-            f"{at}: the assistant turns cannot be located in the tokens (a slow tokenizer without character "
-            "offsets): use a fast tokenizer or prompt/completion records"
-        ) from None
-    token_spans = []
-    for s, e in spans:
-        inside = [j for j, (a, b) in enumerate(offsets) if b > s and a < e]
-        token_spans.append((inside[0], inside[-1] + 1) if inside else (0, 0))
-    return ids, token_spans
 
 
 def _text_examples(path: Path, tokenizer, max_length: int) -> tuple[list[Example], Stats]:
@@ -350,7 +184,7 @@ def _text_examples(path: Path, tokenizer, max_length: int) -> tuple[list[Example
                 raise ValueError(f"{path} is not UTF-8 text: save it as UTF-8") from None
             skipped.append(file)
             continue
-        ids = _encode(tokenizer, text)
+        ids = encode(tokenizer, text)
         read += 1
         if ids:
             if stream:
@@ -406,7 +240,7 @@ def classification_examples(
             raise ValueError(f"column '{column}' is not in {source}; columns found: {', '.join(map(str, found))}{hint}")
     if classes is not None and len(classes) != len(label_columns):
         raise ValueError(f"{len(classes)} class lists for {len(label_columns)} label columns: give one per column")
-    where = _places(rows, source)
+    where = places(rows, source)
     texts, labels = [], []
     for row, place in zip(rows, where):
         text = row.get(text_column)

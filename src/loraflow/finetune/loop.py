@@ -54,10 +54,14 @@ def finetune(cfg: FinetuneConfig) -> dict:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     model, tok = build_model(cfg, names, sum(data.head_sizes) or None, device, bf16)
+    autocast = (
+        (lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    )
     if cfg.method == "deep-lora":
         for name in names:  # the compression step, from each tenant's first batch (Sec. 3.2)
             rows = {name: rows_of(len(data.train[name]), cfg.seed, 0, cfg.batch_size)}
-            _compress(cfg, model, _batch(cfg, data, rows, tok, device), name, data.head_sizes)
+            with autocast():  # the frozen weights' dtype, as in training
+                _compress(cfg, model, _batch(cfg, data, rows, tok, device), name, data.head_sizes)
     owners = trainable(model, cfg, names)
     opt = _optimizer(cfg, model, owners, device)
     class_weights = _class_weights(cfg, data)
@@ -66,9 +70,6 @@ def finetune(cfg: FinetuneConfig) -> dict:
     warmup = int(cfg.warmup * steps)
     eval_every = cfg.eval_every or max(1, steps // 10)
     save_every = cfg.save_every or eval_every
-    autocast = (
-        (lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
-    )
     if cfg.compile:
         model.compile()
 
@@ -81,7 +82,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     bar = tqdm(total=steps, initial=step, desc=f"finetune {cfg.method}", disable=not cfg.progress)
     tokens_seen, train_seconds, result = 0, 0.0, {}
     while step < steps:
-        t0 = time.perf_counter()
+        t0, step_tokens = time.perf_counter(), 0
         micro = [
             {
                 name: rows_of(len(ex), cfg.seed, step * cfg.accumulation + m, cfg.batch_size)
@@ -92,25 +93,28 @@ def finetune(cfg: FinetuneConfig) -> dict:
         denom = _denominators(cfg, data, micro, class_weights)
         for g in opt.param_groups:
             g["lr"] = g["initial_lr"] * lr_factor(step, steps, warmup, floor=0.0)
-        loss_sum = {name: 0.0 for name in names}
+        acc = torch.zeros(len(names), device=device)  # each tenant's loss, summed on the GPU
         for rows in micro:
             batch = _batch(cfg, data, rows, tok, device)
-            tokens_seen += int(batch["attention_mask"].sum())
+            step_tokens += batch["tokens"]
             with autocast(), _rows_adapters(model, cfg, batch["tenant"]):
                 losses = _row_losses(cfg, model, batch, data.head_sizes, class_weights)  # (B,)
             scale = torch.tensor([1.0 / denom[n] for n in batch["tenant"]], device=losses.device)
             (losses * scale).sum().backward()
-            for v, n in zip((losses * scale).tolist(), batch["tenant"]):
-                loss_sum[n] += v
+            acc.index_add_(0, torch.tensor([names.index(n) for n in batch["tenant"]], device=device),
+                           (losses * scale).detach().float())  # fmt: skip
         if cfg.max_grad_norm:
             for params in owners.values():  # per tenant: its update is its own
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        train_seconds += time.perf_counter() - t0
+        loss_sum = dict(zip(names, acc.tolist()))  # the step's one wait for the GPU
+        seconds = time.perf_counter() - t0  # acc.tolist() waited for the GPU: the step's whole time
+        train_seconds, tokens_seen = train_seconds + seconds, tokens_seen + step_tokens
         loss = sum(loss_sum.values()) / len(names)
-        record = {"step": step, "loss": loss, "lr": opt.param_groups[0]["lr"], "time": time.time()}
+        record = {"step": step, "loss": loss, "lr": opt.param_groups[0]["lr"], "time": time.time(),
+                  "tokens": step_tokens, "seconds": seconds}  # fmt: skip
         if len(names) > 1:
             record["tenant_loss"] = loss_sum
         bar.update(1)
@@ -146,7 +150,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
         "out": str(folder.out),
         "outputs": folder.output_paths(),
         "truncated": {n: s.get("truncated", 0) for n, s in data.stats.items()},
-        "seconds": time.time() - started,
+        "wall_seconds": time.time() - started,
     }
 
 
@@ -178,8 +182,10 @@ def _batch(cfg, data, rows: dict[str, list[int]], tok, device) -> dict:
     for name, idx in rows.items():
         examples += [data.train[name][i] for i in idx]
         tenant += [name] * len(idx)
-    batch = {k: v.to(device) for k, v in collate(examples, tok.pad_token_id).items()}
-    batch["tenant"] = tenant
+    cpu = collate(examples, tok.pad_token_id)
+    pin = torch.device(device).type == "cuda"  # pinned: the copy does not wait for the GPU's queue
+    batch = {k: (v.pin_memory() if pin else v).to(device, non_blocking=pin) for k, v in cpu.items()}
+    batch["tenant"], batch["tokens"] = tenant, int(cpu["attention_mask"].sum())
     return batch
 
 
@@ -226,11 +232,18 @@ def _denominators(cfg, data, micro, class_weights) -> dict[str, float]:
     for name, examples in data.train.items():
         idx = [i for rows in micro for i in rows[name]]
         if cfg.task == "causal-lm":
-            n = sum(sum(1 for t in examples[i].labels[1:] if t != -100) for i in idx)
+            n = sum(_loss_tokens(examples[i]) for i in idx)
         else:
             n = len(idx)
         denom[name] = float(max(1, n))
     return denom
+
+
+def _loss_tokens(example) -> int:
+    """The tokens that a causal-LM example is scored on (labels after the first), counted once."""
+    if not hasattr(example, "_loss_tokens"):
+        example._loss_tokens = sum(1 for t in example.labels[1:] if t != -100)
+    return example._loss_tokens
 
 
 def _checkpoint(out: Path, step: int, model, opt, owners: dict, best: dict, stale: int) -> None:

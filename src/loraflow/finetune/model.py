@@ -117,9 +117,10 @@ def head_losses(
 def token_losses(model: nn.Module, batch: dict) -> torch.Tensor:
     """Summed next-token cross-entropy of each row over its labelled tokens: (B,)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
-    targets = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
-    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, ignore_index=-100, reduction="none")
-    return nll.sum(1)  # (B,)
+    b, t, v = logits.shape
+    targets = batch["labels"][:, 1:].reshape(-1)  # (B·(T-1),): position t predicts token t+1
+    nll = F.cross_entropy(logits[:, :-1].reshape(-1, v).float(), targets, ignore_index=-100, reduction="none")
+    return nll.view(b, t - 1).sum(1)  # (B,)
 
 
 def save_adapter_to(model: nn.Module, name: str, folder: Path, heads: list[dict] | None) -> None:
