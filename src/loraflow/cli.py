@@ -278,7 +278,13 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _main(argv: list[str] | None) -> None:
-    from loraflow.bench.commands import cmd_bench_kernels, cmd_bench_serve, cmd_bench_train
+    from loraflow.bench.commands import (
+        cmd_bench_deep_matrix,
+        cmd_bench_finetune,
+        cmd_bench_kernels,
+        cmd_bench_serve,
+        cmd_bench_train,
+    )
 
     argv = sys.argv[1:] if argv is None else argv
     recipes = {  # commands with their own arguments (module: main(argv) -> a JSON-able summary)
@@ -447,6 +453,25 @@ def _main(argv: list[str] | None) -> None:
     p.add_argument("--kind", choices=["decode", "prefill", "flora"], help="only cases of this kind")
     p.add_argument("--merge", metavar="DIR", help="make the report from the --part files in DIR")
     p.set_defaults(func=cmd_bench_kernels)
+    p = bench.add_parser("finetune", help=cmd_bench_finetune.__doc__)
+    p.add_argument("--shapes", default="default,1b", help="models: default (the embedded one) and Llama shapes")
+    p.add_argument("--steps", type=int, default=30, help="optimizer steps per run")
+    p.add_argument("--warmup", type=int, default=5, help="steps left out of the steady-state figures")
+    p.add_argument("--batch-size", type=int, default=8, help="rows a step")
+    p.add_argument("--max-length", type=int, default=512, help="tokens a row (packed text)")
+    p.add_argument("--r", type=int, default=16, help="LoRA rank")
+    p.add_argument("--alpha", type=float, default=32.0, help="LoRA alpha")
+    p.add_argument("--tenants", type=int, default=16, help="adapters in the many-tenants run (0: skip it)")
+    p.add_argument("--tenant-batch", type=int, default=2, help="rows each tenant adds to a step")
+    p.add_argument("--tenant-steps", type=int, default=20, help="steps of the many-tenants runs")
+    p.add_argument("--device", default="cuda", help="where to train")
+    p.add_argument("--out", default="benchmarks/results", help="folder for the JSON, Markdown and PNG")
+    p.set_defaults(func=cmd_bench_finetune)
+    from loraflow.bench.deep_matrix import add_arguments as deep_matrix_arguments
+
+    p = bench.add_parser("deep-matrix-completion", help=cmd_bench_deep_matrix.__doc__)
+    deep_matrix_arguments(p)
+    p.set_defaults(func=cmd_bench_deep_matrix)
     args = parser.parse_args(argv)
     if args.version:
         from loraflow import __version__

@@ -257,6 +257,27 @@ def cmd_bench_train(args) -> None:
     print("wrote", *paths)
 
 
+def cmd_bench_finetune(args) -> None:
+    """LoRA fine-tuning tokens/s against transformers + PEFT, and many tenants in one job against
+    one after another; JSON, Markdown and PNG under --out."""
+    from loraflow.bench import finetune, report
+
+    result = finetune.run(args)
+    env = report.environment()
+    md = finetune.markdown(result, env)
+    paths = report.write(args.out, "finetune", {"environment": env, **result}, md, finetune.figure(result))
+    print(md)
+    print("wrote", ", ".join(map(str, paths)))
+
+
+def cmd_bench_deep_matrix(args) -> None:
+    """The Deep LoRA paper's deep matrix completion: the original deep factorization against the
+    compressed one, error curves and the wall-clock speed-up to equal error."""
+    from loraflow.bench import deep_matrix
+
+    deep_matrix.cmd(args)
+
+
 def merge_kernel_parts(folder: str, out: str) -> None:
     """One report from the ``--part`` JSON files in ``folder`` (runs anywhere, no GPU)."""
 
