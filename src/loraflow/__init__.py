@@ -3,10 +3,13 @@
 import loraflow as lf
 model, tok = lf.load_model()
 lf.add_adapter(model, lf.LoRAConfig(r=8, alpha=16, target_modules=["q_proj", "v_proj"]), name="a")
+lf.finetune(lf.FinetuneConfig(data="chat.jsonl", out="runs/chat"))   # = loraflow finetune
 """
 
 from loraflow.adapters import *  # noqa: F401,F403
 from loraflow.adapters import __all__ as _adapters_all
+from loraflow.finetune.config import FinetuneConfig
+from loraflow.finetune.loop import finetune  # lf.finetune is the function; imports name the package in full
 from loraflow.models import cache_dir, llama_config, load_model
 from loraflow.optim import (
     GaLoreAdafactor,
@@ -25,6 +28,8 @@ __all__ = [
     "llama_config",
     "load_model",
     "Engine",
+    "FinetuneConfig",
+    "finetune",
     "GaLoreAdafactor",
     "GaLoreAdamW",
     "GaLoreAdamW8bit",

@@ -85,6 +85,17 @@ def test_classifier_two_heads_loads_in_peft_with_equal_logits(tmp_path, tiny_smo
     assert trained.shape == (7, 64) and torch.equal(ours.score.weight.detach(), trained)
 
 
+def test_full_fine_tuned_classifier_is_a_model_folder_that_eval_scores(tmp_path, tiny_smol, medical_csv):
+    from loraflow.evaluate.command import main as eval_main
+
+    run(tmp_path, model=tiny_smol, data=medical_csv, task="classification", method="full", steps=2, dev_fraction=0.0)
+    folder = tmp_path / "out" / "model"
+    assert (folder / "labels.json").is_file() and (folder / "config.json").is_file()
+    metrics = eval_main(["--adapter", str(folder), "--data", medical_csv, "--out", str(tmp_path / "ev"),
+                         "--max-length", "64", "--device", "cpu"])  # fmt: skip
+    assert 0.0 <= metrics["macro_f1"] <= 1.0 and set(metrics["top_k_accuracy"]) == {"1", "3"}
+
+
 @pytest.mark.parametrize("method", ["flora", "deep-lora", "full", "galore"])
 def test_every_method_trains_and_saves(tmp_path, tiny_smol, chat_file, method):
     run(tmp_path, model=tiny_smol, data=chat_file, method=method, steps=4, eval_every=2, r=2, galore_rank=4)
@@ -188,10 +199,11 @@ def test_bad_inputs_are_refused_and_nothing_saved_is_touched(tmp_path, tiny_smol
         assert not (tmp_path / name / "adapter_config.json").exists()
 
 
-def test_long_texts_are_truncated_and_counted(tmp_path, tiny_smol, medical_csv):
+def test_long_texts_are_truncated_and_counted(tmp_path, tiny_smol, medical_csv, capsys):
     result = run(tmp_path, model=tiny_smol, data=medical_csv, task="classification", steps=1, dev_fraction=0.0,
-                 max_length=32)  # fmt: skip
+                 max_length=32, progress=True)  # fmt: skip
     assert result["truncated"]["default"] == 40  # every abstract is longer than 32 tokens
+    assert "40 of 40 examples are longer than --max-length 32 tokens" in capsys.readouterr().err
     info = json.loads((tmp_path / "out" / "run.json").read_text())
     assert info["data"]["default"]["truncated"] == 40
 

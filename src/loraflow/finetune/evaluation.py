@@ -11,7 +11,6 @@ import contextlib
 
 import torch
 
-from loraflow.evaluate.metrics import classification_metrics, joint_accuracy, perplexity
 from loraflow.finetune.data import Example, collate
 from loraflow.finetune.model import classify, token_losses
 
@@ -57,6 +56,8 @@ def classification_scores(probs: list[torch.Tensor], examples: list[Example], he
     """The first head's metrics of ``classification_metrics`` at the top level, and every head's
     under "heads"; with several heads also the joint accuracy (every head right) and the mean
     macro-F1 over heads (what the best adapter is then chosen by)."""
+    from loraflow.evaluate.metrics import classification_metrics, joint_accuracy  # scikit-learn: when used
+
     scores: dict = {"heads": {}}
     labels = [[e.classes[j] for e in examples] for j in range(len(heads))]
     for j, head in enumerate(heads):
@@ -81,6 +82,8 @@ def evaluate_dev(cfg, model, tok, data, device) -> dict[str, dict]:
                 continue
             adapter = name if cfg.adapter else None
             if cfg.task == "causal-lm":
+                from loraflow.evaluate.metrics import perplexity
+
                 total, tokens = nll(model, examples, tok.pad_token_id, device, cfg.batch_size, adapter)
                 out[name] = {"loss": total / max(1, tokens), "ppl": perplexity(total, max(1, tokens))}
             else:

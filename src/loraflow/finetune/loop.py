@@ -18,6 +18,7 @@ import contextlib
 import json
 import math
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from loraflow.finetune.evaluation import evaluate_dev
 from loraflow.finetune.model import build_model, classify, head_losses, token_losses, trainable
 from loraflow.finetune.outputs import CKPT_FILES, RunFolder
 from loraflow.finetune.sources import load_run_data, rows_of
+from loraflow.optim import GaLoreAdamW, galore_param_groups
 from loraflow.train.checkpoint import lr_factor, save_checkpoint, trim_log
 
 
@@ -50,6 +52,11 @@ def finetune(cfg: FinetuneConfig) -> dict:
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     data = load_run_data(cfg, tok)
+    cut = sum(st.get("truncated", 0) for st in data.stats.values())
+    if cut and cfg.progress:
+        total = sum(st["examples"] for st in data.stats.values())
+        print(f"finetune: {cut} of {total} examples are longer than --max-length {cfg.max_length} tokens and "
+              "were truncated (counted in run.json)", file=sys.stderr)  # fmt: skip
     names = list(data.train)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -155,13 +162,11 @@ def finetune(cfg: FinetuneConfig) -> dict:
 
 
 def _optimizer(cfg: FinetuneConfig, model, owners: dict, device: str):
-    import loraflow as lf
-
     if cfg.method == "galore":
-        groups = lf.galore_param_groups(
+        groups = galore_param_groups(
             model, rank=cfg.galore_rank, update_proj_gap=cfg.update_proj_gap, scale=cfg.galore_scale
         )
-        opt = lf.GaLoreAdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt = GaLoreAdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     else:
         groups = []
         for owner, params in owners.items():
