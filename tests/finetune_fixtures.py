@@ -1,6 +1,6 @@
 """Fixtures for the fine-tuning and evaluation tests (a plugin of tests/conftest.py): a tiny
 random Llama with the embedded model's tokenizer (real text, real chat template) and a few
-rows of the shared data sets."""
+rows of the data sets that examples/data holds."""
 
 import csv
 import json
@@ -12,7 +12,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from loraflow.models.loading import default_model_path
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = Path(__file__).resolve().parents[1] / "examples" / "data"  # the repository's copies of shared/data
 
 
 @pytest.fixture(scope="session")
@@ -69,7 +69,7 @@ def tenant_files(tmp_path_factory) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def medical_csv(tmp_path_factory) -> str:
     """40 medical abstracts, 8 of each of the 5 conditions, with a second label column."""
-    rows = list(csv.DictReader(open(SHARED / "medical_abstracts" / "abstracts.csv", newline="")))
+    rows = list(csv.DictReader(open(DATA / "medical_abstracts" / "abstracts.csv", newline="")))
     picked, count = [], {}
     for r in rows:
         if count.get(r["condition_label"], 0) < 8:
