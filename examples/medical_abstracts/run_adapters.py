@@ -40,7 +40,8 @@ def finetune_and_eval(name: str, train: str, method: str, epochs: float, batch: 
         [*cli, "finetune", "--task", "classification", "--data", train, "--dev", str(HERE / "dev.csv"),
          *METHODS[method], "--max-length", str(args.max_length), "--epochs", str(epochs), "--batch-size",
          str(batch), "--seed", str(seed), "--device", args.device, "--out", str(out), "--overwrite",
-         "--no-progress", *model, *(["--eval-every", str(args.eval_every)] if args.eval_every else [])],
+         "--no-progress", *model, *(["--eval-every", str(args.eval_every)] if args.eval_every else []),
+         *(["--group-by-length"] if args.group_by_length else [])],
         check=True,
     )  # fmt: skip
     wall = time.perf_counter() - started
@@ -65,6 +66,7 @@ def peft(args, epochs: float, batch: int) -> dict:
     started = time.perf_counter()
     subprocess.run(
         [sys.executable, str(HERE / "peft_baseline.py"), "--train", str(args.train), "--dev", str(HERE / "dev.csv"),
+         *(["--group-by-length"] if args.group_by_length else []),
          "--out", str(out), "--epochs", str(epochs), "--batch-size", str(batch), "--lr", "5e-4",
          "--max-length", str(args.max_length), "--device", args.device,
          *(["--model", args.model] if args.model else [])],
@@ -95,6 +97,7 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--eval-every", type=int, help="dev evaluations' spacing in steps (default finetune's)")
     ap.add_argument("--parallel", type=int, default=6, help="runs sharing the GPU at once (few-shot, FLoRA, ...)")
+    ap.add_argument("--group-by-length", action="store_true", help="both loops batch rows of about one length")
     ap.add_argument("--quick", action="store_true", help="a CPU smoke run: 64 rows, a fraction of an epoch")
     ap.add_argument(
         "--part",

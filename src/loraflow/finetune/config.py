@@ -38,6 +38,7 @@ RUN_IDENTITY = (
     "max_length",
     "batch_size",
     "accumulation",
+    "group_by_length",
     "seed",
 )
 
@@ -71,6 +72,7 @@ class FinetuneConfig:
     steps: int | None = None
     batch_size: int = 8
     accumulation: int = 1
+    group_by_length: bool = False  # batches of examples of about one length: less padding
     lr: float | None = None  # default: DEFAULT_LR[method]
     warmup: float = 0.03  # fraction of the steps
     weight_decay: float = 0.0

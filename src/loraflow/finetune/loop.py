@@ -32,7 +32,7 @@ from loraflow.finetune.data import collate
 from loraflow.finetune.evaluation import evaluate_dev
 from loraflow.finetune.model import build_model, classify, head_losses, token_losses, trainable
 from loraflow.finetune.outputs import CKPT_FILES, RunFolder
-from loraflow.finetune.sources import load_run_data, rows_of
+from loraflow.finetune.sources import Order, load_run_data
 from loraflow.optim import GaLoreAdamW, galore_param_groups
 from loraflow.train.checkpoint import lr_factor, save_checkpoint, trim_log
 
@@ -64,9 +64,13 @@ def finetune(cfg: FinetuneConfig) -> dict:
     autocast = (
         (lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     )
+    orders = {
+        name: Order(len(ex), cfg.seed, cfg.batch_size, [len(e.input_ids) for e in ex] if cfg.group_by_length else None)
+        for name, ex in data.train.items()
+    }
     if cfg.method == "deep-lora":
         for name in names:  # the compression step, from each tenant's first batch (Sec. 3.2)
-            rows = {name: rows_of(len(data.train[name]), cfg.seed, 0, cfg.batch_size)}
+            rows = {name: orders[name].rows(0)}
             with autocast():  # the frozen weights' dtype, as in training
                 _compress(cfg, model, _batch(cfg, data, rows, tok, device), name, data.head_sizes)
     owners = trainable(model, cfg, names)
@@ -91,11 +95,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     while step < steps:
         t0, step_tokens = time.perf_counter(), 0
         micro = [
-            {
-                name: rows_of(len(ex), cfg.seed, step * cfg.accumulation + m, cfg.batch_size)
-                for name, ex in data.train.items()
-            }
-            for m in range(cfg.accumulation)
+            {name: orders[name].rows(step * cfg.accumulation + m) for name in names} for m in range(cfg.accumulation)
         ]
         denom = _denominators(cfg, data, micro, class_weights)
         for g in opt.param_groups:

@@ -63,18 +63,41 @@ def load_run_data(cfg: FinetuneConfig, tok) -> RunData:
     return RunData(train, dev, heads, stats)
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """The permutation of a tenant's n examples in ``epoch`` (the same for every run with the seed)."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+class Order:
+    """The order in which a tenant's ``n`` examples are taken, ``batch`` at a time: each epoch a
+    seeded permutation, the same for every run with the seed. With ``lengths`` (group by
+    length), each epoch's permutation is cut into pools of 64 batches, a pool sorted by length
+    so that a batch holds examples of about one length (little padding), and the batches of the
+    epoch shuffled again: every example still comes once an epoch."""
+
+    POOL = 64  # batches sorted together
+
+    def __init__(self, n: int, seed: int, batch: int, lengths: list[int] | None = None):
+        self.n, self.seed, self.batch, self.lengths = n, seed, batch, lengths
+        self._epochs: dict[int, list[int]] = {}
+
+    def epoch(self, e: int) -> list[int]:
+        if e not in self._epochs:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + e)
+            perm = torch.randperm(self.n, generator=g).tolist()
+            if self.lengths is not None:
+                pool = self.batch * self.POOL
+                perm = [i for k in range(0, self.n, pool) for i in sorted(perm[k : k + pool], key=self._length)]
+                batches = [perm[k : k + self.batch] for k in range(0, self.n, self.batch)]
+                perm = [i for b in torch.randperm(len(batches), generator=g).tolist() for i in batches[b]]
+            self._epochs = {k: v for k, v in self._epochs.items() if k >= e - 1}  # keep two epochs
+            self._epochs[e] = perm
+        return self._epochs[e]
+
+    def _length(self, i: int) -> int:
+        return -self.lengths[i]
+
+    def rows(self, micro: int) -> list[int]:
+        """The example indices of the ``micro``-th micro-batch: ``batch`` consecutive positions
+        in the concatenation of the epochs' orders."""
+        return [self.epoch(pos // self.n)[pos % self.n] for pos in range(micro * self.batch, (micro + 1) * self.batch)]
 
 
 def rows_of(n: int, seed: int, micro: int, batch: int) -> list[int]:
-    """The example indices of a tenant's ``micro``-th micro-batch: ``batch`` consecutive
-    positions in the concatenation of its epochs' permutations."""
-    out, orders = [], {}
-    for pos in range(micro * batch, (micro + 1) * batch):
-        epoch, i = divmod(pos, n)
-        if epoch not in orders:
-            orders[epoch] = epoch_order(n, seed, epoch)
-        out.append(int(orders[epoch][i]))
-    return out
+    """The ``micro``-th micro-batch of ``Order(n, seed, batch)`` (random batches)."""
+    return Order(n, seed, batch).rows(micro)
