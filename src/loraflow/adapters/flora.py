@@ -70,10 +70,11 @@ class FLoRA(nn.Module):
 
     def forward(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor:
         """y = (1/r) Σ_k b_k ∘ (W0 (a_k ∘ x)) + bias."""
-        # x: (..., d_in)
-        xs = x.unsqueeze(-2) * self.A  # (..., r, d_in)
-        z = F.linear(xs, base_weight(base))  # (..., r, d_out)
-        y = (z * self.B.T).mean(-2)  # (..., d_out)
+        w0 = base_weight(base)
+        if torch.is_grad_enabled() and not w0.requires_grad and (self.A.requires_grad or self.B.requires_grad):
+            y = FLoRAProducts.apply(x, self.A, self.B, w0)  # training: r-fold activations not kept
+        else:
+            y = flora_products(x, self.A, self.B, w0)
         return y if base.bias is None else y + base.bias
 
     def multiplier(self) -> torch.Tensor:
@@ -93,3 +94,45 @@ class FLoRA(nn.Module):
 
     def extra_repr(self) -> str:
         return f"r={self.r}"
+
+
+def flora_products(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, w0: torch.Tensor) -> torch.Tensor:
+    """(1/r) Σ_k b_k ∘ (W0 (a_k ∘ x)), without the bias."""
+    # x: (..., d_in), a: (r, d_in), b: (d_out, r), w0: (d_out, d_in)
+    xs = x.unsqueeze(-2) * a  # (..., r, d_in)
+    z = F.linear(xs, w0)  # (..., r, d_out)
+    return (z * b.T).mean(-2)  # (..., d_out)
+
+
+class FLoRAProducts(torch.autograd.Function):
+    """``flora_products`` for training with a frozen W0, keeping only x, A and B for the backward
+    pass: autograd would keep the r products z_k = W0 (a_k ∘ x), r times a layer's output per
+    token (rank 8 on every linear layer of SmolLM2 took 31 GB at batch 16 x 512). Backward
+    recomputes them (one more r-row GEMM) for B's gradient:
+
+        g_z = g ∘ b_k / r,   ∂x = Σ_k a_k ∘ (W0ᵀ g_z),   ∂A_k = Σ_t x ∘ (W0ᵀ g_z),   ∂B_k = Σ_t g ∘ z_k / r
+
+    Under autocast the products run in the autocast dtype, as plain autograd would run them."""
+
+    @staticmethod
+    def forward(ctx, x, a, b, w0):
+        device = x.device.type
+        ctx.mm_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        ctx.save_for_backward(x, a, b, w0)
+        return flora_products(x, a, b, w0)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, a, b, w0 = ctx.saved_tensors
+        dtype = ctx.mm_dtype or torch.promote_types(torch.promote_types(x.dtype, a.dtype), w0.dtype)
+        r, d_in = a.shape
+        gz = g.unsqueeze(-2) * (b.T / r)  # (..., r, d_out)
+        gxs = (gz.to(dtype) @ w0.to(dtype)).to(gz.dtype)  # (..., r, d_in): W0ᵀ g_z
+        grad_x = (gxs * a).sum(-2).to(x.dtype) if ctx.needs_input_grad[0] else None
+        grad_a = (gxs * x.unsqueeze(-2)).reshape(-1, r, d_in).sum(0).to(a.dtype) if ctx.needs_input_grad[1] else None
+        grad_b = None
+        if ctx.needs_input_grad[2]:
+            xs = (x.unsqueeze(-2) * a).to(dtype)  # (..., r, d_in)
+            z = (xs @ w0.to(dtype).T).to(gz.dtype)  # (..., r, d_out): recomputed
+            grad_b = (g.unsqueeze(-2) * z / r).reshape(-1, r, z.shape[-1]).sum(0).T.to(b.dtype)  # (d_out, r)
+        return grad_x, grad_a, grad_b, None
