@@ -200,6 +200,15 @@ def test_bad_inputs_are_refused_and_nothing_saved_is_touched(tmp_path, tiny_smol
         assert not (tmp_path / name / "adapter_config.json").exists()
 
 
+def test_overwriting_a_classifier_with_a_causal_lm_adapter_drops_its_labels(tmp_path, tiny_smol, medical_csv,
+                                                                           chat_file):  # fmt: skip
+    run(tmp_path, model=tiny_smol, data=medical_csv, task="classification", steps=1, dev_fraction=0.0)
+    assert (tmp_path / "out" / "labels.json").is_file()
+    run(tmp_path, model=tiny_smol, data=chat_file, steps=1, dev_fraction=0.0, overwrite=True)
+    assert not (tmp_path / "out" / "labels.json").exists()  # eval would take it for a classifier
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
+
+
 def test_long_texts_are_truncated_and_counted(tmp_path, tiny_smol, medical_csv, capsys):
     result = run(tmp_path, model=tiny_smol, data=medical_csv, task="classification", steps=1, dev_fraction=0.0,
                  max_length=32, progress=True)  # fmt: skip

@@ -139,6 +139,8 @@ def save_adapter_to(model: nn.Module, name: str, folder: Path, heads: list[dict]
     if heads:
         labels = json.dumps({"heads": heads}, indent=2) + "\n"
         atomic_write(folder / LABELS_NAME, lambda tmp: Path(tmp).write_text(labels))
+    else:  # a classifier's, left by an --overwrite'd run: this adapter is no classifier
+        (folder / LABELS_NAME).unlink(missing_ok=True)
 
 
 def save_model_to(model: nn.Module, tok, folder: Path, heads: list[dict] | None) -> None:
