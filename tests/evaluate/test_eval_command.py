@@ -67,7 +67,7 @@ def test_perplexity_of_base_and_adapter(tmp_path, tiny_smol, chat_file):
 def test_code_pass_at_k_for_several_adapters_in_one_run(tmp_path, tiny_smol, chat_file):
     lora = train(tmp_path, "lora", model=tiny_smol, data=chat_file, steps=1, dev_fraction=0.0)
     flora = train(tmp_path, "flora", model=tiny_smol, data=chat_file, steps=1, dev_fraction=0.0, method="flora", r=1)
-    for extra in ([f"py={lora}"], [f"py={lora}", f"fl={flora}"]):  # the engine; the HF path (FLoRA)
+    for extra in ([f"py={lora}"], [f"py={lora}", f"fl={flora}"]):  # LoRA alone; LoRA and FLoRA rows together
         out = tmp_path / f"code{len(extra)}"
         summary = eval_main(
             ["--task", "code", "--benchmark", "mbpp", "--data", str(MBPP), "--limit", "2", "--base",

@@ -8,7 +8,11 @@ and, for additive kinds, the factors of
 
     Δy = scale · B A dropout(x),   A (r, d_in), B (d_out, r)
 
-(LoRA: its A and B; Deep LoRA: A = W_1, B = W_L ⋯ W_2). FLoRA is multiplicative: no factors.
+(LoRA: its A and B; Deep LoRA: A = W_1, B = W_L ⋯ W_2). FLoRA is multiplicative,
+
+    y = Σ_k c_k ∘ (W0 (a_k ∘ x)),   A (r, d_in), C = B / r (d_out, r)
+
+and its entry gives (A, C) instead.
 Adding a kind is its own file (config and module) and one ``register(AdapterKind(...))``.
 """
 
@@ -40,6 +44,8 @@ class AdapterKind:
     shape_from_file: Callable[[dict], dict]  # {suffix: tensor} -> what build() takes as shape
     required_keys: Callable[[dict], list[str]]  # {suffix: tensor} -> the suffixes a layer needs
     additive: Callable[[nn.Module], Factors] | None = None  # None: not additive (FLoRA)
+    # multiplicative kinds, y = Σ_k c_k ∘ (W0 (a_k ∘ x)): their (A (r, d_in), C (d_out, r))
+    multiplicative: Callable[[nn.Module], tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 KINDS: dict[str, AdapterKind] = {}
@@ -183,6 +189,7 @@ register(
         to_fields=lambda c, _: {"init_noise": c.init_noise, "rank_pattern": c.rank_pattern},
         shape_from_file=_rank_from("flora_A.weight"),
         required_keys=lambda found: ["flora_A.weight", "flora_B.weight"],
+        multiplicative=lambda m: (m.A, m.B / m.r),
     )
 )
 

@@ -2,10 +2,8 @@
 HumanEval, generated in one batched run with each row through its own adapter, every program
 executed in a sandboxed process (``evaluate/sandbox.py``).
 
-Additive adapters (LoRA, Deep LoRA) and the base model generate through ``lf.Engine``
-(continuous batching, the server's kernels); FLoRA adapters, which the engine does not serve
-yet, through the Hugging Face model's ``generate`` under ``use_adapters`` (--batch-size rows
-at once, each through its own adapter).
+Generation runs through ``lf.Engine`` (continuous batching, the server's kernels), LoRA,
+FLoRA and Deep LoRA rows and the base model's in the same batches.
 """
 
 from __future__ import annotations
@@ -13,10 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 from loraflow.atomic import atomic_write
-from loraflow.evaluate.code import Problem, generate_completions, load_humaneval, load_mbpp, prompt_ids, score
+from loraflow.evaluate.code import generate_completions, load_humaneval, load_mbpp, score
 
 
 def named_adapters(specs: list[str]) -> dict[str, str]:
@@ -35,8 +31,6 @@ def named_adapters(specs: list[str]) -> dict[str, str]:
 
 
 def run_code(args, out: Path) -> dict:
-    from loraflow.adapters.files import read_adapter
-
     ks = tuple(int(k) for k in str(args.k).split(",") if k.strip())
     if max(ks) > args.samples:
         raise ValueError(f"pass@{max(ks)} needs at least {max(ks)} completions a problem: raise --samples")
@@ -50,21 +44,13 @@ def run_code(args, out: Path) -> dict:
             raise ValueError("--benchmark mbpp needs --data: MBPP's mbpp.jsonl (examples/data/mbpp/mbpp.jsonl)")
         problems = load_mbpp(args.data, args.split)
     problems = problems[: args.limit] if args.limit else problems
-    kinds = {name: read_adapter(path)[0].kind for name, path in adapters.items()}
-    flora = {n: p for n, p in adapters.items() if kinds[n] == "FLORA"}  # the engine serves additive kinds
-    served = {n: p for n, p in adapters.items() if n not in flora}
-    rows = ([None] if args.base else []) + list(served)
-    completions = {}
-    if rows:
-        import loraflow as lf
+    rows = ([None] if args.base else []) + list(adapters)
+    import loraflow as lf
 
-        engine = lf.Engine(args.model, adapters=served, device=args.device, max_gpu_adapters=max(1, len(served)))
-        completions = generate_completions(
-            engine, problems, rows, args.samples, args.temperature, args.max_tokens, chat=True
-        )
-        del engine
-    if flora:
-        completions |= _generate_hf(args, problems, flora, list(flora))
+    engine = lf.Engine(args.model, adapters=adapters, device=args.device, max_gpu_adapters=max(1, len(adapters)))
+    completions = generate_completions(
+        engine, problems, rows, args.samples, args.temperature, args.max_tokens, chat=True
+    )
     results, lines = {}, []
     for name, answers in completions.items():
         report = score(problems, answers, ks, args.timeout, args.memory_mb)
@@ -77,46 +63,3 @@ def run_code(args, out: Path) -> dict:
     atomic_write(out / "metrics.json", lambda tmp: Path(tmp).write_text(text))
     atomic_write(out / "predictions.jsonl", lambda tmp: Path(tmp).write_text("".join(lines)))
     return summary
-
-
-@torch.no_grad()
-def _generate_hf(args, problems: list[Problem], adapters: dict[str, str], rows: list[str | None]) -> dict:
-    """Batched ``generate`` on the Hugging Face model, each row through its adapter."""
-    import loraflow as lf
-
-    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
-    model, tok = lf.load_model(args.model, dtype=dtype, device=args.device)
-    for name, path in adapters.items():
-        lf.load_adapter(model, path, name=name)
-
-    class _Shim:  # what prompt_ids needs of an engine
-        tokenizer = tok
-
-        @staticmethod
-        def tokenize(text: str) -> list[int]:
-            return tok(text, add_special_tokens=False)["input_ids"]
-
-    prompts = [prompt_ids(_Shim, p) for p in problems]
-    jobs = [(a, i) for a in rows for i in range(len(problems)) for _ in range(args.samples)]
-    texts: list[str] = []
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    chunk = max(1, args.batch_size)
-    for start in range(0, len(jobs), chunk):
-        part = jobs[start : start + chunk]
-        width = max(len(prompts[i]) for _, i in part)
-        ids = torch.full((len(part), width), pad)
-        mask = torch.zeros(len(part), width, dtype=torch.long)
-        for j, (_, i) in enumerate(part):  # left padding: every row's next token at the end
-            ids[j, width - len(prompts[i]) :] = torch.tensor(prompts[i])
-            mask[j, width - len(prompts[i]) :] = 1
-        sampling = (
-            {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {"do_sample": False}
-        )
-        with lf.use_adapters(model, [a for a, _ in part]):
-            gen = model.generate(
-                input_ids=ids.to(args.device), attention_mask=mask.to(args.device), max_new_tokens=args.max_tokens,
-                pad_token_id=pad, **sampling,
-            )  # fmt: skip
-        texts += tok.batch_decode(gen[:, width:], skip_special_tokens=True)
-    it = iter(texts)
-    return {("base" if a is None else a): [[next(it) for _ in range(args.samples)] for _ in problems] for a in rows}

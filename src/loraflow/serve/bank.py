@@ -7,11 +7,19 @@ compute and bandwidth follow each adapter's own rank). A layer that an adapter d
 target has rank 0 in that slot.
 
     y_t = W0 x_t + b + B_{s_t} A_{s_t} x_t      (s_t = −1: nothing added)
+
+A slot may hold a multiplicative adapter instead (FLoRA: Wen & Chaudhuri, ICLR 2024), its
+rows a_k and c_kᵀ = (b_k / r)ᵀ in the same buffers; its tokens take
+
+    y_t = Σ_k c_k ∘ (W0 (a_k ∘ x_t)) + b
+
+the r scaled copies of x_t stacked into one GEMM with W0 (``flora_rows``), and are left out
+of the additive path (slot −1 there).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -37,9 +45,16 @@ class TokenSlots:
     rows: torch.Tensor | None = None  # CPU, few tokens per slot: (N, r_max) bank rows to gather
     valid: torch.Tensor | None = None  # (N, 1) 1.0 for tokens with an adapter
     mask: torch.Tensor | None = None  # decode, bank mostly in use: (N, slots · r_max) 1 on each token's rows
+    flora: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # multiplicative: (slot, token indices)
 
     @staticmethod
     def build(slots: list[int], bank: AdapterBank, device, dtype=torch.float32) -> TokenSlots:
+        flora_slots = sorted({s for s in slots if s >= 0 and bank.slot_flora[s]})
+        if flora_slots:  # their tokens leave the additive path
+            flora = [(u, torch.tensor([i for i, s in enumerate(slots) if s == u], device=device)) for u in flora_slots]
+            ts = TokenSlots.build([-1 if s >= 0 and bank.slot_flora[s] else s for s in slots], bank, device, dtype)
+            ts.flora = flora
+            return ts
         used = sorted({s for s in slots if s >= 0})
         n_slots, r_max = bank.n_slots, bank.r_max
         decode_like = len(used) > 1 and len(slots) <= 8 * len(used)
@@ -78,7 +93,11 @@ class BankedLinear(nn.Module):
         self.packed = None  # a BankView over the bank's buffers, set by AdapterBank
 
     def forward(self, x: torch.Tensor, slots: TokenSlots) -> torch.Tensor:
-        """y = W0 x + b + B_s A_s x for each token's slot s."""
+        """y = W0 x + b + B_s A_s x for each token's slot s (FLoRA slots: ``flora_rows``)."""
+        y = self._additive(x, slots)
+        return flora_rows(self, x, y, slots) if slots.flora else y
+
+    def _additive(self, x: torch.Tensor, slots: TokenSlots) -> torch.Tensor:
         # x: (N, d_in)
         p = self.packed
         if p is None or not slots.used or not p.any_active:
@@ -104,6 +123,28 @@ class BankedLinear(nn.Module):
         return y
 
 
+def flora_rows(layer: BankedLinear, x: torch.Tensor, y: torch.Tensor, slots: TokenSlots) -> torch.Tensor:
+    """The tokens of multiplicative slots get y_t = Σ_k c_k ∘ (W0 (a_k ∘ x_t)) + b: the r scaled
+    copies of every such token, of every slot, go through W0 in one GEMM."""
+    p = layer.packed
+    jobs = [(slot, idx, p.ranks_host[slot]) for slot, idx in slots.flora if p is not None and p.ranks_host[slot]]
+    if not jobs:  # no FLoRA adapter on this layer: W0 x + b, as y has it
+        return y
+    stacked = []
+    for slot, idx, r in jobs:
+        lo = slot * p.r_max
+        stacked.append((x.index_select(0, idx).unsqueeze(1) * p.a[lo : lo + r]).reshape(-1, layer.d_in))  # (n·r, d_in)
+    z = F.linear(torch.cat(stacked), layer.weight)  # (Σ n·r, d_out): one GEMM for every FLoRA row
+    start = 0
+    for slot, idx, r in jobs:
+        lo, n = slot * p.r_max, len(idx)
+        part = z[start : start + n * r].view(n, r, layer.d_out)  # (n, r, d_out)
+        out = (part * p.bt[lo : lo + r]).sum(1)  # (n, d_out): Σ_k c_k ∘ z_k
+        y.index_copy_(0, idx, out if layer.bias is None else out + layer.bias)
+        start += n * r
+    return y
+
+
 def banked_siblings(x: torch.Tensor, slots: TokenSlots, layers: tuple[BankedLinear, ...]) -> list[torch.Tensor]:
     """[m(x, slots) for m in layers] for layers that read the same x (q/k/v, gate/up). Under
     the "siblings" decode kernel their adapters share one shrink and one expand launch
@@ -112,7 +153,8 @@ def banked_siblings(x: torch.Tensor, slots: TokenSlots, layers: tuple[BankedLine
     if slots.variant != "siblings" or not slots.used or any(p is None or not p.any_active for p in views):
         return [m(x, slots) for m in layers]
     deltas = lora_delta_siblings(x, slots.ids, views, [m.bias for m in layers])
-    return [d.addmm_(x, m.weight.T) for d, m in zip(deltas, layers)]  # W0 x + b + Δ, in place
+    outs = [d.addmm_(x, m.weight.T) for d, m in zip(deltas, layers)]  # W0 x + b + Δ, in place
+    return [flora_rows(m, x, y, slots) for m, y in zip(layers, outs)] if slots.flora else outs
 
 
 class BankView:
@@ -131,6 +173,7 @@ class AdapterBank:
         self.n_slots, self.r_max = n_slots, r_max
         self.device = next(model.parameters()).device
         self.slot_ranks = [0] * n_slots  # each slot's largest rank over the layers
+        self.slot_flora = [False] * n_slots  # the slot holds a multiplicative adapter (FLoRA)
         self.layout = 0  # bumped when a layer first gets an adapter: CUDA graphs of older layouts are stale
         self.layers: dict[str, BankedLinear] = {n: m for n, m in model.named_modules() if isinstance(m, BankedLinear)}
         for m in self.layers.values():
@@ -160,9 +203,13 @@ class AdapterBank:
         return {n: (m.d_out, m.d_in) for n, m in self.layers.items()}
 
     @torch.no_grad()
-    def write(self, slot: int, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Put an adapter in ``slot``: module name -> (A (r, d_in), scale·B (d_out, r))."""
-        self.slot_ranks[slot] = max((a.shape[0] for a, _ in factors.values()), default=0)
+    def write(
+        self, slot: int, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], multiplicative: bool = False
+    ) -> None:
+        """Put an adapter in ``slot``: module name -> (A (r, d_in), C (d_out, r)), C = scale·B
+        (additive) or B / r (``multiplicative``: FLoRA)."""
+        self.slot_ranks[slot] = 0 if multiplicative else max((a.shape[0] for a, _ in factors.values()), default=0)
+        self.slot_flora[slot] = multiplicative
         for name, m in self.layers.items():
             p = m.packed
             lo = slot * self.r_max

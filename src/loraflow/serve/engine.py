@@ -236,7 +236,8 @@ class Engine:
 
     def _run(self, plan: list[tuple[Request, int]]) -> list[Request]:
         """The model over the plan's tokens, then one token for each request whose prompt is done."""
-        if self.graphs is not None and len(plan) <= self.graphs.size and all(n == 1 for _, n in plan):
+        flora = any(r.slot >= 0 and self.bank.slot_flora[r.slot] for r, _ in plan)  # graphs hold additive slots
+        if self.graphs is not None and not flora and len(plan) <= self.graphs.size and all(n == 1 for _, n in plan):
             logits = self.graphs.run([(r.token(r.computed), r.computed, r.slot, r.blocks) for r, _ in plan])
             rows = [(i, r) for i, (r, _) in enumerate(plan) if r.computed + 1 == r.n_tokens]
         else:

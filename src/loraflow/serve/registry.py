@@ -28,18 +28,26 @@ class AdapterError(Exception):
     """An adapter that cannot be served (unknown, malformed, or not for this base model)."""
 
 
-def factors_for_bank(path: Path, shapes: dict[str, tuple[int, int]], r_max: int) -> dict:
-    """module name -> (A (r, d_in), scale·B (d_out, r)) on the CPU, checked against the model:
-    the additive factors of the adapter's kind (``adapters/kinds.py``)."""
+class SlotFactors(dict):
+    """module name -> (A (r, d_in), C (d_out, r)): an adapter as the bank holds it; C = scale·B
+    for additive kinds, C = B / r for multiplicative ones (``multiplicative`` True)."""
+
+    multiplicative: bool = False
+
+
+def factors_for_bank(path: Path, shapes: dict[str, tuple[int, int]], r_max: int) -> SlotFactors:
+    """An adapter's factors on the CPU, checked against the model: the additive ones (LoRA,
+    Deep LoRA) or the multiplicative ones (FLoRA) of its kind (``adapters/kinds.py``)."""
     try:
         config, by_module = read_adapter(path)
     except (OSError, ValueError) as e:
         raise AdapterError(str(e)) from e
     kind = kind_named(config.kind)
-    if kind.additive is None:
-        served = [k.peft_type for k in KINDS.values() if k.additive]
-        raise AdapterError(f"adapter {path.name} is {config.kind}: the server serves additive adapters ({served})")
-    out = {}
+    if kind.additive is None and kind.multiplicative is None:
+        served = [k.peft_type for k in KINDS.values() if k.additive or k.multiplicative]
+        raise AdapterError(f"adapter {path.name} is {config.kind}: the server serves {served}")
+    out = SlotFactors()
+    out.multiplicative = kind.additive is None
     for module, found in by_module.items():
         if module not in shapes:
             raise AdapterError(
@@ -52,8 +60,11 @@ def factors_for_bank(path: Path, shapes: dict[str, tuple[int, int]], r_max: int)
         except ValueError as e:
             raise AdapterError(f"adapter {path.name}: {e}") from e
         with torch.no_grad():
-            a, b, scale, _ = kind.additive(adapter)
-            a, b = a.detach().float(), scale * b.detach().float()
+            if out.multiplicative:
+                a, b = (t.detach().float() for t in kind.multiplicative(adapter))
+            else:
+                a, b, scale, _ = kind.additive(adapter)
+                a, b = a.detach().float(), scale * b.detach().float()
         if a.shape[0] > r_max:
             raise AdapterError(
                 f"adapter {path.name} has rank {a.shape[0]} on {module}, above the server's --max-lora-rank {r_max}"
@@ -194,7 +205,9 @@ class AdapterRegistry:
         dev = next(iter(self.bank.layers.values())).weight
         try:
             self.bank.write(
-                slot, {m: (a.to(dev.device, dev.dtype), b.to(dev.device, dev.dtype)) for m, (a, b) in factors.items()}
+                slot,
+                {m: (a.to(dev.device, dev.dtype), b.to(dev.device, dev.dtype)) for m, (a, b) in factors.items()},
+                multiplicative=factors.multiplicative,
             )
         except BaseException:  # e.g. out of device memory: the slot holds nothing usable
             with self._lock:

@@ -1,0 +1,90 @@
+"""FLoRA adapters served: the engine's greedy output, FLoRA rows mixed with LoRA and base rows
+in one batch, equals transformers with loraflow's FLoRA layer, request by request."""
+
+import pytest
+import torch
+from helpers import peft_adapter, prompt, tiny_llama_folder
+from transformers import LlamaForCausalLM
+
+import loraflow as lf
+from loraflow.serve.registry import factors_for_bank
+from loraflow.serve.sampling import SamplingParams
+
+
+def flora_adapter(model_folder, out, r, targets, seed):
+    """A FLoRA adapter far from the identity (A, B with noise), saved in PEFT's layout."""
+    model = LlamaForCausalLM.from_pretrained(model_folder)
+    lf.add_adapter(model, lf.FLoRAConfig(r=r, target_modules=targets), name="f")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in lf.adapter_layers(model, "f"):
+            a = layer.adapters["f"]
+            a.A.add_(0.5 * torch.randn(a.A.shape, generator=g))
+            a.B.add_(0.5 * torch.randn(a.B.shape, generator=g))
+    lf.save_adapter(model, out, name="f")
+    return out
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flora-serve")
+    tiny_llama_folder(root / "base")
+    adapters = {
+        "f1": flora_adapter(root / "base", root / "f1", 1, "all-linear", seed=1),
+        "f4": flora_adapter(root / "base", root / "f4", 4, ["q_proj", "v_proj", "down_proj"], seed=2),
+        "lora": peft_adapter(root / "base", root / "lora", 4, ["q_proj", "v_proj"], seed=3),
+    }
+    return root, adapters
+
+
+def reference(root, adapter_path, text, max_tokens):
+    """transformers greedy ids with the adapter loaded by loraflow (FLoRA) or none."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(root / "base")
+    model = LlamaForCausalLM.from_pretrained(root / "base").eval()
+    if adapter_path is not None:
+        lf.load_adapter(model, adapter_path, name="a")
+    ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                             do_sample=False, eos_token_id=1, pad_token_id=2)  # fmt: skip
+    new = out[0, ids.shape[1] :].tolist()
+    return new[: new.index(1)] if 1 in new else new
+
+
+PAGED = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU tensors through the Triton interpreter")
+
+
+@pytest.mark.parametrize("slots,rank,graphs", [(8, 64, False), (4, 8, False), pytest.param(8, 64, True, marks=PAGED)])
+def test_flora_lora_and_base_rows_in_one_batch_equal_transformers(setup, slots, rank, graphs):
+    """Gathered bank rows (8 x 64), the masked whole bank (4 x 8), and an engine with decode
+    graphs (which hold additive slots only: steps with a FLoRA row run eagerly)."""
+    root, adapters = setup
+    eng = lf.Engine(model=root / "base", adapters={k: str(v) for k, v in adapters.items()}, device="cpu",
+                    max_batch_tokens=64, max_gpu_adapters=slots, max_lora_rank=rank, decode_graphs=graphs)  # fmt: skip
+    names = ["f1", None, "lora", "f4", "f1", "f4"]
+    prompts = [prompt(10 + i, 4 + 3 * i) for i in range(len(names))]
+    params = SamplingParams(max_tokens=10, temperature=0.0)
+    reqs = [eng.add_request(p, params, a) for p, a in zip(prompts, names)]
+    while not all(r.finished for r in reqs):
+        eng.step()
+    assert all(r.finish_reason != "error" for r in reqs), [r.error for r in reqs]
+    for r, p, a in zip(reqs, prompts, names):
+        assert r.output_ids == reference(root, adapters.get(a), p, 10), (a, p)
+    assert eng.bank.slot_flora.count(True) == 2 and eng.kv.used_blocks == 0
+
+
+def test_flora_factors_for_the_bank(setup):
+    root, adapters = setup
+    model = LlamaForCausalLM.from_pretrained(root / "base")
+    shapes = {n: tuple(m.weight.shape) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    shapes.pop("lm_head")
+    factors = factors_for_bank(adapters["f4"], shapes, r_max=8)
+    assert factors.multiplicative and not factors_for_bank(adapters["lora"], shapes, r_max=8).multiplicative
+    lf.load_adapter(model, adapters["f4"], name="f")
+    for name, (a, c) in factors.items():  # M = Σ_k c_k a_kᵀ = (1/r) B A, FLoRA's multiplier
+        flora = model.get_submodule(name).adapters["f"]
+        torch.testing.assert_close(c @ a, flora.multiplier())
+    with pytest.raises(Exception, match="above the server's --max-lora-rank 2"):
+        factors_for_bank(adapters["f4"], shapes, r_max=2)
