@@ -88,3 +88,31 @@ def test_flora_factors_for_the_bank(setup):
         torch.testing.assert_close(c @ a, flora.multiplier())
     with pytest.raises(Exception, match="above the server's --max-lora-rank 2"):
         factors_for_bank(adapters["f4"], shapes, r_max=2)
+
+
+def test_the_server_answers_a_flora_request_and_loads_one_at_run_time(setup, tmp_path):
+    import shutil
+
+    import httpx
+    from helpers import LiveServer
+
+    root, adapters = setup
+    shutil.copytree(adapters["f4"], tmp_path / "f4")
+    eng = lf.Engine(model=root / "base", adapters={"f1": str(adapters["f1"])}, device="cpu", max_batch_tokens=64)
+    server = LiveServer(eng, adapter_dir=str(tmp_path), allow_runtime_lora=True)
+    try:
+        text = prompt(3, 6)
+        load = httpx.post(
+            server.url + "/v1/load_lora_adapter",
+            json={"lora_name": "f4", "lora_path": str(tmp_path / "f4")},
+            timeout=60,
+        )
+        assert load.status_code == 200, load.text
+        for name, path in (("f1", adapters["f1"]), ("f4", adapters["f4"])):
+            body = {"model": name, "prompt": text, "max_tokens": 6, "temperature": 0}
+            r = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
+            assert r.status_code == 200, r.text
+            expected = eng.tokenizer.decode(reference(root, path, text, 6))
+            assert r.json()["choices"][0]["text"].strip() == expected.strip()
+    finally:
+        server.close()
