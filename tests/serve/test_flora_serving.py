@@ -19,8 +19,8 @@ def flora_adapter(model_folder, out, r, targets, seed):
     with torch.no_grad():
         for _, layer in lf.adapter_layers(model, "f"):
             a = layer.adapters["f"]
-            a.A.add_(0.5 * torch.randn(a.A.shape, generator=g))
-            a.B.add_(0.5 * torch.randn(a.B.shape, generator=g))
+            a.A.add_(0.3 * torch.randn(a.A.shape, generator=g))
+            a.B.add_(0.3 * torch.randn(a.B.shape, generator=g))
     lf.save_adapter(model, out, name="f")
     return out
 
@@ -37,14 +37,17 @@ def setup(tmp_path_factory):
     return root, adapters
 
 
-def reference(root, adapter_path, text, max_tokens):
-    """transformers greedy ids with the adapter loaded by loraflow (FLoRA) or none."""
+def reference(root, adapter_path, text, max_tokens, merged=True):
+    """transformers greedy ids with the adapter loaded by loraflow and, by default, merged into
+    the weights (FLoRA: W0 ∘ BA/r; the engine never merges), or none."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(root / "base")
     model = LlamaForCausalLM.from_pretrained(root / "base").eval()
     if adapter_path is not None:
         lf.load_adapter(model, adapter_path, name="a")
+        if merged:
+            lf.merge_adapter(model, "a")
     ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
@@ -72,6 +75,8 @@ def test_flora_lora_and_base_rows_in_one_batch_equal_transformers(setup, slots, 
     assert all(r.finish_reason != "error" for r in reqs), [r.error for r in reqs]
     for r, p, a in zip(reqs, prompts, names):
         assert r.output_ids == reference(root, adapters.get(a), p, 10), (a, p)
+    flora_rows = [r.output_ids != reference(root, None, p, 10) for r, p, a in zip(reqs, prompts, names) if a]
+    assert sum(flora_rows) >= 3  # the adapters change what the model says
     assert eng.bank.slot_flora.count(True) == 2 and eng.kv.used_blocks == 0
 
 
