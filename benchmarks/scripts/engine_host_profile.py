@@ -59,7 +59,7 @@ print(f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {platform.processor() or 'cpu'},
 print(f"{steps} decode steps of 64 requests: {total:.2f} ms a step (profiled)")
 stats = pstats.Stats(profile).stats
 for (path, _, name), (_, _, _, cum, _) in sorted(stats.items(), key=lambda kv: -kv[1][3]):
-    if name in ("_schedule", "_check_stop", "run", "stream_text", "_eq_", "__eq__", "argmax", "decode") and (
+    if name in ("schedule", "_check_stop", "run", "stream_text", "_eq_", "__eq__", "argmax", "decode") and (
         "loraflow" in path or name in ("argmax", "decode", "__eq__")
     ):
         print(f"  {name:<12} {cum / steps * 1e3:7.2f} ms a step   ({path.rsplit('/', 2)[-1]})")

@@ -1,9 +1,10 @@
 """The generation engine: continuous batching over a paged KV cache, one adapter per request.
 
-Each ``step()`` schedules up to ``max_batch_tokens`` tokens: first one decode token for every
-running request, then prompt chunks (long prompts are cut so decoding keeps flowing) of
-running and newly admitted requests. New requests join between steps, finished ones leave
-and free their KV blocks and adapter slot at once.
+Each ``step()`` runs what the scheduler (``serve/scheduler.py``) plans, up to
+``max_batch_tokens`` tokens: first one decode token for every running request, then prompt
+chunks (long prompts are cut so decoding keeps flowing) of running and newly admitted
+requests. New requests join between steps, finished ones leave and free their KV blocks and
+adapter slot at once.
 
     engine = lf.Engine(model=None, adapters={"sql": "adapters/sql"})
     outs = engine.generate(["Hello", "Hi"], adapters=["sql", None], max_tokens=32, temperature=0.0)
@@ -29,6 +30,7 @@ from loraflow.serve.packing import pack
 from loraflow.serve.registry import AdapterRegistry
 from loraflow.serve.request import ERROR_TYPES, ContextTooLong, PromptError, QueueFull, Request, eos_ids
 from loraflow.serve.sampling import NonFiniteLogits, SamplingParams, sample
+from loraflow.serve.scheduler import Scheduler
 
 log = logging.getLogger("loraflow.serve")
 
@@ -109,15 +111,22 @@ class Engine:
             if decode_graphs
             else None
         )
-        self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []
         self._incoming: deque[Request] = deque()
         self._aborts: set[str] = set()
         self._failed: list[Request] = []
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "steps": 0, "failed_steps": 0}
+        self.scheduler = Scheduler(self.kv, self.registry, max_batch_tokens, self.stats)
         self.failures_in_a_row = 0  # steps that raised since the last one that did not
+
+    @property
+    def waiting(self) -> deque[Request]:
+        return self.scheduler.waiting
+
+    @property
+    def running(self) -> list[Request]:
+        return self.scheduler.running
 
     # submitting ------------------------------------------------------------------------
     def tokenize(self, prompt: str) -> list[int]:
@@ -216,7 +225,7 @@ class Engine:
             if why:
                 touched.append(self._fail(r, "adapter", f"adapter {r.adapter!r} cannot be served: {why}"))
         try:
-            plan = self._schedule()
+            plan = self.scheduler.schedule(self._fail)
             touched += self._run(plan) if plan else []
             self.failures_in_a_row = 0
         except Exception as e:
@@ -291,58 +300,6 @@ class Engine:
         victims = list(self.running) + (list(self.waiting) if waiting else [])
         return [self._fail(r, "engine", message) for r in victims]
 
-    def _schedule(self) -> list[tuple[Request, int]]:
-        budget = self.max_batch_tokens
-        plan, planned = [], set()
-        for req in sorted(self.running, key=lambda r: r.n_tokens - r.computed):  # decodes first
-            if budget <= 0:
-                break
-            if req not in self.running:  # preempted below for an earlier request
-                continue
-            n = min(req.n_tokens - req.computed, budget)
-            while not self.kv.grow(req.blocks, req.computed + n):
-                victims = [r for r in reversed(self.running) if r is not req and r.id not in planned]
-                if not victims:
-                    self._fail(req, "capacity", "out of KV-cache memory for this request")
-                    break
-                self._preempt(victims[0])
-            if req.finished:
-                continue
-            plan.append((req, n))
-            planned.add(req.id)
-            budget -= n
-        for req in list(self.waiting):
-            if budget <= 0:
-                break
-            if req.adapter is not None:
-                slot = self.registry.acquire(req.adapter)
-                if slot is None:  # still loading, or every slot busy: others go first
-                    continue
-                req.slot = slot
-            n = min(len(req.ids) - req.computed, budget)
-            if not self.kv.grow(req.blocks, req.computed + n):
-                if req.adapter is not None:
-                    self.registry.release(req.adapter)
-                    req.slot = -1
-                break
-            self.waiting.remove(req)
-            self.running.append(req)
-            if req.computed == 0 and not req.output_ids:
-                self.stats["prompt_tokens"] += len(req.prompt_ids)
-            plan.append((req, n))
-            budget -= n
-        return plan
-
-    def _preempt(self, req: Request) -> None:
-        """Free a running request's blocks and slot; it is recomputed when readmitted."""
-        self.running.remove(req)
-        self.kv.release(req.blocks)
-        req.computed = 0
-        if req.adapter is not None:
-            self.registry.release(req.adapter)
-            req.slot = -1
-        self.waiting.appendleft(req)
-
     def _batch(self, plan) -> tuple[Batch, list[Request]]:
         """The step's packed tokens and attention metadata (``serve/packing.py``)."""
         return pack(plan, self.bank, self.kv.block_size, self.device, self.model.lm_head.weight.dtype)
@@ -387,15 +344,7 @@ class Engine:
 
     def _finish(self, req: Request, reason: str) -> Request:
         req.finish_reason = reason
-        if req in self.running:
-            self.running.remove(req)
-        elif req in self.waiting:
-            self.waiting.remove(req)
-        if req.blocks:
-            self.kv.release(req.blocks)
-        if req.slot >= 0 and req.adapter is not None:
-            self.registry.release(req.adapter)
-            req.slot = -1
+        self.scheduler.release(req)
         return req
 
     def stream_text(self, req: Request) -> str:
