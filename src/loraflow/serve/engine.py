@@ -258,7 +258,10 @@ class Engine:
             req.computed += n
         greedy = finite = None
         if any(r.params.batched_greedy for _, r in rows):  # one argmax and one transfer for the batch
-            greedy, finite = torch.stack([logits.argmax(-1), torch.isfinite(logits).all(-1).long()]).tolist()
+            # a row's sum is finite iff all its logits are (NaN and ±inf propagate; logits are far
+            # from overflowing): one pass over the logits instead of isfinite's mask and all()
+            # (64 x 32,000 float32 logits on a 2-core CPU: 0.25 ms against 3.4 ms)
+            greedy, finite = torch.stack([logits.argmax(-1), torch.isfinite(logits.sum(-1)).long()]).tolist()
         for row, req in rows:
             try:
                 if req.params.batched_greedy:
