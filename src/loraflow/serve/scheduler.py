@@ -22,6 +22,10 @@ class Scheduler:
     def __init__(self, kv: KVCache, registry: AdapterRegistry, max_batch_tokens: int, stats: dict):
         self.kv, self.registry, self.max_batch_tokens = kv, registry, max_batch_tokens
         self.stats = stats  # the engine's counters: admission adds "prompt_tokens"
+        # how many waiting requests a step may pass over (their adapters loading or the bank's
+        # slots all held) before it stops looking: loads start only for the queue's head, so
+        # with many distinct adapters they are not evicted from host memory before their turn
+        self.lookahead = max(4, min(registry.max_cpu // 2, 2 * registry.bank.n_slots))
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
 
@@ -48,12 +52,14 @@ class Scheduler:
             plan.append((req, n))
             planned.add(req.id)
             budget -= n
+        passed_over = 0  # waiting requests whose adapter is not ready
         for req in list(self.waiting):
-            if budget <= 0:
+            if budget <= 0 or passed_over >= self.lookahead:
                 break
             if req.adapter is not None:
-                slot = self.registry.acquire(req.adapter)
+                slot = self.registry.acquire(req.adapter)  # starts loading it, if it is not in memory
                 if slot is None:  # still loading, or every slot busy: others go first
+                    passed_over += 1
                     continue
                 req.slot = slot
             n = min(len(req.ids) - req.computed, budget)
