@@ -190,7 +190,7 @@ class AdapterRegistry:
             if factors is None:
                 # at most half the host cache loading at once: with more requests for distinct
                 # adapters than it holds, loads would evict each other before their requests ran
-                # (300 requests for 300 adapters, 8 in host memory: 6,366 loads, now 300)
+                # (benchmarks/results/many-adapters-cpu.txt)
                 if name not in self.loading and len(self.loading) < max(1, self.max_cpu // 2):
                     self.stats["misses"] += 1
                     self.loading[name] = self._pool.submit(self._load, name, self.paths[name], self.versions[name])
