@@ -3,12 +3,13 @@
 every step's output handed to a streaming callback as the server does. Prints milliseconds
 per step of the whole step and of its parts (cProfile, cumulative).
 
-    python benchmarks/scripts/engine_host_profile.py
+    python benchmarks/scripts/engine_host_profile.py [TEMPERATURE]    # default 0: greedy
 """
 
 import cProfile
 import platform
 import pstats
+import sys
 import time
 from datetime import UTC, datetime
 
@@ -43,7 +44,8 @@ eng = lf.Engine(
 )
 logits = torch.zeros(512, 32000)
 eng.graphs.model = lambda batch, caches: logits[: len(batch.tokens)]  # no model: host work only
-params = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
+temperature = float(sys.argv[1]) if len(sys.argv) > 1 else 0.0
+params = SamplingParams(max_tokens=64, temperature=temperature, seed=1 if temperature else None, ignore_eos=True)
 for i in range(64):
     eng.add_request([3 + i + j for j in range(128)], params, None, on_output=eng.stream_text)
 eng.step()  # the prefill (eager)
@@ -55,7 +57,8 @@ while eng.has_work():
     steps += 1
 profile.disable()
 total = (time.perf_counter() - start) / steps * 1e3
-print(f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {platform.processor() or 'cpu'}, torch {torch.__version__}")
+print(f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {platform.processor() or 'cpu'}, torch {torch.__version__}; "
+      f"temperature {temperature:g}")  # fmt: skip
 print(f"{steps} decode steps of 64 requests: {total:.2f} ms a step (profiled)")
 stats = pstats.Stats(profile).stats
 for (path, _, name), (_, _, _, cum, _) in sorted(stats.items(), key=lambda kv: -kv[1][3]):

@@ -6,6 +6,14 @@ For one row of logits l (vocab,), with the request's prompt ids P and output ids
     frequency / presence (OpenAI):                    l_t <- l_t - f * count_O(t) - p * [count_O(t) > 0]
     token ~ softmax(l / T) restricted to the top k and to the smallest set of mass >= top_p
 
+drawn by inverse transform: the kept probabilities (in descending order where top-k or top-p
+cut them), their cumulative sum c, and the first j with c_j >= u · c_last for one uniform u
+from the request's generator. The
+whole batch's rows without penalties or log-probabilities are drawn together on the device
+(``sample_rows``: one sort, one cumulative sum, one search; one uniform a row from the host),
+and a single row (``sample``) goes through the same code, so both give the same token for the
+same seed.
+
 A temperature below ``GREEDY_BELOW`` is greedy (as vLLM does): dividing by 1e-40 overflows
 to inf and the softmax to NaN. Log-probabilities, when asked for, are those of the model's
 own distribution, log softmax(l) before penalties and temperature (vLLM's default).
@@ -69,6 +77,11 @@ class SamplingParams:
         """The plain argmax of the step's batched logits is this request's token."""
         return self.greedy and not self.penalized and self.logprobs is None
 
+    @property
+    def batched_sample(self) -> bool:
+        """Drawn with the batch's other such rows (``sample_rows``): no penalties, no log-probabilities."""
+        return not self.greedy and not self.penalized and self.logprobs is None
+
 
 class NonFiniteLogits(ValueError):
     """The model produced NaN or inf logits for this request (its adapter, most likely)."""
@@ -109,17 +122,45 @@ def sample(
     if p.greedy:
         token = int(torch.argmax(scores))
     else:
-        scores = scores.float() / p.temperature
-        if p.top_k:
-            kth = torch.topk(scores, min(p.top_k, scores.numel())).values[-1]
-            scores = scores.masked_fill(scores < kth, float("-inf"))
-        probs = torch.softmax(scores, -1)
-        if p.top_p < 1:
-            sorted_p, idx = torch.sort(probs, descending=True)
-            keep = sorted_p.cumsum(0) - sorted_p < p.top_p  # the smallest set reaching top_p
-            probs = torch.zeros_like(probs).scatter(0, idx[keep], sorted_p[keep])
-        token = int(torch.multinomial(probs.cpu(), 1, generator=generator))
+        token = int(sample_rows(scores[None], [p], [generator])[0])
     return token, (logprob_record(logits, token, p.logprobs) if p.logprobs is not None else None)
+
+
+def uniforms(generators: list[torch.Generator | None]) -> torch.Tensor:
+    """One uniform in [0, 1) a row: from the request's seeded generator, else torch's own."""
+    return torch.stack([torch.rand((), generator=g) for g in generators])  # (B,) on the CPU
+
+
+def sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators: list) -> torch.Tensor:
+    """One token a row of ``logits`` (B, V), each row with its temperature, top-k and top-p,
+    on the logits' device: (B,) token ids. Rows that top-k or top-p cut are drawn in descending
+    order of probability, the others in vocabulary order (no sort), whatever the batch."""
+    u = uniforms(generators).to(logits.device)
+    cut = [i for i, p in enumerate(params) if p.top_k or p.top_p < 1]
+    if len(cut) in (0, len(params)):
+        return _draw(logits, params, u, sort=bool(cut))
+    plain = [i for i in range(len(params)) if i not in set(cut)]
+    out = torch.empty(len(params), dtype=torch.long, device=logits.device)
+    for rows, sort in ((cut, True), (plain, False)):
+        out[rows] = _draw(logits[rows], [params[i] for i in rows], u[rows], sort)
+    return out
+
+
+def _draw(logits: torch.Tensor, params: list[SamplingParams], u: torch.Tensor, sort: bool) -> torch.Tensor:
+    dev, v = logits.device, logits.shape[-1]
+    t = torch.tensor([p.temperature for p in params], device=dev)
+    scores = logits.float() / t[:, None]  # (B, V)
+    if sort:  # descending, to cut the top k and the top_p mass
+        k = torch.tensor([p.top_k or v for p in params], device=dev)
+        top_p = torch.tensor([p.top_p for p in params], device=dev)
+        scores, order = scores.sort(stable=True, dim=-1, descending=True)
+        scores = scores.masked_fill(torch.arange(v, device=dev) >= k[:, None], float("-inf"))  # the top k
+    probs = torch.softmax(scores, -1)
+    if sort:
+        probs = probs * ((probs.cumsum(-1) - probs) < top_p[:, None])  # the smallest set reaching top_p
+    cdf = probs.cumsum(-1)  # (B, V)
+    j = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp_max(v - 1)  # (B, 1): first c_j >= u c_last
+    return (order.gather(1, j) if sort else j)[:, 0]
 
 
 def logprob_record(logits: torch.Tensor, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
