@@ -24,6 +24,7 @@ import torch
 
 from loraflow.serve.bank import AdapterBank
 from loraflow.serve.decode_graphs import BUCKETS, DecodeGraphs
+from loraflow.serve.detokenizer import Detokenizer
 from loraflow.serve.kv_cache import KVCache
 from loraflow.serve.llama import Batch, Llama, load_llama, paged_decode_attention
 from loraflow.serve.packing import pack
@@ -92,11 +93,7 @@ class Engine:
         self.request_timeout = request_timeout
         self.vocab_size = self.model.model.embed_tokens.num_embeddings
         self.eos_ids = eos_ids(folder, self.tokenizer)
-        # streaming decodes a few ids per request and step: straight to the Rust tokenizer
-        # (transformers' wrapper costs ~30 us a call) when its clean-up step would not change the text
-        backend = getattr(self.tokenizer, "backend_tokenizer", None)
-        plain = backend is not None and not getattr(self.tokenizer, "clean_up_tokenization_spaces", False)
-        self._window_decode = backend.decode if plain else self.tokenizer.decode
+        self.detokenizer = Detokenizer(self.tokenizer, self.eos_ids)
         if decode_graphs is None:
             decode_graphs = self.device.type == "cuda" and paged_decode_attention is not None
         self.graphs = (
@@ -323,36 +320,9 @@ class Engine:
         return pack(plan, self.bank, self.kv.block_size, self.device, self.model.lm_head.weight.dtype)
 
     def _check_stop(self, req: Request, token: int) -> None:
-        p = req.params
-        if token in self.eos_ids and not p.ignore_eos:
-            req.output_ids.pop()
-            req.text = self._decode(req)
-            self._finish(req, "stop")
-            return
-        self._append_text(req)
-        for s in p.stop:
-            at = req.text.find(s)
-            if at >= 0:
-                req.text = req.text[:at]
-                self._finish(req, "stop")
-                return
-        if len(req.output_ids) >= p.max_tokens or req.n_tokens >= self.max_len:
-            req.text = self._decode(req)
-            self._finish(req, "length")
-
-    def _append_text(self, req: Request) -> None:
-        """Extend ``req.text`` by the new token's text, decoding only a short window: the
-        text of ids[prefix:] minus that of ids[prefix:read] (a token's text can depend on its
-        neighbours), held back while it ends in an unfinished multi-byte character."""
-        ids, decode = req.output_ids, self._window_decode
-        before = decode(ids[req.prefix_offset : req.read_offset], skip_special_tokens=True)
-        after = decode(ids[req.prefix_offset :], skip_special_tokens=True)
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            req.text += after[len(before) :]
-            req.prefix_offset, req.read_offset = req.read_offset, len(ids)
-
-    def _decode(self, req: Request) -> str:
-        return self.tokenizer.decode(req.output_ids, skip_special_tokens=True)
+        reason = self.detokenizer.add(req, token, self.max_len)
+        if reason is not None:
+            self._finish(req, reason)
 
     def _fail(self, req: Request, error_type: str, message: str) -> Request:
         assert error_type in ERROR_TYPES, error_type
@@ -366,13 +336,8 @@ class Engine:
         return req
 
     def stream_text(self, req: Request) -> str:
-        """The text safe to show so far: holds back what could still become a stop string
-        or an unfinished multi-byte character."""
-        if req.finished:
-            return req.text
-        hold = max((len(s) - 1 for s in req.params.stop), default=0)
-        text = req.text[: len(req.text) - hold] if hold else req.text
-        return text.rstrip("\ufffd")
+        """The text safe to show so far (``Detokenizer.stream_text``)."""
+        return self.detokenizer.stream_text(req)
 
     # convenience ---------------------------------------------------------------------
     def generate(

@@ -1,0 +1,60 @@
+"""The text side of generation: each new token's text, stop conditions, and what a stream may
+show so far. Decoding a whole output every step grows with its length; this decodes a short
+window of ids a token (vLLM's incremental detokenization) and holds back text that could
+still change: an unfinished multi-byte character, or the start of a stop string."""
+
+from __future__ import annotations
+
+from loraflow.serve.request import Request
+
+
+class Detokenizer:
+    def __init__(self, tokenizer, eos_ids: set[int]):
+        self.tokenizer, self.eos_ids = tokenizer, eos_ids
+        # a few ids per request and step: straight to the Rust tokenizer (transformers' wrapper
+        # costs ~30 us a call) when its clean-up step would not change the text
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        plain = backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False)
+        self._window_decode = backend.decode if plain else tokenizer.decode
+
+    def add(self, req: Request, token: int, max_len: int) -> str | None:
+        """Account for ``token`` (already in ``req.output_ids``): extend the text; the reason the
+        request ends ("stop", "length") or None."""
+        p = req.params
+        if token in self.eos_ids and not p.ignore_eos:
+            req.output_ids.pop()
+            req.text = self.decode(req)
+            return "stop"
+        self.append_text(req)
+        for s in p.stop:
+            at = req.text.find(s)
+            if at >= 0:
+                req.text = req.text[:at]
+                return "stop"
+        if len(req.output_ids) >= p.max_tokens or req.n_tokens >= max_len:
+            req.text = self.decode(req)
+            return "length"
+        return None
+
+    def append_text(self, req: Request) -> None:
+        """Extend ``req.text`` by the new token's text, decoding only a short window: the
+        text of ids[prefix:] minus that of ids[prefix:read] (a token's text can depend on its
+        neighbours), held back while it ends in an unfinished multi-byte character."""
+        ids, decode = req.output_ids, self._window_decode
+        before = decode(ids[req.prefix_offset : req.read_offset], skip_special_tokens=True)
+        after = decode(ids[req.prefix_offset :], skip_special_tokens=True)
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            req.text += after[len(before) :]
+            req.prefix_offset, req.read_offset = req.read_offset, len(ids)
+
+    def decode(self, req: Request) -> str:
+        return self.tokenizer.decode(req.output_ids, skip_special_tokens=True)
+
+    def stream_text(self, req: Request) -> str:
+        """The text safe to show so far: holds back what could still become a stop string
+        or an unfinished multi-byte character."""
+        if req.finished:
+            return req.text
+        hold = max((len(s) - 1 for s in req.params.stop), default=0)
+        text = req.text[: len(req.text) - hold] if hold else req.text
+        return text.rstrip("\ufffd")
