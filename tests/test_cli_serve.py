@@ -14,7 +14,7 @@ import pytest
 import torch
 from serve.helpers import tiny_llama_folder
 
-from loraflow.cli import API_KEY_ENV, bind_socket, configure_threads, default_threads, resolve_api_key
+from loraflow.serve.command import API_KEY_ENV, bind_socket, configure_threads, default_threads, resolve_api_key
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,7 @@ def test_serve_exits_non_zero_when_the_http_server_dies(model_folder):
     """The HTTP thread failing (here: its socket closed under it) stops the engine and exits non-zero."""
     import uvicorn
 
-    from loraflow.cli import serve_until_stopped
+    from loraflow.serve.command import serve_until_stopped
     from loraflow.serve.api import create_app
     from loraflow.serve.engine import Engine
     from loraflow.serve.loop import EngineLoop
@@ -113,7 +113,7 @@ def test_serve_exits_non_zero_when_the_http_server_dies(model_folder):
 def test_serve_until_stopped_returns_on_sigterm(model_folder):
     import uvicorn
 
-    from loraflow.cli import serve_until_stopped
+    from loraflow.serve.command import serve_until_stopped
     from loraflow.serve.api import create_app
     from loraflow.serve.engine import Engine
     from loraflow.serve.loop import EngineLoop

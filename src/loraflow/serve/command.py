@@ -1,0 +1,299 @@
+"""``loraflow serve``: the OpenAI-compatible server on a port, until Ctrl-C or SIGTERM, and what
+it needs around the engine: the API key, the listening socket, the CPU threads."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import socket
+import sys
+from pathlib import Path
+
+API_KEY_ENV = "LORAFLOW_API_KEY"
+
+
+def resolve_api_key(args, environ=os.environ) -> str | None:
+    """The key ``serve`` requires: --api-key, else the first line of --api-key-file, else
+    $LORAFLOW_API_KEY; None (no key) when none of them is given."""
+    if args.api_key:
+        return args.api_key
+    if args.api_key_file:
+        try:
+            lines = Path(args.api_key_file).read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            sys.exit(
+                f"loraflow serve: cannot read --api-key-file {args.api_key_file} "
+                f"({getattr(e, 'strerror', None) or e}); pass a readable file with the key on its first line"
+            )
+        key = lines[0].strip() if lines else ""
+        if not key:
+            sys.exit(f"loraflow serve: --api-key-file {args.api_key_file} has an empty first line; write the key there")
+        return key
+    if API_KEY_ENV in environ:
+        key = environ[API_KEY_ENV].strip()
+        if not key:
+            sys.exit(
+                f"loraflow serve: ${API_KEY_ENV} is set but empty; set it to the key, or unset it to serve without one"
+            )
+        return key
+    return None
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port``; on failure, exit naming the address, the reason and the fix."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        sys.exit(
+            f"loraflow serve: cannot listen on {host}:{port}: unknown host ({e.strerror}); "
+            "pass an address of this machine with --host, e.g. 127.0.0.1 or 0.0.0.0"
+        )
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restart at once
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        fix = {
+            errno.EADDRINUSE: "another process listens there: stop it or choose a free port with --port",
+            errno.EACCES: "ports below 1024 need privileges: choose another with --port",
+            errno.EADDRNOTAVAIL: "the host is not an address of this machine: fix --host",
+        }
+        sys.exit(
+            f"loraflow serve: cannot listen on {host}:{port} ({e.strerror}); "
+            f"{fix.get(e.errno, 'choose another --port or --host')}"
+        )
+    return sock
+
+
+def physical_cores() -> int:
+    """The cores this process may run on, a core's hyper-threads counted once (Linux; elsewhere
+    the CPU count)."""
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    cores = set()
+    for cpu in cpus:
+        try:
+            cores.add(Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list").read_text())
+        except OSError:
+            cores.add(cpu)
+    return len(cores)
+
+
+def default_threads() -> int:
+    """PyTorch's CPU threads for serving: one fewer than the physical cores, at least one.
+
+    PyTorch's OpenMP threads spin while they wait for each other, so when another process
+    wants the same cores (a training run beside the server) one descheduled thread holds up
+    its whole team. On 2 cores, beside a 2-thread matmul loop, a 20-token completion of
+    SmolLM2-135M from ``loraflow serve`` took 31-64 s with 2 threads against 1.2-3.2 s with
+    1 (1.0-1.2 s either way on idle cores: the spare core serves the HTTP thread).
+    OMP_WAIT_POLICY=PASSIVE would stop the spinning, but OpenMP reads it when torch is
+    imported, before ``main`` runs."""
+    return max(1, physical_cores() - 1)
+
+
+def configure_threads(threads: int | None, device: str) -> int:
+    """Set PyTorch's intra-op threads before the engine is built: ``threads`` when given; else
+    ``default_threads()`` on the CPU unless $OMP_NUM_THREADS chose, and PyTorch's own default
+    on CUDA (the GPU does the work). Returns the number in use."""
+    import torch
+
+    if threads is not None:
+        if threads < 1:
+            sys.exit(f"loraflow serve: --threads must be at least 1, got {threads}")
+        torch.set_num_threads(threads)
+    elif device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(default_threads())
+    return torch.get_num_threads()
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def serve_until_stopped(loop, server, sock: socket.socket) -> None:
+    """Run uvicorn's ``server`` on ``sock`` on a thread and the engine ``loop`` on this one
+    until SIGINT or SIGTERM (a clean stop) or until the HTTP server ends by itself, which
+    exits non-zero: a supervisor then sees the server is gone."""
+    import signal
+    import threading
+    import traceback
+
+    stopping = threading.Event()
+    failure: list[str] = []
+
+    def stop(*_):
+        stopping.set()
+        loop.stop()
+
+    def run_http():
+        try:
+            server.run(sockets=[sock])
+            failure.append("it returned")
+        except SystemExit as e:  # uvicorn's start-up failures (logged by uvicorn)
+            failure.append(f"exit status {e.code}")
+        except BaseException as e:
+            traceback.print_exc()
+            failure.append(f"{type(e).__name__}: {e}")
+        finally:
+            loop.stop()  # the HTTP server ended: stop the engine
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    http = threading.Thread(target=run_http, name="http", daemon=True)
+    http.start()
+    from loraflow.serve.loop import EngineDown
+
+    try:
+        loop.run_forever()
+    except EngineDown as e:  # logged with each failure's traceback above
+        sys.exit(f"loraflow serve: {e}; exiting non-zero for a supervisor to restart the server")
+    finally:
+        server.should_exit = True
+        loop.close()
+        http.join(timeout=10)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if not stopping.is_set():
+        sys.exit(
+            f"loraflow serve: the HTTP server stopped ({failure[0] if failure else 'for an unknown reason'}); "
+            "the engine stopped too. See the messages above"
+        )
+
+
+def cmd_serve(args) -> None:
+    """Serve the OpenAI-compatible API with per-request adapters."""
+    adapters = {}
+    for spec in args.lora or []:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            sys.exit(f"loraflow serve: --lora takes NAME=PATH, got {spec!r}")
+        adapters[name] = path
+    if args.allow_runtime_lora and not args.adapter_dir:
+        sys.exit("loraflow serve: --allow-runtime-lora needs --adapter-dir (adapters load only from under it)")
+    api_key = resolve_api_key(args)
+    sock = bind_socket(args.host, args.port)  # before the model loads: a taken port fails at once
+    import torch
+    import uvicorn
+
+    from loraflow.serve.api import create_app
+    from loraflow.serve.engine import Engine
+    from loraflow.serve.loop import EngineLoop
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    threads = configure_threads(args.threads, device)
+    model, extra = args.model, {}
+    if args.random_weights:  # benchmarks: a model shape with random weights
+        from loraflow.serve.llama import SHAPES, LlamaArgs, numbered_tokenizer, random_llama
+
+        shape = LlamaArgs(**SHAPES[args.random_weights])
+        model = random_llama(shape, torch.bfloat16 if device == "cuda" else torch.float32, device)
+        extra = dict(tokenizer=numbered_tokenizer(shape.vocab_size), model_name=args.random_weights, device=device)
+    engine = Engine(
+        model=model,
+        adapters=adapters,
+        adapter_dir=args.adapter_dir,
+        max_batch_tokens=args.max_batch_tokens,
+        max_gpu_adapters=args.max_gpu_adapters,
+        max_cpu_adapters=args.max_cpu_adapters,
+        max_lora_rank=args.max_lora_rank,
+        max_waiting=args.max_waiting,
+        request_timeout=args.request_timeout or None,
+        **extra,
+    )
+
+    # The engine thread lets go of the GIL while the GPU runs a step; when the step ends it
+    # must get it back from the HTTP thread, which keeps it for up to the switch interval
+    # (5 ms by default, a third of a decode step). Ask for it back sooner (measured on the
+    # H200 only: benchmarks/NOTES-serve.md).
+    if engine.device.type == "cuda":
+        sys.setswitchinterval(0.0005)
+    loop = EngineLoop(engine, background=False)  # the engine stays on this (main) thread
+    app = create_app(
+        loop,
+        api_key=api_key,
+        adapter_dir=args.adapter_dir,
+        allow_runtime_lora=args.allow_runtime_lora,
+        max_body_bytes=int(args.max_body_mb * 2**20),
+        body_timeout=args.body_timeout,
+        max_prompt_tokens=args.max_prompt_tokens,
+    )
+    import logging  # one line per request: id, adapter, tokens, times, status
+
+    logging.basicConfig(
+        level=logging.INFO if args.log_requests else logging.WARNING,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
+    sock.listen(2048)  # connections queue from here on
+    on = engine.device.type + (f", {threads} thread{'s' * (threads > 1)}" if engine.device.type == "cpu" else "")
+    print(
+        f"serving {engine.model_name} with {len(engine.registry.paths)} adapters on "
+        f"http://{args.host}:{args.port}/v1 ({on})",
+        flush=True,
+    )
+    serve_until_stopped(loop, server, sock)
+
+
+def add_arguments(p) -> None:
+    """The options of ``loraflow serve``."""
+    p.add_argument("--model", help="a local Hugging Face Llama-family folder (default: the embedded SmolLM2)")
+    p.add_argument("--lora", action="append", metavar="NAME=PATH", help="an adapter to serve (repeatable)")
+    p.add_argument("--adapter-dir", help="serve every adapter folder under this folder")
+    p.add_argument("--host", default="127.0.0.1", help="the address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="the TCP port to listen on")
+    p.add_argument("--max-gpu-adapters", type=int, default=8, help="adapters resident on the device")
+    p.add_argument("--max-cpu-adapters", type=int, default=64, help="adapters kept in host memory")
+    p.add_argument("--max-lora-rank", type=int, default=64, help="the largest adapter rank served")
+    p.add_argument("--max-batch-tokens", type=int, default=512, help="tokens per engine step")
+    p.add_argument("--max-waiting", type=int, default=1024, help="queued requests before 503")
+    p.add_argument("--max-body-mb", type=positive_float, default=4.0, help="request bodies above this answer 413")
+    p.add_argument(
+        "--body-timeout", type=positive_float, default=30.0, help="seconds a request body may stall before 408"
+    )
+    p.add_argument(
+        "--max-prompt-tokens", type=int, help="prompts above this many tokens answer 400 (default: the context)"
+    )
+    p.add_argument(
+        "--request-timeout",
+        type=float,
+        default=600.0,
+        help="seconds a request may take from arrival before it fails with 504 (0: no limit)",
+    )
+    p.add_argument(
+        "--no-log-requests",
+        dest="log_requests",
+        action="store_false",
+        help="do not log a line per request (id, model, tokens, time to first token, total, status)",
+    )
+    p.add_argument(
+        "--api-key",
+        help="require 'Authorization: Bearer KEY' on every route but /health; "
+        f"other users can read it with ps: prefer ${API_KEY_ENV} or --api-key-file",
+    )
+    p.add_argument(
+        "--api-key-file",
+        metavar="PATH",
+        help=f"read the key from this file's first line (after --api-key, before ${API_KEY_ENV})",
+    )
+    p.add_argument(
+        "--random-weights",
+        choices=["llama2-7b"],
+        help="serve a model of this shape with random weights (for benchmarks)",
+    )
+    p.add_argument(
+        "--allow-runtime-lora",
+        action="store_true",
+        help="allow POST /v1/load_lora_adapter (paths under --adapter-dir only)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="PyTorch's CPU threads (default: on the CPU one fewer than the cores, at least 1, "
+        "or $OMP_NUM_THREADS; on CUDA PyTorch's own)",
+    )
