@@ -92,8 +92,8 @@ def test_serve_exits_non_zero_when_the_http_server_dies(model_folder):
     """The HTTP thread failing (here: its socket closed under it) stops the engine and exits non-zero."""
     import uvicorn
 
-    from loraflow.serve.command import serve_until_stopped
     from loraflow.serve.api import create_app
+    from loraflow.serve.command import serve_until_stopped
     from loraflow.serve.engine import Engine
     from loraflow.serve.loop import EngineLoop
 
@@ -113,8 +113,8 @@ def test_serve_exits_non_zero_when_the_http_server_dies(model_folder):
 def test_serve_until_stopped_returns_on_sigterm(model_folder):
     import uvicorn
 
-    from loraflow.serve.command import serve_until_stopped
     from loraflow.serve.api import create_app
+    from loraflow.serve.command import serve_until_stopped
     from loraflow.serve.engine import Engine
     from loraflow.serve.loop import EngineLoop
 

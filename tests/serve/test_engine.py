@@ -108,14 +108,14 @@ def test_greedy_equals_transformers_and_peft_per_adapter_in_one_mixed_batch(setu
 def test_requests_arriving_mid_decode_and_chunked_prompts(setup, graphs):
     root, adapters = setup
     eng = engine(setup, max_batch_tokens=8, decode_graphs=graphs)  # prompts longer than a step: chunked
-    n_groups, build = [], eng._batch
+    n_groups, build = [], eng.runner.batch
 
     def spy(plan):
         batch, sample_from = build(plan)
         n_groups.append(len(batch.groups))
         return batch, sample_from
 
-    eng._batch = spy
+    eng.runner.batch = spy
     first = eng.add_request(prompt(10, 20), SamplingParams(max_tokens=10, temperature=0), "med")
     for _ in range(4):
         eng.step()

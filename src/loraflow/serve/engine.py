@@ -23,14 +23,13 @@ from pathlib import Path
 import torch
 
 from loraflow.serve.bank import AdapterBank
-from loraflow.serve.decode_graphs import BUCKETS, DecodeGraphs
 from loraflow.serve.detokenizer import Detokenizer
 from loraflow.serve.kv_cache import KVCache
-from loraflow.serve.llama import Batch, Llama, load_llama, paged_decode_attention
-from loraflow.serve.packing import pack
+from loraflow.serve.llama import Llama, load_llama
 from loraflow.serve.registry import AdapterRegistry
 from loraflow.serve.request import ERROR_TYPES, ContextTooLong, PromptError, QueueFull, Request, eos_ids
-from loraflow.serve.sampling import NonFiniteLogits, SamplingParams, sample, sample_rows
+from loraflow.serve.runner import ModelRunner
+from loraflow.serve.sampling import NonFiniteLogits, SamplingParams, sample
 from loraflow.serve.scheduler import Scheduler
 
 log = logging.getLogger("loraflow.serve")
@@ -94,19 +93,8 @@ class Engine:
         self.vocab_size = self.model.model.embed_tokens.num_embeddings
         self.eos_ids = eos_ids(folder, self.tokenizer)
         self.detokenizer = Detokenizer(self.tokenizer, self.eos_ids)
-        if decode_graphs is None:
-            decode_graphs = self.device.type == "cuda" and paged_decode_attention is not None
-        self.graphs = (
-            DecodeGraphs(
-                self.model,
-                self.kv,
-                self.bank,
-                min(max_batch_tokens, BUCKETS[-1]),
-                self.max_len,
-                capture=self.device.type == "cuda",
-            )
-            if decode_graphs
-            else None
+        self.runner = ModelRunner(
+            self.model, self.kv, self.bank, self.device, decode_graphs, max_batch_tokens, self.max_len
         )
         self._incoming: deque[Request] = deque()
         self._aborts: set[str] = set()
@@ -116,6 +104,11 @@ class Engine:
         self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "steps": 0, "failed_steps": 0}
         self.scheduler = Scheduler(self.kv, self.registry, max_batch_tokens, self.stats)
         self.failures_in_a_row = 0  # steps that raised since the last one that did not
+
+    @property
+    def graphs(self):
+        """The decode-step CUDA graphs (``serve/decode_graphs.py``), or None."""
+        return self.runner.graphs
 
     @property
     def waiting(self) -> deque[Request]:
@@ -242,18 +235,10 @@ class Engine:
 
     def _run(self, plan: list[tuple[Request, int]]) -> list[Request]:
         """The model over the plan's tokens, then one token for each request whose prompt is done."""
-        flora = any(r.slot >= 0 and self.bank.slot_flora[r.slot] for r, _ in plan)  # graphs hold additive slots
-        if self.graphs is not None and not flora and len(plan) <= self.graphs.size and all(n == 1 for _, n in plan):
-            logits = self.graphs.run([(r.token(r.computed), r.computed, r.slot, r.blocks) for r, _ in plan])
-            rows = [(i, r) for i, (r, _) in enumerate(plan) if r.computed + 1 == r.n_tokens]
-        else:
-            batch, sample_from = self._batch(plan)
-            with torch.inference_mode():
-                logits = self.model(batch, self.kv.layers)
-            rows = list(enumerate(sample_from))
+        logits, rows = self.runner.forward(plan)
         for req, n in plan:
             req.computed += n
-        token_of, finite = self._batch_tokens(logits, rows)
+        token_of, finite = self.runner.tokens(logits, rows)
         for row, req in rows:
             try:
                 if row in token_of:
@@ -277,26 +262,6 @@ class Engine:
         self.stats["steps"] += 1
         return [r for _, r in rows]
 
-    def _batch_tokens(self, logits: torch.Tensor, rows: list[tuple[int, Request]]) -> tuple[dict, list | None]:
-        """The tokens of the rows without penalties or log-probabilities, greedy (one argmax) and
-        sampled (``sample_rows``) for the whole batch on the device, and every row's finiteness,
-        in one transfer to the host: ({row: token}, [finite a row])."""
-        fast = [(row, r) for row, r in rows if r.params.batched_greedy or r.params.batched_sample]
-        if not fast:
-            return {}, None
-        drawn = [(row, r) for row, r in fast if r.params.batched_sample]
-        # a row's sum is finite iff all its logits are (NaN and ±inf propagate; logits are far
-        # from overflowing): one pass over the logits instead of isfinite's mask and all()
-        # (64 x 32,000 float32 logits on a 2-core CPU: 0.25 ms against 3.4 ms)
-        parts = [logits.argmax(-1), torch.isfinite(logits.sum(-1)).long()]
-        if drawn:
-            idx = [row for row, _ in drawn]
-            parts.append(sample_rows(logits[idx], [r.params for _, r in drawn], [r.generator for _, r in drawn]))
-        flat, n = torch.cat(parts).tolist(), len(logits)
-        token_of = {row: flat[row] for row, r in fast if r.params.batched_greedy}
-        token_of.update({row: t for (row, _), t in zip(drawn, flat[2 * n :])})
-        return token_of, flat[n : 2 * n]
-
     def notify(self, touched: list[Request]) -> None:
         for req in touched:
             if req.on_output is not None:
@@ -314,10 +279,6 @@ class Engine:
                 self._incoming.clear()
         victims = list(self.running) + (list(self.waiting) if waiting else [])
         return [self._fail(r, "engine", message) for r in victims]
-
-    def _batch(self, plan) -> tuple[Batch, list[Request]]:
-        """The step's packed tokens and attention metadata (``serve/packing.py``)."""
-        return pack(plan, self.bank, self.kv.block_size, self.device, self.model.lm_head.weight.dtype)
 
     def _check_stop(self, req: Request, token: int) -> None:
         reason = self.detokenizer.add(req, token, self.max_len)
