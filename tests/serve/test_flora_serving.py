@@ -1,6 +1,8 @@
 """FLoRA adapters served: the engine's greedy output, FLoRA rows mixed with LoRA and base rows
 in one batch, equals transformers with loraflow's FLoRA layer, request by request."""
 
+import shutil
+
 import pytest
 import torch
 from helpers import peft_adapter, prompt, tiny_llama_folder
@@ -121,3 +123,35 @@ def test_the_server_answers_a_flora_request_and_loads_one_at_run_time(setup, tmp
             assert r.json()["choices"][0]["text"].strip() == expected.strip()
     finally:
         server.close()
+
+
+def test_flora_on_layers_with_biases(tmp_path):
+    """MLP biases: a FLoRA row is Σ_k c_k ∘ (W0 (a_k ∘ x)) + b, the bias added once."""
+    from helpers import VOCAB
+    from transformers import LlamaConfig
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, mlp_bias=True,
+                      bos_token_id=0, eos_token_id=1, pad_token_id=2, tie_word_embeddings=False)  # fmt: skip
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8)
+        for n, p in model.named_parameters():
+            if n.endswith(".bias"):
+                p.normal_(0, 0.5)
+    tiny_llama_folder(tmp_path / "tok")  # its tokenizer
+    model.save_pretrained(tmp_path / "base")
+    for f in (tmp_path / "tok").glob("*token*"):
+        shutil.copy(f, tmp_path / "base" / f.name)
+    flora_adapter(tmp_path / "base", tmp_path / "f", 2, "all-linear", seed=5)
+    eng = lf.Engine(model=tmp_path / "base", adapters={"f": str(tmp_path / "f")}, device="cpu", max_batch_tokens=64)
+    prompts = [prompt(40 + i, 5 + i) for i in range(3)]
+    reqs = [
+        eng.add_request(p, SamplingParams(max_tokens=8, temperature=0.0), a) for p, a in zip(prompts, ["f", None, "f"])
+    ]
+    while not all(r.finished for r in reqs):
+        eng.step()
+    root = tmp_path
+    for r, p, a in zip(reqs, prompts, ["f", None, "f"]):
+        assert r.output_ids == reference(root, tmp_path / "f" if a else None, p, 8), (a, p)

@@ -13,8 +13,8 @@ rows a_k and c_kᵀ = (b_k / r)ᵀ in the same buffers; its tokens take
 
     y_t = Σ_k c_k ∘ (W0 (a_k ∘ x_t)) + b
 
-the r scaled copies of x_t stacked into one GEMM with W0 (``flora_rows``), and are left out
-of the additive path (slot −1 there).
+the r scaled copies of x_t stacked under the batch's rows, so one GEMM reads W0 for all of
+them (``BankedLinear.forward``), and are left out of the additive path (slot −1 there).
 """
 
 from __future__ import annotations
@@ -93,23 +93,32 @@ class BankedLinear(nn.Module):
         self.packed = None  # a BankView over the bank's buffers, set by AdapterBank
 
     def forward(self, x: torch.Tensor, slots: TokenSlots) -> torch.Tensor:
-        """y = W0 x + b + B_s A_s x for each token's slot s (FLoRA slots: ``flora_rows``)."""
-        y = self._additive(x, slots)
-        return flora_rows(self, x, y, slots) if slots.flora else y
-
-    def _additive(self, x: torch.Tensor, slots: TokenSlots) -> torch.Tensor:
+        """y = W0 x + b + B_s A_s x for each token's slot s; a FLoRA slot's tokens take
+        y = Σ_k c_k ∘ (W0 (a_k ∘ x)) + b instead, their r scaled copies stacked under the
+        batch's rows so that one GEMM reads W0 for all of them."""
         # x: (N, d_in)
+        jobs = flora_jobs(self, slots)
+        if not jobs:
+            return self._additive(x, slots)
+        z = F.linear(torch.cat([x, flora_inputs(self, x, jobs)]), self.weight)  # (N + Σ n·r, d_out)
+        base = z[: len(x)] if self.bias is None else z[: len(x)] + self.bias  # W0 x + b
+        return flora_outputs(self, self._additive(x, slots, base), z[len(x) :], jobs)
+
+    def _additive(self, x: torch.Tensor, slots: TokenSlots, base: torch.Tensor | None = None) -> torch.Tensor:
+        """W0 x + b (or ``base``, given) + each token's B_s A_s x."""
         p = self.packed
         if p is None or not slots.used or not p.any_active:
-            return F.linear(x, self.weight, self.bias)
+            return F.linear(x, self.weight, self.bias) if base is None else base
         if slots.mask is not None:  # decode over a mostly used bank: two dense matmuls, no gathers
             h = F.linear(x, p.a) * slots.mask.to(x.dtype)  # (N, slots · r_max): own slot's rows only
-            return torch.addmm(F.linear(x, self.weight, self.bias), h, p.bt)  # W0 x + b + Σ_r h_r (s·B)ᵀ_r
+            y = F.linear(x, self.weight, self.bias) if base is None else base
+            return torch.addmm(y, h, p.bt)  # W0 x + b + Σ_r h_r (s·B)ᵀ_r
         if slots.variant is not None:  # CUDA: Triton kernels
             variant = "rows" if slots.variant == "siblings" else slots.variant  # a layer alone
-            delta = triton_lora.lora_delta(x, slots.ids, p, variant, slots.plan, bias=self.bias)
-            return delta.addmm_(x, self.weight.T)  # W0 x + b + Δ, in place: no copy of Δ
-        y = F.linear(x, self.weight, self.bias)
+            bias = self.bias if base is None else None
+            delta = triton_lora.lora_delta(x, slots.ids, p, variant, slots.plan, bias=bias)
+            return delta.addmm_(x, self.weight.T) if base is None else delta.add_(base)  # in place: no copy of Δ
+        y = F.linear(x, self.weight, self.bias) if base is None else base
         if slots.rows is not None:  # CPU, decode: gather + bmm
             h = torch.bmm(p.a[slots.rows], x.unsqueeze(2))  # (N, r_max, 1)
             delta = torch.bmm(p.bt[slots.rows].transpose(1, 2), h)[:, :, 0]  # (N, d_out)
@@ -123,23 +132,31 @@ class BankedLinear(nn.Module):
         return y
 
 
-def flora_rows(layer: BankedLinear, x: torch.Tensor, y: torch.Tensor, slots: TokenSlots) -> torch.Tensor:
-    """The tokens of multiplicative slots get y_t = Σ_k c_k ∘ (W0 (a_k ∘ x_t)) + b: the r scaled
-    copies of every such token, of every slot, go through W0 in one GEMM."""
+def flora_jobs(layer: BankedLinear, slots: TokenSlots) -> list[tuple[int, torch.Tensor, int]]:
+    """(slot, token indices, rank) of the step's FLoRA slots that adapt this layer."""
     p = layer.packed
-    jobs = [(slot, idx, p.ranks_host[slot]) for slot, idx in slots.flora if p is not None and p.ranks_host[slot]]
-    if not jobs:  # no FLoRA adapter on this layer: W0 x + b, as y has it
-        return y
-    stacked = []
-    for slot, idx, r in jobs:
-        lo = slot * p.r_max
-        stacked.append((x.index_select(0, idx).unsqueeze(1) * p.a[lo : lo + r]).reshape(-1, layer.d_in))  # (n·r, d_in)
-    z = F.linear(torch.cat(stacked), layer.weight)  # (Σ n·r, d_out): one GEMM for every FLoRA row
-    start = 0
+    if not slots.flora or p is None:
+        return []
+    return [(slot, idx, p.ranks_host[slot]) for slot, idx in slots.flora if p.ranks_host[slot]]
+
+
+def flora_inputs(layer: BankedLinear, x: torch.Tensor, jobs) -> torch.Tensor:
+    """Each FLoRA token's r scaled copies a_k ∘ x_t, slot after slot: (Σ n·r, d_in)."""
+    p = layer.packed
+    return torch.cat(
+        [
+            (x.index_select(0, idx).unsqueeze(1) * p.a[slot * p.r_max : slot * p.r_max + r]).reshape(-1, layer.d_in)
+            for slot, idx, r in jobs
+        ]
+    )
+
+
+def flora_outputs(layer: BankedLinear, y: torch.Tensor, z: torch.Tensor, jobs) -> torch.Tensor:
+    """Write y_t = Σ_k c_k ∘ z_{t,k} + b for the FLoRA tokens, z_{t,k} = W0 (a_k ∘ x_t)."""
+    p, start = layer.packed, 0
     for slot, idx, r in jobs:
         lo, n = slot * p.r_max, len(idx)
-        part = z[start : start + n * r].view(n, r, layer.d_out)  # (n, r, d_out)
-        out = (part * p.bt[lo : lo + r]).sum(1)  # (n, d_out): Σ_k c_k ∘ z_k
+        out = (z[start : start + n * r].view(n, r, layer.d_out) * p.bt[lo : lo + r]).sum(1)  # (n, d_out)
         y.index_copy_(0, idx, out if layer.bias is None else out + layer.bias)
         start += n * r
     return y
@@ -150,11 +167,15 @@ def banked_siblings(x: torch.Tensor, slots: TokenSlots, layers: tuple[BankedLine
     the "siblings" decode kernel their adapters share one shrink and one expand launch
     (``multi/triton_siblings.py``); otherwise each layer runs alone."""
     views = [m.packed for m in layers]
-    if slots.variant != "siblings" or not slots.used or any(p is None or not p.any_active for p in views):
+    if (
+        slots.variant != "siblings"
+        or slots.flora
+        or not slots.used
+        or any(p is None or not p.any_active for p in views)
+    ):
         return [m(x, slots) for m in layers]
     deltas = lora_delta_siblings(x, slots.ids, views, [m.bias for m in layers])
-    outs = [d.addmm_(x, m.weight.T) for d, m in zip(deltas, layers)]  # W0 x + b + Δ, in place
-    return [flora_rows(m, x, y, slots) for m, y in zip(layers, outs)] if slots.flora else outs
+    return [d.addmm_(x, m.weight.T) for d, m in zip(deltas, layers)]  # W0 x + b + Δ, in place
 
 
 class BankView:
