@@ -107,7 +107,7 @@ def flora_products(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, w0: torch.
 class FLoRAProducts(torch.autograd.Function):
     """``flora_products`` for training with a frozen W0, keeping only x, A and B for the backward
     pass: autograd would keep the r products z_k = W0 (a_k ∘ x), r times a layer's output per
-    token (rank 8 on every linear layer of SmolLM2: 31 GB for 16 rows of up to 512 tokens). Backward
+    token (rank 8 on every linear layer of SmolLM2, ten runs sharing an H200: out of memory). Backward
     recomputes them (one more r-row GEMM) for B's gradient:
 
         g_z = g ∘ b_k / r,   ∂x = Σ_k a_k ∘ (W0ᵀ g_z),   ∂A_k = Σ_t x ∘ (W0ᵀ g_z),   ∂B_k = Σ_t g ∘ z_k / r
