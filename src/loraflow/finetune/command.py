@@ -88,6 +88,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="batch examples of about one length together (less padding; each still once an epoch)",
     )
+    o.add_argument(
+        "--padding-free",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="pack each step's rows end to end, no padding (default: on CUDA for Llama-family models, one adapter)",
+    )
     o.add_argument("--lr", type=float, help=f"peak learning rate (default by method: {DEFAULT_LR})")
     o.add_argument("--warmup", type=float, default=0.03, help="linear warm-up, a fraction of the steps; then cosine")
     o.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's decoupled weight decay")
@@ -124,7 +130,7 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
         dropout=args.dropout, use_rslora=args.rslora, depth=args.depth, epsilon=args.epsilon, gamma=args.gamma,
         galore_rank=args.galore_rank, max_length=args.max_length, epochs=args.epochs, steps=args.steps,
         batch_size=args.batch_size, accumulation=args.accumulation, group_by_length=args.group_by_length,
-        lr=args.lr, warmup=args.warmup,
+        padding_free=args.padding_free, lr=args.lr, warmup=args.warmup,
         weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm or None, bf16=args.bf16, seed=args.seed,
         eval_every=args.eval_every, save_every=args.save_every, early_stopping=args.early_stopping,
         resume=args.resume, overwrite=args.overwrite, device=args.device, compile=args.compile,

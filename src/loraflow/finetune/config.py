@@ -73,6 +73,7 @@ class FinetuneConfig:
     batch_size: int = 8
     accumulation: int = 1
     group_by_length: bool = False  # batches of examples of about one length: less padding
+    padding_free: bool | None = None  # rows packed end to end (varlen attention); default: on CUDA where it applies
     lr: float | None = None  # default: DEFAULT_LR[method]
     warmup: float = 0.03  # fraction of the steps
     weight_decay: float = 0.0
@@ -143,6 +144,8 @@ class FinetuneConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name} must be >= 1 (or None), got {value}")
+        if self.padding_free and self.tenants:
+            raise ValueError("padding-free batches take one adapter: drop --padding-free for a --tenant job")
         if self.early_stopping and not (self.dev or self.dev_fraction > 0):
             raise ValueError("early_stopping needs a dev split: pass --dev FILE or --dev-fraction > 0")
 

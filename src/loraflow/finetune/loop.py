@@ -32,7 +32,9 @@ from loraflow.finetune.data import collate
 from loraflow.finetune.evaluation import evaluate_dev
 from loraflow.finetune.model import build_model, classify, head_losses, token_losses, trainable
 from loraflow.finetune.outputs import CKPT_FILES, RunFolder
+from loraflow.finetune.packing import pack, packed_classify, packed_token_losses
 from loraflow.finetune.sources import Order, load_run_data
+from loraflow.models.varlen_attention import supports_varlen, use_varlen_attention
 from loraflow.optim import GaLoreAdamW, galore_param_groups
 from loraflow.train.checkpoint import lr_factor, save_checkpoint, trim_log
 
@@ -61,6 +63,9 @@ def finetune(cfg: FinetuneConfig) -> dict:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     model, tok = build_model(cfg, names, sum(data.head_sizes) or None, device, bf16)
+    packed = _padding_free(cfg, model, names, device)
+    if packed:
+        use_varlen_attention(model)
     autocast = (
         (lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     )
@@ -72,7 +77,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
         for name in names:  # the compression step, from each tenant's first batch (Sec. 3.2)
             rows = {name: orders[name].rows(0)}
             with autocast():  # the frozen weights' dtype, as in training
-                _compress(cfg, model, _batch(cfg, data, rows, tok, device), name, data.head_sizes)
+                _compress(cfg, model, _batch(cfg, data, rows, tok, device, False), name, data.head_sizes)
     owners = trainable(model, cfg, names)
     opt = _optimizer(cfg, model, owners, device)
     class_weights = _class_weights(cfg, data)
@@ -102,7 +107,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
             g["lr"] = g["initial_lr"] * lr_factor(step, steps, warmup, floor=0.0)
         acc = torch.zeros(len(names), device=device)  # each tenant's loss, summed on the GPU
         for rows in micro:
-            batch = _batch(cfg, data, rows, tok, device)
+            batch = _batch(cfg, data, rows, tok, device, packed)
             step_tokens += batch["tokens"]
             with autocast(), _rows_adapters(model, cfg, batch["tenant"]):
                 losses = _row_losses(cfg, model, batch, data.head_sizes, class_weights)  # (B,)
@@ -157,6 +162,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
         "out": str(folder.out),
         "outputs": folder.output_paths(),
         "truncated": {n: s.get("truncated", 0) for n, s in data.stats.items()},
+        "padding_free": packed,
         "wall_seconds": time.time() - started,
     }
 
@@ -181,16 +187,31 @@ def _optimizer(cfg: FinetuneConfig, model, owners: dict, device: str):
     return opt
 
 
-def _batch(cfg, data, rows: dict[str, list[int]], tok, device) -> dict:
-    """The collated rows of each tenant, one after the other, and each row's tenant."""
+def _padding_free(cfg: FinetuneConfig, model, names: list[str], device: str) -> bool:
+    """Whether this run packs its rows: asked for, or by default on CUDA where it applies (one
+    adapter or the whole model, a model family the packed attention supports)."""
+    if cfg.padding_free is False:
+        return False
+    fits = len(names) == 1 and supports_varlen(model)
+    if cfg.padding_free and not fits:
+        use_varlen_attention(model)  # raises, naming what does not fit
+    return fits and (cfg.padding_free or torch.device(device).type == "cuda")
+
+
+def _batch(cfg, data, rows: dict[str, list[int]], tok, device, packed: bool) -> dict:
+    """The rows of each tenant, one after the other, padded or packed, and each row's tenant."""
     examples, tenant = [], []
     for name, idx in rows.items():
         examples += [data.train[name][i] for i in idx]
         tenant += [name] * len(idx)
-    cpu = collate(examples, tok.pad_token_id)
+    cpu = pack(examples) if packed else collate(examples, tok.pad_token_id)
     pin = torch.device(device).type == "cuda"  # pinned: the copy does not wait for the GPU's queue
-    batch = {k: (v.pin_memory() if pin else v).to(device, non_blocking=pin) for k, v in cpu.items()}
-    batch["tenant"], batch["tokens"] = tenant, int(cpu["attention_mask"].sum())
+    batch = {
+        k: (v.pin_memory() if pin else v).to(device, non_blocking=pin) if isinstance(v, torch.Tensor) else v
+        for k, v in cpu.items()
+    }
+    batch["tenant"] = tenant
+    batch["tokens"] = int(cpu["cu_seq_lens"][-1]) if packed else int(cpu["attention_mask"].sum())
     return batch
 
 
@@ -212,9 +233,13 @@ def _rows_adapters(model, cfg, tenant: list[str]):
 
 
 def _row_losses(cfg, model, batch, sizes, class_weights) -> torch.Tensor:
+    packed = "cu_seq_lens" in batch
     if cfg.task == "causal-lm":
-        return token_losses(model, batch)
-    logits = classify(model, batch["input_ids"], batch["attention_mask"])
+        return packed_token_losses(model, batch) if packed else token_losses(model, batch)
+    if packed:
+        logits = packed_classify(model, batch)
+    else:
+        logits = classify(model, batch["input_ids"], batch["attention_mask"])
     return head_losses(logits, batch["classes"], sizes, class_weights)
 
 
