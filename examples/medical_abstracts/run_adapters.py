@@ -53,12 +53,14 @@ def finetune_and_eval(name: str, train: str, method: str, epochs: float, batch: 
     print(f"{time.strftime('%H:%M:%S')} {name}: trained in {wall:.0f} s", flush=True)
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
     log = [json.loads(line) for line in open(out / "log.jsonl")]
+    resolved = json.loads((out / "run.json").read_text())["resolved"]
     return {
         "run": name, "method": method, "train": Path(train).name, "n_train": _rows(train), "seed": seed,
         "epochs": epochs, "train_seconds": sum(r["seconds"] for r in log), "process_seconds": wall,
         **{k: metrics[k] for k in ("macro_f1", "accuracy", "macro_auc")},
         "top1": metrics["top_k_accuracy"]["1"], "top3": metrics["top_k_accuracy"].get("3"),
-        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "padding_free": resolved["padding_free"],
+        "group_by_length": args.group_by_length,
     }  # fmt: skip
 
 
@@ -75,12 +77,17 @@ def peft(args, epochs: float, batch: int) -> dict:
     )  # fmt: skip
     m = json.loads((out / "metrics.json").read_text())
     return {
-        "run": "transformers+PEFT lora", "method": "peft-lora", "train": Path(args.train).name,
+        "run": "transformers+PEFT lora" + (" grouped" if args.group_by_length else ""),
+        "method": "peft-lora", "train": Path(args.train).name,
         "n_train": _rows(args.train), "seed": 0, "epochs": epochs, "train_seconds": m["train_seconds"],
         "process_seconds": time.perf_counter() - started, "macro_f1": m["macro_f1"], "accuracy": m["accuracy"],
         "macro_auc": m["macro_auc"], "top1": m["top_k_accuracy"]["1"], "top3": m["top_k_accuracy"].get("3"),
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "group_by_length": args.group_by_length,
     }  # fmt: skip
+
+
+def _replace(results: list[dict], row: dict) -> list[dict]:
+    return [r for r in results if r["run"] != row["run"]] + [row]
 
 
 def _rows(path) -> int:
@@ -112,11 +119,12 @@ def main() -> None:
     epochs = 0.25 if args.quick else args.epochs
     folder = Path(args.out) if args.quick else HERE / "results"
     saved = folder / "adapters.json"
-    results = json.loads(saved.read_text())["runs"] if saved.is_file() and args.part in ("peft", "rest") else []
-    if args.part in ("main", "all"):
-        results.append(finetune_and_eval("lora", args.train, "lora", epochs, 16, 0, args))  # alone: its time counts
+    results = json.loads(saved.read_text())["runs"] if saved.is_file() else []  # a run done again replaces its row
+    grouped = " grouped" if args.group_by_length else ""
+    if args.part in ("main", "all"):  # alone: its time counts
+        results = _replace(results, finetune_and_eval("lora" + grouped, args.train, "lora", epochs, 16, 0, args))
     if args.part in ("main", "peft", "all"):
-        results.append(peft(args, epochs, 16))  # alone too
+        results = _replace(results, peft(args, epochs, 16))  # alone too
     jobs = [("flora", args.train, "flora", epochs, 16, 0), ("deep-lora", args.train, "deep-lora", epochs, 16, 0)]
     if args.part in ("rest", "all"):
         for n, few_epochs, batch in ((64, 10, 8), (256, 5, 16)):
@@ -153,11 +161,13 @@ def write(folder: Path, env: dict, results: list[dict]) -> None:
     (folder / "adapters.json").write_text(json.dumps({"environment": env, "runs": results}, indent=1) + "\n")
     tfidf = {r["train_file"]: r for r in json.loads((HERE / "results" / "tfidf.json").read_text())}
     lines = [f"{env['device']}, {env['date']}; command: `{env['command']}`", "",
-             "| run | training rows | macro-F1 | top-1 | top-3 | macro-AUC | training s | process s |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| run | training rows | batches | macro-F1 | top-1 | top-3 | macro-AUC | training s | process s |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in [r for r in results if r["n_train"] > 256]:
+        batches = "packed" if r.get("padding_free") else "padded"
+        batches += ", by length" if r.get("group_by_length") else ""
         lines.append(
-            f"| {r['run']} | {r['n_train']} | {r['macro_f1']:.3f} | {r['top1']:.3f} | {r['top3']:.3f} | "
+            f"| {r['run']} | {r['n_train']} | {batches} | {r['macro_f1']:.3f} | {r['top1']:.3f} | {r['top3']:.3f} | "
             f"{r['macro_auc']:.3f} | {r['train_seconds']:.1f} | {r['process_seconds']:.1f} |"
         )
     lines += ["", "Few-shot (mean ± sd over seeds 0, 1, 2; dev macro-F1):", "",

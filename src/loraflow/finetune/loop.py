@@ -93,7 +93,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     if existing is not None:
         step, best, stale = _resume(existing[0], model, opt, owners)
         trim_log(folder.log_path, step)
-    folder.write_run_json(data)
+    folder.write_run_json(data, {"padding_free": packed, "bf16": bf16, "device": device})
     log = open(folder.log_path, "a")
     bar = tqdm(total=steps, initial=step, desc=f"finetune {cfg.method}", disable=not cfg.progress)
     tokens_seen, train_seconds, result = 0, 0.0, {}

@@ -89,8 +89,10 @@ class RunFolder:
                 old.unlink()
         return None
 
-    def write_run_json(self, data) -> None:
-        info = {"config": self.cfg.identity(), "settings": vars(self.cfg), "data": data.stats}
+    def write_run_json(self, data, resolved: dict) -> None:
+        """run.json: the run's identity, its settings as given, what the defaults resolved to
+        (``resolved``, e.g. padding-free or not) and the data's statistics."""
+        info = {"config": self.cfg.identity(), "settings": vars(self.cfg), "resolved": resolved, "data": data.stats}
         text = json.dumps(info, indent=2, default=str) + "\n"
         atomic_write(self.out / RUN_NAME, lambda tmp: Path(tmp).write_text(text))
 
