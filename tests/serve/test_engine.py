@@ -143,6 +143,14 @@ def test_generate_api_and_sampling_options(setup):
     assert stopped[0] == outs[0][: outs[0].index(words[1])]
 
 
+def test_generate_takes_more_prompts_than_the_queue_holds(setup):
+    prompts = [prompt(i, 5) for i in range(7)]
+    names = ["sql", None, "py", "med", None, "sql", "py"]
+    want = engine(setup).generate(prompts, adapters=names, max_tokens=3, temperature=0.0)
+    got = engine(setup, max_waiting=2).generate(prompts, adapters=names, max_tokens=3, temperature=0.0)
+    assert got == want
+
+
 def test_bad_requests_are_refused(setup):
     eng = engine(setup, kv_cache_bytes=64 * 2**10)
     with pytest.raises(KeyError):

@@ -304,13 +304,19 @@ class Engine:
     def generate(
         self, prompts: list[str | list[int]], adapters: list[str | None] | None = None, **sampling
     ) -> list[str]:
-        """Run requests to completion on the calling thread; returns the texts in order."""
+        """Run requests to completion on the calling thread; returns the texts in order. Any
+        number of prompts: beyond ``max_waiting`` they join the queue as it drains."""
         params = SamplingParams(**sampling)
         adapters = adapters or [None] * len(prompts)
         if len(adapters) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(adapters)} adapters")
-        reqs = [self.add_request(p, params, a) for p, a in zip(prompts, adapters)]
-        while not all(r.finished for r in reqs):
+        reqs: list[Request] = []
+        while len(reqs) < len(prompts) or not all(r.finished for r in reqs):
+            while len(reqs) < len(prompts):
+                try:
+                    reqs.append(self.add_request(prompts[len(reqs)], params, adapters[len(reqs)]))
+                except QueueFull:
+                    break  # the rest wait for room
             if not self.step():
                 time.sleep(0.002)  # waiting for an adapter to load
         bad = [r for r in reqs if r.finish_reason == "error"]
