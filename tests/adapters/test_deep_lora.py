@@ -76,6 +76,18 @@ def test_compress_keeps_the_map_and_spans_the_gradient_subspace():
         lf.compress(model, batch, name="d")
 
 
+def test_compress_under_bf16_autocast_takes_the_gradient_in_float32(monkeypatch):
+    # as fine-tuning on CUDA runs it: bf16 autocast around the forward and backward (a bf16
+    # gradient reached torch.linalg.svd, which has no bf16 kernel on CUDA)
+    model = make("llama")
+    lf.add_adapter(model, lf.DeepLoRAConfig(r=3, depth=3, target_modules=["q_proj"]), name="d")
+    seen, svd = [], torch.linalg.svd
+    monkeypatch.setattr(torch.linalg, "svd", lambda a, **kw: seen.append(a.dtype) or svd(a, **kw))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        singular = lf.compress(model, lm_batch(), name="d")
+    assert seen == [torch.float32] * len(singular) and len(singular) == 2
+
+
 def test_compressed_adapter_trains_with_discrepant_learning_rates():
     model = make("llama")
     lf.add_adapter(model, lf.DeepLoRAConfig(r=4, gamma=0.1, target_modules="all-linear"), name="d")

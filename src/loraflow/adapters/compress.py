@@ -40,9 +40,10 @@ def compress(
         def hook(module, args, out):
             x = args[0].detach()
 
-            def on_grad(g):  # G = Σ_t g_t x_tᵀ = ∂loss/∂ΔW
-                gg = g.reshape(-1, g.shape[-1]).float().T @ x.reshape(-1, x.shape[-1]).float()
-                grads[lname] = grads[lname] + gg if lname in grads else gg
+            def on_grad(g):  # G = Σ_t g_t x_tᵀ = ∂loss/∂ΔW, in float32 even under bf16 autocast (SVD next)
+                with torch.autocast(g.device.type, enabled=False):
+                    gg = g.reshape(-1, g.shape[-1]).float().T @ x.reshape(-1, x.shape[-1]).float()
+                    grads[lname] = grads[lname] + gg if lname in grads else gg
 
             out.register_hook(on_grad)
 
