@@ -151,16 +151,17 @@ def main() -> None:
     write(folder, env, results)
 
 
-def write(folder: Path, env: dict, results: list[dict]) -> None:
+def write(folder: Path, env: dict, results: list[dict], note: str | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "adapters.json").write_text(json.dumps({"environment": env, "runs": results}, indent=1) + "\n")
+    saved = {"environment": env, **({"note": note} if note else {}), "runs": results}
+    (folder / "adapters.json").write_text(json.dumps(saved, indent=1) + "\n")
     tfidf = {r["train_file"]: r for r in json.loads((HERE / "results" / "tfidf.json").read_text())}
-    lines = [f"{env['device']}, {env['date']}; command: `{env['command']}`", "",
+    lines = [f"{env['device']}, {env['date']}; command: `{env['command']}`", "", *([note, ""] if note else []),
              "| run | training rows | batches | macro-F1 | top-1 | top-3 | macro-AUC | training s | process s |",
              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in [r for r in results if r["n_train"] > 256]:
@@ -168,7 +169,7 @@ def write(folder: Path, env: dict, results: list[dict]) -> None:
         batches += ", by length" if r.get("group_by_length") else ""
         lines.append(
             f"| {r['run']} | {r['n_train']} | {batches} | {r['macro_f1']:.3f} | {r['top1']:.3f} | {r['top3']:.3f} | "
-            f"{r['macro_auc']:.3f} | {r['train_seconds']:.1f} | {r['process_seconds']:.1f} |"
+            f"{r['macro_auc']:.3f} | {_seconds(r['train_seconds'])} | {_seconds(r['process_seconds'])} |"
         )
     lines += ["", "Few-shot (mean ± sd over seeds 0, 1, 2; dev macro-F1):", "",
               "| training rows | TF-IDF + LR | LoRA | FLoRA | Deep LoRA |", "|---|---|---|---|---|"]  # fmt: skip
@@ -200,9 +201,15 @@ def write(folder: Path, env: dict, results: list[dict]) -> None:
     print("\n".join(lines))
 
 
+def _seconds(value: float | None) -> str:
+    return "" if value is None else f"{value:.1f}"  # none: the run shared the GPU (its time says little)
+
+
 def _mean_sd(values: list[float]) -> str:
     if not values:
         return ""
+    if len(values) == 1:
+        return f"{values[0]:.3f} (one seed)"
     mean = sum(values) / len(values)
     sd = (sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1)) ** 0.5
     return f"{mean:.3f} ± {sd:.3f}"
