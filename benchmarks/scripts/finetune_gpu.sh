@@ -14,6 +14,7 @@ set -uo pipefail  # a part that fails or runs out of time does not stop the next
 export PYTHONPATH=/tmp/site:$PWD/src
 export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 LIMIT=${LIMIT:-300}  # seconds a part may take
+# ONLY=deep-lora,flora-256: medical-rest runs only the runs whose names start so
 FINAL=${OUT:-/tmp/out}
 OUT=/tmp/results-$$
 mkdir -p "$OUT" "$FINAL"
@@ -31,7 +32,7 @@ for part in "$@"; do
       [ $part = medical ] && what=main
       [ $part = medical-grouped ] && what=main && extra=--group-by-length
       timeout $LIMIT python3 examples/medical_abstracts/run_adapters.py --out /tmp/runs/medical --device cuda \
-        --parallel 4 --epochs 2 --eval-every 116 --part $what $extra
+        --parallel 4 --epochs 2 --eval-every 116 --part $what $extra ${ONLY:+--only $ONLY}
       cp examples/medical_abstracts/results/adapters.{json,md} examples/medical_abstracts/results/fewshot.png "$OUT"/
       mkdir -p "$OUT"/medical-lora && cp /tmp/runs/medical/lora/{log.jsonl,curves.png,run.json} "$OUT"/medical-lora/
       ;;

@@ -107,6 +107,11 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, help="dev evaluations' spacing in steps (default finetune's)")
     ap.add_argument("--parallel", type=int, default=6, help="runs sharing the GPU at once (few-shot, FLoRA, ...)")
     ap.add_argument("--group-by-length", action="store_true", help="both loops batch rows of about one length")
+    ap.add_argument(
+        "--only",
+        help="with --part rest: only the runs whose names start with one of these comma-separated "
+        "prefixes (e.g. deep-lora,flora-256), to split the grid over several sessions",
+    )
     ap.add_argument("--quick", action="store_true", help="a CPU smoke run: 64 rows, a fraction of an epoch")
     ap.add_argument(
         "--part",
@@ -134,6 +139,10 @@ def main() -> None:
                     jobs.append(
                         (f"{method}-{n}-s{seed}", train, method, 0.25 if args.quick else few_epochs, batch, seed)
                     )
+        if args.only:
+            jobs = [j for j in jobs if j[0].startswith(tuple(p for p in args.only.split(",") if p))]
+            if not jobs:
+                ap.error(f"--only {args.only!r} matches none of the runs")
         if args.quick:
             jobs = jobs[:5]
     if args.part in ("rest", "all"):
