@@ -72,7 +72,11 @@ class FLoRA(nn.Module):
         """y = (1/r) Σ_k b_k ∘ (W0 (a_k ∘ x)) + bias."""
         w0 = base_weight(base)
         if torch.is_grad_enabled() and not w0.requires_grad and (self.A.requires_grad or self.B.requires_grad):
-            y = FLoRAProducts.apply(x, self.A, self.B, w0)  # training: r-fold activations not kept
+            # training: r-fold activations not kept; one GEMM with W0 ∘ M instead of r, unless the
+            # weight-sized element-wise work outweighs the token-sized one (rank 1, a few tokens)
+            d_out, d_in = w0.shape
+            dense = self.r > 1 or x.numel() // d_in * (d_in + d_out) > d_in * d_out
+            y = (FLoRAWeight if dense else FLoRAProducts).apply(x, self.A, self.B, w0)
         else:
             y = flora_products(x, self.A, self.B, w0)
         return y if base.bias is None else y + base.bias
@@ -136,3 +140,42 @@ class FLoRAProducts(torch.autograd.Function):
             z = (xs @ w0.to(dtype).T).to(gz.dtype)  # (..., r, d_out): recomputed
             grad_b = (g.unsqueeze(-2) * z / r).reshape(-1, r, z.shape[-1]).sum(0).T.to(b.dtype)  # (d_out, r)
         return grad_x, grad_a, grad_b, None
+
+
+class FLoRAWeight(torch.autograd.Function):
+    """The same layer for training at rank r > 1 with a frozen W0, through the materialised
+    weight W = W0 ∘ M, M = (1/r) B A: one GEMM a pass instead of r (``FLoRAProducts`` runs r
+    products with W0 forward and 2r backward; this runs 1 and 2, plus element-wise work on
+    the (d_out, d_in) weight, small against the GEMMs once a batch has more than a few tokens):
+
+        y = W x,   ∂x = Wᵀ g,   G_W = Σ_t g_t x_tᵀ,   G_M = G_W ∘ W0,
+        ∂B = G_M Aᵀ / r,   ∂A = Bᵀ G_M / r
+
+    Keeps x, A and B for the backward pass (W is recomputed), as ``FLoRAProducts`` does."""
+
+    @staticmethod
+    def forward(ctx, x, a, b, w0):
+        device = x.device.type
+        ctx.mm_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        ctx.save_for_backward(x, a, b, w0)
+        dtype = ctx.mm_dtype or torch.promote_types(torch.promote_types(x.dtype, a.dtype), w0.dtype)
+        return F.linear(x.to(dtype), _weight(a, b, w0, dtype))  # (..., d_out)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, a, b, w0 = ctx.saved_tensors
+        dtype = ctx.mm_dtype or torch.promote_types(torch.promote_types(x.dtype, a.dtype), w0.dtype)
+        r, d_in = a.shape
+        g2, x2 = g.reshape(-1, g.shape[-1]).to(dtype), x.reshape(-1, d_in).to(dtype)  # (T, d_out), (T, d_in)
+        grad_x = (g2 @ _weight(a, b, w0, dtype)).view(x.shape).to(x.dtype) if ctx.needs_input_grad[0] else None
+        acc = torch.promote_types(dtype, torch.float32)  # the small products: float32 at least
+        gm = (g2.T @ x2).to(acc) * w0.to(acc)  # (d_out, d_in): ∂L/∂M
+        grad_a = (b.to(acc).T @ gm / r).to(a.dtype) if ctx.needs_input_grad[1] else None  # (r, d_in)
+        grad_b = (gm @ a.to(acc).T / r).to(b.dtype) if ctx.needs_input_grad[2] else None  # (d_out, r)
+        return grad_x, grad_a, grad_b, None
+
+
+def _weight(a: torch.Tensor, b: torch.Tensor, w0: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """W0 ∘ (B A / r) in ``dtype`` (formed in float32 at least): (d_out, d_in)."""
+    acc = torch.promote_types(dtype, torch.float32)
+    return (w0.to(acc) * (b.to(acc) @ a.to(acc)) / a.shape[0]).to(dtype)
