@@ -12,11 +12,15 @@ from loraflow.finetune.config import FinetuneConfig
 from loraflow.finetune.loop import finetune  # lf.finetune is the function; imports name the package in full
 from loraflow.models import cache_dir, llama_config, load_model
 from loraflow.optim import (
+    Apollo,
+    ApolloAdamW8bit,
+    ApolloMini,
     GaLoreAdafactor,
     GaLoreAdamW,
     GaLoreAdamW8bit,
     GaLoreSGD,
     PerLayerUpdates,
+    apollo_param_groups,
     galore_param_groups,
 )
 from loraflow.serve.engine import Engine
@@ -30,6 +34,10 @@ __all__ = [
     "Engine",
     "FinetuneConfig",
     "finetune",
+    "Apollo",
+    "ApolloAdamW8bit",
+    "ApolloMini",
+    "apollo_param_groups",
     "GaLoreAdafactor",
     "GaLoreAdamW",
     "GaLoreAdamW8bit",

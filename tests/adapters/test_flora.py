@@ -83,8 +83,9 @@ def test_failed_merge_leaves_every_layer_unmerged():
 @pytest.mark.parametrize("r,seq", [(1, 2), (1, 64), (8, 64)])
 def test_training_path_keeps_no_r_fold_activations_and_gives_autograds_gradients(r, seq):
     """The training paths (FLoRAProducts: r products with W0, at rank 1 on a few tokens;
-    otherwise FLoRAWeight: one GEMM with W0 ∘ M) equal plain autograd's gradients in float64 (gradcheck), in float32, and
-    under bfloat16 autocast up to bfloat16's rounding, while saving only the layer's input."""
+    otherwise FLoRAWeight: one GEMM with W0 ∘ M) equal plain autograd's gradients in float64
+    (gradcheck), in float32, and under bfloat16 autocast up to bfloat16's rounding, while
+    saving only the layer's input."""
     from loraflow.adapters.flora import FLoRA, FLoRAProducts, FLoRAWeight, flora_products
 
     torch.manual_seed(0)

@@ -56,7 +56,13 @@ def test_pretraining_lowers_the_held_out_loss(tmp_path, dtype):
 
 
 @pytest.mark.parametrize(
-    "extra", [["--optimizer", "galore8bit"], ["--optimizer", "galore", "--per-layer", "--accumulation", "2"]]
+    "extra",
+    [
+        ["--optimizer", "galore8bit"],
+        ["--optimizer", "galore", "--per-layer", "--accumulation", "2"],
+        ["--optimizer", "apollo", "--update-proj-gap", "2"],  # resumed across a projection redraw
+        ["--optimizer", "apollo-mini", "--per-layer"],
+    ],
 )
 def test_resume_equals_an_uninterrupted_run(tmp_path, extra):
     common = ARGS + extra + ["--eval-every", "100", "--save-every", "3"]

@@ -1,5 +1,6 @@
-"""Memory-efficient training: GaLore optimizers and per-layer updates."""
+"""Memory-efficient training: GaLore and APOLLO optimizers, per-layer updates."""
 
+from loraflow.optim.apollo import Apollo, ApolloAdamW8bit, ApolloMini, apollo_param_groups
 from loraflow.optim.galore import (
     GaLoreAdafactor,
     GaLoreAdamW,
@@ -12,6 +13,10 @@ from loraflow.optim.galore import (
 from loraflow.optim.per_layer import PerLayerUpdates
 
 __all__ = [
+    "Apollo",
+    "ApolloAdamW8bit",
+    "ApolloMini",
+    "apollo_param_groups",
     "GaLoreAdafactor",
     "GaLoreAdamW",
     "GaLoreAdamW8bit",

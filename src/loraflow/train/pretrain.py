@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 import loraflow as lf
 from loraflow.help_format import HelpFormatter
+from loraflow.optim.apollo import MINI_SCALE
 from loraflow.optim.projector import SVD_METHODS
 from loraflow.train import checkpoint
 from loraflow.train.checkpoint import checkpoint_paths, lr_factor, trim_log  # noqa: F401 (their home before)
@@ -52,7 +53,8 @@ from loraflow.train.corpus import (
     train_tokenizer,
 )
 
-OPTIMIZERS = ("adamw", "adamw8bit", "galore", "galore8bit", "galore-adafactor")
+OPTIMIZERS = ("adamw", "adamw8bit", "galore", "galore8bit", "galore-adafactor", "apollo", "apollo8bit", "apollo-mini")
+DEFAULT_SCALE = {"galore": 0.25, "apollo": 1.0, "apollo-mini": MINI_SCALE}
 DTYPES = ("float32", "bfloat16", "bf16-mixed")
 
 
@@ -60,9 +62,16 @@ def optimizer_parts(name: str, model, args):
     """(param groups, a function groups -> optimizer)."""
     if name not in OPTIMIZERS:
         raise ValueError(f"--optimizer must be one of {OPTIMIZERS}, got {name!r}")
+    family = "apollo-mini" if name == "apollo-mini" else name.removesuffix("8bit").removesuffix("-adafactor")
+    scale = args.scale if args.scale is not None else DEFAULT_SCALE.get(family, 1.0)
     if name.startswith("galore"):
         groups = lf.galore_param_groups(
-            model, rank=args.rank, update_proj_gap=args.update_proj_gap, scale=args.scale, svd=args.svd
+            model, rank=args.rank, update_proj_gap=args.update_proj_gap, scale=scale, svd=args.svd
+        )
+    elif name.startswith("apollo"):
+        scale_type = "tensor" if name == "apollo-mini" else "channel"
+        groups = lf.apollo_param_groups(
+            model, rank=args.rank, update_proj_gap=args.update_proj_gap, scale=scale, scale_type=scale_type
         )
     else:
         groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
@@ -72,6 +81,9 @@ def optimizer_parts(name: str, model, args):
         "adamw8bit": lf.GaLoreAdamW8bit,
         "galore8bit": lf.GaLoreAdamW8bit,
         "galore-adafactor": lf.GaLoreAdafactor,
+        "apollo": lf.Apollo,
+        "apollo8bit": lf.ApolloAdamW8bit,
+        "apollo-mini": lf.ApolloMini,
     }[name]
     kw = dict(lr=args.lr, weight_decay=args.weight_decay)
     return groups, lambda g: cls(g, **kw)
@@ -165,9 +177,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--config", default="60m", help="60m, 130m, 350m, 1b, 7b or tiny")
     ap.add_argument("--optimizer", default="galore", choices=OPTIMIZERS, help="the optimizer")
-    ap.add_argument("--rank", type=int, default=128, help="GaLore's projection rank")
-    ap.add_argument("--update-proj-gap", type=int, default=200, help="steps between GaLore's basis refreshes")
-    ap.add_argument("--scale", type=float, default=0.25, help="GaLore's update scale")
+    ap.add_argument("--rank", type=int, default=128, help="GaLore's or APOLLO's projection rank (APOLLO-Mini: 1)")
+    ap.add_argument("--update-proj-gap", type=int, default=200, help="steps between projection refreshes")
+    ap.add_argument(
+        "--scale", type=float, help="the update scale (default: GaLore 0.25, APOLLO 1, APOLLO-Mini sqrt(128))"
+    )
     ap.add_argument(
         "--svd",
         default="gram",
