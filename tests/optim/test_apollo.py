@@ -175,3 +175,13 @@ def test_bad_groups_are_refused():
         lf.Apollo(weight_groups(mlp(), rank=2, scale_type="row"))
     with pytest.raises(ValueError, match="rank and update_proj_gap must be >= 1"):
         lf.Apollo(weight_groups(mlp(), rank=0))
+
+
+def test_per_layer_optimizers_draw_each_weight_its_own_projection():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))  # two weights of one shape
+    updates = lf.PerLayerUpdates(model, lambda g: lf.Apollo(g, lr=1e-2), weight_groups(model, rank=2))
+    x = torch.randn(4, 8)
+    model(x).square().mean().backward()
+    updates.after_backward()
+    seeds = {int(opt.state[p]["proj_seed"]) for opt in updates.optimizers.values() for p in opt.state if p.dim() == 2}
+    assert len(seeds) == 2

@@ -108,6 +108,7 @@ class Apollo(GaLoreAdamW):
         rank = min(group["rank"], gs.shape[0])
         if (state["step"] - 1) % group["update_proj_gap"] == 0 or "proj_seed" not in state:
             # a new projection: its seed, from the optimizer's seed, the parameter and the step
+            index = group.get("param_index", index)  # per-layer updates: one optimizer a weight
             state["proj_seed"] = torch.tensor(self.seed * 1_000_003 + index * 10_007 + state["step"])
         proj = projection(int(state["proj_seed"]), rank, gs.shape[0], g.device)  # (r, k)
         r_t = proj @ gs  # (r, c)

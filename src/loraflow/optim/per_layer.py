@@ -52,11 +52,13 @@ class PerLayerUpdates:
         self.accumulation, self.max_grad_norm, self.schedule = accumulation, max_grad_norm, schedule
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self._handles = []
+        index = 0
         for group in groups:
             settings = {k: v for k, v in group.items() if k != "params"}
             for p in group["params"]:
-                name = names[id(p)]
-                opt = make_optimizer([{**settings, "params": [p]}])
+                name, index = names[id(p)], index + 1
+                # "param_index": the weight's place among all of them (APOLLO seeds its projections by it)
+                opt = make_optimizer([{**settings, "params": [p], "param_index": index}])
                 for g in opt.param_groups:
                     g.setdefault("initial_lr", g["lr"])
                 self.optimizers[name] = opt
