@@ -23,6 +23,7 @@ from torch import nn
 from loraflow import adapters as lf_adapters
 from loraflow.atomic import atomic_write
 from loraflow.finetune.config import FinetuneConfig
+from loraflow.losses import linear_cross_entropy
 from loraflow.models import load_model
 
 LABELS_NAME = "labels.json"  # {"heads": [{"column": ..., "classes": [...]}, ...]}
@@ -115,12 +116,32 @@ def head_losses(
 
 
 def token_losses(model: nn.Module, batch: dict) -> torch.Tensor:
-    """Summed next-token cross-entropy of each row over its labelled tokens: (B,)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+    """Summed next-token cross-entropy of each row over its labelled tokens: (B,). A plain
+    linear head goes through ``linear_cross_entropy`` (never all the logits in float32)."""
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    targets = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
+    head = plain_head(model)
+    if head is not None:
+        body = getattr(model, model.base_model_prefix)
+        hidden = body(**inputs, use_cache=False).last_hidden_state  # (B, T, d)
+        return linear_cross_entropy(hidden[:, :-1], head.weight, targets).sum(1)  # (B,)
+    logits = model(**inputs).logits  # (B, T, V)
     b, t, v = logits.shape
-    targets = batch["labels"][:, 1:].reshape(-1)  # (B·(T-1),): position t predicts token t+1
-    nll = F.cross_entropy(logits[:, :-1].reshape(-1, v).float(), targets, ignore_index=-100, reduction="none")
+    nll = F.cross_entropy(
+        logits[:, :-1].reshape(-1, v).float(), targets.reshape(-1), ignore_index=-100, reduction="none"
+    )
     return nll.view(b, t - 1).sum(1)  # (B,)
+
+
+def plain_head(model: nn.Module) -> nn.Linear | None:
+    """The output layer when the logits are just ``hidden @ W.T`` (a bias-free Linear, no
+    logit scaling or soft-capping in the config, no adapter on it); else None."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    config = getattr(model, "config", None)
+    scaled = any(getattr(config, k, None) not in (None, 1.0) for k in ("final_logit_softcapping", "logit_scale"))
+    if type(head) is nn.Linear and head.bias is None and not scaled and hasattr(model, "base_model_prefix"):
+        return head
+    return None
 
 
 def save_adapter_to(model: nn.Module, name: str, folder: Path, heads: list[dict] | None) -> None:

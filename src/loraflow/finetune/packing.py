@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraflow.finetune.data import IGNORE, Example
-from loraflow.finetune.model import HEAD
+from loraflow.finetune.model import HEAD, plain_head
+from loraflow.losses import linear_cross_entropy
 
 
 def pack(examples: list[Example]) -> dict:
@@ -62,7 +63,13 @@ def packed_classify(model: nn.Module, batch: dict) -> torch.Tensor:
 
 def packed_token_losses(model: nn.Module, batch: dict) -> torch.Tensor:
     """Each row's summed next-token cross-entropy over its labelled tokens: (N,)."""
-    logits = model(input_ids=batch["input_ids"], **_varlen_kwargs(batch)).logits[0]  # (T, V)
-    nll = F.cross_entropy(logits.float(), batch["labels"][0], ignore_index=IGNORE, reduction="none")  # (T,)
+    head = plain_head(model)
+    if head is not None:  # never all the logits in float32
+        body = getattr(model, model.base_model_prefix)
+        hidden = body(input_ids=batch["input_ids"], **_varlen_kwargs(batch)).last_hidden_state[0]  # (T, d)
+        nll = linear_cross_entropy(hidden, head.weight, batch["labels"][0])  # (T,)
+    else:
+        logits = model(input_ids=batch["input_ids"], **_varlen_kwargs(batch)).logits[0]  # (T, V)
+        nll = F.cross_entropy(logits.float(), batch["labels"][0], ignore_index=IGNORE, reduction="none")  # (T,)
     rows = len(batch["cu_seq_lens"]) - 1
     return nll.new_zeros(rows).index_add_(0, batch["row"], nll)  # (N,)
