@@ -86,8 +86,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
     warmup = int(cfg.warmup * steps)
     eval_every = cfg.eval_every or max(1, steps // 10)
     save_every = cfg.save_every or eval_every
-    if cfg.compile:
-        model.compile()
+    if cfg.compile:  # the body: the losses call it directly (the head goes through linear_cross_entropy)
+        getattr(model, model.base_model_prefix).compile()
 
     step, best, stale = 0, {}, 0
     if existing is not None:
