@@ -129,7 +129,7 @@ def _main(argv: list[str] | None) -> None:
     p.add_argument(
         "--variants",
         default="adamw,adamw8bit,galore,galore8bit,galore-torch,galore-torch8bit",
-        help="optimizers, comma-separated",
+        help="optimizers, comma-separated (also apollo, apollo8bit, apollo-mini)",
     )
     p.add_argument("--batch", type=int, default=1, help="sequences of 256 tokens per step")
     p.add_argument("--steps", type=int, default=6, help="optimizer steps per run")

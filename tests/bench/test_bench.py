@@ -156,6 +156,17 @@ def test_train_bench_runs_and_counts_states_on_the_cpu():
         train.TrainCase("tiny", "galore", False, rank=8, steps=6, update_proj_gap=4)
 
 
+def test_train_bench_runs_apollo_and_mini_with_smaller_states_on_the_cpu():
+    from loraflow.bench import train
+
+    rows = {
+        v: train.run_case(train.TrainCase("tiny", v, False, rank=8, steps=3, seq=32), device="cpu", dtype=torch.float32)
+        for v in ("adamw", "apollo", "apollo-mini")
+    }
+    assert all("error" not in r and r["tokens_per_s"] > 0 and r["svd_seconds"] is None for r in rows.values())
+    assert rows["apollo-mini"]["state_bytes"] < rows["apollo"]["state_bytes"] < rows["adamw"]["state_bytes"]
+
+
 def _galore_torch_importable() -> bool:
     try:
         import galore_torch  # noqa: F401

@@ -37,13 +37,16 @@ import loraflow as lf
 from loraflow.optim import analytic_state_bytes, state_bytes
 from loraflow.optim.projector import SVD_METHODS, side, top_singular
 
-VARIANTS = {  # name -> (our optimizer class name or "galore-torch:<cls>", uses GaLore groups, bits)
-    "adamw": ("GaLoreAdamW", False, 32),
-    "adamw8bit": ("GaLoreAdamW8bit", False, 8),
-    "galore": ("GaLoreAdamW", True, 32),
-    "galore8bit": ("GaLoreAdamW8bit", True, 8),
-    "galore-torch": ("galore_torch:GaLoreAdamW", True, 32),
-    "galore-torch8bit": ("galore_torch:GaLoreAdamW8bit", True, 8),
+VARIANTS = {  # name -> (our optimizer class name or "galore-torch:<cls>", projected groups, bits)
+    "adamw": ("GaLoreAdamW", None, 32),
+    "adamw8bit": ("GaLoreAdamW8bit", None, 8),
+    "galore": ("GaLoreAdamW", "galore", 32),
+    "galore8bit": ("GaLoreAdamW8bit", "galore", 8),
+    "galore-torch": ("galore_torch:GaLoreAdamW", "galore", 32),
+    "galore-torch8bit": ("galore_torch:GaLoreAdamW8bit", "galore", 8),
+    "apollo": ("Apollo", "apollo", 32),
+    "apollo8bit": ("ApolloAdamW8bit", "apollo", 8),
+    "apollo-mini": ("ApolloMini", "apollo", 32),
 }
 
 
@@ -73,7 +76,7 @@ class TrainCase:
             raise ValueError(f"accumulation must be >= 1, got {self.accumulation}")
         if self.steps < 3:
             raise ValueError(f"steps must be >= 3 (two warm-up steps, then timed ones), got {self.steps}")
-        if VARIANTS[self.variant][1] and self.steps > self.update_proj_gap:
+        if VARIANTS[self.variant][1] == "galore" and self.steps > self.update_proj_gap:
             raise ValueError(
                 f"{self.variant}: steps ({self.steps}) must be <= update_proj_gap ({self.update_proj_gap}) "
                 "so that no timed step holds an SVD (it is timed on its own): use fewer steps"
@@ -176,13 +179,14 @@ def run_case(c: TrainCase, device: str = "cuda", dtype=torch.bfloat16) -> dict:
     if c.checkpointing:
         model.gradient_checkpointing_enable()
     model.train()
-    galore = VARIANTS[c.variant][1]
-    groups = (
-        lf.galore_param_groups(model, rank=c.rank, update_proj_gap=c.update_proj_gap, scale=0.25, svd=c.svd)
-        if galore
-        else [{"params": list(model.parameters())}]
-    )
-    ours_32bit = c.variant in ("adamw", "galore")
+    galore = VARIANTS[c.variant][1] == "galore"
+    if galore:
+        groups = lf.galore_param_groups(model, rank=c.rank, update_proj_gap=c.update_proj_gap, scale=0.25, svd=c.svd)
+    elif VARIANTS[c.variant][1] == "apollo":  # APOLLO-Mini makes its groups rank 1, tensor-wise
+        groups = lf.apollo_param_groups(model, rank=c.rank, update_proj_gap=c.update_proj_gap)
+    else:
+        groups = [{"params": list(model.parameters())}]
+    ours_32bit = c.variant in ("adamw", "galore", "apollo", "apollo-mini")
     kw = {"state_dtype": getattr(torch, c.state_dtype)} if ours_32bit else {}
     make = lambda g: cls(g, lr=1e-4, **kw)
     opt = lf.PerLayerUpdates(model, make, groups, c.accumulation) if c.per_layer else make(groups)
@@ -215,7 +219,7 @@ def run_case(c: TrainCase, device: str = "cuda", dtype=torch.bfloat16) -> dict:
     bits = VARIANTS[c.variant][2]
     analytic = (
         sum(analytic_state_bytes(o, bits=bits) for o in optimizers)
-        if not c.variant.startswith("galore-torch")
+        if VARIANTS[c.variant][1] != "apollo" and not c.variant.startswith("galore-torch")
         else None
     )
     steady = sum(times[2:]) / len(times[2:])
