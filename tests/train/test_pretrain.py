@@ -180,3 +180,20 @@ def test_svd_choice_reaches_the_galore_group():
         args = parse_args(["--data", "x", "--out", "y", "--rank", "4", *flags])
         groups, make = optimizer_parts("galore", model, args)
         assert groups[0]["svd"] == method and make(groups).param_groups[0]["svd"] == method
+
+
+def test_compiled_training_logs_the_eager_losses(tmp_path):
+    from torch._dynamo.utils import counters
+
+    common = ARGS + ["--optimizer", "adamw", "--steps", "3", "--eval-every", "100"]
+    main(common + ["--out", str(tmp_path / "eager")])
+    counters.clear()
+    try:
+        main(common + ["--out", str(tmp_path / "compiled"), "--compile"])
+    except Exception as e:  # no C++ compiler for Inductor's CPU kernels, say
+        if "inductor" in type(e).__module__ or "Compiler" in str(e):
+            pytest.skip(f"torch.compile cannot run here: {e}")
+        raise
+    assert counters["stats"]["unique_graphs"] >= 1
+    logs = [[json.loads(line)["loss"] for line in open(tmp_path / n / "log.jsonl")] for n in ("eager", "compiled")]
+    assert len(logs[0]) == 3 and logs[1] == pytest.approx(logs[0], rel=1e-3)
