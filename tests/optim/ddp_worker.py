@@ -1,4 +1,4 @@
-"""Run by test_ddp.py under torchrun (2 processes, gloo): GaLore training with DDP, each
+"""Run by test_ddp.py under torchrun (2 processes, gloo): GaLore or APOLLO training with DDP, each
 process on half of every global batch; rank 0 saves the final weights."""
 
 import sys
@@ -19,10 +19,12 @@ def global_batches(steps=4, size=4):
     return [torch.randint(0, 128, (size, 10), generator=g) for _ in range(steps)]
 
 
-def train(model, rank=0, world=1):
-    opt = lf.GaLoreAdamW(
-        lf.galore_param_groups(model.module if world > 1 else model, rank=4, update_proj_gap=2), lr=1e-2
-    )
+def train(model, rank=0, world=1, optimizer="galore"):
+    inner = model.module if world > 1 else model
+    if optimizer == "galore":
+        opt = lf.GaLoreAdamW(lf.galore_param_groups(inner, rank=4, update_proj_gap=2), lr=1e-2)
+    else:  # APOLLO: every process draws the same projection from the same seed
+        opt = lf.Apollo(lf.apollo_param_groups(inner, rank=4, update_proj_gap=2), lr=1e-2)
     for x in global_batches():
         part = x.chunk(world)[rank]
         model(input_ids=part, labels=part).loss.backward()
@@ -34,7 +36,7 @@ def train(model, rank=0, world=1):
 if __name__ == "__main__":
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    model = train(DistributedDataParallel(tiny_llama()), rank, world)
+    model = train(DistributedDataParallel(tiny_llama()), rank, world, sys.argv[3])
     if rank == 0:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, sys.argv[1])
     dist.destroy_process_group()

@@ -1,4 +1,4 @@
-"""GaLore under DDP (2 CPU processes, gloo, torchrun) equals one process on the global batch."""
+"""GaLore and APOLLO under DDP (2 CPU processes, gloo, torchrun) equal one process on the global batch."""
 
 import os
 import socket
@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import rel_err, tiny_llama
 from ddp_worker import train
@@ -14,7 +15,8 @@ from safetensors.torch import load_file
 HERE = Path(__file__).parent
 
 
-def test_two_process_ddp_equals_one_process(tmp_path):
+@pytest.mark.parametrize("optimizer", ["galore", "apollo"])
+def test_two_process_ddp_equals_one_process(tmp_path, optimizer):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -31,6 +33,7 @@ def test_two_process_ddp_equals_one_process(tmp_path):
             str(HERE / "ddp_worker.py"),
             str(out),
             str(HERE.parent),
+            optimizer,
         ],
         env=env,
         capture_output=True,
@@ -39,7 +42,7 @@ def test_two_process_ddp_equals_one_process(tmp_path):
     )
     assert run.returncode == 0, run.stderr[-3000:]
     ddp = load_file(out)
-    single = train(tiny_llama()).state_dict()
+    single = train(tiny_llama(), optimizer=optimizer).state_dict()
     changed = 0
     for name, w in single.items():
         assert rel_err(ddp[name], w) < 1e-5, name
