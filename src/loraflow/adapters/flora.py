@@ -168,10 +168,12 @@ class FLoRAWeight(torch.autograd.Function):
         r, d_in = a.shape
         g2, x2 = g.reshape(-1, g.shape[-1]).to(dtype), x.reshape(-1, d_in).to(dtype)  # (T, d_out), (T, d_in)
         grad_x = (g2 @ _weight(a, b, w0, dtype)).view(x.shape).to(x.dtype) if ctx.needs_input_grad[0] else None
-        acc = torch.promote_types(dtype, torch.float32)  # the small products: float32 at least
-        gm = (g2.T @ x2).to(acc) * w0.to(acc)  # (d_out, d_in): ∂L/∂M
-        grad_a = (b.to(acc).T @ gm / r).to(a.dtype) if ctx.needs_input_grad[1] else None  # (r, d_in)
-        grad_b = (gm @ a.to(acc).T / r).to(b.dtype) if ctx.needs_input_grad[2] else None  # (d_out, r)
+        grad_a = grad_b = None
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            acc = torch.promote_types(dtype, torch.float32)  # the small products: float32 at least
+            gm = (g2.T @ x2).to(acc) * w0.to(acc)  # (d_out, d_in): ∂L/∂M
+            grad_a = (b.to(acc).T @ gm / r).to(a.dtype) if ctx.needs_input_grad[1] else None  # (r, d_in)
+            grad_b = (gm @ a.to(acc).T / r).to(b.dtype) if ctx.needs_input_grad[2] else None  # (d_out, r)
         return grad_x, grad_a, grad_b, None
 
 

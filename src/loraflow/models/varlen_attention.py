@@ -18,6 +18,7 @@ forward is transformers' SDPA, unchanged. On CUDA the packed path is PyTorch's
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -82,7 +83,7 @@ def _flash_varlen(q, k, v, cu: torch.Tensor, max_len: int, scale: float | None) 
     between releases (2.10: ``is_causal``; later: ``window_size``, ``scale``, ``enable_gqa``)."""
     from torch.nn.attention.varlen import varlen_attn
 
-    params = inspect.signature(varlen_attn).parameters
+    params = _keywords(varlen_attn)
     if "enable_gqa" in params:
         gqa = {"enable_gqa": k.shape[1] != q.shape[1]}
     else:  # older kernels: every query head its own copy of its key/value head
@@ -95,6 +96,12 @@ def _flash_varlen(q, k, v, cu: torch.Tensor, max_len: int, scale: float | None) 
         causal["scale"] = scale
     cu = cu.to(device=q.device, dtype=torch.int32)
     return varlen_attn(q, k, v, cu, cu, max_len, max_len, **causal, **gqa)
+
+
+@functools.cache
+def _keywords(fn) -> frozenset[str]:
+    """The keywords ``fn`` takes, looked up once (every layer of every step asks)."""
+    return frozenset(inspect.signature(fn).parameters)
 
 
 def _rows_sdpa(q, k, v, cu: torch.Tensor, scale: float | None) -> torch.Tensor:
