@@ -120,11 +120,11 @@ def test_mini_states_are_a_tenth_of_adamws_at_most():
         if p.dim() == 2:
             channels = p.shape[1] if p.shape[0] < p.shape[1] else p.shape[0]
             assert st["exp_avg"].shape == st["exp_avg_sq"].shape == (1, channels)
-            assert st["prev_norm"].numel() == 1 and st["proj_seed"].numel() == 1
+            assert st["prev_norm"].numel() == 1 and isinstance(st["proj_seed"], int)  # the seed: on the host
     two_d = [p for p in model.parameters() if p.dim() == 2]
     mini = sum(_bytes(opt.state[p]) for p in two_d)
-    # two float32 rows of the channels, a float32 norm and an int64 seed per weight
-    assert mini == sum(4 * 2 * (p.shape[1] if p.shape[0] < p.shape[1] else p.shape[0]) + 4 + 8 for p in two_d)
+    # two float32 rows of the channels and a float32 norm per weight (the seed is a Python int)
+    assert mini == sum(4 * 2 * (p.shape[1] if p.shape[0] < p.shape[1] else p.shape[0]) + 4 for p in two_d)
     assert mini < 2 * 4 * sum(p.numel() for p in two_d) / 10  # AdamW: two float32 moments a weight
 
 

@@ -15,8 +15,8 @@ stored seed every ``update_proj_gap`` steps (the side projected is GaLore's, ``p
     W  -= lr · (G̃_t + wd · W)
 
 Parameter groups as GaLore's: those with ``rank`` (``apollo_param_groups``) get APOLLO on
-their 2-D weights, every other parameter is plain AdamW. The states are plain tensors (the
-projection is its seed), so ``state_dict()`` loads with ``torch.load(weights_only=True)`` and a
+their 2-D weights, every other parameter is plain AdamW. The states are plain tensors and
+ints (the projection is its seed), so ``state_dict()`` loads with ``torch.load(weights_only=True)`` and a
 resumed run draws the same projections.
 """
 
@@ -109,8 +109,10 @@ class Apollo(GaLoreAdamW):
         if (state["step"] - 1) % group["update_proj_gap"] == 0 or "proj_seed" not in state:
             # a new projection: its seed, from the optimizer's seed, the parameter and the step
             index = group.get("param_index", index)  # per-layer updates: one optimizer a weight
-            state["proj_seed"] = torch.tensor(self.seed * 1_000_003 + index * 10_007 + state["step"])
-        proj = projection(int(state["proj_seed"]), rank, gs.shape[0], g.device)  # (r, k)
+            # a Python int, as "step" is: it stays on the host (a tensor would be moved to the
+            # weight's device on loading, and reading it back would wait for the GPU)
+            state["proj_seed"] = self.seed * 1_000_003 + index * 10_007 + state["step"]
+        proj = projection(state["proj_seed"], rank, gs.shape[0], g.device)  # (r, k)
         r_t = proj @ gs  # (r, c)
         r_tilde = self._direction(state, r_t, group)  # Adam on the projection, moments updated
         if group["scale_type"] == "channel":
