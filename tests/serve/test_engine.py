@@ -131,6 +131,25 @@ def test_requests_arriving_mid_decode_and_chunked_prompts(setup, graphs):
         assert r.output_ids == reference(root, adapters.get(a), prompt(11 + i, 9), 6)
 
 
+@pytest.mark.parametrize("graphs", GRAPHS, ids=["gathered", "paged-decode"])
+def test_stale_nan_in_reused_cache_blocks_does_not_reach_other_requests(setup, graphs):
+    """Blocks freed by a request whose adapter overflowed hold NaN and inf; the next requests
+    get them back, and padded context positions (shorter prompts beside longer ones) must
+    not read them: a masked score's weight is 0, but 0 · NaN is NaN."""
+    root, adapters = setup
+    eng = engine(setup, max_batch_tokens=64, decode_graphs=graphs)
+    handed_out = eng.kv.n_blocks * eng.kv.block_size  # every row a request can own
+    for k, v in eng.kv.layers:
+        k[:handed_out] = float("nan")
+        v[:handed_out] = float("inf")
+    names, prompts = ["sql", None, "med"], [prompt(20 + i, 3 + 7 * i) for i in range(3)]
+    reqs = [eng.add_request(p, SamplingParams(max_tokens=5, temperature=0), a) for p, a in zip(prompts, names)]
+    while eng.has_work():
+        eng.step()
+    for r, p, a in zip(reqs, prompts, names):
+        assert r.output_ids == reference(root, adapters.get(a), p, 5), (a, p)
+
+
 def test_generate_api_and_sampling_options(setup):
     eng = engine(setup)
     outs = eng.generate([prompt(1, 6), prompt(2, 6)], adapters=["sql", None], max_tokens=5, temperature=0.0)

@@ -1,7 +1,9 @@
 """The paged KV cache: per layer, K and V as (blocks · block_size, kv_heads, head_dim) rows;
 each sequence owns a list of blocks (its block table), allocated from a memory budget.
 One extra block, never handed out, takes the writes of the padding rows of a CUDA-graph
-decode batch."""
+decode batch; one extra row, never written, stays zero: padded context positions read it,
+so a masked key or value is never a stale NaN or inf left by an earlier request (masking
+gives it weight 0, but 0 · inf is NaN)."""
 
 from __future__ import annotations
 
@@ -29,7 +31,8 @@ class KVCache:
             )
         self.block_size = block_size
         self.trash_block = self.n_blocks  # padding rows write here
-        rows = (self.n_blocks + 1) * block_size
+        self.zero_row = (self.n_blocks + 1) * block_size  # padded context reads here
+        rows = self.zero_row + 1
         self.layers = [
             (
                 torch.zeros(rows, n_kv_heads, head_dim, dtype=dtype, device=device),

@@ -21,8 +21,9 @@ from loraflow.serve.bank import AdapterBank, TokenSlots
 from loraflow.serve.llama import AttnGroup, Batch
 
 
-def pack(plan, bank: AdapterBank, block_size: int, device, dtype) -> tuple[Batch, list]:
-    """(the step's Batch, the requests whose next token is sampled from it, in logit order)."""
+def pack(plan, bank: AdapterBank, block_size: int, zero_row: int, device, dtype) -> tuple[Batch, list]:
+    """(the step's Batch, the requests whose next token is sampled from it, in logit order).
+    ``zero_row``: a KV-cache row that is never written (``KVCache.zero_row``)."""
     bs = block_size
     tokens, slots, logit_index, sample_from = [], [], [], []
     for req, n in plan:
@@ -42,7 +43,7 @@ def pack(plan, bank: AdapterBank, block_size: int, device, dtype) -> tuple[Batch
     positions = done[seq] + i
     cache_index = table[seq, positions // bs] * bs + positions % bs
     groups = [
-        attn_group(members, plan, start, n_new, done, table, bs)
+        attn_group(members, plan, start, n_new, done, table, bs, zero_row)
         for members in ([j for j, (_, n) in enumerate(plan) if n == 1], [j for j, (_, n) in enumerate(plan) if n > 1])
         if members
     ]
@@ -52,9 +53,9 @@ def pack(plan, bank: AdapterBank, block_size: int, device, dtype) -> tuple[Batch
     return batch, sample_from
 
 
-def attn_group(members: list[int], plan, start, n_new, done, table, block_size: int) -> AttnGroup:
+def attn_group(members: list[int], plan, start, n_new, done, table, block_size: int, zero_row: int) -> AttnGroup:
     """Attention indices for the sequences ``members`` (positions in ``plan``) of a step,
-    padded to their own longest new-token run and context."""
+    padded to their own longest new-token run and context; padded context reads ``zero_row``."""
     dev, bs = table.device, block_size
     as_t = lambda v: torch.tensor(v, dtype=torch.long, device=dev)
     m = as_t(members)
@@ -66,6 +67,7 @@ def attn_group(members: list[int], plan, start, n_new, done, table, block_size: 
     kj = torch.arange(ctx_max, device=dev)
     q_index = torch.where(qi[None] < n_new[:, None], start[:, None] + qi[None], 0)  # (S, q_max)
     kv_index = table.gather(1, (kj // bs).clamp_max(width - 1).expand(len(members), -1)) * bs + kj % bs
+    kv_index = torch.where(kj[None] < (done + n_new)[:, None], kv_index, zero_row)  # (S, ctx_max)
     real_q = qi[None, :, None] < n_new[:, None, None]
     causal = kj[None, None, :] <= done[:, None, None] + qi[None, :, None]
     mask = (real_q & causal) | (~real_q & (kj == 0)[None, None, :])  # padded queries see key 0

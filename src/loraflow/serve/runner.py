@@ -33,7 +33,7 @@ class ModelRunner:
 
     def batch(self, plan: list[tuple[Request, int]]):
         """The step's packed tokens and attention metadata (``serve/packing.py``)."""
-        return pack(plan, self.bank, self.kv.block_size, self.device, self.model.lm_head.weight.dtype)
+        return pack(plan, self.bank, self.kv.block_size, self.kv.zero_row, self.device, self.model.lm_head.weight.dtype)
 
     def forward(self, plan: list[tuple[Request, int]]) -> tuple[torch.Tensor, list[tuple[int, Request]]]:
         """The logits of the plan's last tokens, and (row, request) for each request whose prompt
