@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from loraflow.modules import find_targets
+from loraflow.optim import sharded
 from loraflow.optim.galore import GaLoreAdamW, GaLoreAdamW8bit
 from loraflow.optim.projector import side
 
@@ -91,19 +92,33 @@ class Apollo(GaLoreAdamW):
                 if not state:
                     state["step"] = 0
                 state["step"] += 1
-                g = p.grad.float()
-                if "rank" in group and p.dim() == 2:
-                    update = self._apollo(p, g, state, group, index)
+                here = sharded.part(p)  # under FSDP2: this process's shard
+                g = here.grad.float()
+                if "rank" in group and len(here.shape) == 2:
+                    update = self._apollo(here, g, state, group, index)
                 else:
                     update = self._direction(state, g, group)  # AdamW
+                w = here.weight
                 if group["weight_decay"]:
-                    p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(update.to(p.dtype), alpha=-group["lr"])
+                    w.mul_(1 - group["lr"] * group["weight_decay"])
+                w.add_(update.to(w.dtype), alpha=-group["lr"])
         return loss
 
-    def _apollo(self, p: torch.Tensor, g: torch.Tensor, state: dict, group: dict, index: int) -> torch.Tensor:
-        """scale · G diag(s), norm-limited: the update of one projected weight."""
-        which = side(tuple(p.shape), group.get("proj_type", "std"))
+    def state_shard_dim(self, state: dict, key: str, dim: int) -> int | str | None:
+        """As GaLore's (``_GaLoreBase.state_shard_dim``), but the moments of a projected weight
+        are R's, (r, channels): split along their channels; the norm is the whole weight's."""
+        if key == "prev_norm":
+            return None
+        if "proj_seed" in state and key in ("exp_avg", "exp_avg_sq"):
+            return 1
+        return super().state_shard_dim(state, key, dim)
+
+    def _apollo(self, here: sharded.Part, g: torch.Tensor, state: dict, group: dict, index: int) -> torch.Tensor:
+        """scale · G diag(s), norm-limited: the update of one projected weight. Sharded
+        (FSDP2), G is this process's channels: the projection and per-channel factors are
+        local, the norms of the whole weight are sums over the processes."""
+        which = side(here.shape, group.get("proj_type", "std"))
+        sharded.check_local(which, here.dim, here.shape)
         gs = g if which == "left" else g.T  # gs: (k, c): k projected away, c channels
         rank = min(group["rank"], gs.shape[0])
         if (state["step"] - 1) % group["update_proj_gap"] == 0 or "proj_seed" not in state:
@@ -117,12 +132,13 @@ class Apollo(GaLoreAdamW):
         r_tilde = self._direction(state, r_t, group)  # Adam on the projection, moments updated
         if group["scale_type"] == "channel":
             s = r_tilde.norm(dim=0) / r_t.norm(dim=0).clamp_min(1e-30)  # (c,)
-        else:
-            s = r_tilde.norm() / r_t.norm().clamp_min(1e-30)
+        else:  # ‖R̃‖ / ‖R‖ of the whole weight
+            sq = sharded.all_sum(torch.stack([r_tilde.pow(2).sum(), r_t.pow(2).sum()]), here.group)
+            s = sq[0].sqrt() / sq[1].sqrt().clamp_min(1e-30)
         update = group["scale"] * gs * s  # (k, c)
         limit = group["norm_growth_limit"]
         if limit:  # on the device, without a wait for it: factor = min(1, γ ‖G̃_{t-1}‖ / ‖G̃_t‖)
-            norm = update.norm()
+            norm = sharded.all_sum(update.pow(2).sum(), here.group).sqrt()
             if "prev_norm" in state:
                 prev = state["prev_norm"]
                 factor = torch.where(prev > 0, (limit * prev / norm).clamp(max=1.0), torch.ones_like(norm))

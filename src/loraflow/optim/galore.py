@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from loraflow.modules import find_targets
-from loraflow.optim import quant8
+from loraflow.optim import quant8, sharded
 
 try:
     from loraflow.optim import adam8bit_triton
@@ -51,8 +51,9 @@ class _GaLoreBase(torch.optim.Optimizer):
                     self.state[p][key] = value.to(device=p.device, copy=True)
 
     def _each(self):
-        """(group, parameter, state, (projected) gradient, projection side) of every parameter
-        with a gradient; counts the step."""
+        """(group, weight, state, (projected) gradient, projection side) of every parameter
+        with a gradient; counts the step. Under FSDP2 the weight and gradient are this
+        process's shard (``optim/sharded.py``); the state is the shard's."""
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -60,22 +61,39 @@ class _GaLoreBase(torch.optim.Optimizer):
                 state = self.state[p]
                 if not state:
                     state["step"] = 0
-                g, which = self._galore_grad(p, state, group)
+                here = sharded.part(p)
+                g, which = self._galore_grad(p, here, state, group)
                 state["step"] += 1
-                yield group, p, state, g, which
+                yield group, here.weight, state, g, which
 
-    def _galore_grad(self, p: torch.Tensor, state: dict, group: dict) -> tuple[torch.Tensor, str | None]:
+    def _galore_grad(
+        self, p: torch.Tensor, here: sharded.Part, state: dict, group: dict
+    ) -> tuple[torch.Tensor, str | None]:
         """The (projected) gradient, refreshing the basis every ``update_proj_gap`` steps."""
-        g = p.grad
-        if "rank" not in group or p.dim() != 2:
+        g = here.grad
+        if "rank" not in group or len(here.shape) != 2:
             return g.float(), None
-        which = side(tuple(p.shape), group.get("proj_type", "std"))
-        rank = min(group["rank"], *p.shape)
+        which = side(here.shape, group.get("proj_type", "std"))
+        sharded.check_local(which, here.dim, here.shape)
+        rank = min(group["rank"], *here.shape)
         if state["step"] % group.get("update_proj_gap", 200) == 0 or "proj" not in state:
             method = group.get("svd", "randomized" if group.get("randomized_svd") else "full")  # older states
-            basis = top_singular(g, rank, which, method, state.get("proj"))
+            if here.group is not None and method != "gram":  # the SVD needs the whole gradient
+                basis = top_singular(p.grad.full_tensor(), rank, which, method, state.get("proj"))
+            else:
+                basis = top_singular(g, rank, which, method, state.get("proj"), here.group)
             state["proj"] = basis.to(basis_dtype(p))
         return project(g, state["proj"], which), which
+
+    def state_shard_dim(self, state: dict, key: str, dim: int) -> int | str | None:
+        """How the state ``key`` of a weight sharded along ``dim`` (FSDP2) splits over the
+        processes, for sharded checkpoints (``distributed/checkpoint.py``): along that
+        dimension of the state (the moments: shaped as the projected gradient, whose kept side
+        is the shard's), not at all (None: the basis is the same everywhere), or "flat"
+        (8-bit codes and scales, quantized in blocks of the shard)."""
+        if key == "proj":
+            return None
+        return "flat" if key.endswith(("_codes", "_absmax")) else dim
 
     def _back(self, update: torch.Tensor, state: dict, group: dict, which: str | None) -> torch.Tensor:
         if which is None:
@@ -312,6 +330,11 @@ class GaLoreAdafactor(_GaLoreBase):
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
+        if any(sharded.part(p).group is not None for group in self.param_groups for p in group["params"]):
+            raise ValueError(
+                "GaLoreAdafactor's factored moments and update clipping span whole weights, and it does "
+                "not step FSDP shards: use GaLoreAdamW (galore) or Apollo under FSDP, or DDP"
+            )
         for group, p, state, g, which in self._each():
             beta2 = 1.0 - state["step"] ** group["decay_rate"]
             sq = g * g + group["eps"][0]

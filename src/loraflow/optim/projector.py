@@ -26,6 +26,8 @@ from typing import Literal
 
 import torch
 
+from loraflow.optim import sharded
+
 ProjType = Literal["std", "reverse_std", "left", "right"]
 SvdMethod = Literal["full", "gram", "randomized"]
 SVD_METHODS = ("full", "gram", "randomized")
@@ -43,17 +45,20 @@ def side(shape: tuple[int, int], proj_type: ProjType) -> str:
     raise ValueError(f"proj_type must be std, reverse_std, left or right, got {proj_type!r}")
 
 
-def gram_basis(x: torch.Tensor, rank: int, which: str, block: int = 512) -> torch.Tensor:
+def gram_basis(x: torch.Tensor, rank: int, which: str, block: int = 512, group=None) -> torch.Tensor:
     """Top-``rank`` eigenvectors of x xᵀ (left) or xᵀ x (right), largest first: the top
     singular vectors of x (x = U S Vᵀ gives x xᵀ = U S² Uᵀ). The product is summed in float64
     over blocks of ``block`` columns (rows), so a TF32 matmul setting cannot round it and no
     whole copy of x is made; the eigenproblem runs in float32 (float64 if x is). Each vector's
-    sign is fixed (its largest entry positive), so rounding-level changes of x do not flip it."""
+    sign is fixed (its largest entry positive), so rounding-level changes of x do not flip it.
+    ``group``: x is this process's shard of the gradient (rows for "right", columns for
+    "left"); the Gram matrix is summed over the group's processes (``optim/sharded.py``)."""
     xs = x if which == "left" else x.T  # xs: (k, l), gram = xs xsᵀ
     gram = torch.zeros(xs.shape[0], xs.shape[0], dtype=torch.float64, device=x.device)  # (k, k)
     for j in range(0, xs.shape[1], block):
         part = xs[:, j : j + block].double()  # (k, <= block)
         gram.addmm_(part, part.T)
+    sharded.all_sum(gram, group)  # Σ over the shards: the whole gradient's Gram matrix
     gram = gram.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
     _, vectors = torch.linalg.eigh(gram)  # ascending eigenvalues
     top = vectors[:, -rank:].flip(-1)  # (k, rank), largest first
@@ -64,20 +69,27 @@ def gram_basis(x: torch.Tensor, rank: int, which: str, block: int = 512) -> torc
 
 
 def top_singular(
-    g: torch.Tensor, rank: int, which: str, method: SvdMethod = "full", previous: torch.Tensor | None = None
+    g: torch.Tensor,
+    rank: int,
+    which: str,
+    method: SvdMethod = "full",
+    previous: torch.Tensor | None = None,
+    group=None,
 ) -> torch.Tensor:
-    """Top-``rank`` left (m x r) or right (n x r) singular vectors of g, in float32."""
+    """Top-``rank`` left (m x r) or right (n x r) singular vectors of g, in float32.
+    ``group``: g is this process's shard ("gram" only; ``gram_basis``)."""
+    assert group is None or method == "gram", "a sharded gradient's basis comes from its Gram matrix"
     if method not in SVD_METHODS:
         raise ValueError(f"svd must be one of {SVD_METHODS}, got {method!r}")
     g = g.detach()
     for attempt in ("float32", "float64-cpu"):
         try:
-            if attempt == "float64-cpu":
-                x = g.double().cpu()
+            if attempt == "float64-cpu":  # (sharded: on the device, where the all-reduce runs)
+                x = g.double() if group is not None else g.double().cpu()
             else:  # the Gram basis reads g in blocks: no float32 copy
                 x = g if method == "gram" else g.float()
             if method == "gram":
-                basis = gram_basis(x, rank, which)
+                basis = gram_basis(x, rank, which, group=group)
             elif method == "randomized":
                 u, _, v = torch.svd_lowrank(x, q=min(rank + 8, min(x.shape)), niter=2)
                 basis = (u if which == "left" else v)[:, :rank]

@@ -78,14 +78,28 @@ def save_checkpoint(out: Path, step: int, write: Callable[[Path], None], require
     """Write ``out/checkpoint`` through ``write(folder)`` so that a kill at any point leaves a
     complete checkpoint, the previous one or this one. Leftovers of a killed save are settled
     first: the newest complete folder becomes ``checkpoint`` before anything older is deleted."""
+    tmp = begin_checkpoint(out, required)
+    write(tmp)
+    commit_checkpoint(out, step, required)
+
+
+def begin_checkpoint(out: Path, required: tuple[str, ...]) -> Path:
+    """Settle what a killed save left and make an empty ``checkpoint.tmp`` (returned). Several
+    processes (``distributed/checkpoint.py``): the first calls this, then all write."""
     final, tmp, old = checkpoint_paths(out)
     _settle(out, required)
     shutil.rmtree(tmp, ignore_errors=True)  # partial: `checkpoint` is the newest complete one
     tmp.mkdir(parents=True)
-    write(tmp)
+    return tmp
+
+
+def commit_checkpoint(out: Path, step: int, required: tuple[str, ...]) -> None:
+    """Seal ``checkpoint.tmp`` (fsync, then ``complete.json`` listing its files) and make it
+    ``checkpoint``."""
+    final, tmp, old = checkpoint_paths(out)
     fsync_tree(tmp)
     sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
-    assert set(required) <= set(sizes), f"write() made {sorted(sizes)}, not all of {required}"
+    assert set(required) <= set(sizes), f"the checkpoint holds {sorted(sizes)}, not all of {required}"
     with open(tmp / MARKER, "w") as f:
         json.dump({"step": step, "files": sizes}, f)
         f.flush()
