@@ -68,7 +68,9 @@ def _main(argv: list[str] | None) -> None:
 
         command = argv[0]
         try:
-            print(json.dumps(importlib.import_module(recipes[command]).main(argv[1:])))
+            summary = importlib.import_module(recipes[command]).main(argv[1:])
+            if os.environ.get("RANK", "0") == "0":  # under torchrun: the first process's
+                print(json.dumps(summary))
         except (ValueError, FileNotFoundError) as e:  # the run's own checks: what to change, in one line
             sys.exit(f"loraflow {command}: {e}")
         except KeyboardInterrupt:  # checkpoints are written whole: the last one stands

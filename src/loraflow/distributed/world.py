@@ -34,6 +34,14 @@ class World:
         if self.parallel != "none":
             dist.barrier()
 
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on any process (so that all take the same branch)."""
+        if self.parallel == "none":
+            return flag
+        t = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
     def mean(self, value: float) -> float:
         """The mean of ``value`` over the processes (a loss, say)."""
         if self.parallel == "none":

@@ -16,6 +16,14 @@ exact resume: ``--resume`` continues from the newest complete checkpoint (also o
 killed save left as checkpoint.tmp or checkpoint.old), and a run without it refuses an
 ``--out`` that already holds one.
 
+Several GPUs: ``torchrun --nproc-per-node N -m loraflow.cli pretrain --parallel ddp|fsdp ...``;
+``--batch`` is each process's, every process takes its slice of each global batch (so N
+processes with ``--batch B`` train as one with ``--batch N·B``). ``fsdp`` shards weights,
+gradients and optimizer states (FSDP2, one unit per decoder block; GaLore and APOLLO step
+the shards, ``optim/sharded.py``) and writes sharded checkpoints that resume on another
+number of processes (``distributed/checkpoint.py``); its last checkpoint also holds the
+whole model as ``model.safetensors``.
+
 OUT/log.jsonl holds one record per step (step, tokens, loss, time); every ``--eval-every``
 steps, at the last one and where ``--time-limit`` stops the run, also eval_loss, eval_ppl
 and tokens_per_s: the training speed since the previous such record (evaluation and
@@ -38,6 +46,9 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 import loraflow as lf
+from loraflow.distributed import checkpoint as sharded_checkpoint
+from loraflow.distributed.parallel import gradient_sync, parallelize, unwrap
+from loraflow.distributed.world import PARALLEL, World, start, stop
 from loraflow.help_format import HelpFormatter
 from loraflow.optim.apollo import MINI_SCALE
 from loraflow.optim.projector import SVD_METHODS
@@ -110,6 +121,7 @@ def evaluate(model, seqs: torch.Tensor, batch: int, device, autocast=contextlib.
 
 
 CHECKPOINT_FILES = ("model.safetensors", "state.pt", "config.json")
+SHARDED_FILES = (sharded_checkpoint.MANIFEST, "config.json")  # --parallel fsdp
 
 
 def checkpoint_step(folder: Path) -> int | None:
@@ -117,21 +129,66 @@ def checkpoint_step(folder: Path) -> int | None:
 
 
 def latest_checkpoint(out: Path) -> tuple[Path, int] | None:
-    """The newest complete checkpoint in ``out`` (``train/checkpoint.py``) and its step."""
-    return checkpoint.latest_checkpoint(out, CHECKPOINT_FILES, legacy=True)
+    """The newest complete checkpoint in ``out`` (``train/checkpoint.py``) and its step:
+    one process's (or DDP's) or a sharded one (FSDP)."""
+    found = [checkpoint.latest_checkpoint(out, CHECKPOINT_FILES, legacy=True)]
+    found.append(checkpoint.latest_checkpoint(out, SHARDED_FILES))
+    found = [f for f in found if f is not None]
+    return max(found, key=lambda f: f[1]) if found else None
 
 
-def save_checkpoint(out: Path, model, opt_state: dict, step: int) -> None:
+def save_checkpoint(out: Path, model, opt, step: int, world: World, global_batch: int, last: bool) -> None:
     """Write ``out/checkpoint`` (weights, optimizer state and step, config) so that a kill at
-    any point leaves a complete checkpoint, the previous one or this one."""
+    any point leaves a complete checkpoint, the previous one or this one. FSDP: every
+    process its shards; the ``last`` one also holds the whole model."""
+    plain = unwrap(model)
+    if world.parallel == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        whole = None
+        if last:  # a collective: every process takes part
+            whole = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+        def write_main(folder: Path) -> None:
+            plain.config.to_json_file(folder / "config.json")
+            if whole is not None:
+                save_file({k: v.contiguous() for k, v in whole.items()}, folder / "model.safetensors")
+
+        extra = {"global_batch": global_batch}
+        sharded_checkpoint.save_sharded(out, step, model, opt, world, extra, write_main)
+        return
 
     def write(folder: Path) -> None:
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        state = {k: v.detach().contiguous().cpu() for k, v in plain.state_dict().items()}
         save_file(state, folder / "model.safetensors")
-        torch.save({"optimizer": opt_state, "step": step}, folder / "state.pt")
-        model.config.to_json_file(folder / "config.json")
+        torch.save({"optimizer": opt.state_dict(), "step": step, "global_batch": global_batch}, folder / "state.pt")
+        plain.config.to_json_file(folder / "config.json")
 
-    checkpoint.save_checkpoint(out, step, write, CHECKPOINT_FILES)
+    if world.main:
+        checkpoint.save_checkpoint(out, step, write, CHECKPOINT_FILES)
+    world.barrier()
+
+
+def resume(ckpt: Path, model, opt, world: World, global_batch: int) -> int:
+    """Load a checkpoint into the model and optimizer; its step."""
+    sharded = (ckpt / sharded_checkpoint.MANIFEST).is_file()
+    if sharded != (world.parallel == "fsdp"):
+        how = "--parallel fsdp (on any number of processes)" if sharded else "--parallel none or ddp"
+        kind = "sharded" if sharded else "whole"
+        raise ValueError(f"--resume: {ckpt} was written by a {kind} run; resume it with {how}")
+    if sharded:
+        state = sharded_checkpoint.load_sharded(ckpt, model, opt, world)
+    else:
+        unwrap(model).load_state_dict(load_file(ckpt / "model.safetensors", device=str(world.device)))
+        state = torch.load(ckpt / "state.pt", weights_only=True)
+        opt.load_state_dict(state["optimizer"])
+    saved = state.get("global_batch", global_batch)  # older checkpoints: not recorded
+    if saved != global_batch:
+        raise ValueError(
+            f"--resume: {ckpt} was trained with {saved} sequences a step and this run takes {global_batch} "
+            f"(--batch x processes x --accumulation): choose --batch so they match ({world.size} processes)"
+        )
+    return state["step"]
 
 
 def _synchronize(device: str) -> None:
@@ -238,6 +295,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--seed", type=int, default=0, help="seed of the initialization and the data order")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where to train")
+    ap.add_argument(
+        "--parallel",
+        default="none",
+        choices=PARALLEL,
+        help="several processes under torchrun: ddp (replicas) or fsdp (sharded weights, gradients and states)",
+    )
     return ap.parse_args(argv)
 
 
@@ -252,9 +315,45 @@ def load_tokenizer(args: argparse.Namespace, out: Path):
     return AutoTokenizer.from_pretrained(args.tokenizer or lf.models.default_model_path(), local_files_only=True)
 
 
+def prepare(args: argparse.Namespace, out: Path, world: World):
+    """The tokenizer and the token ids. The first process trains the tokenizer and writes the
+    token cache; the others wait, then read what it wrote."""
+    if not world.main:
+        world.barrier()
+    if world.main or not args.train_tokenizer:
+        tok = load_tokenizer(args, out)
+    else:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(out / "tokenizer", local_files_only=True)
+    ids = cached_corpus(Path(args.data), tok, Path(args.tokens_cache) if args.tokens_cache else None)
+    if world.main:
+        world.barrier()
+    return tok, ids
+
+
 def main(argv: list[str] | None = None) -> dict:
     started = time.time()
     args = parse_args(argv)
+    if args.parallel == "fsdp" and args.optimizer == "galore-adafactor":
+        raise ValueError(
+            "--optimizer galore-adafactor spans whole weights and does not step FSDP shards: "
+            "use galore, galore8bit or apollo with --parallel fsdp, or --parallel ddp"
+        )
+    if args.parallel == "ddp" and args.per_layer:
+        raise ValueError(
+            "--per-layer steps each weight before DDP has averaged its gradient: use --parallel fsdp "
+            "(its hooks run after the reduce-scatter) or no --per-layer"
+        )
+    world = start(args.parallel, args.device)
+    args.device = str(world.device)
+    try:
+        return _train(args, world, started)
+    finally:
+        stop(world)
+
+
+def _train(args: argparse.Namespace, world: World, started: float) -> dict:
     deadline = started + args.time_limit if args.time_limit is not None else math.inf
     from transformers import LlamaForCausalLM
 
@@ -271,9 +370,7 @@ def main(argv: list[str] | None = None) -> dict:
             "or checkpoint.old folder); run without --resume to start"
         )
     out.mkdir(parents=True, exist_ok=True)
-    tok = load_tokenizer(args, out)
-    cache = Path(args.tokens_cache) if args.tokens_cache else None
-    train_ids, eval_ids = cached_corpus(Path(args.data), tok, cache)
+    tok, (train_ids, eval_ids) = prepare(args, out, world)
     if args.prepare_only:
         return {"train_tokens": len(train_ids), "eval_tokens": len(eval_ids), "vocab_size": len(tok)}
     train_seqs, eval_seqs = pack(train_ids, args.seq), spread(pack(eval_ids, args.seq), args.eval_seqs)
@@ -286,18 +383,19 @@ def main(argv: list[str] | None = None) -> dict:
     model.to(args.device, torch.float32 if args.dtype == "bf16-mixed" else getattr(torch, args.dtype)).train()
     if args.activation_checkpointing:
         model.gradient_checkpointing_enable()
+    model = parallelize(model, world, bf16_mixed=args.dtype == "bf16-mixed")
     if args.compile:
         model.compile()  # in place: state_dict keys and checkpoints stay those of the plain model
     autocast = autocast_for(args.dtype, args.device)
-    groups, make = optimizer_parts(args.optimizer, model, args)
+    groups, make = optimizer_parts(args.optimizer, unwrap(model), args)
     schedule = lambda step: lr_factor(step, args.steps, args.warmup)
     if args.per_layer:
-        opt = lf.PerLayerUpdates(model, make, groups, args.accumulation, args.max_grad_norm, schedule)
+        opt = lf.PerLayerUpdates(unwrap(model), make, groups, args.accumulation, args.max_grad_norm, schedule)
     else:
         opt = make(groups)
         for g in opt.param_groups:
             g["initial_lr"] = g["lr"]
-    step = 0
+    step, global_batch = 0, args.batch * world.size * args.accumulation
     if args.resume:
         ckpt = existing[0]
         if ckpt.name != "checkpoint":
@@ -306,26 +404,26 @@ def main(argv: list[str] | None = None) -> dict:
                 f"from {ckpt}, step {existing[1]}",
                 file=sys.stderr,
             )
-        model.load_state_dict(load_file(ckpt / "model.safetensors", device=args.device))
-        state = torch.load(ckpt / "state.pt", weights_only=True)
-        opt.load_state_dict(state["optimizer"])
-        step = state["step"]
-        trim_log(out / "log.jsonl", step)
+        step = resume(ckpt, model, opt, world, global_batch)
+        if world.main:
+            trim_log(out / "log.jsonl", step)
     order = torch.randperm(len(train_seqs), generator=torch.Generator().manual_seed(args.seed))
-    per_step = args.batch * args.accumulation
-    log = open(out / "log.jsonl", "a")
+    per_step = global_batch  # sequences a step, over all processes
+    log = open(out / "log.jsonl", "a") if world.main else None
     result = {}
-    bar = tqdm(total=args.steps, initial=step, desc=f"pretrain {args.config} {args.optimizer}")
+    bar = tqdm(total=args.steps, initial=step, desc=f"pretrain {args.config} {args.optimizer}", disable=not world.main)
     interval_tokens, interval_seconds = 0, 0.0  # training since the last evaluation record
     while step < args.steps:
         start = time.perf_counter()
         losses = []
         for micro in range(args.accumulation):
-            idx = [(step * per_step + micro * args.batch + i) % len(order) for i in range(args.batch)]
+            first = step * per_step + (micro * world.size + world.rank) * args.batch  # this process's slice
+            idx = [(first + i) % len(order) for i in range(args.batch)]
             x = train_seqs[order[idx]].to(args.device)
             with autocast():
                 loss = model(input_ids=x, labels=x).loss / args.accumulation
-            loss.backward()
+            with gradient_sync(model, micro == args.accumulation - 1):
+                loss.backward()
             losses.append(loss.item())
             if args.per_layer:
                 opt.after_backward()
@@ -337,25 +435,27 @@ def main(argv: list[str] | None = None) -> dict:
             opt.step()
             opt.zero_grad(set_to_none=True)
         step += 1
-        stopping = step < args.steps and time.time() >= deadline
+        stopping = step < args.steps and args.time_limit is not None and world.any(time.time() >= deadline)
         evaluating = step % args.eval_every == 0 or step == args.steps or stopping
         if evaluating:
             _synchronize(args.device)  # the last step's kernels count as training
         interval_seconds += time.perf_counter() - start
         interval_tokens += per_step * args.seq
-        record = {"step": step, "tokens": step * per_step * args.seq, "loss": sum(losses), "time": time.time()}
+        loss = world.mean(sum(losses))  # the global batch's
+        record = {"step": step, "tokens": step * per_step * args.seq, "loss": loss, "time": time.time()}
         bar.update(1)
-        bar.set_postfix(loss=f"{sum(losses):.3f}", tok_s=f"{interval_tokens / interval_seconds:.0f}")
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{interval_tokens / interval_seconds:.0f}")
         if evaluating:
             record["tokens_per_s"] = interval_tokens / interval_seconds
             interval_tokens, interval_seconds = 0, 0.0
             record["eval_loss"] = evaluate(model, eval_seqs, args.batch, args.device, autocast)
             record["eval_ppl"] = math.exp(min(record["eval_loss"], 50))
             result = record
-        log.write(json.dumps(record) + "\n")
-        log.flush()
+        if log is not None:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
         if step % args.save_every == 0 or step == args.steps or stopping:
-            save_checkpoint(out, model, opt.state_dict(), step)
+            save_checkpoint(out, model, opt, step, world, global_batch, last=step == args.steps or stopping)
         if stopping:
             result = {
                 **result,
@@ -364,5 +464,6 @@ def main(argv: list[str] | None = None) -> dict:
             }
             break
     bar.close()
-    log.close()
+    if log is not None:
+        log.close()
     return result
