@@ -14,8 +14,10 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from loraflow.distributed.world import World
@@ -30,8 +32,11 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     raise ValueError(f"{type(model).__name__} has no ModuleList of decoder layers to shard")
 
 
-def parallelize(model: nn.Module, world: World, bf16_mixed: bool = False) -> nn.Module:
-    """``model`` (already on ``world.device``) wrapped for ``world.parallel``."""
+def parallelize(model: nn.Module, world: World, bf16_mixed: bool = False, root: bool = True) -> nn.Module:
+    """``model`` (already on ``world.device``) wrapped for ``world.parallel``. ``root=False``
+    (FSDP): only the decoder blocks are sharded; the rest (embeddings, final norm, heads) stays
+    whole on every process, so code may call the body and the head directly (fine-tuning's
+    chunked losses do), and its gradients are averaged by ``average_gradients``."""
     if world.parallel == "none":
         return model
     if world.parallel == "ddp":
@@ -41,8 +46,42 @@ def parallelize(model: nn.Module, world: World, bf16_mixed: bool = False) -> nn.
     kw = dict(shard_placement_fn=lowrank_placement, **({"mp_policy": mp} if mp else {}))
     for block in decoder_blocks(model):
         fully_shard(block, **kw)
-    fully_shard(model, **kw)  # the rest: embeddings, final norm, head
+    if root:
+        fully_shard(model, **kw)  # the rest: embeddings, final norm, head
     return model
+
+
+def average_gradients(params: list[torch.Tensor], world: World) -> None:
+    """Average over the processes the gradients of the whole (not sharded) ``params``: one
+    all-reduce of them flattened (adapters and heads: megabytes). FSDP's shards are averaged
+    by FSDP itself and skipped here."""
+    if world.parallel == "none":
+        return
+    whole = [p for p in params if not isinstance(p, DTensor)]
+    for p in whole:
+        if p.grad is None:  # every process sends the same layout
+            p.grad = torch.zeros_like(p)
+    if not whole:
+        return
+    flat = torch.cat([p.grad.reshape(-1).float() for p in whole])
+    dist.all_reduce(flat)
+    flat /= world.size
+    for p, g in zip(whole, flat.split([p.numel() for p in whole])):
+        p.grad.copy_(g.view_as(p.grad))
+
+
+@contextlib.contextmanager
+def gathered(model: nn.Module):
+    """Every FSDP-sharded module of ``model`` whole for the duration (all-gathered on every
+    process; a collective), to read its weights (saving adapters); sharded again after."""
+    sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in sharded:
+        m.unshard()
+    try:
+        yield model
+    finally:
+        for m in sharded:
+            m.reshard()
 
 
 def unwrap(model: nn.Module) -> nn.Module:

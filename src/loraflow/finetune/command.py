@@ -110,6 +110,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     o.add_argument("--save-every", type=int, help="steps between checkpoints (default: each evaluation)")
     o.add_argument("--early-stopping", type=int, metavar="N", help="stop after N evaluations without improvement")
     o.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where to train")
+    o.add_argument(
+        "--parallel",
+        default="none",
+        choices=("none", "ddp", "fsdp"),
+        help="several processes under torchrun (torchrun --nproc-per-node N -m loraflow.cli finetune ...): "
+        "ddp (replicas, adapter gradients averaged) or fsdp (the frozen base sharded per decoder block); "
+        "--batch-size is each process's",
+    )
     r = ap.add_argument_group("output")
     r.add_argument("--out", required=True, help="the output folder (the adapter, log, curves, checkpoint)")
     r.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -133,7 +141,7 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
         padding_free=args.padding_free, lr=args.lr, warmup=args.warmup,
         weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm or None, bf16=args.bf16, seed=args.seed,
         eval_every=args.eval_every, save_every=args.save_every, early_stopping=args.early_stopping,
-        resume=args.resume, overwrite=args.overwrite, device=args.device, compile=args.compile,
+        resume=args.resume, overwrite=args.overwrite, device=args.device, parallel=args.parallel, compile=args.compile,
         progress=not args.no_progress,
     )  # fmt: skip
 

@@ -37,10 +37,9 @@ RUN_IDENTITY = (
     "galore_rank",
     "max_length",
     "batch_size",
-    "accumulation",
     "group_by_length",
     "seed",
-)
+)  # and accumulation x processes (the rows of a step), which the checkpoint checks
 
 
 @dataclass
@@ -86,6 +85,7 @@ class FinetuneConfig:
     resume: bool = False
     overwrite: bool = False
     device: str | None = None
+    parallel: Literal["none", "ddp", "fsdp"] = "none"  # several processes under torchrun (distributed/)
     compile: bool = False
     progress: bool = True
 
@@ -144,6 +144,13 @@ class FinetuneConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name} must be >= 1 (or None), got {value}")
+        if self.parallel not in ("none", "ddp", "fsdp"):
+            raise ValueError(f"parallel must be none, ddp or fsdp, got {self.parallel!r}")
+        if self.parallel == "fsdp" and not self.adapter:
+            raise ValueError(
+                f"--parallel fsdp shards the frozen base under adapters (lora, flora, deep-lora); for --method "
+                f"{self.method} use --parallel ddp, or loraflow pretrain --parallel fsdp"
+            )
         if self.padding_free and self.tenants:
             raise ValueError("padding-free batches take one adapter: drop --padding-free for a --tenant job")
         if self.early_stopping and not (self.dev or self.dev_fraction > 0):

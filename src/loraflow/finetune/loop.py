@@ -10,6 +10,14 @@ every tenant's rows run in the same forward pass, each row through its own adapt
 with N_t the tenant's labelled tokens (causal LM) or rows (classification) in the whole
 step, so that a tenant's gradient, and with per-tenant clipping its update, is what it gets
 training alone on the same rows (FLoRA's claim made practical: Wen & Chaudhuri, ICLR 2024).
+
+Under torchrun (``parallel``: "ddp" or "fsdp", ``distributed/``) every process takes its own
+micro-batches of each step (``batch_size`` rows per tenant each) and N_t counts the rows of
+all processes, so N processes train as one process with ``accumulation`` x N. "ddp": every
+process holds the whole model and the adapters' gradients are averaged in one all-reduce a
+step; "fsdp": the frozen base is sharded per decoder block (FSDP2), the embeddings and heads
+stay whole. Checkpoints hold whole tensors (adapters are small), so a run resumes on
+another number of processes with the same global batch.
 """
 
 from __future__ import annotations
@@ -27,6 +35,8 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from loraflow.adapters import compress, deep_lora_param_groups, use_adapters
+from loraflow.distributed.parallel import average_gradients, gathered, parallelize
+from loraflow.distributed.world import World, start, stop
 from loraflow.finetune.config import FinetuneConfig
 from loraflow.finetune.data import collate
 from loraflow.finetune.evaluation import evaluate_dev
@@ -36,16 +46,28 @@ from loraflow.finetune.packing import pack, packed_classify, packed_token_losses
 from loraflow.finetune.sources import Order, load_run_data
 from loraflow.models.varlen_attention import supports_varlen, use_varlen_attention
 from loraflow.optim import GaLoreAdamW, galore_param_groups
-from loraflow.train.checkpoint import lr_factor, save_checkpoint, trim_log
+from loraflow.train.checkpoint import latest_checkpoint, lr_factor, save_checkpoint, trim_log
 
 
 def finetune(cfg: FinetuneConfig) -> dict:
     """Run ``cfg``; returns a summary (steps, losses, the best dev metric per tenant, speed)."""
     started = time.time()
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    world = start(cfg.parallel, cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        return _finetune(cfg, world, started)
+    finally:
+        stop(world)
+
+
+def _finetune(cfg: FinetuneConfig, world: World, started: float) -> dict:
+    device = str(world.device)
     bf16 = cfg.bf16 if cfg.bf16 is not None else device.startswith("cuda")
-    folder = RunFolder(Path(cfg.out), cfg)
-    existing = folder.prepare()  # refusals before anything is loaded or written
+    folder = RunFolder(Path(cfg.out), cfg, writes=world.main)
+    if world.main:
+        existing = folder.prepare()  # refusals before anything is loaded or written
+    world.barrier()
+    if not world.main:
+        existing = latest_checkpoint(folder.out, CKPT_FILES) if cfg.resume else None
     from transformers import AutoTokenizer
 
     from loraflow.models.loading import default_model_path
@@ -55,7 +77,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
         tok.pad_token = tok.eos_token
     data = load_run_data(cfg, tok)
     cut = sum(st.get("truncated", 0) for st in data.stats.values())
-    if cut and cfg.progress:
+    if cut and cfg.progress and world.main:
         total = sum(st["examples"] for st in data.stats.values())
         print(f"finetune: {cut} of {total} examples are longer than --max-length {cfg.max_length} tokens and "
               "were truncated (counted in run.json)", file=sys.stderr)  # fmt: skip
@@ -79,10 +101,18 @@ def finetune(cfg: FinetuneConfig) -> dict:
             with autocast():  # the frozen weights' dtype, as in training
                 _compress(cfg, model, _batch(cfg, data, rows, tok, device, False), name, data.head_sizes)
     owners = trainable(model, cfg, names)
-    opt = _optimizer(cfg, model, owners, device)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}  # by name: FSDP swaps the objects
+    if world.parallel == "fsdp":  # the shards replace the parameters: find the trained ones again
+        owned = {id(p): n for n, p in model.named_parameters()}
+        owned = {owner: [owned[id(p)] for p in params] for owner, params in owners.items()}
+        model = parallelize(model, world, bf16_mixed=bf16, root=False)
+        params = dict(model.named_parameters())
+        owners = {owner: [params[n] for n in names_] for owner, names_ in owned.items()}
+    opt = _optimizer(cfg, model, owners, device, world)
     class_weights = _class_weights(cfg, data)
     per_step = max(len(ex) for ex in data.train.values())
-    steps = cfg.steps or max(1, math.ceil((cfg.epochs or 1.0) * per_step / (cfg.batch_size * cfg.accumulation)))
+    global_batch = cfg.batch_size * cfg.accumulation * world.size  # rows per tenant a step
+    steps = cfg.steps or max(1, math.ceil((cfg.epochs or 1.0) * per_step / global_batch))
     warmup = int(cfg.warmup * steps)
     eval_every = cfg.eval_every or max(1, steps // 10)
     save_every = cfg.save_every or eval_every
@@ -91,18 +121,24 @@ def finetune(cfg: FinetuneConfig) -> dict:
 
     step, best, stale = 0, {}, 0
     if existing is not None:
-        step, best, stale = _resume(existing[0], model, opt, owners)
-        trim_log(folder.log_path, step)
-    folder.write_run_json(data, {"padding_free": packed, "bf16": bf16, "device": device})
-    log = open(folder.log_path, "a")
-    bar = tqdm(total=steps, initial=step, desc=f"finetune {cfg.method}", disable=not cfg.progress)
+        step, best, stale = _resume(existing[0], model, opt, owners, global_batch)
+        if world.main:
+            trim_log(folder.log_path, step)
+    resolved = {"padding_free": packed, "bf16": bf16, "device": device, "processes": world.size}
+    folder.write_run_json(data, resolved)
+    log = open(folder.log_path, "a") if world.main else None
+    bar = tqdm(total=steps, initial=step, desc=f"finetune {cfg.method}", disable=not (cfg.progress and world.main))
     tokens_seen, train_seconds, result = 0, 0.0, {}
     while step < steps:
         t0, step_tokens = time.perf_counter(), 0
-        micro = [
-            {name: orders[name].rows(step * cfg.accumulation + m) for name in names} for m in range(cfg.accumulation)
-        ]
-        denom = _denominators(cfg, data, micro, class_weights)
+        every = [  # the step's micro-batches, process by process: this one takes its own
+            [{name: orders[name].rows((step * cfg.accumulation + m) * world.size + r) for name in names}
+             for r in range(world.size)]
+            for m in range(cfg.accumulation)
+        ]  # fmt: skip
+        micro = [rows[world.rank] for rows in every]
+        denom = _denominators(cfg, data, [rows for part in every for rows in part], class_weights)
+        denom = {n: d / world.size for n, d in denom.items()}  # the processes' gradients are averaged
         for g in opt.param_groups:
             g["lr"] = g["initial_lr"] * lr_factor(step, steps, warmup, floor=0.0)
         acc = torch.zeros(len(names), device=device)  # each tenant's loss, summed on the GPU
@@ -115,6 +151,11 @@ def finetune(cfg: FinetuneConfig) -> dict:
             (losses * scale).sum().backward()
             acc.index_add_(0, torch.tensor([names.index(n) for n in batch["tenant"]], device=device),
                            (losses * scale).detach().float())  # fmt: skip
+        average_gradients([p for params in owners.values() for p in params], world)  # FSDP: its shards itself
+        if world.parallel != "none":  # the step's losses and tokens over the processes
+            totals = torch.cat([acc, torch.tensor([float(step_tokens)], device=device)])
+            torch.distributed.all_reduce(totals)
+            acc, step_tokens = totals[:-1] / world.size, int(totals[-1].item())
         if cfg.max_grad_norm:
             for params in owners.values():  # per tenant: its update is its own
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -135,25 +176,32 @@ def finetune(cfg: FinetuneConfig) -> dict:
             record["tokens_per_s"] = tokens_seen / train_seconds
             if any(data.dev.values()):
                 with autocast():
-                    scores = evaluate_dev(cfg, model, tok, data, device)
+                    scores = evaluate_dev(cfg, model, tok, data, device)  # every process: the same
                 record["dev"] = scores
-                improved = folder.keep_best(model, tok, data, scores, best, step)
+                with gathered(model):  # the sharded adapters whole, to save
+                    improved = folder.keep_best(model, tok, data, scores, best, step)
                 stale = 0 if improved else stale + 1
                 bar.set_postfix(loss=f"{loss:.4f}", dev=folder.describe(scores))
             result = record
-        log.write(json.dumps(record) + "\n")
-        log.flush()
+        if log is not None:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
         stopping = cfg.early_stopping is not None and stale >= cfg.early_stopping
         if step % save_every == 0 or step == steps or stopping:
-            if not any(data.dev.values()):
-                folder.save_outputs(model, tok, data)  # no dev split: the latest is the one kept
-            _checkpoint(folder.out, step, model, opt, owners, best, stale)
+            with gathered(model):
+                if not any(data.dev.values()):
+                    folder.save_outputs(model, tok, data)  # no dev split: the latest is the one kept
+                tensors = {
+                    n: p.detach().cpu().clone() for n, p in model.named_parameters() if n in trained
+                }  # copies: resharding frees the whole ones
+            _checkpoint(folder.out, step, tensors, model, opt, best, stale, world, global_batch)
             folder.plot()
         if stopping:
             result["stopped"] = f"early stopping: no dev improvement in {stale} evaluations (step {step} of {steps})"
             break
     bar.close()
-    log.close()
+    if log is not None:
+        log.close()
     folder.plot()
     return {
         **result,
@@ -167,7 +215,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     }
 
 
-def _optimizer(cfg: FinetuneConfig, model, owners: dict, device: str):
+def _optimizer(cfg: FinetuneConfig, model, owners: dict, device: str, world: World):
     if cfg.method == "galore":
         groups = galore_param_groups(
             model, rank=cfg.galore_rank, update_proj_gap=cfg.update_proj_gap, scale=cfg.galore_scale
@@ -180,7 +228,8 @@ def _optimizer(cfg: FinetuneConfig, model, owners: dict, device: str):
                 groups += deep_lora_param_groups(model, owner, cfg.lr)
             else:
                 groups.append({"params": params, "lr": cfg.lr})
-        fused = {"fused": True} if device.startswith("cuda") else {"foreach": True}
+        cuda = device.startswith("cuda") and world.parallel != "fsdp"  # shards: DTensor's foreach ops
+        fused = {"fused": True} if cuda else {"foreach": True}
         opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
     for g in opt.param_groups:
         g["initial_lr"] = g["lr"]
@@ -276,23 +325,33 @@ def _loss_tokens(example) -> int:
     return example._loss_tokens
 
 
-def _checkpoint(out: Path, step: int, model, opt, owners: dict, best: dict, stale: int) -> None:
-    ids = {id(p) for params in owners.values() for p in params}
-    tensors = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if id(p) in ids}
+def _checkpoint(out: Path, step: int, tensors: dict, model, opt, best: dict, stale: int, world: World,
+                global_batch: int) -> None:  # fmt: skip
+    """The trained tensors, whole (gathered under FSDP), and the optimizer's state by parameter
+    name, whole, so that any number of processes resumes it; the first process writes."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    optimizer = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not world.main:
+        world.barrier()
+        return
 
     def write(folder: Path) -> None:
         save_file(tensors, folder / "trainable.safetensors")
         rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(
-            {"optimizer": opt.state_dict(), "step": step, "best": best, "stale": stale, "rng": rng}, folder / "state.pt"
-        )
+        state = {"optimizer": optimizer, "step": step, "best": best, "stale": stale, "rng": rng,
+                 "global_batch": global_batch}  # fmt: skip
+        torch.save(state, folder / "state.pt")
 
     save_checkpoint(out, step, write, CKPT_FILES)
+    world.barrier()
 
 
-def _resume(folder: Path, model, opt, owners: dict) -> tuple[int, dict, int]:
+def _resume(folder: Path, model, opt, owners: dict, global_batch: int) -> tuple[int, dict, int]:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
     tensors = load_file(folder / "trainable.safetensors")
     params = dict(model.named_parameters())
     missing = sorted(set(tensors) ^ {n for n, p in params.items() if p.requires_grad})
@@ -300,11 +359,19 @@ def _resume(folder: Path, model, opt, owners: dict) -> tuple[int, dict, int]:
         raise ValueError(
             f"the checkpoint in {folder} does not fit this model (differs in {missing[:3]}); start a new run"
         )
-    with torch.no_grad():
-        for n, t in tensors.items():
-            params[n].copy_(t)
     state = torch.load(folder / "state.pt", weights_only=True)
-    opt.load_state_dict(state["optimizer"])
+    saved = state.get("global_batch", global_batch)  # older checkpoints: not recorded
+    if saved != global_batch:
+        raise ValueError(
+            f"--resume: {folder} was trained on {saved} rows per tenant a step and this run takes {global_batch} "
+            "(--batch-size x processes x --accumulation); choose them so the two match"
+        )
+    whole = StateDictOptions(full_state_dict=True, strict=False)
+    set_model_state_dict(model, tensors, options=whole)  # shards: each process takes its own
+    if all(isinstance(k, str) for k in state["optimizer"]["state"]):  # by parameter name
+        set_optimizer_state_dict(model, opt, state["optimizer"], options=whole)
+    else:  # by index: checkpoints of earlier versions
+        opt.load_state_dict(state["optimizer"])
     for g in opt.param_groups:
         g.setdefault("initial_lr", g["lr"])
     torch.set_rng_state(state["rng"]["torch"])

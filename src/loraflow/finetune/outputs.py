@@ -31,8 +31,9 @@ CKPT_FILES = ("trainable.safetensors", "state.pt")
 
 
 class RunFolder:
-    def __init__(self, out: Path, cfg: FinetuneConfig):
+    def __init__(self, out: Path, cfg: FinetuneConfig, writes: bool = True):
         self.out, self.cfg = out, cfg
+        self.writes = writes  # several processes: the first writes, the others only keep count
         self.log_path = out / LOG_NAME
 
     def adapter_dir(self, tenant: str) -> Path:
@@ -92,11 +93,15 @@ class RunFolder:
     def write_run_json(self, data, resolved: dict) -> None:
         """run.json: the run's identity, its settings as given, what the defaults resolved to
         (``resolved``, e.g. padding-free or not) and the data's statistics."""
+        if not self.writes:
+            return
         info = {"config": self.cfg.identity(), "settings": vars(self.cfg), "resolved": resolved, "data": data.stats}
         text = json.dumps(info, indent=2, default=str) + "\n"
         atomic_write(self.out / RUN_NAME, lambda tmp: Path(tmp).write_text(text))
 
     def save_outputs(self, model, tok, data, tenants=None) -> None:
+        if not self.writes:
+            return
         for name in tenants or list(data.train):
             if self.cfg.adapter:
                 save_adapter_to(model, name, self.adapter_dir(name), data.heads)
@@ -128,6 +133,8 @@ class RunFolder:
 
     def plot(self) -> None:
         """OUT/curves.png: the training loss and the dev metric against the step."""
+        if not self.writes:
+            return
         if not self.log_path.is_file():
             return
         import matplotlib
