@@ -75,10 +75,16 @@ def factors_for_bank(path: Path, shapes: dict[str, tuple[int, int]], r_max: int)
 
 class AdapterRegistry:
     """Thread-safe: the HTTP thread registers and unregisters, the engine thread acquires and
-    releases, the loader threads fill host memory. Only the engine thread writes the bank."""
+    releases, the loader threads fill host memory. Only the engine thread writes the bank.
 
-    def __init__(self, bank: AdapterBank, max_cpu: int = 64, reserved: set[str] = frozenset()):
-        self.bank, self.max_cpu, self.reserved = bank, max_cpu, set(reserved)
+    ``synchronous``: an adapter loads from disk inside the ``acquire`` that first needs it, on
+    the engine's thread, not on a loader thread: under tensor parallelism every rank's
+    scheduler then sees it ready at the same step (a step waits for the read)."""
+
+    def __init__(
+        self, bank: AdapterBank, max_cpu: int = 64, reserved: set[str] = frozenset(), synchronous: bool = False
+    ):
+        self.bank, self.max_cpu, self.reserved, self.synchronous = bank, max_cpu, set(reserved), synchronous
         self.shapes = bank.shapes()
         self.paths: dict[str, Path] = {}
         self.host: OrderedDict[str, dict] = OrderedDict()
@@ -178,6 +184,12 @@ class AdapterRegistry:
     def acquire(self, name: str) -> int | None:
         """A device slot holding ``name``, pinned until ``release``; None while it loads or
         while every slot is pinned. Called from the engine's thread only."""
+        with self._lock:
+            load = self.synchronous and name not in self.device and name not in self.host and name not in self.errors
+            path, version = self.paths.get(name), self.versions[name]
+        if load and path is not None:
+            self.stats["misses"] += 1
+            self._load(name, path, version)  # on this thread: the host copy, or errors[name]
         with self._lock:
             if name in self.device:
                 self.device.move_to_end(name)
