@@ -5,11 +5,13 @@ split are refused."""
 import copy
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 from helpers import peft_adapter, prompt, tiny_llama_folder
@@ -169,3 +171,90 @@ def test_two_process_engine_equals_one_process_for_a_mixed_batch(setup, tmp_path
             assert got[rid][1] in ("stop", "length") and got[rid][0]
     assert len({json.dumps(got[f"r{i}"]) for i in range(4)}) == 4
     assert all(got[f"r{i}"][0] != base[i].output_ids for i in (0, 2, 3))  # the adapters changed their tokens
+
+
+def serve(root, *extra, **popen):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "loraflow.cli", "serve", "--model", str(root / "base"), "--port", str(port),
+           "--max-batch-tokens", "32", *extra]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    env.pop("LORAFLOW_API_KEY", None)
+    return port, subprocess.Popen(cmd, env=env, text=True, **popen)
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (Linux /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def is_worker(pid: int) -> bool:
+    try:
+        return "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()
+    except OSError:  # exited
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the worker processes through /proc")
+def test_serve_with_tensor_parallel_answers_like_one_process_and_its_workers_exit_with_it(setup):
+    """``loraflow serve --tensor-parallel 2``: the completions (an adapter's, the base model's)
+    are the one-process engine's, and SIGTERM ends the server and its worker process."""
+    root, adapters = setup
+    port, proc = serve(root, "--lora", f"py={adapters['py']}", "--tensor-parallel", "2", stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        line = proc.stdout.readline()
+        assert line.rstrip().endswith("(cpu, 1 thread, tensor parallel over 2 processes)"), line
+        workers = [p for p in children(proc.pid) if is_worker(p)]
+        assert len(workers) == 1
+        got = {}
+        for model in ("py", "base"):
+            body = {"model": model, "prompt": prompt(40, 7), "max_tokens": 8, "temperature": 0}
+            answer = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60)
+            assert answer.status_code == 200, answer.text
+            got[model] = answer.json()["choices"][0]["text"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+    assert code == 0, proc.stdout.read()
+    assert (
+        not Path(f"/proc/{workers[0]}").exists() or "spawn_main" not in Path(f"/proc/{workers[0]}/cmdline").read_text()
+    )
+    one = lf.Engine(model=root / "base", adapters=adapters, device="cpu", max_batch_tokens=32)
+    want = one.generate([prompt(40, 7)] * 2, ["py", None], max_tokens=8, temperature=0.0)
+    assert [got["py"], got["base"]] == want and want[0] != want[1]
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--tensor-parallel", "3"], "--tensor-parallel 3 does not divide this model's 4 attention heads, 2 key/value"),
+        (["--tensor-parallel", "0"], "--tensor-parallel must be at least 1, got 0"),
+        (["--tensor-parallel", "2", "--allow-runtime-lora", "--adapter-dir", "."], "not served with --tensor-parallel"),
+    ],
+    ids=["heads", "below-one", "runtime-lora"],
+)
+def test_serve_refuses_a_tensor_parallel_size_it_cannot_serve(setup, extra, message):
+    root, _ = setup
+    _, proc = serve(root, *extra, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and message in err, err
+    assert "Traceback" not in err and "serving" not in out
+
+
+def test_more_ranks_than_gpus_is_refused():
+    from loraflow.serve.tp_launch import check_tensor_parallel
+
+    check_tensor_parallel(2, ARGS, "cuda", gpus=2)
+    check_tensor_parallel(2, ARGS, "cpu", gpus=0)  # CPU ranks share the cores
+    with pytest.raises(ValueError, match=r"--tensor-parallel 2 needs 2 GPUs, one a rank, but 1 are visible"):
+        check_tensor_parallel(2, ARGS, "cuda", gpus=1)

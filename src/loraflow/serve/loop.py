@@ -12,6 +12,7 @@ from loraflow.serve.engine import Engine, Request
 from loraflow.serve.sampling import SamplingParams
 
 log = logging.getLogger("loraflow.serve")
+HEARTBEAT_S = 60.0
 
 
 class EngineDown(Exception):
@@ -60,10 +61,12 @@ class EngineLoop:
             self._thread.start()
 
     def run_forever(self) -> None:
-        engine = self.engine
+        engine, last = self.engine, time.monotonic()
         while not self._stop:
-            if engine.has_work():
-                touched = engine.step()
+            # under tensor parallelism an idle rank 0 still steps now and then: the workers wait
+            # for each step's broadcast, and a wait past the process group's timeout fails
+            if engine.has_work() or (engine.tp is not None and time.monotonic() - last > HEARTBEAT_S):
+                touched, last = engine.step(), time.monotonic()
                 if engine.failures_in_a_row >= self.max_failures:
                     self.down = f"the engine failed {engine.failures_in_a_row} steps in a row and stopped"
                     engine.notify(engine.fail_all(self.down + "; retry once the server is back"))
