@@ -1,5 +1,6 @@
 """One rank of the 2-process tensor-parallel engine test (``torch.distributed.run``, gloo):
-rank 0 queues the requests (some mid-decode, one aborted), every rank steps; each writes
+rank 0 queues the requests (some mid-decode, one aborted) and registers an adapter at run
+time, every rank steps; each writes
 what its engine finished, to be compared across ranks and with one process."""
 
 import json
@@ -22,6 +23,9 @@ def main(spec_file: str, out_dir: str) -> None:
     try:
         while True:
             if tp.rank == 0:
+                if steps == spec["runtime_at"]:  # as POST /v1/load_lora_adapter and unload would
+                    eng.registry.register(*spec["register"])
+                    eng.registry.unregister(spec["unregister"])
                 for i, (text, sampling, adapter, arrive) in enumerate(spec["requests"]):
                     if arrive == steps:
                         eng.add_request(text, SamplingParams(**sampling), adapter, request_id=f"r{i}")
@@ -37,7 +41,8 @@ def main(spec_file: str, out_dir: str) -> None:
     except Stopped:  # the workers
         pass
     k, _ = eng.kv.layers[0]
-    shapes = {"kv_heads": k.shape[1], "lm_head": list(eng.model.lm_head.weight.shape), "steps": steps}
+    shapes = {"kv_heads": k.shape[1], "lm_head": list(eng.model.lm_head.weight.shape), "steps": steps,
+              "adapters": sorted(eng.registry.paths)}  # fmt: skip
     Path(out_dir, f"rank{tp.rank}.json").write_text(json.dumps({"finished": finished, "shapes": shapes}))
     dist.destroy_process_group()
 

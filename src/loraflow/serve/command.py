@@ -198,11 +198,6 @@ def cmd_serve(args) -> None:
             check_tensor_parallel(n, spec.model_args(), device, torch.cuda.device_count())
         except (OSError, ValueError) as e:
             sys.exit(f"loraflow serve: {e}")
-        if args.allow_runtime_lora:
-            sys.exit(
-                "loraflow serve: --allow-runtime-lora is not served with --tensor-parallel yet; "
-                "register the adapters at start with --lora or --adapter-dir"
-            )
         if device == "cpu" and args.threads is None and "OMP_NUM_THREADS" not in os.environ:
             args.threads = max(1, default_threads() // n)  # the ranks share the cores
     threads = configure_threads(args.threads, device)

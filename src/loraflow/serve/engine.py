@@ -96,6 +96,8 @@ class Engine:
             self.registry.register(name, path)
         if adapter_dir is not None:
             self.registry.scan(adapter_dir)
+        if tensor_parallel is not None and tensor_parallel.rank == 0:
+            self.registry.changes = []  # from now on, what the API registers goes to the other ranks
         if kv_cache_bytes is None:
             kv_cache_bytes = (
                 int(0.5 * torch.cuda.mem_get_info(self.device)[0]) if self.device.type == "cuda" else 512 * 2**20
@@ -211,6 +213,12 @@ class Engine:
         that request alone. An error of the step itself (out of memory, a kernel) fails the
         requests in flight with error_type "engine", frees their memory and leaves the queue
         as it was; ``failures_in_a_row`` counts such steps for the caller to give up on."""
+        if self.tp is None or self.tp.rank != 0:
+            return self._step()
+        with self.registry.between_steps:  # the API's adapter (un)registrations wait for the step's end
+            return self._step()
+
+    def _step(self) -> list[Request]:
         incoming, aborts, timed_out = self._events()
         self.waiting.extend(incoming)
         touched = []
@@ -253,7 +261,8 @@ class Engine:
 
     def _events(self) -> tuple[list[Request], set[str], set[str]]:
         """What changed since the last step: (new requests, ids aborted, ids past their
-        deadline); under tensor parallelism rank 0's, on every rank (``share_step``)."""
+        deadline); under tensor parallelism rank 0's, on every rank, with its adapters
+        registered and unregistered since (``share_step``)."""
         with self._lock:
             incoming = list(self._incoming)
             self._incoming.clear()
@@ -262,7 +271,7 @@ class Engine:
         timed_out = {r.id for r in (*self.running, *self.waiting, *incoming) if now > r.deadline}
         if self.tp is None:
             return incoming, aborts, timed_out
-        return share_step(self.tp, incoming, aborts, timed_out)
+        return share_step(self.tp, incoming, aborts, timed_out, self.registry)
 
     def _run(self, plan: list[tuple[Request, int]]) -> list[Request]:
         """The model over the plan's tokens, then one token for each request whose prompt is done."""

@@ -85,6 +85,10 @@ class AdapterRegistry:
         self, bank: AdapterBank, max_cpu: int = 64, reserved: set[str] = frozenset(), synchronous: bool = False
     ):
         self.bank, self.max_cpu, self.reserved, self.synchronous = bank, max_cpu, set(reserved), synchronous
+        # tensor parallelism: each step holds ``between_steps`` (registrations fall between steps)
+        # and rank 0 records them in ``changes`` ((name, path; None: unregistered)) for the others
+        self.between_steps = threading.Lock()
+        self.changes: list[tuple[str, str | None]] | None = None
         self.shapes = bank.shapes()
         self.paths: dict[str, Path] = {}
         self.host: OrderedDict[str, dict] = OrderedDict()
@@ -110,12 +114,14 @@ class AdapterRegistry:
         path = Path(path)
         if not (path / CONFIG_NAME).is_file():
             raise AdapterError(f"{path} is not an adapter folder (no {CONFIG_NAME})")
-        with self._lock:
+        with self.between_steps, self._lock:
             if self.pins[name]:
                 raise AdapterError(
                     f"adapter {name!r} is in use by running requests; register it again "
                     "once they finish, or under another name"
                 )
+            if self.changes is not None:
+                self.changes.append((name, str(path)))
             self.paths[name] = path
             self.versions[name] += 1
             self.errors.pop(name, None)
@@ -135,11 +141,13 @@ class AdapterRegistry:
         return n
 
     def unregister(self, name: str) -> None:
-        with self._lock:
+        with self.between_steps, self._lock:
             if name not in self.paths:
                 raise KeyError(name)
             if self.pins[name]:
                 raise AdapterError(f"adapter {name!r} is in use by running requests; try again later")
+            if self.changes is not None:
+                self.changes.append((name, None))
             del self.paths[name]
             self.versions[name] += 1
             self.host.pop(name, None)

@@ -19,9 +19,10 @@ gives every rank all of them, bit for bit the same, so every rank samples the sa
 bf16). Embeddings and norms are replicated; each rank's KV cache holds its n_kv_heads/N heads.
 
 Rank 0 owns the API and the queue: before each step it broadcasts what only it sees (new
-requests, aborts, timeouts: ``share_step``), and every rank then runs the same deterministic
-scheduler over the same state. Adapters load synchronously under TP (the registry's
-``synchronous``), so each rank's bank takes an adapter at the same step.
+requests, aborts, timeouts, adapters registered through the API: ``share_step``), and every
+rank then runs the same deterministic scheduler over the same state. Adapters load
+synchronously under TP (the registry's ``synchronous``), so each rank's bank takes an
+adapter at the same step.
 """
 
 from __future__ import annotations
@@ -153,9 +154,11 @@ def shard_llama(model: Llama, tp: TensorParallel) -> Llama:
 
 @dataclass
 class StepEvents:
-    """What rank 0 alone sees before a step, for every rank: new requests (id, prompt ids,
-    sampling, adapter, generator seed), aborted and timed-out request ids; or ``stop``."""
+    """What rank 0 alone sees before a step, for every rank: adapters registered through the
+    API (name, path; None: unregistered), new requests (id, prompt ids, sampling, adapter,
+    generator seed), aborted and timed-out request ids; or ``stop``."""
 
+    adapters: list[tuple[str, str | None]]
     new: list[tuple[str, list[int], SamplingParams, str | None, int]]
     aborts: set[str]
     timed_out: set[str]
@@ -166,13 +169,15 @@ class Stopped(Exception):
     """Rank 0 stopped serving: a worker's engine loop ends."""
 
 
-def share_step(tp: TensorParallel, incoming: list[Request], aborts: set[str], timed_out: set[str]):
-    """Rank 0's (incoming, aborts, timed_out) on every rank; raises ``Stopped`` once rank 0 has
-    called ``stop_workers``. Every request carries a seeded generator (``Engine.add_request``)."""
+def share_step(tp: TensorParallel, incoming: list[Request], aborts: set[str], timed_out: set[str], registry):
+    """Rank 0's (incoming, aborts, timed_out) on every rank, its adapter registrations applied
+    to every rank's registry first; raises ``Stopped`` once rank 0 has called ``stop_workers``.
+    Every request carries a seeded generator (``Engine.add_request``)."""
     events = None
     if tp.rank == 0:
         new = [(r.id, r.prompt_ids, r.params, r.adapter, r.generator.initial_seed()) for r in incoming]
-        events = StepEvents(new, aborts, timed_out)
+        events = StepEvents(registry.changes, new, aborts, timed_out)
+        registry.changes = []
     box = [events]
     dist.broadcast_object_list(box, group=tp.group, group_src=0)
     e: StepEvents = box[0]
@@ -180,6 +185,11 @@ def share_step(tp: TensorParallel, incoming: list[Request], aborts: set[str], ti
         raise Stopped
     if tp.rank == 0:
         return incoming, aborts, timed_out
+    for name, path in e.adapters:  # rank 0 did the same between its steps: same state, same outcome
+        if path is None:
+            registry.unregister(name)
+        else:
+            registry.register(name, path)
     reqs = [
         Request(i, ids, params, adapter, generator=torch.Generator().manual_seed(seed))
         for i, ids, params, adapter, seed in e.new
@@ -189,7 +199,7 @@ def share_step(tp: TensorParallel, incoming: list[Request], aborts: set[str], ti
 
 def stop_workers(tp: TensorParallel) -> None:
     """Rank 0: end the workers' ``follow`` loops."""
-    dist.broadcast_object_list([StepEvents([], set(), set(), stop=True)], group=tp.group, group_src=0)
+    dist.broadcast_object_list([StepEvents([], [], set(), set(), stop=True)], group=tp.group, group_src=0)
 
 
 def follow(engine) -> int:
