@@ -22,7 +22,7 @@ Rank 0 owns the API and the queue: before each step it broadcasts what only it s
 requests, aborts, timeouts, adapters registered through the API: ``share_step``), and every
 rank then runs the same deterministic scheduler over the same state. Adapters load
 synchronously under TP (the registry's ``synchronous``), so each rank's bank takes an
-adapter at the same step.
+adapter at the same step. Decode steps run eagerly: CUDA graphs stay off (``Engine``).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraflow.serve.bank import BankedLinear
-from loraflow.serve.llama import Llama, LlamaArgs
+from loraflow.serve.llama import Attention, Llama, LlamaArgs
 from loraflow.serve.request import Request
 from loraflow.serve.sampling import SamplingParams
 
@@ -145,10 +145,9 @@ def shard_llama(model: Llama, tp: TensorParallel) -> Llama:
         elif isinstance(m, BankedLinear) and leaf in ROW:
             parent = model.get_submodule(name.rpartition(".")[0])
             setattr(parent, leaf, RowParallelLinear(m, tp))
-        elif leaf == "self_attn":
+        elif isinstance(m, Attention):
             m.n_heads, m.n_kv_heads = m.n_heads // tp.world, m.n_kv_heads // tp.world
     model.lm_head = VocabParallelHead(model.lm_head, tp)
-    model.tp = tp
     return model
 
 
