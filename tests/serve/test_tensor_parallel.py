@@ -10,7 +10,9 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -261,6 +263,26 @@ def test_serve_with_tensor_parallel_answers_like_one_process_and_its_workers_exi
     assert again.json()["choices"][0]["text"] == one.generate([prompt(41, 5)], ["late"], max_tokens=8, temperature=0)[0]
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the worker processes through /proc")
+def test_a_dead_worker_fails_the_requests_and_stops_the_server(setup):
+    """A worker killed (-9): the next request answers 503 at once, and the server exits
+    non-zero, saying why, for a supervisor to restart it."""
+    root, _ = setup
+    port, proc = serve(root, "--tensor-parallel", "2", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert "tensor parallel over 2 processes" in proc.stdout.readline()
+        (worker,) = [p for p in children(proc.pid) if is_worker(p)]
+        os.kill(worker, signal.SIGKILL)
+        body = {"model": "base", "prompt": prompt(1, 4), "max_tokens": 4}
+        answer = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=30)
+        assert answer.status_code == 503 and "tensor-parallel step failed" in answer.json()["error"]["message"]
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1 and "loraflow serve: a tensor-parallel step failed" in err, err[-3000:]
+
+
 @pytest.mark.parametrize(
     "extra,message",
     [
@@ -284,3 +306,19 @@ def test_more_ranks_than_gpus_is_refused():
     check_tensor_parallel(2, ARGS, "cpu", gpus=0)  # CPU ranks share the cores
     with pytest.raises(ValueError, match=r"--tensor-parallel 2 needs 2 GPUs, one a rank, but 1 are visible"):
         check_tensor_parallel(2, ARGS, "cuda", gpus=1)
+
+
+@pytest.mark.parametrize("tp", [TensorParallel(0, 2), None], ids=["tensor-parallel", "one-process"])
+def test_an_idle_rank_0_steps_now_and_then_for_the_workers_waiting_on_it(monkeypatch, tp):
+    """The workers wait for each step's broadcast; an idle rank 0 steps every HEARTBEAT_S so
+    that the wait never reaches the process group's timeout (one process: no idle steps)."""
+    from loraflow.serve import loop
+
+    monkeypatch.setattr(loop, "HEARTBEAT_S", 0.05)
+    steps = []
+    engine = SimpleNamespace(tp=tp, has_work=lambda: False, failures_in_a_row=0, step=lambda: steps.append(1) or [])
+    looping = loop.EngineLoop(engine)
+    time.sleep(0.6)
+    looping.stop()
+    looping._thread.join(timeout=5)
+    assert (4 <= len(steps) <= 12) if tp else not steps, len(steps)

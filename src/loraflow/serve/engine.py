@@ -271,7 +271,12 @@ class Engine:
         timed_out = {r.id for r in (*self.running, *self.waiting, *incoming) if now > r.deadline}
         if self.tp is None:
             return incoming, aborts, timed_out
-        return share_step(self.tp, incoming, aborts, timed_out, self.registry)
+        try:
+            return share_step(self.tp, incoming, aborts, timed_out, self.registry)
+        except Exception:  # another rank is gone: the new requests stay queued, to be failed with the rest
+            with self._lock:
+                self._incoming.extendleft(reversed(incoming))
+            raise
 
     def _run(self, plan: list[tuple[Request, int]]) -> list[Request]:
         """The model over the plan's tokens, then one token for each request whose prompt is done."""
