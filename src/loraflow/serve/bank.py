@@ -91,6 +91,7 @@ class BankedLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(d_out, d_in), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(d_out), requires_grad=False) if bias else None
         self.packed = None  # a BankView over the bank's buffers, set by AdapterBank
+        self.shard = None  # tensor_parallel.Shard: the 1/N of the layer (and of its adapters) held here
 
     def forward(self, x: torch.Tensor, slots: TokenSlots) -> torch.Tensor:
         """y = W0 x + b + B_s A_s x for each token's slot s; a FLoRA slot's tokens take
@@ -220,15 +221,17 @@ class AdapterBank:
         return self.n_slots * self.r_max <= 2 * sum(self.slot_ranks[s] for s in used)
 
     def shapes(self) -> dict[str, tuple[int, int]]:
-        """(d_out, d_in) of every adapted layer, by module name."""
-        return {n: (m.d_out, m.d_in) for n, m in self.layers.items()}
+        """(d_out, d_in) of every adapted layer, by module name: the whole layer's, as adapter
+        files hold it, also when this process holds a tensor-parallel shard of it."""
+        return {n: m.shard.whole(m.d_out, m.d_in) if m.shard else (m.d_out, m.d_in) for n, m in self.layers.items()}
 
     @torch.no_grad()
     def write(
         self, slot: int, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], multiplicative: bool = False
     ) -> None:
         """Put an adapter in ``slot``: module name -> (A (r, d_in), C (d_out, r)), C = scale·B
-        (additive) or B / r (``multiplicative``: FLoRA)."""
+        (additive) or B / r (``multiplicative``: FLoRA), of the whole layer: a tensor-parallel
+        shard keeps its part (``Shard.factors``)."""
         self.slot_ranks[slot] = 0 if multiplicative else max((a.shape[0] for a, _ in factors.values()), default=0)
         self.slot_flora[slot] = multiplicative
         for name, m in self.layers.items():
@@ -237,7 +240,7 @@ class AdapterBank:
             p.a[lo : lo + self.r_max].zero_()  # rows past the rank stay zero (read by gathers)
             p.bt[lo : lo + self.r_max].zero_()
             if name in factors:
-                a, b = factors[name]
+                a, b = factors[name] if m.shard is None else m.shard.factors(*factors[name])
                 r = a.shape[0]
                 p.a[lo : lo + r].copy_(a)
                 p.bt[lo : lo + r].copy_(b.T)

@@ -177,23 +177,12 @@ def cmd_serve(args) -> None:
     api_key = resolve_api_key(args)
     sock = bind_socket(args.host, args.port)  # before the model loads: a taken port fails at once
     import torch
-    import uvicorn
 
-    from loraflow.serve.api import create_app
-    from loraflow.serve.engine import Engine
-    from loraflow.serve.loop import EngineLoop
+    from loraflow.serve.tp_launch import EngineSpec, build_engine, check_tensor_parallel, device_of, start, stop
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    threads = configure_threads(args.threads, device)
-    model, extra = args.model, {}
-    if args.random_weights:  # benchmarks: a model shape with random weights
-        from loraflow.serve.llama import SHAPES, LlamaArgs, numbered_tokenizer, random_llama
-
-        shape = LlamaArgs(**SHAPES[args.random_weights])
-        model = random_llama(shape, torch.bfloat16 if device == "cuda" else torch.float32, device)
-        extra = dict(tokenizer=numbered_tokenizer(shape.vocab_size), model_name=args.random_weights, device=device)
-    engine = Engine(
-        model=model,
+    n = args.tensor_parallel
+    engine_kw = dict(
         adapters=adapters,
         adapter_dir=args.adapter_dir,
         max_batch_tokens=args.max_batch_tokens,
@@ -202,8 +191,35 @@ def cmd_serve(args) -> None:
         max_lora_rank=args.max_lora_rank,
         max_waiting=args.max_waiting,
         request_timeout=args.request_timeout or None,
-        **extra,
     )
+    spec = EngineSpec(args.model, args.random_weights, engine_kw)
+    if n != 1:
+        try:
+            check_tensor_parallel(n, spec.model_args(), device, torch.cuda.device_count())
+        except (OSError, ValueError) as e:
+            sys.exit(f"loraflow serve: {e}")
+        if device == "cpu" and args.threads is None and "OMP_NUM_THREADS" not in os.environ:
+            args.threads = max(1, default_threads() // n)  # the ranks share the cores
+    threads = configure_threads(args.threads, device)
+    tp = workers = None
+    if n != 1:
+        tp, workers = start(n, device, threads, spec)
+    clean = False
+    try:
+        engine = build_engine(spec, device_of(0, device) if tp else device, tp)
+        serve_engine(engine, args, api_key, sock, threads)
+        clean = True
+    finally:
+        if tp is not None:
+            stop(tp, workers, clean)
+
+
+def serve_engine(engine, args, api_key: str | None, sock: socket.socket, threads: int) -> None:
+    """The API over ``engine`` on ``sock`` until the server stops."""
+    import uvicorn
+
+    from loraflow.serve.api import create_app
+    from loraflow.serve.loop import EngineLoop
 
     # The engine thread lets go of the GIL while the GPU runs a step; when the step ends it
     # must get it back from the HTTP thread, which keeps it for up to the switch interval
@@ -231,6 +247,7 @@ def cmd_serve(args) -> None:
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
     sock.listen(2048)  # connections queue from here on
     on = engine.device.type + (f", {threads} thread{'s' * (threads > 1)}" if engine.device.type == "cpu" else "")
+    on += f", tensor parallel over {engine.tp.world} processes" if engine.tp else ""
     print(
         f"serving {engine.model_name} with {len(engine.registry.paths)} adapters on "
         f"http://{args.host}:{args.port}/v1 ({on})",
@@ -295,5 +312,15 @@ def add_arguments(p) -> None:
         type=int,
         metavar="N",
         help="PyTorch's CPU threads (default: on the CPU one fewer than the cores, at least 1, "
-        "or $OMP_NUM_THREADS; on CUDA PyTorch's own)",
+        "or $OMP_NUM_THREADS; on CUDA PyTorch's own); with --tensor-parallel N, each process's",
+    )
+    p.add_argument(
+        "--tensor-parallel",
+        type=int,
+        default=1,
+        metavar="N",
+        help="shard the model over N processes (Megatron-style: attention heads, MLP features and "
+        "the vocabulary split N ways; each adapter split with its layer); one GPU each on CUDA, "
+        "the cores shared on the CPU. N must divide the attention and key/value heads. The server "
+        "starts the N-1 worker processes itself and they exit with it. Default 1: one process",
     )

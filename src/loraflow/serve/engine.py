@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -31,6 +32,7 @@ from loraflow.serve.request import ERROR_TYPES, ContextTooLong, PromptError, Que
 from loraflow.serve.runner import ModelRunner
 from loraflow.serve.sampling import NonFiniteLogits, SamplingParams, sample
 from loraflow.serve.scheduler import Scheduler
+from loraflow.serve.tensor_parallel import TensorParallel, shard_llama, share_step
 
 log = logging.getLogger("loraflow.serve")
 
@@ -55,7 +57,13 @@ class Engine:
         max_waiting: int = 1024,
         decode_graphs: bool | None = None,
         request_timeout: float | None = None,
+        tensor_parallel: TensorParallel | None = None,
     ):
+        """``tensor_parallel``: this process is one rank of a tensor-parallel engine
+        (``serve/tensor_parallel.py``): it holds its shard of the model, and its steps follow
+        rank 0's. CUDA graphs stay off then: a captured step would replay its collectives
+        without the broadcast that keeps the ranks' plans in step, and NCCL inside graph
+        capture needs its own care; ``decode_graphs=True`` is refused."""
         from transformers import AutoTokenizer
 
         from loraflow.models.loading import default_model_path
@@ -70,21 +78,31 @@ class Engine:
         else:
             folder = default_model_path() if model is None else Path(model)
             self.model_name = model_name or ("SmolLM2-135M-Instruct" if model is None else folder.name)
-            self.model = load_llama(folder, dtype, device)
+            self.model = load_llama(folder, dtype, "cpu" if tensor_parallel else device)  # shard, then move
             self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(folder, local_files_only=True)
         self.device = torch.device(device)
         a = self.model.args
+        self.tp, n_kv = tensor_parallel, a.n_kv_heads
+        if tensor_parallel is not None:
+            if decode_graphs:
+                raise ValueError("decode_graphs=True under tensor parallelism: leave it unset (False)")
+            decode_graphs, n_kv = False, a.n_kv_heads // tensor_parallel.world
+            self.model = shard_llama(self.model, tensor_parallel).to(device)
         self.bank = AdapterBank(self.model, max_gpu_adapters, max_lora_rank)
-        self.registry = AdapterRegistry(self.bank, max_cpu_adapters, reserved={self.model_name})
+        self.registry = AdapterRegistry(
+            self.bank, max_cpu_adapters, reserved={self.model_name}, synchronous=tensor_parallel is not None
+        )
         for name, path in (adapters or {}).items():
             self.registry.register(name, path)
         if adapter_dir is not None:
             self.registry.scan(adapter_dir)
+        if tensor_parallel is not None and tensor_parallel.rank == 0:
+            self.registry.changes = []  # from now on, what the API registers goes to the other ranks
         if kv_cache_bytes is None:
             kv_cache_bytes = (
                 int(0.5 * torch.cuda.mem_get_info(self.device)[0]) if self.device.type == "cuda" else 512 * 2**20
             )
-        self.kv = KVCache(a.n_layers, a.n_kv_heads, a.head_dim, kv_cache_bytes, block_size, dtype, device)
+        self.kv = KVCache(a.n_layers, n_kv, a.head_dim, kv_cache_bytes, block_size, dtype, device)
         self.max_len = min(a.max_seq_len, self.kv.n_blocks * block_size)
         self.max_batch_tokens, self.max_waiting = max_batch_tokens, max_waiting
         if request_timeout is not None and not request_timeout > 0:
@@ -166,7 +184,10 @@ class Engine:
             raise KeyError(adapter)
         ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         self.check_prompt(ids, params.max_tokens)
-        gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        seed = params.seed
+        if seed is None and self.tp is not None:  # every rank draws from a generator seeded alike
+            seed = int.from_bytes(os.urandom(8), "big") >> 1
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
         req = Request(request_id or f"req-{next(self._ids)}", ids, params, adapter, on_output, generator=gen)
         if self.request_timeout is not None:
             req.deadline = req.arrival + self.request_timeout
@@ -192,16 +213,19 @@ class Engine:
         that request alone. An error of the step itself (out of memory, a kernel) fails the
         requests in flight with error_type "engine", frees their memory and leaves the queue
         as it was; ``failures_in_a_row`` counts such steps for the caller to give up on."""
-        with self._lock:
-            self.waiting.extend(self._incoming)
-            self._incoming.clear()
-            aborts, self._aborts = self._aborts, set()
-        now = time.perf_counter()
+        if self.tp is None or self.tp.rank != 0:
+            return self._step()
+        with self.registry.between_steps:  # the API's adapter (un)registrations wait for the step's end
+            return self._step()
+
+    def _step(self) -> list[Request]:
+        incoming, aborts, timed_out = self._events()
+        self.waiting.extend(incoming)
         touched = []
         for r in list(self.running) + list(self.waiting):
             if r.id in aborts:
                 touched.append(self._finish(r, "abort"))
-            elif now > r.deadline:
+            elif r.id in timed_out:
                 touched.append(
                     self._fail(
                         r,
@@ -219,6 +243,8 @@ class Engine:
             touched += self._run(plan) if plan else []
             self.failures_in_a_row = 0
         except Exception as e:
+            if self.tp is not None:  # the ranks may have parted mid-collective: no step can follow
+                raise
             self.failures_in_a_row += 1
             self.stats["failed_steps"] += 1
             log.exception(
@@ -232,6 +258,25 @@ class Engine:
         touched = list({id(r): r for r in touched}.values())
         self.notify(touched)
         return touched
+
+    def _events(self) -> tuple[list[Request], set[str], set[str]]:
+        """What changed since the last step: (new requests, ids aborted, ids past their
+        deadline); under tensor parallelism rank 0's, on every rank, with its adapters
+        registered and unregistered since (``share_step``)."""
+        with self._lock:
+            incoming = list(self._incoming)
+            self._incoming.clear()
+            aborts, self._aborts = self._aborts, set()
+        now = time.perf_counter()
+        timed_out = {r.id for r in (*self.running, *self.waiting, *incoming) if now > r.deadline}
+        if self.tp is None:
+            return incoming, aborts, timed_out
+        try:
+            return share_step(self.tp, incoming, aborts, timed_out, self.registry)
+        except Exception:  # another rank is gone: the new requests stay queued, to be failed with the rest
+            with self._lock:
+                self._incoming.extendleft(reversed(incoming))
+            raise
 
     def _run(self, plan: list[tuple[Request, int]]) -> list[Request]:
         """The model over the plan's tokens, then one token for each request whose prompt is done."""

@@ -151,6 +151,7 @@ class Attention(nn.Module):
     def __init__(self, a: LlamaArgs):
         super().__init__()
         self.a = a
+        self.n_heads, self.n_kv_heads = a.n_heads, a.n_kv_heads  # this rank's share under tensor parallelism
         self.q_proj = BankedLinear(a.dim, a.n_heads * a.head_dim, a.qkv_bias)
         self.k_proj = BankedLinear(a.dim, a.n_kv_heads * a.head_dim, a.qkv_bias)
         self.v_proj = BankedLinear(a.dim, a.n_kv_heads * a.head_dim, a.qkv_bias)
@@ -158,18 +159,18 @@ class Attention(nn.Module):
 
     def forward(self, x, b: Batch, cos, sin, cache_k, cache_v):
         """softmax(q kᵀ / √d + mask) v over each sequence's cached context."""
-        a = self.a
+        H, Hkv, D = self.n_heads, self.n_kv_heads, self.a.head_dim
         q, k, v = banked_siblings(x, b.slots, (self.q_proj, self.k_proj, self.v_proj))  # W x + b + B_s A_s x
-        q = q.view(-1, a.n_heads, a.head_dim)  # (N, H, D)
-        k = k.view(-1, a.n_kv_heads, a.head_dim)  # (N, Hkv, D)
-        v = v.view(-1, a.n_kv_heads, a.head_dim)
+        q = q.view(-1, H, D)  # (N, H, D)
+        k = k.view(-1, Hkv, D)  # (N, Hkv, D)
+        v = v.view(-1, Hkv, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         cache_k.index_copy_(0, b.cache_index, k)  # cache: (rows, Hkv, D)
         cache_v.index_copy_(0, b.cache_index, v)
         if b.block_table is not None:  # decode: paged kernel
             o = paged_decode_attention(q, cache_k, cache_v, b.block_table, b.seq_lens, b.block_size)
-            return self.o_proj(o.view(-1, a.n_heads * a.head_dim), b.slots)
-        out = q.new_empty(q.shape[0], a.n_heads * a.head_dim)  # (N, H·D)
+            return self.o_proj(o.view(-1, H * D), b.slots)
+        out = q.new_empty(q.shape[0], H * D)  # (N, H·D)
         for g in b.groups:
             S, q_max = g.q_index.shape
             Q = q[g.q_index].transpose(1, 2)  # (S, H, q_max, D)
@@ -180,7 +181,7 @@ class Attention(nn.Module):
                 K,
                 V,
                 attn_mask=g.mask,  # backends: SDPA_BACKENDS
-                enable_gqa=a.n_kv_heads != a.n_heads,
+                enable_gqa=Hkv != H,
             )
             out[g.tokens] = o.transpose(1, 2).reshape(S * q_max, -1)[g.out_index]
         return self.o_proj(out, b.slots)

@@ -12,6 +12,7 @@ from loraflow.serve.engine import Engine, Request
 from loraflow.serve.sampling import SamplingParams
 
 log = logging.getLogger("loraflow.serve")
+HEARTBEAT_S = 60.0
 
 
 class EngineDown(Exception):
@@ -60,21 +61,33 @@ class EngineLoop:
             self._thread.start()
 
     def run_forever(self) -> None:
-        engine = self.engine
+        engine, last = self.engine, time.monotonic()
         while not self._stop:
-            if engine.has_work():
-                touched = engine.step()
+            # under tensor parallelism an idle rank 0 still steps now and then: the workers wait
+            # for each step's broadcast, and a wait past the process group's timeout fails
+            if engine.has_work() or (engine.tp is not None and time.monotonic() - last > HEARTBEAT_S):
+                try:
+                    touched, last = engine.step(), time.monotonic()
+                except Exception as e:  # only under tensor parallelism (``Engine.step``)
+                    log.exception("a tensor-parallel engine step failed")
+                    raise self._give_up(
+                        f"a tensor-parallel step failed ({type(e).__name__}: {e}); the processes cannot go on together"
+                    ) from e
                 if engine.failures_in_a_row >= self.max_failures:
-                    self.down = f"the engine failed {engine.failures_in_a_row} steps in a row and stopped"
-                    engine.notify(engine.fail_all(self.down + "; retry once the server is back"))
-                    self._deliver()
-                    raise EngineDown(self.down)
+                    raise self._give_up(f"the engine failed {engine.failures_in_a_row} steps in a row and stopped")
                 self._deliver()
                 if not touched:
                     time.sleep(0.002)  # only requests whose adapter is still loading
             else:
                 self._wake.wait(0.05)
                 self._wake.clear()
+
+    def _give_up(self, why: str) -> EngineDown:
+        """Fail every request (503) and return the EngineDown to raise."""
+        self.down = why
+        self.engine.notify(self.engine.fail_all(why + "; retry once the server is back"))
+        self._deliver()
+        return EngineDown(why)
 
     def submit(
         self,

@@ -75,10 +75,20 @@ def factors_for_bank(path: Path, shapes: dict[str, tuple[int, int]], r_max: int)
 
 class AdapterRegistry:
     """Thread-safe: the HTTP thread registers and unregisters, the engine thread acquires and
-    releases, the loader threads fill host memory. Only the engine thread writes the bank."""
+    releases, the loader threads fill host memory. Only the engine thread writes the bank.
 
-    def __init__(self, bank: AdapterBank, max_cpu: int = 64, reserved: set[str] = frozenset()):
-        self.bank, self.max_cpu, self.reserved = bank, max_cpu, set(reserved)
+    ``synchronous``: an adapter loads from disk inside the ``acquire`` that first needs it, on
+    the engine's thread, not on a loader thread: under tensor parallelism every rank's
+    scheduler then sees it ready at the same step (a step waits for the read)."""
+
+    def __init__(
+        self, bank: AdapterBank, max_cpu: int = 64, reserved: set[str] = frozenset(), synchronous: bool = False
+    ):
+        self.bank, self.max_cpu, self.reserved, self.synchronous = bank, max_cpu, set(reserved), synchronous
+        # tensor parallelism: each step holds ``between_steps`` (registrations fall between steps)
+        # and rank 0 records them in ``changes`` ((name, path; None: unregistered)) for the others
+        self.between_steps = threading.Lock()
+        self.changes: list[tuple[str, str | None]] | None = None
         self.shapes = bank.shapes()
         self.paths: dict[str, Path] = {}
         self.host: OrderedDict[str, dict] = OrderedDict()
@@ -104,12 +114,14 @@ class AdapterRegistry:
         path = Path(path)
         if not (path / CONFIG_NAME).is_file():
             raise AdapterError(f"{path} is not an adapter folder (no {CONFIG_NAME})")
-        with self._lock:
+        with self.between_steps, self._lock:
             if self.pins[name]:
                 raise AdapterError(
                     f"adapter {name!r} is in use by running requests; register it again "
                     "once they finish, or under another name"
                 )
+            if self.changes is not None:
+                self.changes.append((name, str(path)))
             self.paths[name] = path
             self.versions[name] += 1
             self.errors.pop(name, None)
@@ -129,11 +141,13 @@ class AdapterRegistry:
         return n
 
     def unregister(self, name: str) -> None:
-        with self._lock:
+        with self.between_steps, self._lock:
             if name not in self.paths:
                 raise KeyError(name)
             if self.pins[name]:
                 raise AdapterError(f"adapter {name!r} is in use by running requests; try again later")
+            if self.changes is not None:
+                self.changes.append((name, None))
             del self.paths[name]
             self.versions[name] += 1
             self.host.pop(name, None)
@@ -178,6 +192,12 @@ class AdapterRegistry:
     def acquire(self, name: str) -> int | None:
         """A device slot holding ``name``, pinned until ``release``; None while it loads or
         while every slot is pinned. Called from the engine's thread only."""
+        with self._lock:
+            load = self.synchronous and name not in self.device and name not in self.host and name not in self.errors
+            path, version = self.paths.get(name), self.versions[name]
+        if load and path is not None:
+            self.stats["misses"] += 1
+            self._load(name, path, version)  # on this thread: the host copy, or errors[name]
         with self._lock:
             if name in self.device:
                 self.device.move_to_end(name)
