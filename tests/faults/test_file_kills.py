@@ -25,6 +25,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import loraflow as lf
 from loraflow import atomic
+from loraflow.distributed.world import World
 from loraflow.train.pretrain import checkpoint_paths, latest_checkpoint, main, save_checkpoint
 
 DATA = Path(__file__).parents[2] / "examples" / "data" / "tinyshakespeare" / "input.txt"
@@ -242,7 +243,7 @@ def _check_resumable(out, weights, steps):
 def _save(out, two_steps, step):
     model, opt, weights = two_steps
     model.load_state_dict(weights[step - 1])
-    save_checkpoint(out, model, opt.state_dict(), step)
+    save_checkpoint(out, model, opt, step, World(0, 1, torch.device("cpu"), "none"), global_batch=4, last=False)
 
 
 @pytest.mark.parametrize("mode", ["raise", "kill"])
