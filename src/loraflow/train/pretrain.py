@@ -173,9 +173,15 @@ def resume(ckpt: Path, model, opt, world: World, global_batch: int) -> int:
     """Load a checkpoint into the model and optimizer; its step."""
     sharded = (ckpt / sharded_checkpoint.MANIFEST).is_file()
     if sharded != (world.parallel == "fsdp"):
-        how = "--parallel fsdp (on any number of processes)" if sharded else "--parallel none or ddp"
-        kind = "sharded" if sharded else "whole"
-        raise ValueError(f"--resume: {ckpt} was written by a {kind} run; resume it with {how}")
+        if sharded:
+            raise ValueError(
+                f"--resume: {ckpt} holds shards written by --parallel fsdp; resume it with --parallel fsdp "
+                "(on any number of processes)"
+            )
+        raise ValueError(
+            f"--resume: {ckpt} holds whole tensors, written without --parallel fsdp; resume it with "
+            "--parallel none or ddp"
+        )
     if sharded:
         state = sharded_checkpoint.load_sharded(ckpt, model, opt, world)
     else:
