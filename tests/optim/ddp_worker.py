@@ -19,24 +19,32 @@ def global_batches(steps=4, size=4):
     return [torch.randint(0, 128, (size, 10), generator=g) for _ in range(steps)]
 
 
-def train(model, rank=0, world=1, optimizer="galore"):
+def train(model, rank=0, world=1, optimizer="galore", per_layer=False):
+    """``per_layer``: each weight steps once its bucket's gradient is averaged (DDP's
+    communication hook), clipped by the whole model's gradient norm."""
     inner = model.module if world > 1 else model
     if optimizer == "galore":
-        opt = lf.GaLoreAdamW(lf.galore_param_groups(inner, rank=4, update_proj_gap=2), lr=1e-2)
+        groups = lf.galore_param_groups(inner, rank=4, update_proj_gap=2)
+        make = lambda g: lf.GaLoreAdamW(g, lr=1e-2)
     else:  # APOLLO: every process draws the same projection from the same seed
-        opt = lf.Apollo(lf.apollo_param_groups(inner, rank=4, update_proj_gap=2), lr=1e-2)
+        groups = lf.apollo_param_groups(inner, rank=4, update_proj_gap=2)
+        make = lambda g: lf.Apollo(g, lr=1e-2)
+    opt = lf.PerLayerUpdates(model, make, groups, max_grad_norm=0.05) if per_layer else make(groups)
     for x in global_batches():
         part = x.chunk(world)[rank]
         model(input_ids=part, labels=part).loss.backward()
-        opt.step()
-        opt.zero_grad()
+        if per_layer:
+            opt.after_backward()
+        else:
+            opt.step()
+            opt.zero_grad()
     return model.module if world > 1 else model
 
 
 if __name__ == "__main__":
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    model = train(DistributedDataParallel(tiny_llama()), rank, world, sys.argv[3])
+    model = train(DistributedDataParallel(tiny_llama()), rank, world, sys.argv[3], sys.argv[4] == "per-layer")
     if rank == 0:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, sys.argv[1])
     dist.destroy_process_group()

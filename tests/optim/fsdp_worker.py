@@ -56,7 +56,8 @@ def train(model, optimizer, per_layer, steps, rank=0, world=1, micro=1):
     micro-batches (one process with micro = N sums the N processes' slices' gradients as
     their all-reduce does)."""
     groups, build = make(optimizer, model)
-    opt = lf.PerLayerUpdates(model, build, groups, accumulation=micro) if per_layer else build(groups)
+    # per-layer: clipped by the whole model's gradient norm (lagged a step), summed over the shards
+    opt = lf.PerLayerUpdates(model, build, groups, micro, max_grad_norm=0.05) if per_layer else build(groups)
     for x in global_batches(steps):
         for part in x.chunk(world)[rank].chunk(micro):
             (model(input_ids=part, labels=part).loss / micro).backward()

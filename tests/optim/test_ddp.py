@@ -1,4 +1,5 @@
-"""GaLore and APOLLO under DDP (2 CPU processes, gloo, torchrun) equal one process on the global batch."""
+"""GaLore and APOLLO under DDP (2 CPU processes, gloo, torchrun), also with per-layer updates, equal
+one process on the global batch."""
 
 import os
 import socket
@@ -15,8 +16,8 @@ from safetensors.torch import load_file
 HERE = Path(__file__).parent
 
 
-@pytest.mark.parametrize("optimizer", ["galore", "apollo"])
-def test_two_process_ddp_equals_one_process(tmp_path, optimizer):
+@pytest.mark.parametrize("optimizer,per_layer", [("galore", False), ("apollo", False), ("galore", True)])
+def test_two_process_ddp_equals_one_process(tmp_path, optimizer, per_layer):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -34,6 +35,7 @@ def test_two_process_ddp_equals_one_process(tmp_path, optimizer):
             str(out),
             str(HERE.parent),
             optimizer,
+            "per-layer" if per_layer else "whole",
         ],
         env=env,
         capture_output=True,
@@ -42,7 +44,7 @@ def test_two_process_ddp_equals_one_process(tmp_path, optimizer):
     )
     assert run.returncode == 0, run.stderr[-3000:]
     ddp = load_file(out)
-    single = train(tiny_llama(), optimizer=optimizer).state_dict()
+    single = train(tiny_llama(), optimizer=optimizer, per_layer=per_layer).state_dict()
     changed = 0
     for name, w in single.items():
         assert rel_err(ddp[name], w) < 1e-5, name

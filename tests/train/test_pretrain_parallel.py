@@ -76,7 +76,6 @@ def test_parallel_choices_refused_with_the_fix(tmp_path, monkeypatch):
     out = ["--steps", "1", "--out", str(tmp_path / "x")]
     cases = [
         (["--parallel", "fsdp", "--optimizer", "galore-adafactor"], "does not step FSDP shards"),
-        (["--parallel", "ddp", "--optimizer", "galore", "--per-layer"], "use --parallel fsdp"),
         (["--parallel", "ddp", "--optimizer", "galore"], "torchrun --nproc-per-node N"),  # not under torchrun
     ]
     for extra, words in cases:

@@ -16,6 +16,12 @@ Gradient-norm clipping is lagged: the global norm is only known once every param
 stepped, so the gradients of step t are scaled by min(1, max_norm / ‖g_{t-1}‖), with the
 global norm measured during step t-1 (``last_grad_norm``); the first step is not clipped.
 ``schedule(step)`` multiplies each optimizer's initial learning rate once per optimizer step.
+
+Several processes: under FSDP2 the hooks are on the shards and fire after the
+reduce-scatter (each process steps its shards; the norm is summed over them). Under DDP a
+communication hook steps the weights of each gradient bucket once its all-reduce is done,
+so each weight still steps as soon as its averaged gradient exists; DDP keeps the whole
+gradient in its buckets, so there it saves no memory, only the wait for the last bucket.
 """
 
 from __future__ import annotations
@@ -25,7 +31,10 @@ import weakref
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 from torch import nn
+
+from loraflow.optim import sharded
 
 
 class PerLayerUpdates:
@@ -40,11 +49,8 @@ class PerLayerUpdates:
     ):
         if accumulation < 1:
             raise ValueError(f"accumulation must be >= 1, got {accumulation}")
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            raise ValueError(
-                "per-layer updates step each weight before DDP has averaged its gradient "
-                "across processes: use an ordinary optimizer step with DDP"
-            )
+        ddp = model if isinstance(model, nn.parallel.DistributedDataParallel) else None
+        model = ddp.module if ddp is not None else model
         if max_grad_norm is not None and max_grad_norm <= 0:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
         groups = param_groups or [{"params": [p for p in model.parameters() if p.requires_grad]}]
@@ -62,7 +68,13 @@ class PerLayerUpdates:
                 for g in opt.param_groups:
                     g.setdefault("initial_lr", g["lr"])
                 self.optimizers[name] = opt
-                self._handles.append(p.register_post_accumulate_grad_hook(self._hook(name)))
+                if ddp is None:
+                    self._handles.append(p.register_post_accumulate_grad_hook(self._hook(name)))
+        self._names = names
+        self._group = next((sharded.part(p).group for p in model.parameters() if sharded.part(p).group), None)
+        if ddp is not None:
+            self._ddp_params = [p for g in groups for p in g["params"]]
+            ddp.register_comm_hook(weakref.ref(self), _step_buckets)
         # The hooks live in the parameters' C++ autograd data, where Python's garbage collector
         # cannot see them: a hook holding this object (or an optimizer, which holds the
         # parameter) would keep the model and every state alive forever. They hold a weak
@@ -81,20 +93,24 @@ class PerLayerUpdates:
 
         def hook(p: torch.Tensor) -> None:
             updates = owner()
-            if updates is None or not updates._boundary():
-                return  # keep accumulating into p.grad
-            opt = updates.optimizers[name]
-            if updates.max_grad_norm is not None:
-                updates._sq += float(p.grad.detach().float().pow(2).sum())
-                if updates.last_grad_norm is not None and updates.last_grad_norm > updates.max_grad_norm:
-                    p.grad.mul_(updates.max_grad_norm / (updates.last_grad_norm + 1e-6))
-            if updates.schedule is not None:
-                for g in opt.param_groups:
-                    g["lr"] = g["initial_lr"] * updates.schedule(updates.steps)
-            opt.step()
-            p.grad = None  # freed right away
+            if updates is not None and updates._boundary():
+                updates._step(name, p)
+            # else: keep accumulating into p.grad
 
         return hook
+
+    def _step(self, name: str, p: torch.Tensor) -> None:
+        """Step the weight ``name`` on its (complete, averaged) gradient, then free it."""
+        opt = self.optimizers[name]
+        if self.max_grad_norm is not None:
+            self._sq += float(sharded.part(p).grad.detach().float().pow(2).sum())  # a shard's, summed later
+            if self.last_grad_norm is not None and self.last_grad_norm > self.max_grad_norm:
+                p.grad.mul_(self.max_grad_norm / (self.last_grad_norm + 1e-6))
+        if self.schedule is not None:
+            for g in opt.param_groups:
+                g["lr"] = g["initial_lr"] * self.schedule(self.steps)
+        opt.step()
+        p.grad = None  # freed right away
 
     def after_backward(self) -> bool:
         """Call after every ``loss.backward()``; True when that backward ended a step."""
@@ -103,8 +119,11 @@ class PerLayerUpdates:
         if boundary:
             self.steps += 1
             if self.max_grad_norm is not None:
+                self._sq = float(sharded.all_sum(torch.tensor([self._sq], dtype=torch.float64), self._group))
                 self.last_grad_norm = math.sqrt(self._sq)
                 self._sq = 0.0
+            for p in getattr(self, "_ddp_params", ()):  # DDP writes its buckets back into .grad
+                p.grad = None
         return boundary
 
     def state_dict(self) -> dict:
@@ -128,6 +147,24 @@ class PerLayerUpdates:
     def remove(self) -> None:
         """Detach the hooks (the model trains normally again)."""
         _remove(self._handles)
+
+
+def _step_buckets(owner, bucket):  # no annotations: DDP checks them as objects, and here they are strings
+    """DDP's communication hook: average the bucket (dist.GradBucket) over the processes,
+    then (at an accumulation boundary) step each of its weights on its averaged gradient."""
+    world = dist.get_world_size()
+    done = dist.all_reduce(bucket.buffer().div_(world), async_op=True).get_future()
+
+    def step(fut):
+        averaged = fut.value()[0]
+        updates = owner()
+        if updates is not None and updates._boundary():
+            for p, grad in zip(bucket.parameters(), bucket.gradients()):  # views of ``averaged``
+                p.grad = grad
+                updates._step(updates._names[id(p)], p)
+        return averaged
+
+    return done.then(step)
 
 
 def _remove(handles: list) -> None:

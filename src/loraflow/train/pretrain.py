@@ -346,11 +346,6 @@ def main(argv: list[str] | None = None) -> dict:
             "--optimizer galore-adafactor spans whole weights and does not step FSDP shards: "
             "use galore, galore8bit or apollo with --parallel fsdp, or --parallel ddp"
         )
-    if args.parallel == "ddp" and args.per_layer:
-        raise ValueError(
-            "--per-layer steps each weight before DDP has averaged its gradient: use --parallel fsdp "
-            "(its hooks run after the reduce-scatter) or no --per-layer"
-        )
     world = start(args.parallel, args.device)
     args.device = str(world.device)
     try:
@@ -396,7 +391,7 @@ def _train(args: argparse.Namespace, world: World, started: float) -> dict:
     groups, make = optimizer_parts(args.optimizer, unwrap(model), args)
     schedule = lambda step: lr_factor(step, args.steps, args.warmup)
     if args.per_layer:
-        opt = lf.PerLayerUpdates(unwrap(model), make, groups, args.accumulation, args.max_grad_norm, schedule)
+        opt = lf.PerLayerUpdates(model, make, groups, args.accumulation, args.max_grad_norm, schedule)
     else:
         opt = make(groups)
         for g in opt.param_groups:
