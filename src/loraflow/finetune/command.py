@@ -105,6 +105,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="bfloat16 frozen weights and autocast (default: on CUDA)",
     )
     o.add_argument("--compile", action="store_true", help="torch.compile the model")
+    o.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        help="recompute each decoder block's activations in the backward pass (less memory, more compute)",
+    )
     o.add_argument("--seed", type=int, default=0, help="seed of the init, the dev split and the data order")
     o.add_argument("--eval-every", type=int, help="steps between dev evaluations (default: 10 over the run)")
     o.add_argument("--save-every", type=int, help="steps between checkpoints (default: each evaluation)")
@@ -142,6 +147,7 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
         weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm or None, bf16=args.bf16, seed=args.seed,
         eval_every=args.eval_every, save_every=args.save_every, early_stopping=args.early_stopping,
         resume=args.resume, overwrite=args.overwrite, device=args.device, parallel=args.parallel, compile=args.compile,
+        activation_checkpointing=args.activation_checkpointing,
         progress=not args.no_progress,
     )  # fmt: skip
 

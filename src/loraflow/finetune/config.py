@@ -87,6 +87,7 @@ class FinetuneConfig:
     device: str | None = None
     parallel: Literal["none", "ddp", "fsdp"] = "none"  # several processes under torchrun (distributed/)
     compile: bool = False
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
     progress: bool = True
 
     def __post_init__(self):

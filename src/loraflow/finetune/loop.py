@@ -101,6 +101,8 @@ def _finetune(cfg: FinetuneConfig, world: World, started: float) -> dict:
             with autocast():  # the frozen weights' dtype, as in training
                 _compress(cfg, model, _batch(cfg, data, rows, tok, device, False), name, data.head_sizes)
     owners = trainable(model, cfg, names)
+    if cfg.activation_checkpointing:  # non-reentrant: the frozen embeddings' outputs need no gradient
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trained = {n for n, p in model.named_parameters() if p.requires_grad}  # by name: FSDP swaps the objects
     if world.parallel == "fsdp":  # the shards replace the parameters: find the trained ones again
         owned = {id(p): n for n, p in model.named_parameters()}
