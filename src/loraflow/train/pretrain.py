@@ -27,7 +27,8 @@ whole model as ``model.safetensors``.
 OUT/log.jsonl holds one record per step (step, tokens, loss, time); every ``--eval-every``
 steps, at the last one and where ``--time-limit`` stops the run, also eval_loss, eval_ppl
 and tokens_per_s: the training speed since the previous such record (evaluation and
-checkpoint time left out). A resumed run first drops the records past its checkpoint.
+checkpoint time left out), and on a GPU peak_gib, the first process's peak memory so far.
+A resumed run first drops the records past its checkpoint.
 """
 
 from __future__ import annotations
@@ -447,7 +448,9 @@ def _train(args: argparse.Namespace, world: World, started: float) -> dict:
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{interval_tokens / interval_seconds:.0f}")
         if evaluating:
-            record["tokens_per_s"] = interval_tokens / interval_seconds
+            record["tokens_per_s"] = interval_tokens / interval_seconds  # the global batch's, all processes
+            if torch.device(args.device).type == "cuda":  # this (the first) process's GPU
+                record["peak_gib"] = torch.cuda.max_memory_allocated(args.device) / 2**30
             interval_tokens, interval_seconds = 0, 0.0
             record["eval_loss"] = evaluate(model, eval_seqs, args.batch, args.device, autocast)
             record["eval_ppl"] = math.exp(min(record["eval_loss"], 50))
