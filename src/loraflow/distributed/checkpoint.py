@@ -131,6 +131,16 @@ def load_sharded(folder: Path, model: nn.Module, opt, world: World) -> dict:
             f"{folder} has optimizer states for {sorted(set(saved) - set(trained))[:3]}, which this run does not "
             "train: resume with the model and optimizer settings of the run that saved it"
         )
+    for name, keys in saved.items():  # a weight stepped whole then must be stepped whole now
+        p, o = trained[name]
+        was, now = "whole" in keys, hasattr(o, "steps_whole") and o.steps_whole(p)
+        if was != now:
+            raise ValueError(
+                f"--resume: {folder} kept the optimizer states of {name} {'whole' if was else 'sharded'} "
+                f"({manifest['processes']} processes) and this run would keep them {'whole' if now else 'sharded'} "
+                f"(its columns split evenly over one count and not the other): resume on a number of processes "
+                f"that divides the same dimensions, e.g. {manifest['processes']}"
+            )
     tensors = {f"model.{k}": v for k, v in get_model_state_dict(model).items()}
     for name, keys in saved.items():
         p, _ = trained[name]

@@ -95,7 +95,7 @@ class Apollo(GaLoreAdamW):
                 here = sharded.part(p)  # under FSDP2: this process's shard
                 g = here.grad.float()
                 if "rank" in group and len(here.shape) == 2:
-                    update = self._apollo(here, g, state, group, index)
+                    update = self._apollo(p, here, g, state, group, index)
                 else:
                     update = self._direction(state, g, group)  # AdamW
                 w = here.weight
@@ -107,18 +107,21 @@ class Apollo(GaLoreAdamW):
     def state_shard_dim(self, state: dict, key: str, dim: int) -> int | str | None:
         """As GaLore's (``_GaLoreBase.state_shard_dim``), but the moments of a projected weight
         are R's, (r, channels): split along their channels; the norm is the whole weight's."""
-        if key == "prev_norm":
+        if key == "prev_norm" or "whole" in state:
             return None
         if "proj_seed" in state and key in ("exp_avg", "exp_avg_sq"):
             return 1
         return super().state_shard_dim(state, key, dim)
 
-    def _apollo(self, here: sharded.Part, g: torch.Tensor, state: dict, group: dict, index: int) -> torch.Tensor:
+    def _apollo(self, p, here: sharded.Part, g: torch.Tensor, state: dict, group: dict, index: int) -> torch.Tensor:
         """scale · G diag(s), norm-limited: the update of one projected weight. Sharded
         (FSDP2), G is this process's channels: the projection and per-channel factors are
-        local, the norms of the whole weight are sums over the processes."""
+        local, the norms of the whole weight are sums over the processes; a shard along the
+        other side is stepped whole (``optim/sharded.py``)."""
         which = side(here.shape, group.get("proj_type", "std"))
-        sharded.check_local(which, here.dim, here.shape)
+        if not sharded.is_local(which, here.dim):
+            g, state["whole"] = p.grad.full_tensor().float(), 1
+        reduce = here.group if "whole" not in state else None
         gs = g if which == "left" else g.T  # gs: (k, c): k projected away, c channels
         rank = min(group["rank"], gs.shape[0])
         if (state["step"] - 1) % group["update_proj_gap"] == 0 or "proj_seed" not in state:
@@ -133,18 +136,19 @@ class Apollo(GaLoreAdamW):
         if group["scale_type"] == "channel":
             s = r_tilde.norm(dim=0) / r_t.norm(dim=0).clamp_min(1e-30)  # (c,)
         else:  # ‖R̃‖ / ‖R‖ of the whole weight
-            sq = sharded.all_sum(torch.stack([r_tilde.pow(2).sum(), r_t.pow(2).sum()]), here.group)
+            sq = sharded.all_sum(torch.stack([r_tilde.pow(2).sum(), r_t.pow(2).sum()]), reduce)
             s = sq[0].sqrt() / sq[1].sqrt().clamp_min(1e-30)
         update = group["scale"] * gs * s  # (k, c)
         limit = group["norm_growth_limit"]
         if limit:  # on the device, without a wait for it: factor = min(1, γ ‖G̃_{t-1}‖ / ‖G̃_t‖)
-            norm = sharded.all_sum(update.pow(2).sum(), here.group).sqrt()
+            norm = sharded.all_sum(update.pow(2).sum(), reduce).sqrt()
             if "prev_norm" in state:
                 prev = state["prev_norm"]
                 factor = torch.where(prev > 0, (limit * prev / norm).clamp(max=1.0), torch.ones_like(norm))
                 update, norm = update * factor, norm * factor
             state["prev_norm"] = norm
-        return update if which == "left" else update.T
+        update = update if which == "left" else update.T
+        return sharded.mine(update, here) if "whole" in state else update
 
 
 class ApolloMini(Apollo):

@@ -51,9 +51,10 @@ class _GaLoreBase(torch.optim.Optimizer):
                     self.state[p][key] = value.to(device=p.device, copy=True)
 
     def _each(self):
-        """(group, weight, state, (projected) gradient, projection side) of every parameter
-        with a gradient; counts the step. Under FSDP2 the weight and gradient are this
-        process's shard (``optim/sharded.py``); the state is the shard's."""
+        """(group, the parameter as this process sees it (``sharded.Part``), state, (projected)
+        gradient, projection side) of every parameter with a gradient; counts the step. Under
+        FSDP2 the weight and gradient are this process's shard (``optim/sharded.py``), and so
+        is the state, unless the projection is not local to the shard (then all are whole)."""
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -64,7 +65,7 @@ class _GaLoreBase(torch.optim.Optimizer):
                 here = sharded.part(p)
                 g, which = self._galore_grad(p, here, state, group)
                 state["step"] += 1
-                yield group, here.weight, state, g, which
+                yield group, here, state, g, which
 
     def _galore_grad(
         self, p: torch.Tensor, here: sharded.Part, state: dict, group: dict
@@ -74,16 +75,27 @@ class _GaLoreBase(torch.optim.Optimizer):
         if "rank" not in group or len(here.shape) != 2:
             return g.float(), None
         which = side(here.shape, group.get("proj_type", "std"))
-        sharded.check_local(which, here.dim, here.shape)
+        if not sharded.is_local(which, here.dim):  # stepped whole (``optim/sharded.py``)
+            g, state["whole"] = p.grad.full_tensor(), 1
+        reduce = here.group if "whole" not in state else None  # the Gram matrix's sum over the shards
         rank = min(group["rank"], *here.shape)
         if state["step"] % group.get("update_proj_gap", 200) == 0 or "proj" not in state:
             method = group.get("svd", "randomized" if group.get("randomized_svd") else "full")  # older states
-            if here.group is not None and method != "gram":  # the SVD needs the whole gradient
+            if reduce is not None and method != "gram":  # the SVD needs the whole gradient
                 basis = top_singular(p.grad.full_tensor(), rank, which, method, state.get("proj"))
             else:
-                basis = top_singular(g, rank, which, method, state.get("proj"), here.group)
+                basis = top_singular(g, rank, which, method, state.get("proj"), reduce)
             state["proj"] = basis.to(basis_dtype(p))
         return project(g, state["proj"], which), which
+
+    def steps_whole(self, p: torch.Tensor) -> bool:
+        """Whether ``p`` (an FSDP2 shard) is projected on the side its shard does not keep, so
+        that it is stepped whole (``optim/sharded.py``)."""
+        here = sharded.part(p)
+        group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+        if "rank" not in group or len(here.shape) != 2:
+            return False
+        return not sharded.is_local(side(here.shape, group.get("proj_type", "std")), here.dim)
 
     def state_shard_dim(self, state: dict, key: str, dim: int) -> int | str | None:
         """How the state ``key`` of a weight sharded along ``dim`` (FSDP2) splits over the
@@ -91,14 +103,16 @@ class _GaLoreBase(torch.optim.Optimizer):
         dimension of the state (the moments: shaped as the projected gradient, whose kept side
         is the shard's), not at all (None: the basis is the same everywhere), or "flat"
         (8-bit codes and scales, quantized in blocks of the shard)."""
-        if key == "proj":
+        if key == "proj" or "whole" in state:  # the same on every process
             return None
         return "flat" if key.endswith(("_codes", "_absmax")) else dim
 
-    def _back(self, update: torch.Tensor, state: dict, group: dict, which: str | None) -> torch.Tensor:
+    def _back(self, update: torch.Tensor, state: dict, group: dict, which: str | None, here) -> torch.Tensor:
+        """The update of the weight's slice that this process holds."""
         if which is None:
             return update
-        return group.get("scale", 0.25) * project_back(update, state["proj"], which)
+        update = group.get("scale", 0.25) * project_back(update, state["proj"], which)
+        return sharded.mine(update, here) if "whole" in state else update
 
 
 class GaLoreAdamW(_GaLoreBase):
@@ -132,8 +146,8 @@ class GaLoreAdamW(_GaLoreBase):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group, p, state, g, which in self._each():
-            update = self._back(self._direction(state, g, group), state, group, which)
+        for group, here, state, g, which in self._each():
+            update, p = self._back(self._direction(state, g, group), state, group, which, here), here.weight
             if group["weight_decay"]:
                 p.mul_(1 - group["lr"] * group["weight_decay"])
             p.add_(update.to(p.dtype), alpha=-group["lr"])
@@ -216,13 +230,14 @@ class GaLoreSGD(_GaLoreBase):
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
-        for group, p, state, g, which in self._each():
+        for group, here, state, g, which in self._each():
+            p = here.weight
             if group["momentum"]:
                 buf = state.setdefault("momentum", torch.zeros_like(g))
                 g = buf.mul_(group["momentum"]).add_(g)
             if group["weight_decay"]:
                 p.mul_(1 - group["lr"] * group["weight_decay"])
-            p.add_(self._back(g, state, group, which).to(p.dtype), alpha=-group["lr"])
+            p.add_(self._back(g, state, group, which, here).to(p.dtype), alpha=-group["lr"])
         return loss
 
 
@@ -335,7 +350,8 @@ class GaLoreAdafactor(_GaLoreBase):
                 "GaLoreAdafactor's factored moments and update clipping span whole weights, and it does "
                 "not step FSDP shards: use GaLoreAdamW (galore) or Apollo under FSDP, or DDP"
             )
-        for group, p, state, g, which in self._each():
+        for group, here, state, g, which in self._each():
+            p = here.weight
             beta2 = 1.0 - state["step"] ** group["decay_rate"]
             sq = g * g + group["eps"][0]
             if g.dim() == 2:  # factored: rows and columns
@@ -354,5 +370,5 @@ class GaLoreAdafactor(_GaLoreBase):
                 update = m.lerp_(update, 1 - group["beta1"])
             if group["weight_decay"]:
                 p.mul_(1 - group["lr"] * group["weight_decay"])
-            p.add_(self._back(update, state, group, which).to(p.dtype), alpha=-group["lr"])
+            p.add_(self._back(update, state, group, which, here).to(p.dtype), alpha=-group["lr"])
         return loss

@@ -10,14 +10,18 @@ is kept:
     left projection,  R = Pᵀ G (P: m x r)  columns sharded (Shard(1)): R_i = Pᵀ G_i
 
 ``lowrank_placement`` shards every weight so (rows where GaLore's ``std`` rule projects on
-the right, m >= n; columns where it projects on the left). The basis needs the whole
-gradient only through its Gram matrix, which is a sum over the shards,
+the right, m >= n; columns where it projects on the left, when they split evenly: FSDP2
+splits other dimensions than the first only evenly). The basis needs the whole gradient
+only through its Gram matrix, which is a sum over the shards,
 
     Gᵀ G = Σ_i G_iᵀ G_i   (rows sharded),     G Gᵀ = Σ_i G_i G_iᵀ   (columns sharded),
 
 so a refresh costs one all-reduce of an n x n (m x m) matrix (GaLore 2, Su et al. 2025,
 makes the same observation). Norms over a whole weight (APOLLO's tensor scaling and norm
-limiter) are one all-reduce of a scalar.
+limiter) are one all-reduce of a scalar. A weight sharded along the other side (columns that
+do not split evenly, another ``proj_type``) is stepped whole: its gradient all-gathered, its
+states kept whole on every process (``state["whole"]``), this process's slice of the update
+applied (``mine``).
 """
 
 from __future__ import annotations
@@ -64,20 +68,26 @@ def all_sum(t: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
     return t
 
 
-def check_local(which: str, dim: int | None, shape: tuple[int, ...]) -> None:
-    """Refuse a shard that would make the projection need other processes' rows."""
-    if dim is None or (which, dim) in (("right", 0), ("left", 1)):
-        return
-    keep = "rows (Shard(0))" if which == "right" else "columns (Shard(1))"
-    raise ValueError(
-        f"a {shape[0]}x{shape[1]} weight projected on the {which} is sharded along dim {dim}: its "
-        f"projection would need the other processes' slices. Shard it along {keep}: pass "
-        "shard_placement_fn=loraflow.optim.sharded.lowrank_placement to fully_shard (loraflow's "
-        "--parallel fsdp does)"
-    )
+def is_local(which: str, dim: int | None) -> bool:
+    """Whether the projection on ``which`` side of a weight sharded along ``dim`` needs no
+    other process's slice (rows for a right projection, columns for a left one)."""
+    return dim is None or (which, dim) in (("right", 0), ("left", 1))
+
+
+def mine(whole: torch.Tensor, here: Part) -> torch.Tensor:
+    """This process's slice of a tensor shaped as the whole parameter (FSDP2's split: the
+    first processes take ceil(size / N) each, along ``here.dim``)."""
+    rank, world = dist.get_rank(here.group), dist.get_world_size(here.group)
+    size = whole.shape[here.dim]
+    step = -(-size // world)
+    part = whole.narrow(here.dim, min(rank * step, size), max(0, min(step, size - rank * step)))
+    assert part.shape == here.weight.shape, (part.shape, here.weight.shape)
+    return part
 
 
 def lowrank_placement(p: torch.nn.Parameter) -> Shard:
     """FSDP2's ``shard_placement_fn`` for GaLore and APOLLO: 2-D weights with fewer rows than
-    columns (projected on the left) split by columns, all others by rows."""
-    return Shard(1) if p.dim() == 2 and p.shape[0] < p.shape[1] else Shard(0)
+    columns (projected on the left) split by columns where they split evenly, all others by
+    rows."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return Shard(1) if p.dim() == 2 and p.shape[0] < p.shape[1] and p.shape[1] % world == 0 else Shard(0)
