@@ -47,4 +47,5 @@ if __name__ == "__main__":
     model = train(DistributedDataParallel(tiny_llama()), rank, world, sys.argv[3], sys.argv[4] == "per-layer")
     if rank == 0:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, sys.argv[1])
+    dist.barrier()  # every process done before the group goes (gloo aborts on a torn-down peer)
     dist.destroy_process_group()

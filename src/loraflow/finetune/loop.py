@@ -54,7 +54,9 @@ def finetune(cfg: FinetuneConfig) -> dict:
     started = time.time()
     world = start(cfg.parallel, cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
-        return _finetune(cfg, world, started)
+        result = _finetune(cfg, world, started)
+        world.barrier()  # every process done (the first writes last) before the group goes
+        return result
     finally:
         stop(world)
 

@@ -350,7 +350,9 @@ def main(argv: list[str] | None = None) -> dict:
     world = start(args.parallel, args.device)
     args.device = str(world.device)
     try:
-        return _train(args, world, started)
+        result = _train(args, world, started)
+        world.barrier()  # every process done before the group goes
+        return result
     finally:
         stop(world)
 
