@@ -67,13 +67,16 @@ def _main(argv: list[str] | None) -> None:
         import importlib
 
         command = argv[0]
+        first = os.environ.get("RANK", "0") == "0"  # under torchrun: the first process speaks for all
         try:
             summary = importlib.import_module(recipes[command]).main(argv[1:])
-            if os.environ.get("RANK", "0") == "0":  # under torchrun: the first process's
+            if first:
                 print(json.dumps(summary))
         except (ValueError, FileNotFoundError) as e:  # the run's own checks: what to change, in one line
-            sys.exit(f"loraflow {command}: {e}")
+            sys.exit(f"loraflow {command}: {e}" if first else 1)  # torchrun: every process refuses alike
         except KeyboardInterrupt:  # checkpoints are written whole: the last one stands
+            if not first:
+                sys.exit(130)
             resumable = " the same command with --resume continues from the last complete checkpoint in --out"
             print(f"\nloraflow {command}: interrupted;" + (resumable if command != "eval" else ""), file=sys.stderr)
             sys.exit(130)

@@ -20,9 +20,8 @@ from loraflow.distributed.world import World  # noqa: E402
 # (name, optimizer, per-layer updates, hidden size, steps): 8-bit states are quantized in
 # blocks of 256 values of each shard, the same blocks as one process's where every shard
 # holds whole blocks (hidden 512 on 2 processes). APOLLO-Mini's rank-1 estimate amplifies
-# rounding (its moments divide projections near eps): one process's own run with one and
-# with two micro-batches differs by 1e-3 of the update after two steps (its norm limiter
-# acts from the second), 0.24 of the weights after four at a learning rate of 1e-2
+# rounding (its moments divide projections near eps): two steps at a learning rate of 1e-3
+# (its norm limiter acts from the second); test_fsdp.py compares its updates
 VARIANTS = [
     ("adamw", "adamw", False, 32, 4),
     ("galore", "galore", False, 32, 4),
