@@ -107,11 +107,11 @@ def _finetune(cfg: FinetuneConfig, world: World, started: float) -> dict:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trained = {n for n, p in model.named_parameters() if p.requires_grad}  # by name: FSDP swaps the objects
     if world.parallel == "fsdp":  # the shards replace the parameters: find the trained ones again
-        owned = {id(p): n for n, p in model.named_parameters()}
-        owned = {owner: [owned[id(p)] for p in params] for owner, params in owners.items()}
+        name_of = {id(p): n for n, p in model.named_parameters()}
+        owned = {owner: [name_of[id(p)] for p in params] for owner, params in owners.items()}
         model = parallelize(model, world, bf16_mixed=bf16, root=False)
         params = dict(model.named_parameters())
-        owners = {owner: [params[n] for n in names_] for owner, names_ in owned.items()}
+        owners = {owner: [params[n] for n in ns] for owner, ns in owned.items()}
     opt = _optimizer(cfg, model, owners, device, world)
     class_weights = _class_weights(cfg, data)
     per_step = max(len(ex) for ex in data.train.values())
