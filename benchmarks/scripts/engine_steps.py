@@ -128,7 +128,10 @@ def main():
     ap.add_argument(
         "--profile", action="store_true", help="also write OUT.kernels.txt: GPU time per kernel of the replayed graphs"
     )
+    ap.add_argument("--kernels", default="siblings,rows,fused", help="decode LoRA kernels to time, comma-separated")
+    ap.add_argument("--no-compile", action="store_true", help="element-wise work eager (compile_pointwise=False)")
     args = ap.parse_args()
+    kernels = args.kernels.split(",")
     shape = LlamaArgs(**SHAPES["llama2-7b"])
     tmp = Path(tempfile.mkdtemp())
     folders = bench.make_adapters(linear_shapes(shape), tmp, args.requests, 16, device="cuda")
@@ -146,10 +149,11 @@ def main():
             decode_graphs=graphs,
             kv_cache_bytes=int(args.kv_cache_gb * 2**30),
             adapters={f"a{i}": str(f) for i, f in enumerate(folders)},
+            compile_pointwise=not args.no_compile,
         )
         distinct = [f"a{i}" for i in range(args.requests)]
-        runs = [("base", [None] * args.requests, "siblings"), ("64 distinct r16", distinct, "siblings")]
-        runs += [("64 distinct r16", distinct, k) for k in ("rows", "fused")] if graphs else []
+        runs = [("base", [None] * args.requests, kernels[0])]
+        runs += [("64 distinct r16", distinct, k) for k in (kernels if graphs else kernels[:1])]
         engines.append(eng)
         for name, adapters, kernel in runs:
             if graphs:
@@ -207,7 +211,9 @@ def main():
         "command": f"python benchmarks/scripts/engine_steps.py {args.out} --requests {args.requests} "
         f"--prompt-len {args.prompt_len} --steps {args.steps} --kv-cache-gb {args.kv_cache_gb:g}"
         + " --graphs-only" * args.graphs_only
-        + " --profile" * args.profile,
+        + " --profile" * args.profile
+        + f" --kernels {args.kernels}"
+        + " --no-compile" * args.no_compile,
         "rows": rows,
     }
     Path(args.out).write_text(json.dumps(out, indent=1))

@@ -2,9 +2,10 @@
 y = W0 x + b + B_s A_s x for every token as a direct computation."""
 
 import torch
+from conftest import DEVICE
 from torch import nn
 
-from loraflow.serve.bank import AdapterBank, BankedLinear, TokenSlots
+from loraflow.serve.bank import AdapterBank, BankedLinear, TokenSlots, banked_siblings
 
 
 class One(nn.Module):
@@ -41,3 +42,58 @@ def test_cpu_paths_equal_the_direct_computation():
                 a, b = factors[s]
                 expected = expected + b @ (a @ x[i])
             torch.testing.assert_close(y[i], expected, rtol=1e-4, atol=1e-4, msg=f"{path}, token {i}")
+
+
+class Siblings(nn.Module):
+    """q/k/v-like layers that read the same input, with biases, of unequal widths."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = (BankedLinear(24, d, bias=True) for d in (40, 16, 16))
+        for m in (self.q, self.k, self.v):
+            nn.init.normal_(m.weight)
+            nn.init.normal_(m.bias)
+
+
+def _sibling_bank(adapted):
+    torch.manual_seed(1)
+    model = Siblings().to(DEVICE)
+    bank = AdapterBank(model, n_slots=3, r_max=8)
+    for slot, r in enumerate([8, 3, 5]):
+        factors = {n: (torch.randn(r, 24), torch.randn(m.d_out, r)) for n, m in bank.layers.items() if n in adapted}
+        bank.write(slot, {n: (a.to(DEVICE), b.to(DEVICE)) for n, (a, b) in factors.items()})
+    return model, bank
+
+
+def test_fused_siblings_equal_each_layer_alone():
+    """One GEMM over [W_q; W_k; W_v] (and the adapters' deltas written into its column blocks
+    first) gives what each layer computes alone: base only, all siblings adapted, one not;
+    through the CPU paths and the GPU's "siblings" decode kernel (Triton's interpreter here)."""
+    from loraflow.serve.bank import fuse_siblings
+
+    slots = [0, 2, -1, 1, 0]
+    for adapted in ({"q", "k", "v"}, {"q", "v"}, set()):
+        model, bank = _sibling_bank(adapted)
+        layers = (model.q, model.k, model.v)
+        x = torch.randn(len(slots), 24, device=DEVICE)
+        variants = [TokenSlots.build(slots, bank, DEVICE)]
+        if triton_ok():
+            ids = torch.tensor(slots, dtype=torch.int32, device=DEVICE)
+            variants.append(TokenSlots(ids, sorted({s for s in slots if s >= 0}), [], variant="siblings"))
+        for ts in variants:
+            alone = [m(x, ts) for m in layers]
+            weights = [m.weight.clone() for m in layers]
+            fused = fuse_siblings(layers)
+            assert all(torch.equal(m.weight, w) for m, w in zip(layers, weights))
+            assert all(m.weight.data_ptr() == fused.weight[o:].data_ptr() for m, o in zip(layers, (0, 40, 56)))
+            together = banked_siblings(x, ts, layers, fused)
+            for j, (got, want) in enumerate(zip(together, alone)):
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4, msg=f"{sorted(adapted)} {ts.variant} {j}")
+
+
+def triton_ok() -> bool:
+    try:
+        from loraflow.multi import triton_siblings  # noqa: F401
+    except ImportError:
+        return False
+    return True

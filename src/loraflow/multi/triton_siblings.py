@@ -164,9 +164,11 @@ def lora_delta_siblings(
     packed: list[PackedLoRA],
     biases: list[torch.Tensor | None] | None = None,
     config: dict | None = None,
+    out: list[torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
     """[Δy_j (+ bias_j)] for tokens x: (N, d_in) with slots (N,) (-1: none) through 2 or 3
-    sibling layers' adapters: each (N, d_out_j), every element written."""
+    sibling layers' adapters: each (N, d_out_j), every element written; into ``out`` when
+    given (each (N, d_out_j) with unit column stride, e.g. column blocks of one tensor)."""
     n_sib = len(packed)
     if n_sib not in (2, 3):
         raise ValueError(f"2 or 3 sibling layers share a launch, got {n_sib}")
@@ -174,7 +176,8 @@ def lora_delta_siblings(
     if len({b is None for b in biases}) > 1:
         raise ValueError("sibling layers must all have a bias or all have none")
     N, K = x.shape
-    outs = [torch.empty(N, p.bt.shape[1], device=x.device, dtype=x.dtype) for p in packed]
+    outs = out or [torch.empty(N, p.bt.shape[1], device=x.device, dtype=x.dtype) for p in packed]
+    assert all(o.shape == (N, p.bt.shape[1]) and o.stride(1) == 1 for o, p in zip(outs, packed)), "bad out"
     if N == 0:
         return outs
     x = x if x.stride(1) == 1 else x.contiguous()

@@ -163,20 +163,53 @@ def flora_outputs(layer: BankedLinear, y: torch.Tensor, z: torch.Tensor, jobs) -
     return y
 
 
-def banked_siblings(x: torch.Tensor, slots: TokenSlots, layers: tuple[BankedLinear, ...]) -> list[torch.Tensor]:
-    """[m(x, slots) for m in layers] for layers that read the same x (q/k/v, gate/up). Under
-    the "siblings" decode kernel their adapters share one shrink and one expand launch
-    (``multi/triton_siblings.py``); otherwise each layer runs alone."""
+@dataclass
+class Fused:
+    """The base weights of sibling layers (q/k/v, gate/up) as one matrix: each layer's weight
+    is a view of its rows (``fuse_siblings``), so one GEMM reads them all."""
+
+    weight: torch.Tensor  # (Σ_j d_out_j, d_in)
+    bias: torch.Tensor | None  # (Σ_j d_out_j,)
+    sizes: list[int]  # d_out_j
+
+
+def fuse_siblings(layers: tuple[BankedLinear, ...]) -> Fused:
+    """Concatenate the layers' weights (and biases) and make each layer's a view of the result."""
+    weight = torch.cat([m.weight.data for m in layers])
+    bias = torch.cat([m.bias.data for m in layers]) if layers[0].bias is not None else None
+    sizes = [m.d_out for m in layers]
+    for j, (m, w) in enumerate(zip(layers, weight.split(sizes))):
+        m.weight = nn.Parameter(w, requires_grad=False)
+        if bias is not None:
+            m.bias = nn.Parameter(bias.split(sizes)[j], requires_grad=False)
+    return Fused(weight, bias, sizes)
+
+
+def banked_siblings(
+    x: torch.Tensor, slots: TokenSlots, layers: tuple[BankedLinear, ...], fused: Fused | None = None
+) -> list[torch.Tensor]:
+    """[m(x, slots) for m in layers] for layers that read the same input (q/k/v, gate/up).
+
+    With ``fused`` base weights, the base (and the "siblings" decode kernel's adapters) take
+    one GEMM for all of them: y = [W_q; W_k; W_v] x + b + [Δ_q; Δ_k; Δ_v], the adapters'
+    deltas written into the output's column blocks first (``multi/triton_siblings.py``: one
+    shrink and one expand launch), then the GEMM accumulates onto them. Under the "siblings"
+    kernel without ``fused``, the adapters share launches and each base GEMM runs alone;
+    otherwise each layer runs alone."""
     views = [m.packed for m in layers]
-    if (
-        slots.variant != "siblings"
-        or slots.flora
-        or not slots.used
-        or any(p is None or not p.any_active for p in views)
-    ):
+    adapters = bool(slots.used) and not slots.flora and all(p is not None and p.any_active for p in views)
+    if fused is not None and not slots.flora and (not slots.used or not any(p and p.any_active for p in views)):
+        return list(F.linear(x, fused.weight, fused.bias).split(fused.sizes, dim=1))  # (N, d_out_j) views
+    if slots.variant != "siblings" or not adapters:
         return [m(x, slots) for m in layers]
-    deltas = lora_delta_siblings(x, slots.ids, views, [m.bias for m in layers])
-    return [d.addmm_(x, m.weight.T) for d, m in zip(deltas, layers)]  # W0 x + b + Δ, in place
+    if fused is None:
+        deltas = lora_delta_siblings(x, slots.ids, views, [m.bias for m in layers])
+        return [d.addmm_(x, m.weight.T) for d, m in zip(deltas, layers)]  # W0 x + b + Δ, in place
+    y = torch.empty(len(x), sum(fused.sizes), device=x.device, dtype=x.dtype)  # (N, Σ d_out_j)
+    parts = list(y.split(fused.sizes, dim=1))
+    lora_delta_siblings(x, slots.ids, views, [m.bias for m in layers], out=parts)  # Δ_j + b_j into y's blocks
+    y.addmm_(x, fused.weight.T)  # + W x, one GEMM
+    return parts
 
 
 class BankView:

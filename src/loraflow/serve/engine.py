@@ -26,7 +26,8 @@ import torch
 from loraflow.serve.bank import AdapterBank
 from loraflow.serve.detokenizer import Detokenizer
 from loraflow.serve.kv_cache import KVCache
-from loraflow.serve.llama import Llama, load_llama
+from loraflow.serve.llama import Llama, fuse_projections, load_llama
+from loraflow.serve.pointwise import Pointwise
 from loraflow.serve.registry import AdapterRegistry
 from loraflow.serve.request import ERROR_TYPES, ContextTooLong, PromptError, QueueFull, Request, eos_ids
 from loraflow.serve.runner import ModelRunner
@@ -58,12 +59,15 @@ class Engine:
         decode_graphs: bool | None = None,
         request_timeout: float | None = None,
         tensor_parallel: TensorParallel | None = None,
+        compile_pointwise: bool | None = None,
     ):
         """``tensor_parallel``: this process is one rank of a tensor-parallel engine
         (``serve/tensor_parallel.py``): it holds its shard of the model, and its steps follow
         rank 0's. CUDA graphs stay off then: a captured step would replay its collectives
         without the broadcast that keeps the ranks' plans in step, and NCCL inside graph
-        capture needs its own care; ``decode_graphs=True`` is refused."""
+        capture needs its own care; ``decode_graphs=True`` is refused. ``compile_pointwise``: the
+        model's element-wise work (norms, rotary embeddings, SwiGLU) through ``torch.compile``,
+        one fused kernel each (``serve/pointwise.py``); None: on CUDA."""
         from transformers import AutoTokenizer
 
         from loraflow.models.loading import default_model_path
@@ -88,6 +92,10 @@ class Engine:
                 raise ValueError("decode_graphs=True under tensor parallelism: leave it unset (False)")
             decode_graphs, n_kv = False, a.n_kv_heads // tensor_parallel.world
             self.model = shard_llama(self.model, tensor_parallel).to(device)
+        fuse_projections(self.model)  # q/k/v and gate/up: one GEMM each
+        if compile_pointwise is None:
+            compile_pointwise = self.device.type == "cuda"
+        self.model.pointwise = Pointwise.make(compiled=compile_pointwise)
         self.bank = AdapterBank(self.model, max_gpu_adapters, max_lora_rank)
         self.registry = AdapterRegistry(
             self.bank, max_cpu_adapters, reserved={self.model_name}, synchronous=tensor_parallel is not None

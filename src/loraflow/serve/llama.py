@@ -22,7 +22,8 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from loraflow.serve.bank import BankedLinear, TokenSlots, banked_siblings
+from loraflow.serve.bank import BankedLinear, Fused, TokenSlots, banked_siblings, fuse_siblings
+from loraflow.serve.pointwise import EAGER, Pointwise
 
 # Attention of steps with prompt chunks: every backend but cuDNN's, which builds an execution
 # plan for each new shape (hundreds of milliseconds), while these shapes (sequences, new
@@ -99,22 +100,14 @@ def rope_frequencies(args: LlamaArgs) -> torch.Tensor:
     return inv.float()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (N, heads, head_dim); cos, sin: (N, head_dim)
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return (x * cos[:, None] + rotated * sin[:, None]).to(x.dtype)
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+    def forward(self, x: torch.Tensor, pw: Pointwise = EAGER) -> torch.Tensor:
+        return pw.rms_norm(x, self.weight, self.eps)  # w ∘ x / √(mean(x²) + ε)
 
 
 @dataclass
@@ -156,15 +149,16 @@ class Attention(nn.Module):
         self.k_proj = BankedLinear(a.dim, a.n_kv_heads * a.head_dim, a.qkv_bias)
         self.v_proj = BankedLinear(a.dim, a.n_kv_heads * a.head_dim, a.qkv_bias)
         self.o_proj = BankedLinear(a.n_heads * a.head_dim, a.dim, False)
+        self.qkv: Fused | None = None  # q/k/v's weights as one matrix (``fuse_projections``)
 
-    def forward(self, x, b: Batch, cos, sin, cache_k, cache_v):
+    def forward(self, x, b: Batch, cos, sin, cache_k, cache_v, pw: Pointwise = EAGER):
         """softmax(q kᵀ / √d + mask) v over each sequence's cached context."""
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.a.head_dim
-        q, k, v = banked_siblings(x, b.slots, (self.q_proj, self.k_proj, self.v_proj))  # W x + b + B_s A_s x
+        q, k, v = banked_siblings(x, b.slots, (self.q_proj, self.k_proj, self.v_proj), self.qkv)  # W x + b + B_s A_s x
         q = q.view(-1, H, D)  # (N, H, D)
         k = k.view(-1, Hkv, D)  # (N, Hkv, D)
         v = v.view(-1, Hkv, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = pw.rope_qk(q, k, cos, sin)
         cache_k.index_copy_(0, b.cache_index, k)  # cache: (rows, Hkv, D)
         cache_v.index_copy_(0, b.cache_index, v)
         if b.block_table is not None:  # decode: paged kernel
@@ -193,10 +187,11 @@ class MLP(nn.Module):
         self.gate_proj = BankedLinear(a.dim, a.intermediate, a.mlp_bias)
         self.up_proj = BankedLinear(a.dim, a.intermediate, a.mlp_bias)
         self.down_proj = BankedLinear(a.intermediate, a.dim, a.mlp_bias)
+        self.gate_up: Fused | None = None  # gate/up's weights as one matrix (``fuse_projections``)
 
-    def forward(self, x, slots):
-        gate, up = banked_siblings(x, slots, (self.gate_proj, self.up_proj))
-        return self.down_proj(F.silu(gate) * up, slots)
+    def forward(self, x, slots, pw: Pointwise = EAGER):
+        gate, up = banked_siblings(x, slots, (self.gate_proj, self.up_proj), self.gate_up)
+        return self.down_proj(pw.silu_mul(gate, up), slots)  # W_down (silu(g) ∘ u)
 
 
 class Block(nn.Module):
@@ -207,9 +202,11 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(a.dim, a.norm_eps)
         self.post_attention_layernorm = RMSNorm(a.dim, a.norm_eps)
 
-    def forward(self, x, b, cos, sin, cache_k, cache_v):
-        h = x + self.self_attn(self.input_layernorm(x), b, cos, sin, cache_k, cache_v)
-        return h + self.mlp(self.post_attention_layernorm(h), b.slots)
+    def forward(self, x, b, cos, sin, cache_k, cache_v, pw: Pointwise = EAGER):
+        a = self.self_attn(self.input_layernorm(x, pw), b, cos, sin, cache_k, cache_v, pw)
+        post = self.post_attention_layernorm
+        h, n = pw.add_rms_norm(x, a, post.weight, post.eps)  # h = x + a, n = RMSNorm(h)
+        return h + self.mlp(n, b.slots, pw)
 
 
 class Decoder(nn.Module):
@@ -230,6 +227,7 @@ class Llama(nn.Module):
         self.model = Decoder(a)
         self.lm_head = nn.Linear(a.dim, a.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_frequencies(a), persistent=False)
+        self.pointwise = EAGER  # the element-wise functions, or their compiled kernels (``serve/pointwise.py``)
 
     def forward(self, b: Batch, caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """Logits (S', vocab) of the tokens in ``b.logit_index``."""
@@ -239,12 +237,25 @@ class Llama(nn.Module):
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         with sdpa_kernel(SDPA_BACKENDS) if b.groups else contextlib.nullcontext():  # once, not per layer
             for layer, (ck, cv) in zip(self.model.layers, caches):
-                x = layer(x, b, cos, sin, ck, cv)
-        x = self.model.norm(x if b.logit_index is None else x[b.logit_index])
+                x = layer(x, b, cos, sin, ck, cv, self.pointwise)
+        x = self.model.norm(x if b.logit_index is None else x[b.logit_index], self.pointwise)
         return self.lm_head(x).float()
 
     def linear_layers(self) -> dict[str, BankedLinear]:
         return {n: m for n, m in self.named_modules() if isinstance(m, BankedLinear)}
+
+
+def fuse_projections(model: Llama) -> Llama:
+    """Give every block one matrix for q/k/v and one for gate/up, each layer's weight a view
+    of its rows (no extra memory): with a decode batch of tens of tokens those GEMMs are bound
+    by reading the weights, and one GEMM over the stacked rows reads them at a higher rate
+    than two or three narrower ones. Call it once the weights sit where they are served
+    (after ``.to(device)`` and tensor-parallel sharding, which would copy the views apart)."""
+    for block in model.model.layers:
+        attn, mlp = block.self_attn, block.mlp
+        attn.qkv = fuse_siblings((attn.q_proj, attn.k_proj, attn.v_proj))
+        mlp.gate_up = fuse_siblings((mlp.gate_proj, mlp.up_proj))
+    return model
 
 
 def linear_shapes(a: LlamaArgs) -> dict[str, tuple[int, int]]:
