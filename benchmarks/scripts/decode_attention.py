@@ -64,13 +64,23 @@ def main():
         ref = paged_decode_reference(q, k, v, table, lengths, PAGE).float()
         variants = {"old": (lambda: old.paged_decode_attention(q, k, v, table, lengths, PAGE))} if old else {}
         for chunk in (None, 64, 128, 256, 512):
-            for block_n, warps in ((32, 4), (64, 4), (64, 8), (128, 8)):
-                if chunk is not None and chunk % block_n:
+            for n, w, st in (
+                (16, 4, None),
+                (32, 4, None),
+                (32, 2, None),
+                (64, 4, None),
+                (64, 4, 2),
+                (64, 8, None),
+                (128, 8, None),
+            ):
+                if chunk is not None and chunk % n:
                     continue
-                variants[f"chunk={chunk} block_n={block_n} warps={warps}"] = lambda c=chunk, n=block_n, w=warps: (
-                    paged_decode_attention(q, k, v, table, lengths, PAGE, chunk=c, block_n=n, num_warps=w)
+                variants[f"chunk={chunk} block_n={n} warps={w} stages={st}"] = lambda c=chunk, n=n, w=w, st=st: (
+                    paged_decode_attention(
+                        q, k, v, table, lengths, PAGE, chunk=c, block_n=n, num_warps=w, num_stages=st
+                    )
                 )
-        kd, vd = (t[table.long().view(-1)].view(B, -1, PAGE, H, D).flatten(1, 2)[:, :ctx] for t in (k, v))
+        kd, vd = (t.view(-1, PAGE, H, D)[table.long()].flatten(1, 2)[:, :ctx] for t in (k, v))  # (B, ctx, H, D)
         kd, vd = kd.transpose(1, 2).contiguous(), vd.transpose(1, 2).contiguous()  # (B, H, ctx, D)
         variants["dense flash (not paged)"] = lambda: F.scaled_dot_product_attention(q[:, :, None], kd, vd)[:, :, 0]
         for name, fn in variants.items():
