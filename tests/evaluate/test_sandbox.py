@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from loraflow.evaluate import sandbox
 from loraflow.evaluate.sandbox import Outcome, run_program, run_programs
 
 
@@ -324,18 +325,37 @@ def test_forks_are_bounded_even_as_root():
     assert int(out.detail.split()[-1]) < 100
 
 
+SETSID_CHILD = (
+    "import os, time\n"
+    "if os.fork() == 0:\n"
+    "    os.setsid()\n"
+    "    print('child', os.readlink('/proc/self'), flush=True)\n"  # its pid as the host sees it
+    "    time.sleep(30)\n"
+    "    os._exit(0)\n"
+    "time.sleep(0.5)\n"
+)
+
+
 def test_a_child_in_its_own_session_dies_when_run_program_returns():
     needs("pid-namespace")
-    source = (
-        "import os, time\n"
-        "if os.fork() == 0:\n"
-        "    os.setsid()\n"
-        "    print('child', os.readlink('/proc/self'), flush=True)\n"  # its pid as the host sees it
-        "    time.sleep(30)\n"
-        "    os._exit(0)\n"
-        "time.sleep(0.5)\n"
-    )
-    out = run_program(source, allow_fork=True)
+    out = run_program(SETSID_CHILD, allow_fork=True)
     assert out.passed, out
+    child = int(out.detail.split("child")[1].split()[0])
+    assert dead(child), f"the setsid() child {child} outlived run_program"
+
+
+def test_without_namespaces_root_kills_the_programs_uid(tmp_path, monkeypatch):
+    """Where the kernel refuses namespaces (a container without CAP_SYS_ADMIN, say: simulated with a
+    copy of the bootstrap whose unshare_namespaces gets none), a root process falls back to killing
+    every process of the program's own uid once it ends."""
+    if os.geteuid() != 0:
+        pytest.skip("killing by uid is what a process running as root falls back to")
+    text, marker = sandbox.BOOTSTRAP.read_text(), "def unshare_namespaces():\n"
+    assert marker in text
+    (tmp_path / "bootstrap.py").write_text(text.replace(marker, marker + "    return []\n", 1))
+    monkeypatch.setattr(sandbox, "BOOTSTRAP", tmp_path / "bootstrap.py")
+    out = run_program(SETSID_CHILD, allow_fork=True)
+    assert out.passed, out
+    assert "kill-by-uid" in out.confinement and "pid-namespace" not in out.confinement
     child = int(out.detail.split("child")[1].split()[0])
     assert dead(child), f"the setsid() child {child} outlived run_program"

@@ -7,7 +7,9 @@ What the kernel enforces here, each where it allows it (``run_program`` says whi
 - namespaces, set up as root or in a new user namespace (non-root): a PID namespace (``pid-namespace``): the
   program runs under a small init process of its own, whose end makes the kernel kill every process left in
   the namespace, ``setsid()`` or not; a network namespace (``network-namespace``, only a loopback that is down)
-  and an IPC one (``ipc-namespace``: no System V or POSIX message queues shared with the machine);
+  and an IPC one (``ipc-namespace``: no System V or POSIX message queues shared with the machine). Without a
+  PID namespace, as root (``kill-by-uid``): once the program ends, a process of its uid kills all of that uid
+  (not when the time limit kills the bootstrap's process group: a setsid() child then survives);
 - landlock (``landlock-files``): creating, writing, truncating, removing, renaming or linking files, and making
   fifos, sockets or symlinks, only beneath the scratch directory (and writing ``/dev/null``); device nodes
   nowhere. It holds for every way to name a path (``dir_fd``, an ``opener``, ``/proc/self/fd``, links), since
@@ -19,7 +21,8 @@ What the kernel enforces here, each where it allows it (``run_program`` says whi
   /root, say). So the process limit holds (``process-limit``, 64 processes and threads, which root ignores;
   in a user namespace it counts there), and mounts, raw sockets, kernel modules, clocks and the rest of
   root's powers are gone;
-- resource limits: address space, CPU seconds, file size, no core dumps.
+- no_new_privs (setuid programs give nothing), and resource limits: address space, CPU seconds, file size,
+  no core dumps.
 
 How it ended is not the exit status alone: the program passes only if, after its last line, this bootstrap
 copies a per-run nonce from NONCE_FD to REPORT_FD. The nonce waits in the kernel's pipe buffer, not in the
@@ -51,7 +54,7 @@ OWN_UID_BASE = 2**31  # the program's uid is this plus the bootstrap's pid: uniq
 NOBODY = 65534
 
 CLONE_NEWIPC, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x08000000, 0x10000000, 0x20000000, 0x40000000
-PR_SET_PDEATHSIG, PR_SET_KEEPCAPS, PR_SET_NO_NEW_PRIVS = 1, 8, 38
+PR_SET_PDEATHSIG, PR_SET_KEEPCAPS, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 8, 36, 38
 CAP_DAC_READ_SEARCH = 2
 # landlock's system calls have these numbers on every architecture; its access rights, by the ABI that added them
 SYS_LANDLOCK_CREATE_RULESET, SYS_LANDLOCK_ADD_RULE, SYS_LANDLOCK_RESTRICT_SELF = 444, 445, 446
@@ -137,6 +140,31 @@ def enter_pid_namespace():
     os.setpgid(0, 0)  # the program's group is its own: the audit hook lets it signal only that
 
 
+def kill_by_uid_after(uid):
+    """Without a PID namespace, as root: fork; this process, a subreaper (orphans of the program come to it),
+    waits for the program (its child), then becomes the program's own ``uid``, sends SIGKILL to every process
+    it may signal (kill(-1): all of that uid but itself), setsid() children included, and reaps them before it
+    ends as the program did. Returns in the program's process. (Never as nobody, which other processes may
+    share: where ``uid`` is not mapped the program runs as nobody, this setresuid fails, and nothing is killed.)"""
+    call("prctl", PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    program = os.fork()
+    if not program:
+        return
+    code = wait_for(program)
+    try:
+        os.setresgid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)
+        os.kill(-1, signal.SIGKILL)
+    except OSError:
+        pass
+    while True:
+        try:
+            os.wait()
+        except ChildProcessError:
+            break
+    end_as(code)
+
+
 # --- the program's own confinement ---------------------------------------------------------------------------------
 
 
@@ -169,7 +197,6 @@ def landlock(scratch):
                 call("syscall", SYS_LANDLOCK_ADD_RULE, ruleset, 1, ctypes.byref(rule), 0)  # 1: a path beneath
             finally:
                 os.close(fd)
-        call("prctl", PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
         call("syscall", SYS_LANDLOCK_RESTRICT_SELF, ruleset, 0)
     except OSError:
         return []
@@ -218,9 +245,12 @@ def limit(kind, soft, hard):
 
 def confine(scratch, memory, cpu, namespaces, uid):
     """Everything that limits the program's process from here on; the names of what applied."""
+    call("prctl", PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)  # no setuid program gives root back (landlock needs it too)
     got = list(namespaces) + landlock(scratch)
     if os.geteuid() == 0 and "user-namespace" not in got and drop_root(scratch, uid):
         got.append("unprivileged-user")
+        if "pid-namespace" not in got and os.getuid() == uid:
+            got.append("kill-by-uid")  # kill_by_uid_after's
     limit(resource.RLIMIT_AS, memory, memory)
     limit(resource.RLIMIT_CPU, cpu, cpu + 1)
     limit(resource.RLIMIT_FSIZE, FILE_LIMIT, FILE_LIMIT)
@@ -414,6 +444,8 @@ def main():
     namespaces = unshare_namespaces()
     if "pid-namespace" in namespaces:
         enter_pid_namespace()
+    elif os.geteuid() == 0:
+        kill_by_uid_after(own_uid)
     confined = confine(scratch, memory, cpu, namespaces, own_uid)
     read, write, exit_, getpid, me = os.read, os.write, os._exit, os.getpid, os.getpid()
     flushes = [sys.stdout.flush, sys.stderr.flush]

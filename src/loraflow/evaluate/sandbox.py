@@ -5,8 +5,8 @@ process (a clean environment, stdin at end-of-file, its own session, a scratch d
 its working directory and home, removed afterwards). A bootstrap (``_sandbox_bootstrap.py``)
 confines it, then runs it. The guarantees come from the kernel, by construction, not from
 checking Python calls one by one; each mechanism is used where the kernel allows it, and
-``Outcome.confinement`` names those that held a run (``run_program`` warns once for each of
-landlock-files, pid-namespace and process-limit that is missing, saying what is lost):
+``Outcome.confinement`` names those that held a run (``run_program`` warns once, saying what
+is lost, where landlock-files, pid-namespace or kill-by-uid, or process-limit is missing):
 
 - ``landlock-files``: landlock lets the program create, write, truncate, remove, rename or
   link files, and make directories, fifos, sockets and symlinks, only beneath its scratch
@@ -17,14 +17,18 @@ landlock-files, pid-namespace and process-limit that is missing, saying what is 
 - ``pid-namespace``: the program runs under an init process of its own, and when it ends (or
   the time limit kills it) the kernel kills every process left in the namespace, including
   children that called ``setsid()``; ``network-namespace`` (only a loopback that is down) and
-  ``ipc-namespace``;
+  ``ipc-namespace``. Without a PID namespace but as root (a container without
+  CAP_SYS_ADMIN, say), ``kill-by-uid``: once the program ends, a process of its uid sends
+  SIGKILL to every process of that uid and reaps them (not at the time limit, where the
+  parent kills the process group: a ``setsid()`` child then survives);
 - ``unprivileged-user``: a root process drops to a uid and gid of the run's own (2**31 plus
   the bootstrap's pid; nobody where that uid is not mapped), with no groups and no capability
   but CAP_DAC_READ_SEARCH (so the interpreter's own files stay readable, under a 0700 /root
   say); hence ``process-limit``: 64 processes and threads (RLIMIT_NPROC, which root ignores;
   without root it is counted in a user namespace, ``user-namespace``);
-- resource limits: address space (``memory_mb``), CPU seconds (the wall-clock limit plus
-  one), file size (64 MiB), no core dumps. The parent enforces the wall-clock limit.
+- no_new_privs (no setuid program gives privileges back), and resource limits: address
+  space (``memory_mb``), CPU seconds (the wall-clock limit plus one), file size (64 MiB), no
+  core dumps. The parent enforces the wall-clock limit.
 
 A program passes only by running to its last line: the bootstrap then copies a random per-run
 nonce, which waits in a pipe (not in the interpreter) until then, to a report pipe the parent
@@ -48,8 +52,8 @@ could return objects whose ``__eq__`` is always true to its tests: the nonce sto
 skip the tests, not a program aimed at the harness. Without landlock, writes outside the
 scratch directory rest on file permissions (as the run's own uid: world-writable places such
 as /tmp stay open) and the hook; without a PID namespace, only children still in the
-program's process group are killed; without root or user namespaces, there is no process
-limit. CPU time and memory are limited per process, not per run, and disk only per file.
+program's process group are killed, unless ``kill-by-uid``; without root or user namespaces,
+there is no process limit. CPU time and memory are limited per process, not per run, and disk only per file.
 Run code from an adversary in a container or VM as well.
 """
 
@@ -78,13 +82,13 @@ MEMORY_EXIT = 87  # ... and for a MemoryError that ended the program
 DETAIL_BYTES = 2048  # how much of the program's output (the end of it) an Outcome keeps
 DRAIN_S = 0.5  # after the program ends, how long to wait for output still in the pipe
 BOOTSTRAP = Path(__file__).with_name("_sandbox_bootstrap.py")
-# what a run without each of these kernel mechanisms loses (run_program warns once for each)
+# what a run loses without any of these kernel mechanisms (run_program warns once for each)
 ESSENTIAL = {
-    "landlock-files": "writes outside the scratch directory are refused by the audit hook alone",
-    "pid-namespace": "a child that leaves the program's process group (setsid) can outlive the program",
-    "process-limit": "the number of processes is not limited (root ignores RLIMIT_NPROC)",
+    ("landlock-files",): "writes outside the scratch directory rest on file permissions and the audit hook",
+    ("pid-namespace", "kill-by-uid"): "a child that leaves the program's process group (setsid) can outlive it",
+    ("process-limit",): "the number of processes is not limited (root ignores RLIMIT_NPROC)",
 }
-_warned: set[str] = set()
+_warned: set[tuple[str, ...]] = set()
 
 
 @dataclass(frozen=True)
@@ -254,10 +258,11 @@ def _read_report(fd: int, nonce: bytes) -> tuple[tuple[str, ...] | None, bool]:
 
 
 def _warn_if_missing(confinement: tuple[str, ...]) -> None:
-    for mechanism, loss in ESSENTIAL.items():
-        if mechanism not in confinement and mechanism not in _warned:
-            _warned.add(mechanism)
-            warnings.warn(f"loraflow sandbox: this kernel gives no {mechanism}: {loss}", RuntimeWarning, stacklevel=3)
+    for mechanisms, loss in ESSENTIAL.items():
+        if not set(mechanisms) & set(confinement) and mechanisms not in _warned:
+            _warned.add(mechanisms)
+            missing = " or ".join(mechanisms)
+            warnings.warn(f"loraflow sandbox: this machine gives no {missing}: {loss}", RuntimeWarning, stacklevel=3)
 
 
 def _outcome(
