@@ -191,6 +191,8 @@ def landlock(scratch):
         return []
     try:
         for path, allowed in ((scratch, writes & ~devices), ("/dev/null", FS_WRITE_FILE | (writes & FS_TRUNCATE))):
+            if path == "/dev/null" and not os.path.exists(path):  # a bare container: nothing to allow
+                continue
             fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
             try:
                 rule = PathBeneath(allowed, fd)
@@ -254,7 +256,6 @@ def confine(scratch, memory, cpu, namespaces, uid):
     limit(resource.RLIMIT_AS, memory, memory)
     limit(resource.RLIMIT_CPU, cpu, cpu + 1)
     limit(resource.RLIMIT_FSIZE, FILE_LIMIT, FILE_LIMIT)
-    limit(resource.RLIMIT_CORE, 0, 0)
     if "unprivileged-user" in got or "user-namespace" in got:  # counted per uid, or per user namespace
         limit(resource.RLIMIT_NPROC, PROCESS_LIMIT, PROCESS_LIMIT)
         got.append("process-limit")
@@ -441,6 +442,7 @@ def main():
     memory, cpu, nonce_fd, report_fd = int(memory), int(cpu), int(nonce_fd), int(report_fd)
     sys.argv = [program]
     own_uid = OWN_UID_BASE + os.getpid()
+    limit(resource.RLIMIT_CORE, 0, 0)  # here, for the waiting processes too: they end by the program's signal
     namespaces = unshare_namespaces()
     if "pid-namespace" in namespaces:
         enter_pid_namespace()
