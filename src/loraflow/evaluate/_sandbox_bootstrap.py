@@ -474,4 +474,5 @@ def main():
     exit_(status)
 
 
-main()
+if __name__ == "__main__":  # run as a script only: importing this module must not start a sandbox
+    main()
