@@ -46,15 +46,18 @@ outside the scratch directory; signalling a process outside its own process grou
 What it does not confine, honestly: reading. Files anywhere that the interpreter could read
 stay readable (CAP_DAC_READ_SEARCH), and /proc is the machine's, so other processes' pids and
 command lines are visible (not their memory or environment). A pathname unix socket that
-anyone may connect to is left to the audit hook. The pass verdict can be forged by a program
+anyone may connect to, and UDP where there is no network namespace (landlock knows TCP only),
+are left to the audit hook. The pass verdict can be forged by a program
 written against this harness (it can read the nonce pipe and write the report itself), as it
 could return objects whose ``__eq__`` is always true to its tests: the nonce stops exits that
 skip the tests, not a program aimed at the harness. Without landlock, writes outside the
 scratch directory rest on file permissions (as the run's own uid: world-writable places such
 as /tmp stay open) and the hook; without a PID namespace, only children still in the
 program's process group are killed, unless ``kill-by-uid``; without root or user namespaces,
-there is no process limit. CPU time and memory are limited per process, not per run, and disk only per file.
-Run code from an adversary in a container or VM as well.
+there is no process limit. CPU time and memory are limited per process, not per run, and
+disk only per file. Honest programs lose little: /dev/shm is not writable (multiprocessing's
+locks, which the hook refused anyway) and 64 counts threads too. Run code from an adversary
+in a container or VM as well.
 """
 
 from __future__ import annotations
