@@ -25,6 +25,7 @@ import torch
 
 from loraflow.atomic import atomic_write
 from loraflow.help_format import HelpFormatter
+from loraflow.threads import add_threads_argument, configure_threads
 
 
 class EvalHelp(argparse.RawDescriptionHelpFormatter, HelpFormatter):
@@ -55,6 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=16, help="rows per forward pass")
     ap.add_argument("--max-length", type=int, default=512, help="tokens per example (longer: truncated)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where to run")
+    add_threads_argument(ap)
     c = ap.add_argument_group("code")
     c.add_argument("--benchmark", choices=["mbpp", "humaneval"], default="mbpp", help="which problems")
     c.add_argument("--split", default="test", help="MBPP's split: test (task ids 11-510), validation, train, prompt")
@@ -71,6 +73,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    configure_threads(args.threads, args.device, "eval")
     out = Path(args.out)
     task = args.task
     if task == "code":
