@@ -4,8 +4,9 @@ one fewer than the physical cores unless ``--threads N`` or $OMP_NUM_THREADS say
 PyTorch's OpenMP threads spin while they wait for each other, so when another process wants
 the same cores one descheduled thread holds up its whole team. On 2 cores, beside a 2-thread
 matmul loop, a 20-token completion of SmolLM2-135M from ``loraflow serve`` took 31-64 s with
-2 threads against 1.2-3.2 s with 1 (1.0-1.2 s either way on idle cores); a ``finetune`` step
-took 36-51 s with PyTorch's default threads against 1.6-1.9 s with 1. OMP_WAIT_POLICY=PASSIVE
+2 threads against 1.2-3.2 s with 1 (1.0-1.2 s either way on idle cores); issue 23 reported a
+``finetune`` step taking 36-51 s with PyTorch's default threads while another process used a
+core, against 1.6-1.9 s with OMP_NUM_THREADS=1. OMP_WAIT_POLICY=PASSIVE
 would stop the spinning, but OpenMP reads it when torch is imported, before a command runs.
 """
 
