@@ -156,6 +156,20 @@ def test_headers_that_never_end_get_408_and_the_connection_closes(server):
     assert text.startswith("HTTP/1.1 408") and took < 5
 
 
+def test_oversized_or_malformed_headers_answer_400_in_the_envelope(server):
+    host, port = server.url.removeprefix("http://").split(":")
+    for request in (
+        b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000,  # headers past 16 KiB, unfinished
+        b"GET /health HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n",
+    ):
+        with socket.create_connection((host, int(port))) as s:
+            s.sendall(request)
+            text, _ = answer(s, 10)
+        head, _, body = text.partition("\r\n\r\n")
+        assert head.startswith("HTTP/1.1 400") and "application/json" in head, text
+        assert "not valid HTTP/1.1" in json.loads(body)["error"]["message"]
+
+
 def test_a_body_dripped_a_byte_at_a_time_meets_a_total_deadline(server):
     host, port = server.url.removeprefix("http://").split(":")
     body = json.dumps({"model": "base", "prompt": "w1 w2 w3", "max_tokens": 2}).encode()

@@ -4,12 +4,15 @@ but waits forever for the rest of a request line and headers once some bytes hav
 for the first bytes after connecting), so a client could hold connections open at no cost.
 Here a request's headers must be complete within ``header_timeout`` seconds of the
 connection opening or the previous response ending; else the server answers 408 and closes.
+A request h11 cannot parse, or whose headers exceed ``MAX_HEADER_BYTES``, answers 400 in the
+API's error envelope, not uvicorn's plain text.
 The body's own deadline is the Guard middleware's (``serve/guard.py``)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+from http import HTTPStatus
 
 import h11
 import uvicorn
@@ -58,11 +61,24 @@ class HeaderDeadline(H11Protocol):
         self._header_timer = None
         if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
             return
-        body = json.dumps(
-            envelope(f"the request headers did not arrive within {self.header_timeout:g} s (--header-timeout)")
-        ).encode()
+        self._refuse(408, f"the request headers did not arrive within {self.header_timeout:g} s (--header-timeout)")
+
+    def send_400_response(self, msg: str) -> None:
+        """What h11 cannot parse, headers over ``MAX_HEADER_BYTES`` included: 400 in the envelope
+        (uvicorn's own is plain text)."""
+        self._refuse(
+            400,
+            f"the request is not valid HTTP/1.1, or its line and headers exceed {MAX_HEADER_BYTES // 1024} KiB: "
+            "fix the request",
+        )
+
+    def _refuse(self, status: int, message: str) -> None:
+        """Answer ``status`` with ``message`` in the envelope, written as it is (outside h11's
+        state machine: no request may have been parsed), and close the connection."""
+        self._disarm()
+        body = json.dumps(envelope(message)).encode()
         head = (
-            "HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+            f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
             f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
         )
         self.transport.write(head.encode() + body)
