@@ -205,3 +205,12 @@ def test_the_server_still_serves_after_all_of_the_above(server):
     assert r.status_code == 200 and r.json()["choices"][0]["text"] is not None
     engine = server.loop.engine
     assert not engine.running and engine.kv.used_blocks == 0
+
+
+def test_scrub_paths_keeps_what_is_under_the_adapter_dir_and_the_last_part_of_the_rest():
+    from loraflow.serve.errors import scrub_paths
+
+    message = "/srv/ad/x/adapter_model.safetensors is truncated; see /opt/models/base/config.json (3/4 read)"
+    assert scrub_paths(message, "/srv/ad") == "x/adapter_model.safetensors is truncated; see config.json (3/4 read)"
+    assert scrub_paths("adapter 'sql' ranks 8 above --max-lora-rank 4", "/srv/ad").endswith("--max-lora-rank 4")
+    assert scrub_paths("a text/plain body and a 1/2 chance") == "a text/plain body and a 1/2 chance"

@@ -81,7 +81,7 @@ def create_app(
     @app.get("/health")
     async def health():
         if loop.down:
-            return JSONResponse({"status": "down", "reason": loop.down}, status_code=503)
+            return JSONResponse({"status": "down", "reason": scrub_paths(loop.down, adapter_dir)}, status_code=503)
         return {"status": "ok"}
 
     roots = {Path(adapter_dir), Path(adapter_dir).resolve()} if adapter_dir is not None else set()
@@ -281,7 +281,12 @@ def create_app(
                 503, f"the server is busy ({e}); retry shortly", "server_error", headers={"Retry-After": "1"}
             ) from e
         except EngineDown as e:
-            raise APIError(503, f"the server is restarting ({e})", "server_error", headers={"Retry-After": "10"}) from e
+            raise APIError(
+                503,
+                f"the server is restarting ({scrub_paths(str(e), adapter_dir)})",
+                "server_error",
+                headers={"Retry-After": "10"},
+            ) from e
         counters["requests"] += 1
         return req, queue
 
