@@ -83,7 +83,13 @@ def test_inspect_into_head():
 @pytest.mark.parametrize(
     "command, shown",
     [
-        (["serve"], ["--port PORT           the TCP port to listen on (default: 8000)", "(default: 127.0.0.1)"]),
+        (
+            ["serve"],
+            [
+                "--port PORT           the TCP port to listen on: 1..65535, or 0 for any free one (default: 8000)",
+                "(default: 127.0.0.1)",
+            ],
+        ),
         (["bench", "serve"], ["(default: 64)", "(default: distinct)"]),
         (["bench", "train"], ["(default: 60m,130m,350m,1b,7b)", "(default: gram)"]),
         (["bench", "kernels"], ["(default: benchmarks/results)"]),

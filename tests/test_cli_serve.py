@@ -14,7 +14,8 @@ import pytest
 import torch
 from serve.helpers import tiny_llama_folder
 
-from loraflow.serve.command import API_KEY_ENV, bind_socket, configure_threads, default_threads, resolve_api_key
+from loraflow.serve.command import API_KEY_ENV, bind_socket, resolve_api_key
+from loraflow.threads import configure_threads, default_threads
 
 
 @pytest.fixture(scope="module")
@@ -190,3 +191,56 @@ def test_api_key_file_and_environment_errors(tmp_path):
             resolve_api_key(key_args(None, str(empty)), {})
     with pytest.raises(SystemExit, match=f"{API_KEY_ENV} is set but empty"):
         resolve_api_key(key_args(), {API_KEY_ENV: " "})
+
+
+def serve_refusal(capsys, *argv) -> str:
+    """``loraflow serve ARGV`` in this process: it must exit with status 2 before it loads a model
+    (--model names none) or binds a port."""
+    from loraflow.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--model", "/nonexistent-model", "--port", "0", *argv])
+    assert exit_.value.code == 2
+    out = capsys.readouterr()
+    assert "serving" not in out.out and "Traceback" not in out.err
+    return out.err
+
+
+@pytest.mark.parametrize("port", ["83641", "65536", "-1", "http"])
+def test_ports_outside_1_to_65535_are_refused(capsys, port):
+    err = serve_refusal(capsys, "--port", port)
+    assert "argument --port" in err and "1..65535" in err and port in err
+
+
+def test_missing_adapter_folders_are_refused_before_the_model_loads(capsys, tmp_path):
+    missing = tmp_path / "nonexistent"
+    err = serve_refusal(capsys, "--lora", f"x={missing}")
+    assert err.strip() == (
+        f"loraflow serve: --lora x={missing}: {missing} does not exist; pass an adapter folder "
+        "(the --out of loraflow finetune, holding adapter_config.json)"
+    )
+    err = serve_refusal(capsys, "--lora", f"x={tmp_path}")
+    assert "is not an adapter folder (no adapter_config.json)" in err and len(err.strip().splitlines()) == 1
+    err = serve_refusal(capsys, "--adapter-dir", str(missing))
+    assert err.strip() == (
+        f"loraflow serve: --adapter-dir {missing} does not exist: pass the folder that holds your adapter folders"
+    )
+    (tmp_path / "file").write_text("")
+    assert "is not a folder" in serve_refusal(capsys, "--adapter-dir", str(tmp_path / "file"))
+
+
+def test_port_0_serves_on_a_free_port_and_says_which(model_folder):
+    proc = subprocess.Popen(
+        serve_cmd(model_folder, 0, "--threads", "1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={k: v for k, v in os.environ.items() if k != API_KEY_ENV},
+    )
+    try:
+        line = proc.stdout.readline()
+        port = int(line.split("http://127.0.0.1:")[1].split("/")[0])
+        assert port > 0 and httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0

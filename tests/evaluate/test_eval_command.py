@@ -87,3 +87,47 @@ def test_code_refusals(tmp_path, tiny_smol):
         eval_main(["--task", "code", "--base", "--k", "5", "--data", str(MBPP), "--out", str(tmp_path)])
     with pytest.raises(ValueError, match="nothing to score"):
         eval_main(["--task", "code", "--data", str(MBPP), "--out", str(tmp_path)])
+
+
+class Terminal:
+    """A stand-in stderr that says it is a terminal (tqdm draws its bar only on one)."""
+
+    def __init__(self):
+        self.text = ""
+
+    def write(self, s):
+        self.text += s
+
+    def flush(self):
+        pass
+
+    def isatty(self):
+        return True
+
+
+def test_max_length_defaults_to_the_trained_one_and_a_bar_shows_on_a_terminal(tmp_path, tiny_smol, chat_file,
+                                                                               monkeypatch):  # fmt: skip
+    import importlib
+
+    data = importlib.import_module("loraflow.finetune.data")  # loraflow.finetune is also a function
+
+    adapter = train(tmp_path, "chat", model=tiny_smol, data=chat_file, steps=1, dev_fraction=0.0)  # max_length=64
+    assert json.loads((adapter / "run.json").read_text())["config"]["max_length"] == 64
+    lengths, examples = [], data.causal_lm_examples
+    monkeypatch.setattr(data, "causal_lm_examples", lambda f, tok, n: lengths.append(n) or examples(f, tok, n))
+    terminal = Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    args = ["--model", tiny_smol, "--data", chat_file, "--device", "cpu", "--batch-size", "2"]
+    eval_main(["--adapter", str(adapter), *args, "--out", str(tmp_path / "a")])
+    assert "eval" in terminal.text and "row" in terminal.text  # tqdm's bar: "eval: 100%|...| 8/8 [...row/s]"
+    eval_main(["--adapter", str(adapter), *args, "--out", str(tmp_path / "b"), "--max-length", "100", "--no-progress"])
+    (adapter / "run.json").unlink()
+    eval_main(["--adapter", str(adapter), *args, "--out", str(tmp_path / "c")])
+    assert lengths == [64, 100, 512]
+
+
+def test_max_length_help_names_its_default(capsys):
+    with pytest.raises(SystemExit):
+        eval_main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "default: the --max-length the adapter was trained with (its run.json), else 512" in text

@@ -141,3 +141,29 @@ def test_perplexity():
         perplexity(1.0, 0)
     with pytest.raises(ValueError, match="non-negative"):
         perplexity(float("nan"), 3)
+
+
+def test_top_1_accuracy_is_the_accuracy_on_tied_rows():
+    """Rows whose top probabilities tie (a half-precision softmax): before, scikit-learn's top-k
+    broke the tie towards the higher class and the accuracy (argmax) towards the lower one."""
+    probs = np.array([[0.4, 0.4, 0.2], [0.3, 0.35, 0.35], [0.2, 0.2, 0.6], [0.5, 0.25, 0.25]])
+    labels = [0, 1, 2, 0]  # each tie won by the lower index: all four right
+    m = classification_metrics(labels, probs, ["a", "b", "c"])
+    assert m["accuracy"] == m["top_k_accuracy"]["1"] == 1.0
+    labels = [1, 2, 2, 0]  # the higher index of each tie: the first two wrong
+    m = classification_metrics(labels, probs, ["a", "b", "c"])
+    assert m["accuracy"] == m["top_k_accuracy"]["1"] == 0.5
+
+
+def test_top_k_accuracy_ranks_ties_as_argmax_and_equals_scikit_learn_without_ties():
+    from sklearn.metrics import top_k_accuracy_score
+
+    from loraflow.evaluate.metrics import top_k_accuracy
+
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(6), size=200)
+    labels = rng.integers(0, 6, size=200)
+    for k in (1, 3, 5):
+        assert top_k_accuracy(labels, probs, k) == pytest.approx(top_k_accuracy_score(labels, probs, k=k))
+    tied = np.array([[0.25, 0.25, 0.25, 0.25, 0.0, 0.0]])
+    assert [top_k_accuracy(np.array([c]), tied, 3) for c in range(4)] == [1.0, 1.0, 1.0, 0.0]

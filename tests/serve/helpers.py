@@ -106,13 +106,15 @@ def prompt(seed, n):
 
 
 class LiveServer:
-    """``create_app`` served by uvicorn on a free local port, the engine on a background thread."""
+    """``create_app`` served by uvicorn on a free local port as ``loraflow serve`` serves it
+    (``server_config``), the engine on a background thread."""
 
-    def __init__(self, engine, **app_kw):
+    def __init__(self, engine, header_timeout: float = 10.0, **app_kw):
+        from loraflow.serve.http import server_config
+
         self.loop = EngineLoop(engine)
-        self.server = uvicorn.Server(
-            uvicorn.Config(create_app(self.loop, **app_kw), host="127.0.0.1", port=0, log_level="error")
-        )
+        app = create_app(self.loop, **app_kw)
+        self.server = uvicorn.Server(server_config(app, port=0, header_timeout=header_timeout, log_level="error"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         while not self.server.started:

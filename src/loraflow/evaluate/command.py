@@ -25,6 +25,9 @@ import torch
 
 from loraflow.atomic import atomic_write
 from loraflow.help_format import HelpFormatter
+from loraflow.threads import add_threads_argument, configure_threads
+
+DEFAULT_MAX_LENGTH = 512  # tokens per example when neither --max-length nor the adapter's run.json says
 
 
 class EvalHelp(argparse.RawDescriptionHelpFormatter, HelpFormatter):
@@ -53,8 +56,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--text-column", help="classification: the text column (default: the one the adapter was trained on)"
     )
     ap.add_argument("--batch-size", type=int, default=16, help="rows per forward pass")
-    ap.add_argument("--max-length", type=int, default=512, help="tokens per example (longer: truncated)")
+    ap.add_argument(
+        "--max-length",
+        type=int,
+        help="tokens per example (longer: truncated); default: the --max-length the adapter was trained "
+        f"with (its run.json), else {DEFAULT_MAX_LENGTH}",
+    )
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar (it shows only on a terminal)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where to run")
+    add_threads_argument(ap)
     c = ap.add_argument_group("code")
     c.add_argument("--benchmark", choices=["mbpp", "humaneval"], default="mbpp", help="which problems")
     c.add_argument("--split", default="test", help="MBPP's split: test (task ids 11-510), validation, train, prompt")
@@ -71,6 +81,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    configure_threads(args.threads, args.device, "eval")
     out = Path(args.out)
     task = args.task
     if task == "code":
@@ -82,6 +93,8 @@ def main(argv: list[str] | None = None) -> dict:
     adapter = Path(args.adapter[0]) if args.adapter else None
     if adapter is not None and not adapter.is_dir():
         raise FileNotFoundError(f"--adapter {adapter} does not exist")
+    if args.max_length is None:
+        args.max_length = _trained_max_length(adapter) if adapter is not None else DEFAULT_MAX_LENGTH
     if task == "auto":
         task = "classification" if adapter is not None and (adapter / "labels.json").is_file() else "causal-lm"
     if not args.data:
@@ -109,7 +122,7 @@ def classification(args, adapter: Path, out: Path) -> dict:
     )  # fmt: skip
     with torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         probs = probabilities(model, examples, tok.pad_token_id, [len(h["classes"]) for h in heads], args.device,
-                              args.batch_size)  # fmt: skip
+                              args.batch_size, progress=_progress(args))  # fmt: skip
     scores = classification_scores(probs, examples, heads)
     scores["truncated"] = stats.truncated
     out.mkdir(parents=True, exist_ok=True)
@@ -148,7 +161,7 @@ def causal_lm(args, adapter: Path | None, out: Path) -> dict:
     if adapter is not None:
         lf.load_adapter(model, adapter, name="adapter")
     examples, stats = causal_lm_examples(args.data, tok, args.max_length)
-    total, tokens = nll(model, examples, tok.pad_token_id, args.device, args.batch_size)
+    total, tokens = nll(model, examples, tok.pad_token_id, args.device, args.batch_size, progress=_progress(args))
     scores = {
         "loss": total / max(1, tokens),
         "perplexity": perplexity(total, max(1, tokens)),
@@ -160,6 +173,26 @@ def causal_lm(args, adapter: Path | None, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     _write_metrics(out, scores)
     return scores
+
+
+def _progress(args) -> str | None:
+    return None if args.no_progress else "eval"
+
+
+def _run_json(adapter: Path) -> dict:
+    """finetune's record of the run that wrote ``adapter`` (beside it; a tenant's is its run's
+    folder, one up), or {} when there is none."""
+    for run in (adapter / "run.json", adapter.parent / "run.json"):
+        if run.is_file():
+            info = json.loads(run.read_text())
+            if run.parent == adapter or adapter.name in (info.get("config", {}).get("tenants") or {}):
+                return info
+    return {}
+
+
+def _trained_max_length(adapter: Path) -> int:
+    config = _run_json(adapter).get("config", {})
+    return int(config.get("max_length") or DEFAULT_MAX_LENGTH)
 
 
 def _trained_text_column(adapter: Path) -> str:

@@ -2,8 +2,11 @@
 
 No model code lives here: a caller runs its model, gathers the true labels and the class
 probabilities (``softmax`` of the logits), and gets back plain Python numbers that can be written
-to JSON as they are. Every metric is scikit-learn's own, so that the numbers match what other
-projects report with the same library.
+to JSON as they are. Every metric but top-k accuracy is scikit-learn's own, so that the numbers
+match what other projects report with the same library. Top-k accuracy is counted here from the
+same ranking as the predictions (``argmax``: a tie goes to the lower class index), so that top-1
+accuracy is the accuracy; scikit-learn's ``top_k_accuracy_score`` breaks ties the other way and
+can disagree with the accuracy on tied rows.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ from sklearn.metrics import (
     confusion_matrix,
     f1_score,
     roc_auc_score,
-    top_k_accuracy_score,
 )
 
 from loraflow.atomic import atomic_write
@@ -80,6 +82,17 @@ def _as_probs(probs: np.ndarray | torch.Tensor, n_classes: int) -> np.ndarray:
     return arr
 
 
+def top_k_accuracy(labels: np.ndarray, probs: np.ndarray, k: int) -> float:
+    """The share of rows whose true class is among the ``k`` most probable, ranked as ``argmax``
+    ranks them: by probability, a tie towards the lower class index. ``k = 1``: the accuracy of
+    ``probs.argmax(1)``."""
+    rows = np.arange(labels.size)
+    true = probs[rows, labels][:, None]
+    lower = np.arange(probs.shape[1])[None, :] < labels[:, None]
+    ahead = (probs > true).sum(axis=1) + ((probs == true) & lower).sum(axis=1)  # classes ranked above the true one
+    return float((ahead < k).mean())
+
+
 def _macro_auc(y: np.ndarray, probs: np.ndarray, class_names: Sequence[str]) -> tuple[float | None, str | None]:
     """One-vs-rest macro AUC (the positive class's AUC when K == 2), or None and the reason why not."""
     n_classes = len(class_names)
@@ -107,9 +120,8 @@ def classification_metrics(labels: Sequence[int], probs: np.ndarray | torch.Tens
     plain Python numbers, lists and dicts (JSON-ready):
 
     - ``n``, ``accuracy``;
-    - ``top_k_accuracy``: ``{"1": ..., "3": ..., "5": ...}`` for each k < K (only ``"1"`` when K <= 3);
-      ties in probability break towards the higher class index there (scikit-learn), towards the
-      lower one in ``accuracy`` (argmax), so the two can differ on tied rows only;
+    - ``top_k_accuracy``: ``{"1": ..., "3": ..., "5": ...}`` for each k < K (only ``"1"`` when K <= 3),
+      ranked as the predictions are (a tie towards the lower class index), so ``"1"`` equals ``accuracy``;
     - ``macro_f1``, ``micro_f1``: over all K classes, a class never predicted nor present scoring 0;
     - ``macro_auc``: one-vs-rest macro ROC AUC (K > 2) or the positive class's AUC (K == 2), or None
       when a class has no example in ``labels``; ``macro_auc_note`` then says why (else None);
@@ -131,13 +143,11 @@ def classification_metrics(labels: Sequence[int], probs: np.ndarray | torch.Tens
     pred = p.argmax(axis=1)
     class_ids = list(range(n_classes))
 
-    top_k = {}
-    for k in TOP_K:
-        if k == 1 and n_classes <= 1:
-            top_k["1"] = float(accuracy_score(y, pred))  # a single class: every prediction is right
-        elif k < n_classes:
-            score = p[:, 1] if n_classes == 2 else p  # scikit-learn takes the positive column when binary
-            top_k[str(k)] = float(top_k_accuracy_score(y, score, k=k, labels=class_ids))
+    accuracy = float(accuracy_score(y, pred))
+    top_k = {"1": accuracy}  # the same predictions (a single class: every one is right)
+    for k in TOP_K[1:]:
+        if k < n_classes:
+            top_k[str(k)] = top_k_accuracy(y, p, k)
 
     auc, note = _macro_auc(y, p, class_names)
     report = classification_report(
@@ -149,7 +159,7 @@ def classification_metrics(labels: Sequence[int], probs: np.ndarray | torch.Tens
     }
     return {
         "n": int(y.size),
-        "accuracy": float(accuracy_score(y, pred)),
+        "accuracy": accuracy,
         "top_k_accuracy": top_k,
         "macro_f1": float(f1_score(y, pred, labels=class_ids, average="macro", zero_division=0)),
         "micro_f1": float(f1_score(y, pred, labels=class_ids, average="micro", zero_division=0)),

@@ -24,6 +24,7 @@ import torch
 
 from loraflow.finetune.config import DEFAULT_LR, METHODS, TASKS, FinetuneConfig
 from loraflow.help_format import HelpFormatter
+from loraflow.threads import add_threads_argument, configure_threads
 
 
 class FinetuneHelp(argparse.RawDescriptionHelpFormatter, HelpFormatter):
@@ -115,6 +116,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     o.add_argument("--save-every", type=int, help="steps between checkpoints (default: each evaluation)")
     o.add_argument("--early-stopping", type=int, metavar="N", help="stop after N evaluations without improvement")
     o.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where to train")
+    add_threads_argument(o)
     o.add_argument(
         "--parallel",
         default="none",
@@ -155,5 +157,7 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
 def main(argv: list[str] | None = None) -> dict:
     from loraflow.finetune.loop import finetune
 
-    result = finetune(config_from_args(parse_args(argv)))
+    args = parse_args(argv)
+    configure_threads(args.threads, args.device, "finetune")
+    result = finetune(config_from_args(args))
     return json.loads(json.dumps(result, default=str))

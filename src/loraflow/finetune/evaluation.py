@@ -8,8 +8,10 @@ perplexity. Classification: each head's probabilities, scored with scikit-learn
 from __future__ import annotations
 
 import contextlib
+import sys
 
 import torch
+from tqdm import tqdm
 
 from loraflow.finetune.data import Example, collate
 from loraflow.finetune.model import classify, token_losses
@@ -17,12 +19,31 @@ from loraflow.finetune.model import classify, token_losses
 SUMMARY = ("accuracy", "top_k_accuracy", "macro_f1", "micro_f1", "macro_auc")
 
 
+def _batches(examples: list[Example], batch_size: int, progress: str | None):
+    """``examples`` in slices of ``batch_size``; with ``progress`` (the bar's label) a tqdm bar
+    of rows on stderr, which tqdm leaves out when stderr is not a terminal."""
+    with tqdm(
+        total=len(examples), desc=progress, unit="row", file=sys.stderr, disable=None if progress else True
+    ) as bar:
+        for i in range(0, len(examples), batch_size):
+            part = examples[i : i + batch_size]
+            yield part
+            bar.update(len(part))
+
+
 @torch.no_grad()
-def nll(model, examples: list[Example], pad_id: int, device, batch_size: int = 8, adapter: str | None = None):
+def nll(
+    model,
+    examples: list[Example],
+    pad_id: int,
+    device,
+    batch_size: int = 8,
+    adapter: str | None = None,
+    progress: str | None = None,
+):
     """(summed NLL, labelled tokens) of ``examples`` (through ``adapter`` on every row)."""
     total, tokens = 0.0, 0
-    for i in range(0, len(examples), batch_size):
-        part = examples[i : i + batch_size]
+    for part in _batches(examples, batch_size, progress):
         batch = {k: v.to(device) for k, v in collate(part, pad_id).items()}
         with _adapter(model, adapter, len(part)):
             total += float(token_losses(model, batch).sum())
@@ -39,11 +60,11 @@ def probabilities(
     device,
     batch_size: int = 8,
     adapter: str | None = None,
+    progress: str | None = None,
 ) -> list[torch.Tensor]:
     """Each head's softmax over its classes: a list of (n, K_j) float32 tensors on the CPU."""
     parts: list[list[torch.Tensor]] = [[] for _ in sizes]
-    for i in range(0, len(examples), batch_size):
-        part = examples[i : i + batch_size]
+    for part in _batches(examples, batch_size, progress):
         batch = {k: v.to(device) for k, v in collate(part, pad_id).items()}
         with _adapter(model, adapter, len(part)):
             logits = classify(model, batch["input_ids"], batch["attention_mask"]).float()  # (B, Σ K_j)

@@ -22,11 +22,11 @@ from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from loraflow.adapters.files import CONFIG_NAME, WEIGHTS_NAME
+from loraflow.serve.errors import APIError, envelope, install_handlers, scrub_paths
 from loraflow.serve.guard import Guard
 from loraflow.serve.loop import EngineDown, EngineLoop
 from loraflow.serve.protocol import (
@@ -54,34 +54,6 @@ FAILURES = {
 }
 
 
-class APIError(Exception):
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        type_: str = "invalid_request_error",
-        code: str | None = None,
-        headers: dict | None = None,
-        param: str | None = None,
-    ):
-        self.status, self.message, self.type, self.code, self.headers, self.param = (
-            status,
-            message,
-            type_,
-            code,
-            headers,
-            param,
-        )
-
-
-def _error(e: APIError) -> JSONResponse:
-    return JSONResponse(
-        {"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}},
-        status_code=e.status,
-        headers=e.headers,
-    )
-
-
 async def _disconnected(http: HTTPRequest) -> None:
     """Return once the client has gone (the body is read: the next message is the disconnect)."""
     while (await http.receive())["type"] != "http.disconnect":
@@ -104,36 +76,36 @@ def create_app(
     base = engine.model_name
     counters = {"requests": 0, "started": time.time()}
 
-    @app.exception_handler(APIError)
-    async def _api_error(request, e: APIError):
-        return _error(e)
-
-    @app.exception_handler(RequestValidationError)
-    async def _bad_body(request, e: RequestValidationError):
-        first = e.errors()[0] if e.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        return _error(
-            APIError(
-                400, f"invalid request: {where or 'body'}: {first.get('msg', 'malformed JSON')}", param=where or None
-            )
-        )
-
-    @app.exception_handler(Exception)
-    async def _bug(request, e: Exception):  # logged with its traceback by the server
-        return _error(APIError(500, f"internal error: {type(e).__name__}: {e}", "server_error"))
+    install_handlers(app)
 
     @app.get("/health")
     async def health():
         if loop.down:
-            return JSONResponse({"status": "down", "reason": loop.down}, status_code=503)
+            return JSONResponse({"status": "down", "reason": scrub_paths(loop.down, adapter_dir)}, status_code=503)
         return {"status": "ok"}
+
+    roots = {Path(adapter_dir), Path(adapter_dir).resolve()} if adapter_dir is not None else set()
+
+    def _public(name: str, path: Path) -> str:
+        """An adapter's folder as clients see it: relative to --adapter-dir, else only its name."""
+        for root in roots:
+            if Path(path).is_relative_to(root):
+                return str(Path(path).relative_to(root))
+        return name
 
     @app.get("/v1/models")
     async def models():
         now = int(counters["started"])
         data = [{"id": base, "object": "model", "created": now, "owned_by": "loraflow", "root": base, "parent": None}]
         data += [
-            {"id": name, "object": "model", "created": now, "owned_by": "loraflow", "root": str(path), "parent": base}
+            {
+                "id": name,
+                "object": "model",
+                "created": now,
+                "owned_by": "loraflow",
+                "root": _public(name, path),
+                "parent": base,
+            }
             for name, path in sorted(engine.registry.paths.items())
         ]
         return {"object": "list", "data": data}
@@ -147,29 +119,49 @@ def create_app(
                 code="forbidden",
             )
 
+    def _adapter_folder(lora_path: str) -> tuple[Path, str]:
+        """The folder ``lora_path`` names (a relative path: under --adapter-dir) and how messages
+        show it (relative to --adapter-dir), refused unless it and its files lie under that folder."""
+        root = Path(adapter_dir).resolve()
+        outside = APIError(
+            403,
+            "lora_path is outside the folder this server loads adapters from (--adapter-dir): "
+            "give a path under it, or one relative to it",
+            code="forbidden",
+            param="lora_path",
+        )
+        try:
+            path = (root / lora_path).resolve()
+            if not path.is_relative_to(root):
+                raise outside
+            shown = str(path.relative_to(root))
+            for name in (CONFIG_NAME, WEIGHTS_NAME):  # a file linked to somewhere outside the folder is refused
+                if (path / name).exists() and not (path / name).resolve().is_relative_to(root):
+                    raise APIError(
+                        403, f"{shown}/{name} links outside --adapter-dir", code="forbidden", param="lora_path"
+                    )
+            if not (path / WEIGHTS_NAME).is_file():
+                raise APIError(
+                    400, f"{shown} is not a safetensors adapter folder (no {WEIGHTS_NAME})", param="lora_path"
+                )
+        except (OSError, RuntimeError) as e:  # a path the file system refuses (too long a part, a link loop)
+            reason = getattr(e, "strerror", None) or type(e).__name__
+            raise APIError(400, f"lora_path cannot be opened ({reason}): fix the path", param="lora_path") from e
+        return path, shown
+
     @app.post("/v1/load_lora_adapter")
     async def load_lora(body: LoadBody):
         _runtime_lora()
         if body.lora_name == base:
             raise APIError(400, f"{base!r} is the base model's name: choose another name for the adapter")
-        root = Path(adapter_dir).resolve()
-        path = Path(body.lora_path).resolve()
-        if not path.is_relative_to(root):
-            raise APIError(403, f"{body.lora_path} is outside the allowed folder {adapter_dir}", code="forbidden")
-        for name in (CONFIG_NAME, WEIGHTS_NAME):  # a file linked to somewhere outside the folder is refused
-            if (path / name).exists() and not (path / name).resolve().is_relative_to(root):
-                raise APIError(
-                    403, f"{body.lora_path}/{name} links outside the allowed folder {adapter_dir}", code="forbidden"
-                )
-        if not (path / WEIGHTS_NAME).is_file():
-            raise APIError(400, f"{body.lora_path} is not a safetensors adapter folder (no {WEIGHTS_NAME})")
+        path, shown = _adapter_folder(body.lora_path)
         try:  # refuse now, not at the first request; reading runs off the event loop
             await run_in_threadpool(factors_for_bank, path, engine.registry.shapes, engine.bank.r_max)
             engine.registry.register(body.lora_name, path)
         except AdapterError as e:
-            raise APIError(409 if "in use" in str(e) else 400, str(e)) from e
+            raise APIError(409 if "in use" in str(e) else 400, scrub_paths(str(e), adapter_dir)) from e
         except Exception as e:  # a file no reader understood: still the request's fault
-            raise APIError(400, f"{body.lora_path} cannot be read as an adapter: {type(e).__name__}: {e}") from e
+            raise APIError(400, f"{shown} cannot be read as an adapter ({type(e).__name__})") from e
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
     @app.post("/v1/unload_lora_adapter")
@@ -289,7 +281,12 @@ def create_app(
                 503, f"the server is busy ({e}); retry shortly", "server_error", headers={"Retry-After": "1"}
             ) from e
         except EngineDown as e:
-            raise APIError(503, f"the server is restarting ({e})", "server_error", headers={"Retry-After": "10"}) from e
+            raise APIError(
+                503,
+                f"the server is restarting ({scrub_paths(str(e), adapter_dir)})",
+                "server_error",
+                headers={"Retry-After": "10"},
+            ) from e
         counters["requests"] += 1
         return req, queue
 
@@ -308,9 +305,8 @@ def create_app(
 
     def _failure(u) -> APIError:
         status, type_ = FAILURES.get(u.error_type, (500, "server_error"))
-        return APIError(
-            status, u.error or "generation failed", type_, headers={"Retry-After": "1"} if status == 503 else None
-        )
+        message = scrub_paths(u.error, adapter_dir) if u.error else "generation failed"
+        return APIError(status, message, type_, headers={"Retry-After": "1"} if status == 503 else None)
 
     async def _respond(prompt, body: Sampling, http: HTTPRequest, chat: bool, echo: bool = False):
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
@@ -404,8 +400,7 @@ def create_app(
                 if u.finish_reason == "error":
                     e = _failure(u)
                     status = e.status
-                    err = {"error": {"message": e.message, "type": e.type, "param": None, "code": None}}
-                    yield f"data: {json.dumps(err)}\n\n"
+                    yield f"data: {json.dumps(envelope(e.message, e.type))}\n\n"
                     break
                 if len(u.text) > sent or u.finished:
                     reason = u.finish_reason if u.finished else None

@@ -10,6 +10,10 @@ import socket
 import sys
 from pathlib import Path
 
+from loraflow.threads import THREADS_HELP, configure_threads, default_threads
+
+__all__ = ["configure_threads", "default_threads"]  # shared with the other commands (loraflow/threads.py)
+
 API_KEY_ENV = "LORAFLOW_API_KEY"
 
 
@@ -67,52 +71,47 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def physical_cores() -> int:
-    """The cores this process may run on, a core's hyper-threads counted once (Linux; elsewhere
-    the CPU count)."""
-    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
-    cores = set()
-    for cpu in cpus:
-        try:
-            cores.add(Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list").read_text())
-        except OSError:
-            cores.add(cpu)
-    return len(cores)
-
-
-def default_threads() -> int:
-    """PyTorch's CPU threads for serving: one fewer than the physical cores, at least one.
-
-    PyTorch's OpenMP threads spin while they wait for each other, so when another process
-    wants the same cores (a training run beside the server) one descheduled thread holds up
-    its whole team. On 2 cores, beside a 2-thread matmul loop, a 20-token completion of
-    SmolLM2-135M from ``loraflow serve`` took 31-64 s with 2 threads against 1.2-3.2 s with
-    1 (1.0-1.2 s either way on idle cores: the spare core serves the HTTP thread).
-    OMP_WAIT_POLICY=PASSIVE would stop the spinning, but OpenMP reads it when torch is
-    imported, before ``main`` runs."""
-    return max(1, physical_cores() - 1)
-
-
-def configure_threads(threads: int | None, device: str) -> int:
-    """Set PyTorch's intra-op threads before the engine is built: ``threads`` when given; else
-    ``default_threads()`` on the CPU unless $OMP_NUM_THREADS chose, and PyTorch's own default
-    on CUDA (the GPU does the work). Returns the number in use."""
-    import torch
-
-    if threads is not None:
-        if threads < 1:
-            sys.exit(f"loraflow serve: --threads must be at least 1, got {threads}")
-        torch.set_num_threads(threads)
-    elif device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(default_threads())
-    return torch.get_num_threads()
-
-
 def positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
     return value
+
+
+def port_number(text: str) -> int:
+    """A TCP port: 1..65535, or 0 for any free one (the "serving" line names it)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in 1..65535 (0: any free port), got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be in 1..65535 (0: any free port), got {value}")
+    return value
+
+
+def refuse(message: str) -> None:
+    """A wrong command line: one line naming the fix, exit status 2 (as argparse's own errors)."""
+    print(f"loraflow serve: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def check_adapter_paths(adapters: dict[str, str], adapter_dir: str | None) -> None:
+    """Refuse a missing --lora folder or --adapter-dir before the model loads."""
+    from loraflow.adapters.files import CONFIG_NAME
+
+    if adapter_dir is not None and not Path(adapter_dir).is_dir():
+        what = "is not a folder" if Path(adapter_dir).exists() else "does not exist"
+        refuse(f"--adapter-dir {adapter_dir} {what}: pass the folder that holds your adapter folders")
+    for name, path in adapters.items():
+        folder = Path(path)
+        if not folder.is_dir():
+            what = "is not a folder" if folder.exists() else "does not exist"
+            refuse(
+                f"--lora {name}={path}: {path} {what}; pass an adapter folder (the --out of loraflow finetune, "
+                f"holding {CONFIG_NAME})"
+            )
+        if not (folder / CONFIG_NAME).is_file():
+            refuse(f"--lora {name}={path}: {path} is not an adapter folder (no {CONFIG_NAME})")
 
 
 def serve_until_stopped(loop, server, sock: socket.socket) -> None:
@@ -170,10 +169,11 @@ def cmd_serve(args) -> None:
     for spec in args.lora or []:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
-            sys.exit(f"loraflow serve: --lora takes NAME=PATH, got {spec!r}")
+            refuse(f"--lora takes NAME=PATH, got {spec!r}")
         adapters[name] = path
     if args.allow_runtime_lora and not args.adapter_dir:
-        sys.exit("loraflow serve: --allow-runtime-lora needs --adapter-dir (adapters load only from under it)")
+        refuse("--allow-runtime-lora needs --adapter-dir (adapters load only from under it)")
+    check_adapter_paths(adapters, args.adapter_dir)
     api_key = resolve_api_key(args)
     sock = bind_socket(args.host, args.port)  # before the model loads: a taken port fails at once
     import torch
@@ -219,6 +219,7 @@ def serve_engine(engine, args, api_key: str | None, sock: socket.socket, threads
     import uvicorn
 
     from loraflow.serve.api import create_app
+    from loraflow.serve.http import server_config
     from loraflow.serve.loop import EngineLoop
 
     # The engine thread lets go of the GIL while the GPU runs a step; when the step ends it
@@ -244,13 +245,14 @@ def serve_engine(engine, args, api_key: str | None, sock: socket.socket, threads
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
+    port = sock.getsockname()[1]  # --port 0: the one the system chose
+    server = uvicorn.Server(server_config(app, args.host, port, header_timeout=args.header_timeout))
     sock.listen(2048)  # connections queue from here on
     on = engine.device.type + (f", {threads} thread{'s' * (threads > 1)}" if engine.device.type == "cpu" else "")
     on += f", tensor parallel over {engine.tp.world} processes" if engine.tp else ""
     print(
         f"serving {engine.model_name} with {len(engine.registry.paths)} adapters on "
-        f"http://{args.host}:{args.port}/v1 ({on})",
+        f"http://{args.host}:{port}/v1 ({on})",
         flush=True,
     )
     serve_until_stopped(loop, server, sock)
@@ -262,7 +264,9 @@ def add_arguments(p) -> None:
     p.add_argument("--lora", action="append", metavar="NAME=PATH", help="an adapter to serve (repeatable)")
     p.add_argument("--adapter-dir", help="serve every adapter folder under this folder")
     p.add_argument("--host", default="127.0.0.1", help="the address to listen on (0.0.0.0: every interface)")
-    p.add_argument("--port", type=int, default=8000, help="the TCP port to listen on")
+    p.add_argument(
+        "--port", type=port_number, default=8000, help="the TCP port to listen on: 1..65535, or 0 for any free one"
+    )
     p.add_argument("--max-gpu-adapters", type=int, default=8, help="adapters resident on the device")
     p.add_argument("--max-cpu-adapters", type=int, default=64, help="adapters kept in host memory")
     p.add_argument("--max-lora-rank", type=int, default=64, help="the largest adapter rank served")
@@ -270,7 +274,17 @@ def add_arguments(p) -> None:
     p.add_argument("--max-waiting", type=int, default=1024, help="queued requests before 503")
     p.add_argument("--max-body-mb", type=positive_float, default=4.0, help="request bodies above this answer 413")
     p.add_argument(
-        "--body-timeout", type=positive_float, default=30.0, help="seconds a request body may stall before 408"
+        "--body-timeout",
+        type=positive_float,
+        default=30.0,
+        help="seconds a request's whole body may take to arrive, from its headers, before 408",
+    )
+    p.add_argument(
+        "--header-timeout",
+        type=positive_float,
+        default=10.0,
+        help="seconds a request's line and headers may take to arrive (from the connection or the previous "
+        "response) before 408",
     )
     p.add_argument(
         "--max-prompt-tokens", type=int, help="prompts above this many tokens answer 400 (default: the context)"
@@ -311,8 +325,7 @@ def add_arguments(p) -> None:
         "--threads",
         type=int,
         metavar="N",
-        help="PyTorch's CPU threads (default: on the CPU one fewer than the cores, at least 1, "
-        "or $OMP_NUM_THREADS; on CUDA PyTorch's own); with --tensor-parallel N, each process's",
+        help=THREADS_HELP + "; with --tensor-parallel N, each process's",
     )
     p.add_argument(
         "--tensor-parallel",

@@ -4,7 +4,9 @@ route can still await the client's disconnect after reading the body.
 
     401  the key is missing or wrong (compared in constant time; /health needs none)
     413  the body is larger than ``max_body_bytes`` (by its Content-Length, or as it arrives)
-    408  the body stalls: no part of it for ``body_timeout`` seconds
+    408  the body is not complete ``body_timeout`` seconds after the headers (however it trickles)
+
+(The headers' own deadline is the HTTP protocol's: ``serve/http.py``.)
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ import asyncio
 import hmac
 import json
 
+from loraflow.serve.errors import envelope
+
 
 async def _answer(send, status: int, message: str, type_: str, code: str | None = None) -> None:
-    body = json.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}}).encode()
+    body = json.dumps(envelope(message, type_, code=code)).encode()
     await send(
         {
             "type": "http.response.start",
@@ -58,6 +62,8 @@ class Guard:
                 "invalid_request_error",
             )
         state = {"bytes": 0, "body_done": False, "answered": False}
+        clock = asyncio.get_running_loop().time
+        deadline = clock() + self.body_timeout  # the whole body, not each part: a byte every few s still ends
 
         async def refuse(status: int, message: str) -> dict:
             state["answered"] = True
@@ -68,9 +74,11 @@ class Guard:
             if state["body_done"] or state["answered"]:
                 return await receive()  # after the body: the client's disconnect, when it comes
             try:
-                message = await asyncio.wait_for(receive(), self.body_timeout)
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - clock()))
             except TimeoutError:
-                return await refuse(408, f"the request body did not arrive within {self.body_timeout:g} s")
+                return await refuse(
+                    408, f"the request body did not arrive within {self.body_timeout:g} s (--body-timeout)"
+                )
             if message["type"] == "http.request":
                 state["bytes"] += len(message.get("body", b""))
                 if state["bytes"] > limit:

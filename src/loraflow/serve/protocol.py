@@ -14,7 +14,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from loraflow.serve.sampling import SEED_MAX, SEED_MIN
 
 # accepted and without effect on the output (OpenAI's tracking fields)
 NO_EFFECT = {"user", "metadata", "store", "service_tier"}
@@ -27,7 +29,7 @@ class Sampling(BaseModel):
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)  # what torch.Generator.manual_seed takes
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: dict | None = None
@@ -56,9 +58,20 @@ class ChatBody(Sampling):
     top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
+# the longest lora_path accepted (Linux's PATH_MAX)
+MAX_PATH_CHARS = 4096
+
+
 class LoadBody(BaseModel):
-    lora_name: str
-    lora_path: str
+    lora_name: str = Field(max_length=128)
+    lora_path: str = Field(min_length=1, max_length=MAX_PATH_CHARS)
+
+    @field_validator("lora_name", "lora_path")
+    @classmethod
+    def _no_nul(cls, value: str) -> str:
+        if "\x00" in value:
+            raise ValueError("must not contain a NUL character")
+        return value
 
 
 class UnloadBody(BaseModel):

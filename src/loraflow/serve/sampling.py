@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 import torch
 
 GREEDY_BELOW = 1e-5
+# the seeds torch.Generator.manual_seed accepts (a signed or unsigned 64-bit integer)
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 MAX_LOGPROBS = 20
 
 
@@ -61,6 +63,10 @@ class SamplingParams:
             raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
         if self.logprobs is not None and not (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS):
             raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        if self.seed is not None and not (
+            isinstance(self.seed, int) and not isinstance(self.seed, bool) and SEED_MIN <= self.seed <= SEED_MAX
+        ):
+            raise ValueError(f"seed must be an integer in [{SEED_MIN}, {SEED_MAX}], got {self.seed!r}")
         if len(self.stop) > 16 or not all(isinstance(s, str) and s for s in self.stop):
             raise ValueError("stop must be at most 16 non-empty strings")
 

@@ -53,6 +53,7 @@ from loraflow.distributed.world import PARALLEL, World, start, stop
 from loraflow.help_format import HelpFormatter
 from loraflow.optim.apollo import MINI_SCALE
 from loraflow.optim.projector import SVD_METHODS
+from loraflow.threads import add_threads_argument, configure_threads
 from loraflow.train import checkpoint
 from loraflow.train.checkpoint import checkpoint_paths, lr_factor, trim_log  # noqa: F401 (their home before)
 from loraflow.train.corpus import (
@@ -302,6 +303,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--seed", type=int, default=0, help="seed of the initialization and the data order")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where to train")
+    add_threads_argument(ap)
     ap.add_argument(
         "--parallel",
         default="none",
@@ -349,6 +351,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
     world = start(args.parallel, args.device)
     args.device = str(world.device)
+    configure_threads(args.threads, args.device, "pretrain")  # under torchrun, its OMP_NUM_THREADS=1 stands
     try:
         result = _train(args, world, started)
         world.barrier()  # every process done before the group goes
