@@ -1,7 +1,8 @@
 """The paged decode-attention kernel against its bytes: a Llama-2-7B layer's decode attention
 (64 sequences, 32 heads of 128, pages of 16 rows, scattered) at several context lengths,
 for each tiling (one program a whole context, or the context split in chunks), against the
-time its keys and values take at the measured copy bandwidth, and against PyTorch's
+time its keys and values take at the measured copy bandwidth (the table as wide as ``--max-len``, as
+the engine's are), and against PyTorch's
 flash attention over the same keys and values stored contiguously (no paging: what a
 dense kernel reaches on the same bytes). ``--old FILE`` also times another version of
 ``serve/paged_attention.py`` (the one before a change), in the same process.
@@ -33,12 +34,15 @@ def copy_bandwidth() -> float:
     return 2 * x.numel() * 2 / (ms * 1e-3)
 
 
-def case(ctx: int, g: torch.Generator):
+def case(ctx: int, max_len: int, g: torch.Generator):
+    """Random q, keys, values and scattered pages; the block table as wide as ``max_len``."""
     width = -(-ctx // PAGE)
     pages = B * width + 1
     k = torch.randn(pages * PAGE, H, D, generator=g, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
-    table = torch.randperm(pages - 1, generator=g, device="cuda")[: B * width].view(B, width).int()
+    used = torch.randperm(pages - 1, generator=g, device="cuda")[: B * width].view(B, width).int()
+    table = torch.zeros(B, max(width, max_len // PAGE), dtype=torch.int32, device="cuda")
+    table[:, :width] = used
     q = torch.randn(B, H, D, generator=g, device="cuda", dtype=torch.bfloat16)
     lengths = torch.full((B,), ctx, device="cuda")
     return q, k, v, table, lengths
@@ -48,7 +52,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
     ap.add_argument("--old", help="another paged_attention.py to time beside this one")
-    ap.add_argument("--contexts", default="129,192,1088,4096")
+    ap.add_argument("--contexts", default="176,1088")
+    ap.add_argument("--max-len", type=int, default=4096, help="block-table width in positions (the engine's max_len)")
     args = ap.parse_args()
     old = None
     if args.old:
@@ -59,28 +64,17 @@ def main():
     g = torch.Generator("cuda").manual_seed(0)
     rows = []
     for ctx in [int(c) for c in args.contexts.split(",")]:
-        q, k, v, table, lengths = case(ctx, g)
+        q, k, v, table, lengths = case(ctx, args.max_len, g)
         kv_bytes = 2 * B * ctx * H * D * 2
         ref = paged_decode_reference(q, k, v, table, lengths, PAGE).float()
         variants = {"old": (lambda: old.paged_decode_attention(q, k, v, table, lengths, PAGE))} if old else {}
-        for chunk in (None, 64, 128, 256, 512):
-            for n, w, st in (
-                (16, 4, None),
-                (32, 4, None),
-                (32, 2, None),
-                (64, 4, None),
-                (64, 4, 2),
-                (64, 8, None),
-                (128, 8, None),
-            ):
-                if chunk is not None and chunk % n:
-                    continue
-                variants[f"chunk={chunk} block_n={n} warps={w} stages={st}"] = lambda c=chunk, n=n, w=w, st=st: (
-                    paged_decode_attention(
-                        q, k, v, table, lengths, PAGE, chunk=c, block_n=n, num_warps=w, num_stages=st
-                    )
+        for splits in (1, 2, 4, 8):
+            for n, w in ((16, 4), (32, 4), (32, 2), (64, 4)):
+                variants[f"splits={splits} block_n={n} warps={w}"] = lambda sp=splits, n=n, w=w: paged_decode_attention(
+                    q, k, v, table, lengths, PAGE, splits=sp, block_n=n, num_warps=w
                 )
-        kd, vd = (t.view(-1, PAGE, H, D)[table.long()].flatten(1, 2)[:, :ctx] for t in (k, v))  # (B, ctx, H, D)
+        pages = table[:, : -(-ctx // PAGE)].long()
+        kd, vd = (t.view(-1, PAGE, H, D)[pages].flatten(1, 2)[:, :ctx] for t in (k, v))  # (B, ctx, H, D)
         kd, vd = kd.transpose(1, 2).contiguous(), vd.transpose(1, 2).contiguous()  # (B, H, ctx, D)
         variants["dense flash (not paged)"] = lambda: F.scaled_dot_product_attention(q[:, :, None], kd, vd)[:, :, 0]
         for name, fn in variants.items():
@@ -107,7 +101,8 @@ def main():
         "torch": torch.__version__,
         "python": platform.python_version(),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": f"python benchmarks/scripts/decode_attention.py {args.out}" + (" --old OLD" if old else ""),
+        "command": f"python benchmarks/scripts/decode_attention.py {args.out} --contexts {args.contexts} "
+        f"--max-len {args.max_len}" + (" --old OLD" if old else ""),
         "copy_bandwidth_GBps": bw / 1e9,
         "rows": rows,
     }

@@ -63,7 +63,7 @@ def main():
         "base": [1e3 * decode_steps(eng, [None] * 64, 128, 48) for _ in range(2)],
         "adapters": [1e3 * decode_steps(eng, names, 128, 48) for _ in range(2)],
     }
-    key = (64, eng.bank.layout, "rows", "rows")
+    key = eng.graphs.key(64, "rows")
     own = eng.graphs.graphs[key]
     rows.append({"variant": "adapters, the engine's own graph", "decode_step_ms": step_ms, **replay_times(own[0], 30)})
     print(rows[-1], flush=True)

@@ -129,6 +129,8 @@ def main():
         "--profile", action="store_true", help="also write OUT.kernels.txt: GPU time per kernel of the replayed graphs"
     )
     ap.add_argument("--kernels", default="siblings,rows,fused", help="decode LoRA kernels to time, comma-separated")
+    ap.add_argument("--attention-splits", type=int, default=1, help="paged attention programs per (sequence, head)")
+    ap.add_argument("--attention-warps", type=int, default=4, help="paged attention warps per program")
     ap.add_argument("--no-compile", action="store_true", help="element-wise work eager (compile_pointwise=False)")
     args = ap.parse_args()
     kernels = args.kernels.split(",")
@@ -158,6 +160,7 @@ def main():
         for name, adapters, kernel in runs:
             if graphs:
                 eng.graphs.kernel = kernel
+                eng.graphs.attention_splits, eng.graphs.attention_warps = args.attention_splits, args.attention_warps
             # warm-up over the same steps: loads, compiles, captures, and meets every shape the
             # timed run meets (a backend that plans per shape must not bill whichever run is first)
             try:
@@ -183,8 +186,7 @@ def main():
                 "tokens_per_s": args.requests / s,
             }
             if graphs:  # the captured step replayed alone (writes only freed cache blocks)
-                key = (args.requests, eng.bank.layout if path else None, path, kernel if path else None)
-                graph = eng.graphs.graphs[key][0]
+                graph = eng.graphs.graphs[eng.graphs.key(args.requests, path)][0]
                 row.update(replay_times(graph))
                 to_profile.append((eng, f"## {name}, path {path}, kernel {row['kernel']}\n", graph))
             if not graphs:  # an eager step of 63 decode tokens and a new 4,000-token prompt
@@ -213,7 +215,8 @@ def main():
         + " --graphs-only" * args.graphs_only
         + " --profile" * args.profile
         + f" --kernels {args.kernels}"
-        + " --no-compile" * args.no_compile,
+        + " --no-compile" * args.no_compile
+        + f" --attention-splits {args.attention_splits} --attention-warps {args.attention_warps}",
         "rows": rows,
     }
     Path(args.out).write_text(json.dumps(out, indent=1))

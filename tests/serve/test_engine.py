@@ -150,6 +150,22 @@ def test_stale_nan_in_reused_cache_blocks_does_not_reach_other_requests(setup, g
         assert r.output_ids == reference(root, adapters.get(a), p, 5), (a, p)
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="CPU tensors through the Triton interpreter")
+def test_decode_steps_with_the_context_split_across_programs(setup):
+    """The paged kernel's context split in 3 (partial softmaxes, then the combine launch) gives
+    the reference's greedy tokens for contexts longer and shorter than 3 key blocks."""
+    root, adapters = setup
+    eng = engine(setup, max_batch_tokens=64, decode_graphs=True)
+    eng.runner.graphs.attention_splits, eng.runner.graphs.attention_warps = 3, 2
+    names, prompts = ["sql", None, "med"], [prompt(30 + i, 2 + 19 * i) for i in range(3)]
+    reqs = [eng.add_request(p, SamplingParams(max_tokens=6, temperature=0), a) for p, a in zip(prompts, names)]
+    while eng.has_work():
+        eng.step()
+    assert eng.runner.graphs.steps >= 4
+    for r, p, a in zip(reqs, prompts, names):
+        assert r.output_ids == reference(root, adapters.get(a), p, 6), (a, p)
+
+
 def test_generate_api_and_sampling_options(setup):
     eng = engine(setup)
     outs = eng.generate([prompt(1, 6), prompt(2, 6)], adapters=["sql", None], max_tokens=5, temperature=0.0)

@@ -8,9 +8,9 @@ from conftest import DEVICE
 from loraflow.serve.paged_attention import paged_decode_attention, paged_decode_reference
 
 
-@pytest.mark.parametrize("chunk", [None, 32, 64])  # one program a context; the context split in chunks
+@pytest.mark.parametrize("splits", [1, 2, 3, 8])  # one program a context; the context split in chunks
 @pytest.mark.parametrize("heads,kv_heads,head_dim,page", [(4, 4, 16, 4), (9, 3, 64, 16), (8, 2, 32, 8)])
-def test_paged_decode_equals_gathered_attention(heads, kv_heads, head_dim, page, chunk):
+def test_paged_decode_equals_gathered_attention(heads, kv_heads, head_dim, page, splits):
     g = torch.Generator().manual_seed(heads)
     pages, lengths = 24, torch.tensor([1, page, 37, 5 * page + 3])
     k = torch.randn(pages * page, kv_heads, head_dim, generator=g)
@@ -18,7 +18,7 @@ def test_paged_decode_equals_gathered_attention(heads, kv_heads, head_dim, page,
     table = torch.stack([torch.randperm(pages, generator=g) for _ in lengths]).int()  # scattered pages
     q = torch.randn(len(lengths), heads, head_dim, generator=g)
     args = [t.to(DEVICE) for t in (q, k, v, table, lengths)]
-    out = paged_decode_attention(*args, page, chunk=chunk, block_n=16)
+    out = paged_decode_attention(*args, page, splits=splits, block_n=16)
     ref = paged_decode_reference(*args, page)
     assert out.shape == (len(lengths), heads, head_dim)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
@@ -37,6 +37,6 @@ def test_paged_decode_bf16_on_the_gpu():
     table = torch.stack([torch.randperm(256, generator=g) for _ in range(64)]).int().cuda()
     lengths = torch.randint(1, 4096, (64,), generator=g).cuda()
     ref = paged_decode_reference(q, k, v, table, lengths, 16)
-    for chunk in (None, 256, 512):
-        out = paged_decode_attention(q, k, v, table, lengths, 16, chunk=chunk)
+    for splits in (1, 4, 16):
+        out = paged_decode_attention(q, k, v, table, lengths, 16, splits=splits)
         torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)

@@ -59,6 +59,10 @@ class DecodeGraphs:
         # expand a layer) or "fused" (one launch a layer). On an H200, a Llama-2-7B step with
         # 64 adapters replays in 12.92, 13.49 and 14.26 ms (results/engine-steps-h200-v7.json)
         self.kernel = "siblings"
+        # the paged attention kernel's tiling: programs per (sequence, KV head) and warps each;
+        # one program a context with 4 warps is what the engine was measured with on an H100
+        # (serve/paged_attention.py; benchmarks/scripts/engine_steps.py --attention-splits)
+        self.attention_splits, self.attention_warps = 1, 4
         self.steps = 0  # decode steps run through this path
         self.paths: Counter = Counter()  # ... by adapter path: None, "rows", "mask"
 
@@ -73,8 +77,9 @@ class DecodeGraphs:
             mask=self.mask[:n] if path == "mask" else None,
         )
         return Batch(
-            tokens, positions, ts, rows, block_table=self.table[:n], seq_lens=lengths, block_size=self.kv.block_size
-        )
+            tokens, positions, ts, rows, block_table=self.table[:n], seq_lens=lengths, block_size=self.kv.block_size,
+            attention_splits=self.attention_splits, attention_warps=self.attention_warps,
+        )  # fmt: skip
 
     @torch.inference_mode()
     def run(self, steps: list[tuple[int, int, int, list[int]]]) -> torch.Tensor:
@@ -101,13 +106,18 @@ class DecodeGraphs:
         self.paths[path] += 1
         if not self.capture:
             return self.model(self._batch(size, path), self.kv.layers)[:n]
-        key = (size, self.bank.layout if path else None, path, self.kernel if path == "rows" else None)
+        key = self.key(size, path)
         if key not in self.graphs:
             self.graphs = {k: v for k, v in self.graphs.items() if k[1] in (None, self.bank.layout)}
             self.graphs[key] = self._capture(size, path)
         graph, logits = self.graphs[key]
         graph.replay()
         return logits[:n]
+
+    def key(self, size: int, path: str | None) -> tuple:
+        """The captured graph of a bucket: adapter layout and path, LoRA kernel, attention tiling."""
+        kernel = self.kernel if path == "rows" else None
+        return size, self.bank.layout if path else None, path, kernel, (self.attention_splits, self.attention_warps)
 
     def _capture(self, size: int, path: str | None) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """Warm up on a side stream (compiles the Triton kernels), then capture. The buffers

@@ -138,6 +138,8 @@ class Batch:
     block_table: torch.Tensor | None = None  # decode: (N, max_blocks) int32 block ids of each sequence
     seq_lens: torch.Tensor | None = None  # decode: (N,) context length, the new token included
     block_size: int = 0
+    attention_splits: int = 1  # decode: programs per (sequence, KV head) of the paged kernel
+    attention_warps: int = 4  # decode: warps per program of the paged kernel
 
 
 class Attention(nn.Module):
@@ -162,7 +164,10 @@ class Attention(nn.Module):
         cache_k.index_copy_(0, b.cache_index, k)  # cache: (rows, Hkv, D)
         cache_v.index_copy_(0, b.cache_index, v)
         if b.block_table is not None:  # decode: paged kernel
-            o = paged_decode_attention(q, cache_k, cache_v, b.block_table, b.seq_lens, b.block_size)
+            o = paged_decode_attention(
+                q, cache_k, cache_v, b.block_table, b.seq_lens, b.block_size,
+                splits=b.attention_splits, num_warps=b.attention_warps,
+            )  # fmt: skip
             return self.o_proj(o.view(-1, H * D), b.slots)
         out = q.new_empty(q.shape[0], H * D)  # (N, H·D)
         for g in b.groups:

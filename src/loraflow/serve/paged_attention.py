@@ -7,21 +7,22 @@ For sequence b with context length L_b and query head h (KV head g(h) = h // (H 
     o_{b,h} = Σ_{j < L_b} softmax_j(q_{b,h} · k_{b,j,g} / √d) v_{b,j,g},
     k_{b,j} = cache_k[table[b, j // block] · block + j % block]
 
-One Triton program per (sequence, KV head, context chunk of ``chunk`` positions) handles that
-KV head's group of query heads over its chunk with an online softmax, and writes its partial
-result: the running maximum m_c, the sum l_c = Σ exp(s - m_c) and the unnormalised
-acc_c = Σ exp(s - m_c) v. A second launch combines the chunks of each (sequence, head):
+One Triton program per (sequence, KV head, split c of ``splits``) handles that KV head's group
+of query heads over its chunk of the context (c·C_b up to (c+1)·C_b, C_b = L_b / splits
+rounded up to the key block) with an online softmax, and writes its partial result: the
+running maximum m_c, the sum l_c = Σ exp(s - m_c) and the unnormalised acc_c = Σ exp(s - m_c) v.
+A second launch combines the chunks of each (sequence, head):
 
     M = max_c m_c,   o = Σ_c exp(m_c - M) acc_c / Σ_c exp(m_c - M) l_c
 
 Splitting the context is what keeps the GPU's memory busy: a decode step of 64 sequences
 has only 64 · H_kv (sequence, head) pairs, each a chain of dependent loads, too few to hide
-the memory's latency when each walks its whole context alone. With ``chunk=None`` each
+the memory's latency when each walks its whole context alone. With ``splits=1`` each
 program walks the whole context and writes o directly (one launch). Shapes do not depend on
-the context lengths (the chunk count follows the block table's width; chunks past a
-sequence's end do nothing), so the decode step can be captured in a CUDA graph and
-replayed. Runs on CPU tensors under ``TRITON_INTERPRET=1`` for tests;
-``paged_decode_reference`` is the PyTorch reference.
+the context lengths (each sequence's chunk length is computed in the kernel from its
+length), so the decode step can be captured in a CUDA graph and replayed. Runs on CPU
+tensors under ``TRITON_INTERPRET=1`` for tests; ``paged_decode_reference`` is the PyTorch
+reference.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
-CHUNK = 128  # context positions per program when the context is split (see ``paged_decode_attention``)
 
 
 @triton.jit
@@ -61,18 +61,18 @@ def _paged_decode(
     BLOCK_D: tl.constexpr,
     PAGE: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    CHUNK: tl.constexpr,
-    SPLIT: tl.constexpr,
+    SPLITS: tl.constexpr,
 ):
-    """SPLIT: partial (acc, m, l) of chunk c into out[b, h, c], m[b, h, c], l[b, h, c];
+    """SPLITS > 1: partial (acc, m, l) of chunk c into out[b, h, c], m[b, h, c], l[b, h, c];
     else the normalised output into out[b, h]."""
     b = tl.program_id(0)
     g = tl.program_id(1)
     c = tl.program_id(2)
     length = tl.load(lens_ptr + b)
-    if SPLIT:
-        start = c * CHUNK
-        end = tl.minimum(start + CHUNK, length)
+    if SPLITS > 1:
+        chunk = tl.cdiv(tl.cdiv(length, SPLITS), BLOCK_N) * BLOCK_N
+        start = c * chunk
+        end = tl.minimum(start + chunk, length)
     else:
         start = 0
         end = length
@@ -103,7 +103,7 @@ def _paged_decode(
         denom = denom * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
         m = m_new
-    if SPLIT:
+    if SPLITS > 1:
         o_off = b * stride_ot + heads[:, None] * stride_oh + c * stride_oc + ds[None, :]
         tl.store(out_ptr + o_off, acc, mask=qmask)
         ml_off = (b * GROUP * tl.num_programs(1) + heads) * tl.num_programs(2) + c
@@ -129,7 +129,7 @@ def _combine(
     BLOCK_C: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    CHUNK: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """o[b, h] = Σ_c exp(m_c - M) acc_c / Σ_c exp(m_c - M) l_c over the chunks that hold context."""
     b = tl.program_id(0)
@@ -137,7 +137,8 @@ def _combine(
     length = tl.load(lens_ptr + b)
     cs = tl.arange(0, BLOCK_C)
     ds = tl.arange(0, BLOCK_D)
-    live = (cs < N_CHUNKS) & (cs * CHUNK < length)
+    chunk = tl.cdiv(tl.cdiv(length, N_CHUNKS), BLOCK_N) * BLOCK_N  # as the partial launch cut it
+    live = (cs < N_CHUNKS) & (cs * chunk < length)
     base = (b * N_HEADS + h) * N_CHUNKS
     m = tl.load(m_ptr + base + cs, mask=live, other=float("-inf"))  # (C,)
     denom = tl.load(l_ptr + base + cs, mask=live, other=0.0)
@@ -158,7 +159,7 @@ def paged_decode_attention(
     lengths: torch.Tensor,
     page: int,
     *,
-    chunk: int | None = None,
+    splits: int = 1,
     block_n: int | None = None,
     num_warps: int = 4,
     num_stages: int | None = None,
@@ -167,18 +168,16 @@ def paged_decode_attention(
 
     q: (B, H, D); cache_k, cache_v: (rows, H_kv, D) with rows = pages · page; table:
     (B, max_pages) int32 page ids; lengths: (B,) context length of each sequence (>= 1, the
-    new token's keys and values already written). ``chunk``: context positions per program
-    (a multiple of the key block); the launch covers ``max_pages · page`` positions, so its
-    shape follows the table's width alone; None (the default): one program walks a whole
-    context. Measured on an H100, 64 sequences of 32 heads of 128
-    (``benchmarks/scripts/decode_attention.py``, ``results/decode-attention-h100.json``): the
-    kernel alone, 32 keys a step, takes 99 us at 176 positions and 503 us at 1,088 (61% and
-    75% of the keys' and values' time at the copy bandwidth; 128 and 675 us with 64 keys a
-    step), and chunks of 128 with 2 warps 89 and 419 us (68%, 90%) when the table is as wide
-    as the context. In the engine, whose tables are as wide as ``max_len`` (32 chunks of 128
-    at 4,096, most of them past the context), the split step replayed in 9.72 ms against
-    8.62 ms unsplit: the split pays once its chunk count follows the batch's longest context
-    (a graph per context bucket), not yet done.
+    new token's keys and values already written). ``splits``: programs per (sequence, KV
+    head), each over 1/splits of that sequence's context (then a combine launch); 1: one
+    program walks a whole context. Measured on an H100, 64 sequences of 32 heads of 128
+    (``benchmarks/scripts/decode_attention.py``, ``results/decode-attention-h100.json``): one
+    program a context with 32 keys a step takes 99 us at 176 positions and 503 us at 1,088
+    (61% and 75% of the keys' and values' time at the copy bandwidth; 128 and 675 us with 64
+    keys a step, before); chunks of 128 positions with 2 warps took 89 and 419 us (68%, 90%)
+    when the launch held no chunk past the context. Fixed-size chunks over the engine's
+    max_len-wide tables replayed a decode step slower (9.72 against 8.62 ms), hence chunks
+    that follow each sequence's length; their speed in the engine is not measured yet.
     ``block_n``, ``num_warps``, ``num_stages``: the kernel's tiling (benchmarks). Returns (B, H, D)."""
     B, H, D = q.shape
     h_kv = cache_k.shape[1]
@@ -187,10 +186,8 @@ def paged_decode_attention(
     block_g, block_d = triton.next_power_of_2(group), triton.next_power_of_2(D)
     if block_n is None:  # (G, N, D) of 4,096 elements: 32 keys a step for one head of 128 (fastest measured)
         block_n = max(16, min(32, 4096 // (block_g * block_d)))
-    n_chunks = 1 if chunk is None else -(-table.shape[1] * page // chunk)
-    split = n_chunks > 1
-    if split:
-        assert chunk % block_n == 0, "chunk must be a multiple of block_n"
+    n_chunks = splits
+    split = splits > 1
     out = torch.empty_like(q)
     part = torch.empty(B, H, n_chunks, D, dtype=torch.float32, device=q.device) if split else out
     m = torch.empty(B, H, n_chunks, dtype=torch.float32, device=q.device) if split else out
@@ -220,8 +217,7 @@ def paged_decode_attention(
         BLOCK_D=block_d,
         PAGE=page,
         BLOCK_N=block_n,
-        CHUNK=chunk or 1,
-        SPLIT=split,
+        SPLITS=splits,
         **opts,
     )
     if split:
@@ -238,7 +234,7 @@ def paged_decode_attention(
             BLOCK_C=triton.next_power_of_2(n_chunks),
             HEAD_DIM=D,
             BLOCK_D=block_d,
-            CHUNK=chunk,
+            BLOCK_N=block_n,
             num_warps=4,
         )
     return out
