@@ -101,3 +101,47 @@ def test_finetune_outputs_are_readable_as_a_normal_open_makes_them(tmp_path, uma
     mode = lambda p: p.stat().st_mode & 0o777  # noqa: E731
     assert mode(tmp_path / "run.json") == 0o666 & ~umask
     assert mode(tmp_path / "out") == 0o777 & ~umask and mode(tmp_path / "out" / "adapter_config.json") == 0o666 & ~umask
+
+
+@pytest.mark.parametrize("mode", ["raise", "kill"])
+@pytest.mark.parametrize("exchange", [True, False], ids=["exchange", "fallback"])
+def test_updating_an_adapter_in_a_run_folder_at_every_step_keeps_it_whole(tmp_path, mode, exchange):
+    """``atomic_update_dir`` failing or killed at each rename / exchange / removal: the owned
+    files are all old or all new, and the run's other files stay (the same inodes)."""
+    from test_file_kills import Killed, faults
+
+    from loraflow.atomic import atomic_update_dir, recover_dir
+
+    owned = {"adapter_config.json", "adapter_model.safetensors"}
+
+    def version(v):
+        return lambda d: [(d / name).write_text(v) for name in owned]
+
+    def check(out):
+        found = recover_dir(out) or out
+        assert {(found / name).read_text() for name in owned} in ({"old"}, {"new"})
+        assert (found / "log.jsonl").stat().st_ino == log_inode and (
+            found / "checkpoint" / "state.pt"
+        ).read_text() == "s"
+        return (found / "adapter_config.json").read_text()
+
+    out = tmp_path / "out"
+    (out / "checkpoint").mkdir(parents=True)
+    (out / "checkpoint" / "state.pt").write_text("s")
+    (out / "log.jsonl").write_text("{}\n")
+    log_inode = (out / "log.jsonl").stat().st_ino
+    atomic_update_dir(out, version("old"), owned)
+    with faults(mode=mode, exchange=exchange) as counted:
+        atomic_update_dir(out, version("new"), owned)
+    outcomes = []
+    for n in range(1, len(counted) + 1):
+        atomic_update_dir(out, version("old"), owned)
+        with pytest.raises(Killed if mode == "kill" else OSError, match="step"):
+            with faults(at=n, mode=mode, exchange=exchange):
+                atomic_update_dir(out, version("new"), owned)
+        outcomes.append(check(out))
+        if not out.exists():  # killed between the fallback's two renames: finetune's prepare puts it back
+            os.replace(recover_dir(out), out)
+        atomic_update_dir(out, version("new"), owned)  # a later save succeeds and cleans up
+        assert [p.name for p in tmp_path.iterdir()] == ["out"] and check(out) == "new"
+    assert outcomes[0] == "old"
