@@ -130,6 +130,9 @@ class AdapterFileError(ValueError):
     def brief(self, name: str) -> str:
         return f"adapter {name!r}: {self.problem}"
 
+    def __reduce__(self):  # picklable (to another process) with its three arguments
+        return type(self), (self.folder, self.problem, str(self))
+
 
 class AdapterFileMissing(AdapterFileError, FileNotFoundError):
     """An adapter folder, or one of its files, that does not exist."""
