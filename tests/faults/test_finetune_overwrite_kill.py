@@ -145,3 +145,20 @@ def test_updating_an_adapter_in_a_run_folder_at_every_step_keeps_it_whole(tmp_pa
         atomic_update_dir(out, version("new"), owned)  # a later save succeeds and cleans up
         assert [p.name for p in tmp_path.iterdir()] == ["out"] and check(out) == "new"
     assert outcomes[0] == "old"
+
+
+def test_a_run_folder_parked_by_a_killed_fallback_swap_is_put_back(tmp_path):
+    """Without the atomic exchange, a kill between the swap's two renames leaves no OUT but a
+    whole ``.OUT.old``: the next finetune on OUT (here --overwrite's checks) renames it back."""
+    from loraflow.atomic import old_path
+    from loraflow.finetune.config import FinetuneConfig
+    from loraflow.finetune.outputs import RunFolder
+
+    out = tmp_path / "out"
+    parked = old_path(out)
+    parked.mkdir()
+    (parked / "adapter_config.json").write_text("{}")
+    (parked / "run.json").write_text("{}")
+    with pytest.raises(ValueError, match="already holds a fine-tuned adapter"):  # seen as OUT: not lost
+        RunFolder(out, FinetuneConfig(out=str(out), data="train.jsonl")).prepare()
+    assert (out / "adapter_config.json").is_file() and not parked.exists()
