@@ -23,20 +23,14 @@ def cmd_prepare(args) -> None:
 
 
 def cmd_inspect(args) -> None:
-    """Print an adapter folder's config and tensor shapes."""
-    from safetensors import safe_open
+    """Print an adapter folder's config and tensor shapes (a classifier's: and its trained head)."""
+    from loraflow.adapters.describe import describe_adapter
 
-    from loraflow.adapters.files import WEIGHTS_NAME, read_adapter
-
-    folder = Path(args.path)
     try:  # checks it all: the folder, the config's JSON and fields, the weights file and tensors
-        config, _ = read_adapter(folder)
+        text = describe_adapter(Path(args.path))
     except (OSError, ValueError) as e:
         sys.exit(f"loraflow inspect: {e}")
-    print(config)
-    with safe_open(folder / WEIGHTS_NAME, framework="pt") as f:
-        for key in f.keys():
-            print(f"  {key}  {tuple(f.get_slice(key).get_shape())}")
+    print(text)  # outside the try: a closed pipe (BrokenPipeError, an OSError) is main's to handle
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -27,8 +27,8 @@ def files(tmp_path_factory):
     sql = peft_adapter(root / "base", root / "dir" / "sql", 4, ["q_proj", "v_proj"], seed=1)
     for name, edit in [
         ("nan", lambda t: t.fill_(float("nan"))),  # NaN in the file
-        ("boom", lambda t: t.fill_(3e38)),
-    ]:  # finite in the file, inf once used
+        ("boom", lambda t: t.fill_(3e38)),  # finite in the file, inf once used: refused by the loader's bound
+    ]:
         folder = peft_adapter(
             root / "base", root / ("dir" if name == "boom" else "broken") / name, 2, ["down_proj"], seed=7
         )
@@ -93,7 +93,9 @@ def test_an_adapter_with_nan_weights_is_refused_at_load_with_the_layer_named(ser
     assert error(complete(server, model="nan", prompt="w1"), 404)["code"] == "model_not_found"
 
 
-def test_an_adapter_whose_output_overflows_fails_only_its_own_requests(server):
+def requests_of(server, models):
+    """Concurrent completions, one per (model, temperature, logprobs) of ``models``."""
+
     async def run():
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as h:
             return await asyncio.gather(
@@ -102,21 +104,57 @@ def test_an_adapter_whose_output_overflows_fails_only_its_own_requests(server):
                         "/v1/completions",
                         json={"model": m, "prompt": prompt(2, 5), "max_tokens": 3, "temperature": t, "logprobs": lp},
                     )
-                    for m, t, lp in [
-                        ("boom", 1.0, None),
-                        ("boom", 0.0, None),
-                        ("boom", 0.0, 2),
-                        ("sql", 1.0, None),
-                        ("base", 0.0, None),
-                    ]
+                    for m, t, lp in models
                 ]
             )
 
-    *boom, sql, base = asyncio.run(run())
+    return asyncio.run(run())
+
+
+def test_an_adapter_with_garbage_weights_fails_only_its_own_requests(server):
+    """Weights of 3e38, finite in the file: beyond the loader's |w| bound, a 400 naming it."""
+    *boom, sql, base = requests_of(
+        server, [("boom", 1.0, None), ("boom", 0.0, None), ("boom", 0.0, 2), ("sql", 1.0, None), ("base", 0.0, None)]
+    )
+    for r in boom:
+        message = error(r, 400)["message"]
+        assert "adapter 'boom'" in message and "beyond the |w| <= 10000" in message and "down_proj" in message
+    assert sql.status_code == 200 and base.status_code == 200
+    assert server.loop.engine.registry.pins["boom"] == 0
+
+
+def test_an_adapter_whose_output_overflows_fails_only_its_own_requests(server, files, monkeypatch):
+    """Factors that pass the loader's checks but overflow once used (here scaled after the
+    load): the engine's guard fails the requests that use them, with a 500."""
+    from loraflow.serve import registry
+
+    real = registry.factors_for_bank
+
+    def overflowing(path, shapes, r_max, name=None):
+        factors = real(path, shapes, r_max, name)
+        if name == "overflow":
+            for module, (a, b) in factors.items():
+                factors[module] = (a, b * 3e38)
+        return factors
+
+    monkeypatch.setattr(registry, "factors_for_bank", overflowing)
+    root, _ = files
+    server.loop.engine.registry.register("overflow", root / "dir" / "sql")
+    *boom, sql, base = requests_of(
+        server,
+        [
+            ("overflow", 1.0, None),
+            ("overflow", 0.0, None),
+            ("overflow", 0.0, 2),
+            ("sql", 1.0, None),
+            ("base", 0.0, None),
+        ],
+    )
     for r in boom:
         assert "non-finite logits" in error(r, 500)["message"]
     assert sql.status_code == 200 and base.status_code == 200
-    assert server.loop.engine.registry.pins["boom"] == 0
+    assert server.loop.engine.registry.pins["overflow"] == 0
+    server.loop.engine.registry.unregister("overflow")
 
 
 @pytest.mark.parametrize("name,words", [("truncated", "truncated"), ("no_b", "lora_B"), ("no_r", "'r'")])

@@ -15,6 +15,7 @@ inside the folder.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import warnings
@@ -29,7 +30,7 @@ from loraflow.adapters.kinds import kind_named
 from loraflow.adapters.layer import AdapterLinear, adapter_layers
 from loraflow.adapters.manage import active_adapter, attach, list_adapters
 from loraflow.atomic import atomic_write_dir, recover_dir
-from loraflow.modules import find_targets, is_conv1d, linear_module_names
+from loraflow.modules import find_targets, is_conv1d, linear_module_names, pattern_value
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -103,16 +104,52 @@ def _check_replaceable(path: Path) -> None:
         raise ValueError(f"{path} exists and is not a folder; save the adapter to another path")
 
 
+# Reading ------------------------------------------------------------------------------------
+# Bounds on what an adapter file may hold: far beyond anything training makes (a trained LoRA
+# factor's entries stay below ~10, PEFT's lora_alpha is 8 to a few hundred), low enough to
+# refuse garbage (values x1e30, an alpha of 1e38) that would turn every output into Inf / NaN.
+MAX_WEIGHT = 1e4  # the largest |w| accepted in an adapter's tensors
+MAX_ALPHA = 1e5  # the largest lora_alpha (and alpha_pattern value) accepted
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+class AdapterFileError(ValueError):
+    """An adapter folder that cannot be used. ``problem`` says what is wrong, naming the file
+    by its base name, the field or layer and the value, and the fix. ``str()`` adds the folder,
+    for a local user (a problem that begins with a file's name reads as that file's path);
+    ``brief(name)`` the adapter's name instead, for a server's clients, who should not learn
+    the server's paths."""
+
+    def __init__(self, folder: str | os.PathLike, problem: str, local: str | None = None):
+        self.folder, self.problem = Path(folder), problem
+        if local is None:
+            starts = problem.split(" ", 1)[0].rstrip(":")
+            local = f"{self.folder / problem}" if starts in ADAPTER_FILES else f"adapter {self.folder}: {problem}"
+        super().__init__(local)
+
+    def brief(self, name: str) -> str:
+        return f"adapter {name!r}: {self.problem}"
+
+    def __reduce__(self):  # picklable (to another process) with its three arguments
+        return type(self), (self.folder, self.problem, str(self))
+
+
+class AdapterFileMissing(AdapterFileError, FileNotFoundError):
+    """An adapter folder, or one of its files, that does not exist."""
+
+
 def read_adapter(path: str | os.PathLike, allow_pickle: bool = False):
     """An adapter folder's config and tensors by module: (config, {module: {suffix: tensor}}),
     for an adapter alone: one that also holds trained modules (PEFT's ``modules_to_save``, a
     classifier's head) is refused with a ValueError; ``read_adapter_files`` reads those too."""
     config, by_module, saved = read_adapter_files(path, allow_pickle)
     if saved:
-        raise ValueError(
-            f"adapter {path} also holds trained modules {sorted(saved)} (PEFT's modules_to_save, e.g. a "
-            "classifier's head): it belongs to a model with those modules; load it with "
-            "lf.load_adapter on such a model (a classifier: loraflow eval --adapter)"
+        raise AdapterFileError(
+            path,
+            f"{CONFIG_NAME} lists trained modules {sorted(saved)} (modules_to_save: a classifier's head, "
+            "saved by loraflow finetune --task classification): the adapter works only with those modules, on "
+            "the model they were trained with; load it with lf.load_adapter on such a model, score it with "
+            "loraflow eval --adapter, or describe it with loraflow inspect",
         )
     return config, by_module
 
@@ -121,38 +158,31 @@ def read_adapter_files(path: str | os.PathLike, allow_pickle: bool = False):
     """An adapter folder's config, tensors by module, and the tensors of the whole modules
     saved with it: (config, {module: {suffix: tensor}}, {module: {param: tensor}}).
 
-    Everything is checked: every failure is a FileNotFoundError (missing folder or file) or a
-    ValueError naming the file and the problem: a config that is not a JSON object or lacks a
-    field, a truncated or corrupt weights file, a layer without all of its tensors (lora_A but
-    no lora_B), NaN or Inf values, or adapter_config.json / the weights file being a symlink to
-    somewhere outside the folder (the folder itself may be a symlink).
+    Everything is checked; every failure is an ``AdapterFileError`` (a ValueError; for a
+    missing folder or file ``AdapterFileMissing``, also a FileNotFoundError) naming the file,
+    the field or layer, the value and the fix:
+
+    * adapter_config.json: not a JSON object, a field missing or of the wrong type, a
+      ``lora_alpha`` (or ``alpha_pattern`` value) that is not a finite number in
+      (0, ``MAX_ALPHA``];
+    * the weights: a truncated or corrupt file, a layer without all of its tensors (lora_A but
+      no lora_B), a rank that is not the config's ``r`` / ``rank_pattern`` for that layer
+      (config and weights of different saves), tensors that are not floating point, NaN or
+      Inf values, or values beyond ±``MAX_WEIGHT``;
+    * adapter_config.json / the weights file being a symlink to somewhere outside the folder
+      (the folder itself may be a symlink).
 
     If ``path`` is missing because a ``save_adapter`` was killed between the two renames of its
     fallback swap (systems without an atomic exchange), the whole previous adapter is at
     ``.NAME.old`` beside it: that one is read, with a warning, and the next save cleans up.
     """
-    path = Path(path)
-    if not path.is_dir():
-        parked = recover_dir(path)
-        if parked is None or not (parked / CONFIG_NAME).is_file():
-            raise FileNotFoundError(f"adapter folder {path} does not exist")
-        warnings.warn(
-            f"adapter folder {path} is missing: a save over it was interrupted; reading the "
-            f"previous version from {parked}. Save the adapter again to finish",
-            stacklevel=2,
-        )
-        path = parked
-    config_file = _inside(path, CONFIG_NAME)
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file} is missing: not an adapter folder")
-    try:
-        fields = json.loads(config_file.read_text())
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-        raise ValueError(f"{config_file} is not valid JSON ({e}); save the adapter again or fix the file") from e
+    path = _existing_folder(Path(path))
+    fields = _read_fields(path)
+    _check_alphas(path, fields)
     try:
         config = config_from_fields(fields)
     except ValueError as e:
-        raise ValueError(f"{config_file}: {e}") from e
+        raise AdapterFileError(path, f"{CONFIG_NAME}: {e}") from e
     tensors = _read_weights(path, allow_pickle)
     saved = _saved_modules(path, fields, tensors)  # pops their tensors
     pattern = re.compile(rf"^(?:{re.escape(PREFIX)})?(.+?)\.({kind_named(config.kind).keys})$")
@@ -160,23 +190,70 @@ def read_adapter_files(path: str | os.PathLike, allow_pickle: bool = False):
     for key, t in tensors.items():
         m = pattern.match(_strip_adapter_name(key))
         if m is None:
-            raise ValueError(
-                f"{path / WEIGHTS_NAME}: key {key!r} is not a {config.kind} adapter "
-                f"weight (expected '<module>.{kind_named(config.kind).keys}')"
+            raise AdapterFileError(
+                path,
+                f"{WEIGHTS_NAME}: key {key!r} is not a {config.kind} adapter "
+                f"weight (expected '<module>.{kind_named(config.kind).keys}')",
             )
         by_module.setdefault(m.group(1), {})[m.group(2)] = t
     if not by_module:
-        raise ValueError(f"{path / WEIGHTS_NAME} holds no adapter weights")
+        raise AdapterFileError(path, f"{WEIGHTS_NAME} holds no adapter weights")
     for module, found in by_module.items():
         _check_layer(path, config, module, found)
     return config, by_module, saved
+
+
+def _existing_folder(path: Path) -> Path:
+    """``path``, or the whole previous folder a killed save parked beside it (with a warning)."""
+    if path.is_dir():
+        return path
+    parked = recover_dir(path)
+    if parked is None or not (parked / CONFIG_NAME).is_file():
+        raise AdapterFileMissing(path, "its folder does not exist", local=f"adapter folder {path} does not exist")
+    warnings.warn(
+        f"adapter folder {path} is missing: a save over it was interrupted; reading the "
+        f"previous version from {parked}. Save the adapter again to finish",
+        stacklevel=3,
+    )
+    return parked
+
+
+def _read_fields(path: Path) -> dict:
+    config_file = _inside(path, CONFIG_NAME)
+    if not config_file.is_file():
+        raise AdapterFileMissing(path, f"{CONFIG_NAME} is missing: not an adapter folder")
+    try:
+        return json.loads(config_file.read_text())
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise AdapterFileError(
+            path, f"{CONFIG_NAME} is not valid JSON ({e}); save the adapter again or fix the file"
+        ) from e
+
+
+def _check_alphas(path: Path, fields) -> None:
+    """``lora_alpha`` and each ``alpha_pattern`` value: a finite number in (0, MAX_ALPHA]."""
+    if not isinstance(fields, dict) or fields.get("peft_type") != "LORA":
+        return  # not a LoRA config: config_from_fields names what is wrong
+    pattern = fields.get("alpha_pattern") or {}
+    named = {"lora_alpha": fields.get("lora_alpha", 8)}
+    if isinstance(pattern, dict):
+        named.update({f"alpha_pattern[{k!r}]": v for k, v in pattern.items()})
+    for field, value in named.items():
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or not math.isfinite(value) or not 0 < value <= MAX_ALPHA:
+            raise AdapterFileError(
+                path,
+                f"{CONFIG_NAME}: {field} is {value!r}; it must be a finite number in (0, {MAX_ALPHA:g}] "
+                "(LoRA scales its update by alpha / r; PEFT's default is 8, common values 16 to 128): set it "
+                "to the alpha the adapter was trained with, or save the adapter again",
+            )
 
 
 def _saved_modules(path: Path, fields: dict, tensors: dict) -> dict[str, dict[str, torch.Tensor]]:
     """Take the tensors of the config's ``modules_to_save`` out of ``tensors``, by module."""
     names = fields.get("modules_to_save") or []
     if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
-        raise ValueError(f"{path / CONFIG_NAME}: modules_to_save must be a list of module names, got {names!r}")
+        raise AdapterFileError(path, f"{CONFIG_NAME}: modules_to_save must be a list of module names, got {names!r}")
     saved: dict[str, dict[str, torch.Tensor]] = {}
     for key in list(tensors):
         bare = key.removeprefix(PREFIX)
@@ -185,28 +262,71 @@ def _saved_modules(path: Path, fields: dict, tensors: dict) -> dict[str, dict[st
                 saved.setdefault(name, {})[bare[len(name) + 1 :]] = tensors.pop(key)
     for name, found in saved.items():
         for param, t in found.items():
-            if t.is_floating_point() and not torch.isfinite(t).all():
-                raise ValueError(f"adapter {path}: saved module {name} has non-finite values in {param}")
+            if t.is_floating_point():
+                _check_values(path, f"saved module {name}", param, t)
     missing = [n for n in names if n not in saved]
     if missing:
-        raise ValueError(f"adapter {path}: the config lists modules_to_save {missing} but the weights file lacks them")
+        raise AdapterFileError(
+            path,
+            f"{CONFIG_NAME} lists modules_to_save {missing} but {WEIGHTS_NAME} lacks them; save the adapter again",
+        )
     return saved
 
 
 def _check_layer(path: Path, config, module: str, found: dict[str, torch.Tensor]) -> None:
-    needed = kind_named(config.kind).required_keys(found)
+    """One layer's tensors: all there, of the config's rank, floating point, finite, bounded."""
+    kind = kind_named(config.kind)
+    needed = kind.required_keys(found)
     missing = [k for k in needed if k not in found]
     if missing:
-        raise ValueError(
-            f"adapter {path}: layer {module} has {sorted(found)} but no {', '.join(missing)}; "
-            "the weights file is incomplete: save or convert the adapter again"
+        raise AdapterFileError(
+            path,
+            f"layer {module} has {sorted(found)} but no {', '.join(missing)} in {WEIGHTS_NAME}; "
+            "the weights file is incomplete: save or convert the adapter again",
         )
     for suffix, t in found.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            what = " and ".join(w for w, bad in (("NaN", t.isnan().any()), ("Inf", t.isinf().any())) if bad)
-            raise ValueError(
-                f"adapter {path}: layer {module} has non-finite values in {suffix} ({what}); retrain or fix the file"
+        if t.dtype not in WEIGHT_DTYPES:
+            raise AdapterFileError(
+                path,
+                f"layer {module}: {suffix} is {str(t.dtype).removeprefix('torch.')} in {WEIGHTS_NAME}; adapter "
+                "weights are floating point (float32, bfloat16, float16): save the adapter again from its model",
             )
+    _check_rank(path, config, module, found)
+    for suffix, t in found.items():
+        _check_values(path, f"layer {module}", suffix, t)
+
+
+def _check_rank(path: Path, config, module: str, found: dict[str, torch.Tensor]) -> None:
+    """The rank the tensors have is the one adapter_config.json gives the layer (``r``, or
+    ``rank_pattern``'s entry): else the scale alpha / r would be computed with another rank."""
+    if not hasattr(config, "rank_pattern"):
+        return  # Deep LoRA: its width is the file's own
+    has = kind_named(config.kind).shape_from_file(found).get("r")
+    says = pattern_value(module, config.rank_pattern, config.r)
+    if has is not None and has != says:
+        source = "its rank_pattern" if says != config.r else f"r = {config.r}"
+        raise AdapterFileError(
+            path,
+            f"layer {module} has rank {has} in {WEIGHTS_NAME} but {CONFIG_NAME} gives it rank {says} ({source}): "
+            "the config and the weights are of different saves; save the adapter again (or set r / "
+            "rank_pattern to the weights' ranks)",
+        )
+
+
+def _check_values(path: Path, owner: str, suffix: str, t: torch.Tensor) -> None:
+    """No NaN or Inf, and no |value| above MAX_WEIGHT."""
+    if not torch.isfinite(t).all():
+        what = " and ".join(w for w, bad in (("NaN", t.isnan().any()), ("Inf", t.isinf().any())) if bad)
+        raise AdapterFileError(
+            path, f"{owner} has non-finite values in {suffix} ({what}); retrain or fix {WEIGHTS_NAME}"
+        )
+    peak = float(t.abs().max()) if t.numel() else 0.0
+    if peak > MAX_WEIGHT:
+        raise AdapterFileError(
+            path,
+            f"{owner} has values up to {peak:.3g} in {suffix}, beyond the |w| <= {MAX_WEIGHT:g} that trained "
+            f"adapters stay far within: {WEIGHTS_NAME} is corrupt or was scaled; retrain or save the adapter again",
+        )
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = None, allow_pickle: bool = False) -> str:
@@ -242,15 +362,17 @@ def _saved_state(model: nn.Module, path: Path, module: str, found: dict[str, tor
     try:
         own = model.get_submodule(module).state_dict()
     except AttributeError:
-        raise ValueError(
-            f"adapter {path} was saved with a trained module {module!r} (e.g. a classifier head) that this "
-            f"model ({type(model).__name__}) lacks; load it on the model it was trained with"
+        raise AdapterFileError(
+            path,
+            f"it was saved with a trained module {module!r} (e.g. a classifier head) that this "
+            f"model ({type(model).__name__}) lacks; load it on the model it was trained with",
         ) from None
     if set(own) != set(found) or any(own[k].shape != found[k].shape for k in own):
         shapes = {k: tuple(v.shape) for k, v in found.items()}
-        raise ValueError(
-            f"adapter {path}: saved module {module} has {shapes} but this model's has "
-            f"{ {k: tuple(v.shape) for k, v in own.items()} } (another number of classes?)"
+        raise AdapterFileError(
+            path,
+            f"saved module {module} has {shapes} but this model's has "
+            f"{ {k: tuple(v.shape) for k, v in own.items()} } (another number of classes?)",
         )
     return {k: t.to(own[k].device, own[k].dtype) for k, t in found.items()}
 
@@ -327,8 +449,11 @@ def _inside(folder: Path, name: str) -> Path:
     """``folder / name``, refused if it is a symlink that leads out of ``folder``."""
     file = folder / name
     if file.is_symlink() and not file.resolve().is_relative_to(folder.resolve()):
-        raise ValueError(
-            f"{file} is a symlink to {file.resolve()}, outside the adapter folder; copy the file into {folder} instead"
+        raise AdapterFileError(
+            folder,
+            f"{name} is a symlink to outside the adapter folder; copy the file into the folder instead",
+            local=f"{name} is a symlink to {file.resolve()}, outside the adapter folder; copy the file into "
+            f"{folder} instead",
         )
     return file
 
@@ -339,25 +464,26 @@ def _read_weights(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
         try:
             return load_file(weights)
         except SafetensorError as e:
-            raise ValueError(
-                f"{weights} is not a readable safetensors file ({e}): it may be truncated "
-                "or corrupt; save the adapter again"
+            raise AdapterFileError(
+                path,
+                f"{WEIGHTS_NAME} is not a readable safetensors file ({e}): it may be truncated "
+                "or corrupt; save the adapter again",
             ) from e
     pickled = _inside(path, PICKLE_NAME)
     if pickled.is_file():
         if not allow_pickle:
-            raise ValueError(
-                f"{pickled} is a pickle file, which can run code when loaded; loraflow "
-                "reads adapter_model.safetensors only. Convert it, or pass allow_pickle=True if you "
-                "trust its source"
+            raise AdapterFileError(
+                path,
+                f"{PICKLE_NAME} is a pickle file, which can run code when loaded; loraflow "
+                f"reads {WEIGHTS_NAME} only. Convert it, or pass allow_pickle=True if you trust its source",
             )
         try:
             tensors = torch.load(pickled, map_location="cpu", weights_only=True)
         except Exception as e:  # pickle and zip errors of every kind
-            raise ValueError(
-                f"{pickled} could not be read ({type(e).__name__}: {e}): it may be truncated or corrupt"
+            raise AdapterFileError(
+                path, f"{PICKLE_NAME} could not be read ({type(e).__name__}: {e}): it may be truncated or corrupt"
             ) from e
         if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
-            raise ValueError(f"{pickled} does not hold a dict of tensors")
+            raise AdapterFileError(path, f"{PICKLE_NAME} does not hold a dict of tensors")
         return tensors
-    raise FileNotFoundError(f"{weights} is missing")
+    raise AdapterFileMissing(path, f"{WEIGHTS_NAME} is missing")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 
 def check_positive(name: str, value, integer: bool = False) -> None:
     if integer and (isinstance(value, bool) or not isinstance(value, int)):
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if not isinstance(value, (int, float)) or value <= 0:
-        raise ValueError(f"{name} must be > 0, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")  # NaN fails `0 < value` too
 
 
 def check_targets(target_modules):

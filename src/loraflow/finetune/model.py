@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraflow import adapters as lf_adapters
-from loraflow.atomic import atomic_write
+from loraflow.atomic import atomic_update_dir, atomic_write_dir
 from loraflow.finetune.config import FinetuneConfig
 from loraflow.losses import linear_cross_entropy
 from loraflow.models import load_model
@@ -145,28 +145,29 @@ def plain_head(model: nn.Module) -> nn.Linear | None:
 
 
 def save_adapter_to(model: nn.Module, name: str, folder: Path, heads: list[dict] | None) -> None:
-    """Write adapter ``name`` (and the head, for a classifier) into ``folder`` in PEFT's
-    layout. Each file is replaced atomically (a temporary file, then a rename): the config is
-    the same for every save of a run, so a reader sees a whole adapter, old or new."""
+    """Write adapter ``name`` (and the head and its labels.json, for a classifier) into
+    ``folder`` in PEFT's layout, all its files as one unit (``atomic_update_dir``): a reader,
+    or a kill at any instant, sees the previous adapter whole (an ``--overwrite``'d run's) or
+    this one, never one's weights with the other's config. The folder's other files (run.json,
+    log.jsonl, checkpoint/) stay as they are; a classifier's labels.json left by an earlier
+    run goes when this adapter is no classifier."""
     from safetensors.torch import save_file
 
-    from loraflow.adapters.files import CONFIG_NAME, WEIGHTS_NAME, adapter_files
+    from loraflow.adapters.files import ADAPTER_FILES, CONFIG_NAME, WEIGHTS_NAME, adapter_files
 
     tensors, fields = adapter_files(model, name, [HEAD] if heads else None)
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    text = json.dumps(fields, indent=2) + "\n"
-    atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
-    if heads:
-        labels = json.dumps({"heads": heads}, indent=2) + "\n"
-        atomic_write(folder / LABELS_NAME, lambda tmp: Path(tmp).write_text(labels))
-    else:  # a classifier's, left by an --overwrite'd run: this adapter is no classifier
-        (folder / LABELS_NAME).unlink(missing_ok=True)
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(fields, indent=2) + "\n")
+        if heads:
+            (tmp / LABELS_NAME).write_text(json.dumps({"heads": heads}, indent=2) + "\n")
+
+    atomic_update_dir(folder, write, owned=ADAPTER_FILES | {LABELS_NAME})
 
 
 def save_model_to(model: nn.Module, tok, folder: Path, heads: list[dict] | None) -> None:
     """Full or GaLore fine-tuning: the whole model as a Hugging Face folder, swapped in whole."""
-    from loraflow.atomic import atomic_write_dir
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)

@@ -17,10 +17,11 @@ unless ``overwrite``; ``resume`` refuses a folder of another run, naming what di
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
-from loraflow.atomic import atomic_write
+from loraflow.atomic import atomic_write, recover_dir
 from loraflow.finetune.config import FinetuneConfig
 from loraflow.finetune.model import save_adapter_to, save_model_to
 from loraflow.train.checkpoint import checkpoint_paths, latest_checkpoint
@@ -44,6 +45,9 @@ class RunFolder:
     def prepare(self):
         """Check the folder against the run; returns the checkpoint to resume from, or None."""
         out, cfg = self.out, self.cfg
+        parked = recover_dir(out)
+        if parked is not None:  # a save over OUT was killed between the two renames of a swap
+            os.replace(parked, out)  # (systems without an atomic exchange): put the whole folder back
         if out.exists() and not out.is_dir():
             raise ValueError(f"--out {out} is a file; choose a folder")
         found = sorted(p.name for p in out.iterdir()) if out.is_dir() else []

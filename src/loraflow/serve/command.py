@@ -171,6 +171,7 @@ def cmd_serve(args) -> None:
         if not sep or not name or not path:
             refuse(f"--lora takes NAME=PATH, got {spec!r}")
         adapters[name] = path
+    check_adapters(adapters)
     if args.allow_runtime_lora and not args.adapter_dir:
         refuse("--allow-runtime-lora needs --adapter-dir (adapters load only from under it)")
     check_adapter_paths(adapters, args.adapter_dir)
@@ -212,6 +213,18 @@ def cmd_serve(args) -> None:
     finally:
         if tp is not None:
             stop(tp, workers, clean)
+
+
+def check_adapters(adapters: dict[str, str]) -> None:
+    """Exit, naming the problem and the fix, for a --lora adapter that this server could never
+    serve (a classifier), before the model loads."""
+    from loraflow.serve.registry import AdapterError, check_servable
+
+    for name, path in adapters.items():
+        try:
+            check_servable(name, path)
+        except AdapterError as e:
+            sys.exit(f"loraflow serve: --lora {name}={path}: {e}")
 
 
 def serve_engine(engine, args, api_key: str | None, sock: socket.socket, threads: int) -> None:

@@ -9,6 +9,8 @@ fails to load fails only the requests that asked for it.
 
 from __future__ import annotations
 
+import json
+import logging
 import re
 import threading
 from collections import Counter, OrderedDict
@@ -17,10 +19,18 @@ from pathlib import Path
 
 import torch
 
-from loraflow.adapters.files import CONFIG_NAME, adapter_from_file, read_adapter
+from loraflow.adapters.files import (
+    CONFIG_NAME,
+    PICKLE_NAME,
+    WEIGHTS_NAME,
+    AdapterFileError,
+    adapter_from_file,
+    read_adapter,
+)
 from loraflow.adapters.kinds import KINDS, kind_named
 from loraflow.serve.bank import AdapterBank
 
+log = logging.getLogger(__name__)
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,127}$")
 
 
@@ -35,30 +45,42 @@ class SlotFactors(dict):
     multiplicative: bool = False
 
 
-def factors_for_bank(path: Path, shapes: dict[str, tuple[int, int]], r_max: int) -> SlotFactors:
+def factors_for_bank(
+    path: Path, shapes: dict[str, tuple[int, int]], r_max: int, name: str | None = None
+) -> SlotFactors:
     """An adapter's factors on the CPU, checked against the model: the additive ones (LoRA,
-    Deep LoRA) or the multiplicative ones (FLoRA) of its kind (``adapters/kinds.py``)."""
+    Deep LoRA) or the multiplicative ones (FLoRA) of its kind (``adapters/kinds.py``).
+
+    Every refusal is an AdapterError whose message names the adapter (``name``, default the
+    folder's name) and the file by its base name, never the server's paths: it goes to the
+    clients (a 400 at ``/v1/load_lora_adapter`` or on a request)."""
+    path = Path(path)
+    name = name if name is not None else path.name
+    check_servable(name, path)
     try:
         config, by_module = read_adapter(path)
-    except (OSError, ValueError) as e:
-        raise AdapterError(str(e)) from e
+    except AdapterFileError as e:
+        raise AdapterError(e.brief(name)) from e
+    except OSError as e:  # unreadable: permissions, I/O
+        why = e.strerror or type(e).__name__
+        raise AdapterError(f"adapter {name!r}: its files cannot be read on the server ({why})") from e
     kind = kind_named(config.kind)
     if kind.additive is None and kind.multiplicative is None:
         served = [k.peft_type for k in KINDS.values() if k.additive or k.multiplicative]
-        raise AdapterError(f"adapter {path.name} is {config.kind}: the server serves {served}")
+        raise AdapterError(f"adapter {name!r} is {config.kind}: the server serves {served}")
     out = SlotFactors()
     out.multiplicative = kind.additive is None
     for module, found in by_module.items():
         if module not in shapes:
             raise AdapterError(
-                f"adapter {path.name}: layer {module} is not a linear layer of the served "
+                f"adapter {name!r}: layer {module} is not a linear layer of the served "
                 "model; it was trained for another base model"
             )
         d_out, d_in = shapes[module]
         try:
             adapter = adapter_from_file(config, module, d_in, d_out, found)
         except ValueError as e:
-            raise AdapterError(f"adapter {path.name}: {e}") from e
+            raise AdapterError(f"adapter {name!r}: {e}") from e
         with torch.no_grad():
             if out.multiplicative:
                 a, b = (t.detach().float() for t in kind.multiplicative(adapter))
@@ -67,10 +89,45 @@ def factors_for_bank(path: Path, shapes: dict[str, tuple[int, int]], r_max: int)
                 a, b = a.detach().float(), scale * b.detach().float()
         if a.shape[0] > r_max:
             raise AdapterError(
-                f"adapter {path.name} has rank {a.shape[0]} on {module}, above the server's --max-lora-rank {r_max}"
+                f"adapter {name!r} has rank {a.shape[0]} on {module}, above the server's --max-lora-rank {r_max}"
             )
         out[module] = (a, b)
     return out
+
+
+def check_servable(name: str, path: str | Path) -> None:
+    """Refuse (AdapterError) an adapter that a causal-LM server cannot serve whatever its
+    weights: a classifier that ``loraflow finetune --task classification`` wrote, whose
+    adapter_config.json lists trained modules (``modules_to_save``: its ``score`` head) or says
+    ``task_type: SEQ_CLS``. Reads the config only; a missing or unreadable one is left for the
+    load to report."""
+    try:
+        fields = json.loads((Path(path) / CONFIG_NAME).read_text())
+    except (OSError, ValueError):
+        return
+    if not isinstance(fields, dict):
+        return
+    saved, task = fields.get("modules_to_save") or [], fields.get("task_type")
+    if saved or task == "SEQ_CLS":
+        what = f"trained modules {saved} (modules_to_save)" if saved else f"task_type {task!r}"
+        raise AdapterError(
+            f"adapter {name!r} is a classifier: its {CONFIG_NAME} lists {what}, a classification head that this "
+            "causal-LM server has no place for. Score it with `loraflow eval --adapter FOLDER`, or serve an "
+            "adapter trained with `loraflow finetune --task causal-lm`"
+        )
+
+
+def files_identity(path: Path) -> tuple:
+    """What changes when an adapter folder's files are written again: (inode, size, mtime_ns)
+    of the folder and of each of its files (None for a missing one)."""
+    found = []
+    for p in (path, path / CONFIG_NAME, path / WEIGHTS_NAME, path / PICKLE_NAME):
+        try:
+            st = p.stat()
+            found.append((st.st_ino, st.st_size, st.st_mtime_ns))
+        except OSError:
+            found.append(None)
+    return tuple(found)
 
 
 class AdapterRegistry:
@@ -98,6 +155,7 @@ class AdapterRegistry:
         self.loading: dict = {}
         self.versions: Counter = Counter()  # bumped by each (re-)registration: a load of an older one is dropped
         self.errors: dict[str, str] = {}
+        self.failed_files: dict[str, tuple] = {}  # name -> files_identity of the files that failed to load
         self.stats = Counter(hits=0, misses=0, loads=0, evictions=0, load_failures=0)
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapter-load")
@@ -114,6 +172,7 @@ class AdapterRegistry:
         path = Path(path)
         if not (path / CONFIG_NAME).is_file():
             raise AdapterError(f"{path} is not an adapter folder (no {CONFIG_NAME})")
+        check_servable(name, path)
         with self.between_steps, self._lock:
             if self.pins[name]:
                 raise AdapterError(
@@ -125,6 +184,7 @@ class AdapterRegistry:
             self.paths[name] = path
             self.versions[name] += 1
             self.errors.pop(name, None)
+            self.failed_files.pop(name, None)
             self.host.pop(name, None)
             self.loading.pop(name, None)
             slot = self.device.pop(name, None)
@@ -132,10 +192,16 @@ class AdapterRegistry:
                 self.free_slots.append(slot)
 
     def scan(self, folder: str | Path) -> int:
-        """Register every adapter folder directly under ``folder`` by its folder name."""
+        """Register every adapter folder directly under ``folder`` by its folder name; one the
+        server cannot serve (a classifier) is skipped with a warning in the log."""
         n = 0
         for sub in sorted(Path(folder).iterdir()):
             if (sub / CONFIG_NAME).is_file() and NAME.match(sub.name):
+                try:
+                    check_servable(sub.name, sub)
+                except AdapterError as e:
+                    log.warning("skipping %s: %s", sub.name, e)
+                    continue
                 self.register(sub.name, sub)
                 n += 1
         return n
@@ -152,6 +218,7 @@ class AdapterRegistry:
             self.versions[name] += 1
             self.host.pop(name, None)
             self.errors.pop(name, None)
+            self.failed_files.pop(name, None)
             self.loading.pop(name, None)
             slot = self.device.pop(name, None)
             if slot is not None:  # the next adapter written there overwrites every row of it
@@ -162,12 +229,14 @@ class AdapterRegistry:
 
     # tiers ------------------------------------------------------------------------------
     def _load(self, name: str, path: Path, version: int) -> None:
+        identity = files_identity(path)  # before reading: files changed meanwhile are read again
         try:
-            factors = factors_for_bank(path, self.shapes, self.bank.r_max)
+            factors = factors_for_bank(path, self.shapes, self.bank.r_max, name)
         except Exception as e:  # any failure fails only this adapter's requests
             with self._lock:
                 if self.versions[name] == version:
                     self.errors[name] = str(e) if isinstance(e, AdapterError) else f"{type(e).__name__}: {e}"
+                    self.failed_files[name] = identity
                     self.stats["load_failures"] += 1
                     self.loading.pop(name, None)
             return
@@ -184,10 +253,28 @@ class AdapterRegistry:
     def error(self, name: str) -> str | None:
         """Why ``name`` cannot be served (it failed to load, or was unloaded), or None. Called
         for every waiting request each step: two dict reads without the lock (each is atomic;
-        a change between them is seen at the next step)."""
+        a change between them is seen at the next step).
+
+        A failure holds only while the files that failed are there: once they are written
+        again (another inode, size or mtime: the adapter was saved again, fixed), the failure
+        is forgotten and the next request loads the new files, without a restart."""
         if name not in self.paths:
             return "it was unloaded"
-        return self.errors.get(name)
+        why = self.errors.get(name)
+        if why is not None and self._files_changed(name):
+            return None
+        return why
+
+    def _files_changed(self, name: str) -> bool:
+        """True, forgetting ``name``'s failure, when its files are no longer those that failed."""
+        path, failed = self.paths.get(name), self.failed_files.get(name)
+        if path is None or failed is None or files_identity(path) == failed:
+            return False
+        with self._lock:
+            if self.failed_files.get(name) is failed:  # not re-registered nor failed again meanwhile
+                self.errors.pop(name, None)
+                self.failed_files.pop(name, None)
+        return True
 
     def acquire(self, name: str) -> int | None:
         """A device slot holding ``name``, pinned until ``release``; None while it loads or

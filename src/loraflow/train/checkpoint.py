@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from loraflow.atomic import atomic_write, fsync_dir, fsync_tree
+from loraflow.atomic import atomic_write, fsync_dir, fsync_tree, publish_modes
 
 MARKER = "complete.json"  # written last: {"step": N, "files": {name: size}}
 
@@ -97,6 +97,7 @@ def commit_checkpoint(out: Path, step: int, required: tuple[str, ...]) -> None:
     """Seal ``checkpoint.tmp`` (fsync, then ``complete.json`` listing its files) and make it
     ``checkpoint``."""
     final, tmp, old = checkpoint_paths(out)
+    publish_modes(tmp)  # safetensors writes 0600 files; the checkpoint is as readable as the rest
     fsync_tree(tmp)
     sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
     assert set(required) <= set(sizes), f"the checkpoint holds {sorted(sizes)}, not all of {required}"
