@@ -156,7 +156,7 @@ def create_app(
             raise APIError(400, f"{base!r} is the base model's name: choose another name for the adapter")
         path, shown = _adapter_folder(body.lora_path)
         try:  # refuse now, not at the first request; reading runs off the event loop
-            await run_in_threadpool(factors_for_bank, path, engine.registry.shapes, engine.bank.r_max)
+            await run_in_threadpool(factors_for_bank, path, engine.registry.shapes, engine.bank.r_max, body.lora_name)
             engine.registry.register(body.lora_name, path)
         except AdapterError as e:
             raise APIError(409 if "in use" in str(e) else 400, scrub_paths(str(e), adapter_dir)) from e
