@@ -131,19 +131,31 @@ def main():
     ap.add_argument("--kernels", default="siblings,rows,fused", help="decode LoRA kernels to time, comma-separated")
     ap.add_argument("--attention-splits", type=int, default=1, help="paged attention programs per (sequence, head)")
     ap.add_argument("--attention-warps", type=int, default=4, help="paged attention warps per program")
+    ap.add_argument(
+        "--default-model",
+        action="store_true",
+        help="the embedded SmolLM2-135M with the three example adapters (cycled over the requests), not Llama-2-7B",
+    )
     ap.add_argument("--no-compile", action="store_true", help="element-wise work eager (compile_pointwise=False)")
     args = ap.parse_args()
     kernels = args.kernels.split(",")
-    shape = LlamaArgs(**SHAPES["llama2-7b"])
-    tmp = Path(tempfile.mkdtemp())
-    folders = bench.make_adapters(linear_shapes(shape), tmp, args.requests, 16, device="cuda")
-    model = random_llama(shape, device="cuda")
+    if args.default_model:  # the host's share dominates a 135M model's step
+        model = tokenizer = None
+        examples = sorted(p for p in (Path(__file__).parents[2] / "examples" / "adapters").iterdir() if p.is_dir())
+        folders = [examples[i % len(examples)] for i in range(args.requests)]
+        adapters_name = f"{args.requests} slots of the {len(examples)} example adapters"
+    else:
+        shape = LlamaArgs(**SHAPES["llama2-7b"])
+        tmp = Path(tempfile.mkdtemp())
+        folders = bench.make_adapters(linear_shapes(shape), tmp, args.requests, 16, device="cuda")
+        model, tokenizer = random_llama(shape, device="cuda"), numbered_tokenizer(shape.vocab_size)
+        adapters_name = f"{args.requests} distinct r16"
     rows, profiles, engines, to_profile = [], [], [], []
     for graphs in (True,) if args.graphs_only else (True, False):
         slots = args.requests
         eng = lf.Engine(
             model=model,
-            tokenizer=numbered_tokenizer(shape.vocab_size),
+            tokenizer=tokenizer,
             max_batch_tokens=4096,
             max_gpu_adapters=slots,
             max_cpu_adapters=slots,
@@ -155,7 +167,7 @@ def main():
         )
         distinct = [f"a{i}" for i in range(args.requests)]
         runs = [("base", [None] * args.requests, kernels[0])]
-        runs += [("64 distinct r16", distinct, k) for k in (kernels if graphs else kernels[:1])]
+        runs += [(adapters_name, distinct, k) for k in (kernels if graphs else kernels[:1])]
         engines.append(eng)
         for name, adapters, kernel in runs:
             if graphs:
@@ -216,7 +228,8 @@ def main():
         + " --profile" * args.profile
         + f" --kernels {args.kernels}"
         + " --no-compile" * args.no_compile
-        + f" --attention-splits {args.attention_splits} --attention-warps {args.attention_warps}",
+        + f" --attention-splits {args.attention_splits} --attention-warps {args.attention_warps}"
+        + " --default-model" * args.default_model,
         "rows": rows,
     }
     Path(args.out).write_text(json.dumps(out, indent=1))
