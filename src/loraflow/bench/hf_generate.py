@@ -123,7 +123,7 @@ def generate_row(
         raise ValueError(f"kind must be compiled, static or eager, got {kind!r}")
 
     def once():
-        with torch.inference_mode():
+        with torch.no_grad():  # as generate itself (inference tensors and compiled CUDA graphs are best kept apart)
             out = model.generate(**options)
         new = out[:, ids.shape[1] :]
         if tuple(new.shape) != (len(prompts), output_len) or not torch.equal(out[:, : ids.shape[1]], ids):
