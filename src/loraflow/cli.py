@@ -117,6 +117,12 @@ def _main(argv: list[str] | None) -> None:
         default=3,
         help="timed runs of each kind, in turn; the report takes each kind's median run",
     )
+    p.add_argument(
+        "--hf-baseline",
+        action="store_true",
+        help="also run transformers' generate without adapters on the same model and prompts, all requests as "
+        "one batch: compiled static cache (CUDA only) and eager dynamic cache, --repeats timed runs each",
+    )
     p.add_argument("--no-peft", action="store_true", help="skip the transformers + PEFT baseline")
     p.add_argument("--peft-batch", type=int, default=64, help="rows per PEFT generate call")
     p.add_argument("--peft-requests", type=int, help="requests for the PEFT baseline (default: --requests)")

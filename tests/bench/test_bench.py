@@ -260,3 +260,112 @@ def test_decode_roofline_counts_weights_cache_and_adapters():
     assert 0.79 < r["ratio_bound"] < 0.80
     one = serve.decode_roofline(shape, serve.Workload(mix="identical"))
     assert one["distinct_adapters"] == 1 and one["ratio_bound"] > 0.99
+
+
+TINY = dict(  # a Llama shape small enough for the CPU (tests/serve's ARGS, two layers)
+    vocab_size=91,
+    dim=64,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    head_dim=16,
+    intermediate=96,
+    norm_eps=1e-5,
+    rope_theta=10000.0,
+    rope_scaling=None,
+    max_seq_len=128,
+    tie_embeddings=False,
+    qkv_bias=False,
+    mlp_bias=False,
+)
+
+
+def test_hf_baseline_runs_the_servers_weights_and_prompts_one_batch_on_the_cpu():
+    from loraflow.bench import hf_generate
+    from loraflow.serve.llama import LlamaArgs, random_llama
+
+    shape = LlamaArgs(**TINY)
+    model = hf_generate.hf_model("tiny", shape, "cpu")
+    ours = random_llama(shape, torch.float32, "cpu", seed=0).state_dict()  # `loraflow serve --random-weights`
+    theirs = model.state_dict()
+    assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    w = serve.Workload(requests=3, prompt_len=8, output_len=5)
+    prompts = serve.workload_prompts(w, shape.vocab_size)
+    assert prompts == serve.workload_prompts(w, shape.vocab_size) and {len(p) for p in prompts} == {8}
+    rows = hf_generate.baseline(model, prompts, w.output_len, repeats=2)
+    assert "compiled" not in rows and "CUDA" in rows["compiled_note"] and "one batch" in rows["batching"]
+    eager = rows["eager"]
+    assert eager["output_tokens"] == w.requests * w.output_len and eager["batch"] == w.requests
+    assert len(eager["runs"]) == 2 and all(r["output_tokens"] == 15 for r in eager["runs"])
+    assert eager["output_tokens_per_s"] == pytest.approx(15 / eager["wall_s"]) and eager["cache"] == "dynamic"
+    assert eager["output_tokens_per_s"] in sorted(r["output_tokens_per_s"] for r in eager["runs"])[:1]  # lower middle
+    # greedy: the same tokens with a static cache; each row gets exactly output_len new ones, eos or not
+    first = hf_generate.generate_row(model, prompts, 5, 1, "eager", keep_tokens=True)["tokens"]
+    static = hf_generate.generate_row(model, prompts, 5, 1, "static", keep_tokens=True)
+    assert static["tokens"] == first and static["cache"] == "static" and static["compiled"] is False
+    eos = first[0][0]
+    model.generation_config.eos_token_id = eos  # row 0's first token: min_new_tokens holds it back
+    again = hf_generate.generate_row(model, prompts, 5, 1, "static", keep_tokens=True)["tokens"]
+    assert [len(t) for t in again] == [5, 5, 5] and eos not in again[0]
+    assert again[1:] == first[1:] or any(eos in t for t in first[1:])
+    assert hf_generate.ratios(rows, 3 * eager["output_tokens_per_s"]) == {"ours_over_hf_eager": pytest.approx(3.0)}
+    with pytest.raises(ValueError, match="CUDA only"):
+        hf_generate.generate_row(model, prompts, 5, 1, "compiled")
+    with pytest.raises(ValueError, match="one length"):
+        hf_generate.generate_row(model, [[3, 4], [5]], 5, 1, "eager")
+
+
+def _serve_payload(**extra) -> dict:
+    run = {
+        "requests": 64,
+        "errors": 0,
+        "output_tokens": 8192,
+        "wall_s": 4.0,
+        "output_tokens_per_s": 2048.0,
+        "ttft_p50_ms": 1.0,
+        "ttft_p99_ms": 2.0,
+        "itl_p50_ms": 1.0,
+        "itl_p99_ms": 2.0,
+    }
+    return {
+        "workload": vars(serve.Workload()),
+        "adapters": run,
+        "base": dict(run, output_tokens_per_s=2560.0),
+        "adapters_over_base": 0.8,
+        **extra,
+    }
+
+
+def _hf_row(kind: str, tok_s: list[float]) -> dict:
+    runs = [{"output_tokens": 8192, "wall_s": 8192 / v, "output_tokens_per_s": v} for v in tok_s]
+    median = sorted(runs, key=lambda r: r["output_tokens_per_s"])[(len(runs) - 1) // 2]
+    return dict(median, kind=kind, compiled=kind == "compiled", requests=64, batch=64, output_len=128, runs=runs)
+
+
+def test_serve_report_has_the_hf_rows_and_ours_over_them(tmp_path):
+    hf = {"batching": "one batch", "compiled": _hf_row("compiled", [1000, 1024, 990]), "eager": _hf_row("eager", [512])}
+    payload = _serve_payload(hf_generate=hf)
+    text = serve_report.markdown(report.environment(), payload)
+    assert "| transformers generate, static cache + torch.compile, no adapters | 1000.0 |" in text
+    assert "| transformers generate, dynamic cache, eager, no adapters | 512.0 |" in text
+    assert "generate: **2.05x** (target >= 1.5x); base model only / it: 2.56x" in text  # 2048 / 1000
+    assert "eager generate: 4.00x" in text and "compiled 1000, 1024, 990; eager 512" in text
+    assert "no continuous batching" in text and "one batch of 64 rows" in text
+    paths = report.write(tmp_path, "serve", payload, text, serve_report.figure(payload))
+    assert all(p.stat().st_size for p in paths)
+    cpu = serve_report.markdown(
+        report.environment(), _serve_payload(hf_generate={"compiled_note": "needs CUDA", "eager": hf["eager"]})
+    )
+    assert "compiled static-cache generate: not measured (needs CUDA)" in cpu and "static cache +" not in cpu
+    assert "transformers generate" not in serve_report.markdown(report.environment(), _serve_payload())
+
+
+def test_bench_serve_takes_hf_baseline(monkeypatch):
+    from loraflow import cli
+    from loraflow.bench import commands
+
+    seen = []
+    monkeypatch.setattr(commands, "cmd_bench_serve", seen.append)
+    cli.main(["bench", "serve", "--shape", "llama2-7b", "--hf-baseline", "--repeats", "3"])
+    cli.main(["bench", "serve"])
+    assert [a.hf_baseline for a in seen] == [True, False] and seen[0].repeats == 3

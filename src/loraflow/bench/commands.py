@@ -100,7 +100,7 @@ def cmd_bench_serve(args) -> None:
 
     import torch
 
-    from loraflow.bench import report, serve_report
+    from loraflow.bench import hf_generate, report, serve_report
     from loraflow.bench import serve as bench
     from loraflow.models.loading import default_model_path
     from loraflow.serve.llama import SHAPES, LlamaArgs, linear_shapes
@@ -148,6 +148,12 @@ def cmd_bench_serve(args) -> None:
     (Path(args.out) / f"serve-{args.shape}-{device}.partial.json").write_text(
         json.dumps({"environment": report.environment(), **result}, indent=1)
     )
+    if args.hf_baseline:  # transformers' generate on the same model and prompts, no adapters
+        result.update(_hf_baseline(args, shape, w, device, result["adapters"]["output_tokens_per_s"]))
+        print(json.dumps({k: v for k, v in result.items() if k.startswith("ours_over_hf")}, indent=1), flush=True)
+        (Path(args.out) / f"serve-{args.shape}-{device}.partial.json").write_text(
+            json.dumps({"environment": report.environment(), **result}, indent=1)
+        )
     if not args.no_peft:
         peft_w = bench.Workload(
             **{
@@ -157,7 +163,7 @@ def cmd_bench_serve(args) -> None:
             }
         )
         result["peft"] = bench.peft_baseline(
-            _hf_model(args.shape, shape, device), folders, peft_w, args.peft_batch, device
+            hf_generate.hf_model(args.shape, shape, device), folders, peft_w, args.peft_batch, device
         )
         result["ours_over_peft"] = result["adapters"]["output_tokens_per_s"] / result["peft"]["output_tokens_per_s"]
     env = report.environment()
@@ -169,30 +175,23 @@ def cmd_bench_serve(args) -> None:
     print("wrote", *paths)
 
 
-def _hf_model(shape_name: str, shape, device: str):
-    """The transformers model for the PEFT baseline: the default model, or the same shape
-    with random weights (speed does not depend on the values)."""
+def _hf_baseline(args, shape, w, device: str, ours: float) -> dict:
+    """``--hf-baseline``: transformers' compiled static-cache (CUDA) and eager ``generate`` on
+    the server's model and prompts (bench/hf_generate.py), and ours with adapters over each."""
+    import gc
+
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    from loraflow.models.loading import default_model_path
+    from loraflow.bench import hf_generate
+    from loraflow.bench import serve as bench
 
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    if shape_name == "default":
-        return LlamaForCausalLM.from_pretrained(default_model_path(), dtype=dtype).to(device).eval()
-    cfg = LlamaConfig(
-        vocab_size=shape.vocab_size,
-        hidden_size=shape.dim,
-        intermediate_size=shape.intermediate,
-        num_hidden_layers=shape.n_layers,
-        num_attention_heads=shape.n_heads,
-        num_key_value_heads=shape.n_kv_heads,
-        max_position_embeddings=shape.max_seq_len,
-        rms_norm_eps=shape.norm_eps,
-        tie_word_embeddings=False,
-    )
-    with torch.device(device):
-        return LlamaForCausalLM(cfg).to(dtype).eval()
+    model = hf_generate.hf_model(args.shape, shape, device)
+    rows = hf_generate.baseline(model, bench.workload_prompts(w, shape.vocab_size), w.output_len, args.repeats)
+    del model
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()  # the PEFT baseline builds its own model
+    return {"hf_generate": rows, **hf_generate.ratios(rows, ours)}
 
 
 def cmd_bench_train(args) -> None:

@@ -5,8 +5,9 @@ Requests arrive as a Poisson process (``rate`` per second; 0: all at once), each
 adapter drawn from a popularity mix (identical / uniform / skewed Zipf 1.5 / distinct) over
 ``adapters`` adapters, among ``registered`` registered names, and streams its output.
 Reported: output tokens/s, time to first token and inter-token latency (p50, p99). The same
-requests also run on the base model alone (no adapters), and through Hugging Face
-transformers + PEFT mixed-batch ``generate`` for comparison.
+requests also run on the base model alone (no adapters), through Hugging Face
+transformers + PEFT mixed-batch ``generate``, and with ``--hf-baseline`` through transformers'
+compiled static-cache ``generate`` without adapters (``bench/hf_generate.py``) for comparison.
 """
 
 from __future__ import annotations
@@ -184,6 +185,13 @@ def summarize(results: list[dict], t0: float) -> dict:
     }
 
 
+def workload_prompts(w: Workload, vocab: int, rng: random.Random | None = None) -> list[list[int]]:
+    """The workload's prompts: ``requests`` lists of ``prompt_len`` token ids in [3, vocab),
+    drawn from ``rng`` (default: a new one seeded with ``w.seed``, as the server's runs)."""
+    rng = random.Random(w.seed) if rng is None else rng
+    return [[rng.randrange(3, vocab) for _ in range(w.prompt_len)] for _ in range(w.requests)]
+
+
 def name_folders(folder: Path, adapter_folders: list[Path], registered: int) -> Path:
     """``registered`` adapter names a0, a1, ... as links to ``adapter_folders`` (round robin):
     the server's ``--adapter-dir``."""
@@ -230,7 +238,7 @@ def run(serve_args: list[str], w: Workload, base_name: str, vocab: int, log: Pat
                     raise RuntimeError(f"the server did not start in 15 minutes; see {log}") from None
                 time.sleep(0.5)
         rng = random.Random(w.seed)
-        prompts = [[rng.randrange(3, vocab) for _ in range(w.prompt_len)] for _ in range(w.requests)]
+        prompts = workload_prompts(w, vocab, rng)
         chosen = [f"a{i}" for i in popularity(w.mix, w.requests, w.adapters, rng)]
         # warm-up, untimed: the whole workload once per kind compiles the kernels, brings every
         # used adapter to the device and captures the decode graphs of every batch size the

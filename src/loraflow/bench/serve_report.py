@@ -9,6 +9,8 @@ def markdown(env: dict, p: dict) -> str:
     w = p["workload"]
     arrivals = "all at once" if not w["rate"] else f"{w['rate']} req/s (Poisson)"
     rows = [dict(run="with adapters", **p["adapters"]), dict(run="base model only", **p["base"])]
+    hf = p.get("hf_generate") or {}
+    rows += [dict(run=HF_ROWS[k], **hf[k]) for k in HF_ROWS if k in hf]
     lines = [
         "# Serving benchmark: many adapters per batch",
         "",
@@ -49,6 +51,8 @@ def markdown(env: dict, p: dict) -> str:
             else ""
         ),
     ]
+    if hf:
+        lines += hf_lines(p)
     if "roofline" in p:
         r = p["roofline"]
         lines += [
@@ -73,16 +77,55 @@ def markdown(env: dict, p: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+HF_BARS = [("compiled", "HF generate\ncompiled static", "tab:orange"), ("eager", "HF generate\neager", "tab:olive")]
+HF_ROWS = {  # the --hf-baseline rows (bench/hf_generate.py), by their key in p["hf_generate"]
+    "compiled": "transformers generate, static cache + torch.compile, no adapters",
+    "eager": "transformers generate, dynamic cache, eager, no adapters",
+}
+
+
+def hf_lines(p: dict) -> list[str]:
+    """The --hf-baseline's lines: how it ran, and ours (with adapters) over each of its rows."""
+    hf = p["hf_generate"]
+    ours = p["adapters"]["output_tokens_per_s"]
+    some = hf.get("compiled") or hf["eager"]
+    lines = [
+        f"- transformers `generate` rows: the same model, weights and prompts without adapters, greedy, "
+        f"{some['requests']} requests as one batch of {some['batch']} rows (`generate` has no continuous batching), "
+        f"{some['output_len']} new tokens each (min_new_tokens = max_new_tokens); the median of "
+        f"{len(some['runs'])} timed runs after an untimed warm-up (the compiled row's compilation), "
+        f"output tok/s = requests x output tokens / seconds of the run; the runs: "
+        + "; ".join(
+            f"{k} " + ", ".join(f"{r['output_tokens_per_s']:.0f}" for r in hf[k]["runs"]) for k in HF_ROWS if k in hf
+        )
+    ]
+    if "compiled" in hf:
+        c = hf["compiled"]
+        hf_c = c["output_tokens_per_s"]
+        lines += [
+            f"- ours with adapters / transformers compiled static-cache generate: **{ours / hf_c:.2f}x**"
+            f" (target >= 1.5x); base model only / it: {p['base']['output_tokens_per_s'] / hf_c:.2f}x"
+            + ("" if c.get("compiled") else " (generate did not report compiling its decode step)")
+        ]
+    else:
+        lines += ["- transformers compiled static-cache generate: not measured" + f" ({hf.get('compiled_note', '')})"]
+    lines += [f"- ours with adapters / transformers eager generate: {ours / hf['eager']['output_tokens_per_s']:.2f}x"]
+    return lines
+
+
 def figure(p: dict):
     from loraflow.bench.report import pyplot
 
     plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    names = ["with adapters", "base only"] + (["transformers + PEFT"] if "peft" in p else [])
-    values = [p["adapters"]["output_tokens_per_s"], p["base"]["output_tokens_per_s"]]
-    values += [p["peft"]["output_tokens_per_s"]] if "peft" in p else []
-    axes[0].bar(names, values, color=["tab:blue", "tab:gray", "tab:red"][: len(names)])
+    hf = p.get("hf_generate") or {}
+    bars = [("with adapters", p["adapters"], "tab:blue"), ("base only", p["base"], "tab:gray")]
+    bars += [(label, hf[k], color) for k, label, color in HF_BARS if k in hf]
+    bars += [("transformers + PEFT", p["peft"], "tab:red")] if "peft" in p else []
+    names, values = [b[0] for b in bars], [b[1]["output_tokens_per_s"] for b in bars]
+    axes[0].bar(names, values, color=[b[2] for b in bars])
+    axes[0].tick_params(axis="x", labelrotation=20 if len(bars) > 3 else 0)
     axes[0].set(ylabel="output tokens / s", title="throughput")
     for i, v in enumerate(values):
         axes[0].text(i, v, f"{v:.0f}", ha="center", va="bottom")
