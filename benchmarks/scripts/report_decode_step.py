@@ -99,7 +99,9 @@ def main():
     md += (
         "\n## The paged decode-attention kernel, per layer (64 x 32 heads of 128)\n\n"
         f"The engine's tiling (`{ENGINE}`), the fastest of the others, the kernel before (old) and "
-        "PyTorch's dense flash attention over the same keys and values stored contiguously.\n\n"
+        "PyTorch's dense flash attention over the same keys and values stored contiguously. The kernel "
+        "timed is `serve/paged_attention.py` at cefe6f5 (its `chunk=` fixed-size chunks, since replaced by "
+        "`splits=`); old: at 0145abe.\n\n"
     )
     best = {}
     for r in ctx_rows:
