@@ -197,14 +197,17 @@ def banked_siblings(
     kernel without ``fused``, the adapters share launches and each base GEMM runs alone;
     otherwise each layer runs alone."""
     views = [m.packed for m in layers]
-    adapters = bool(slots.used) and not slots.flora and all(p is not None and p.any_active for p in views)
-    if fused is not None and not slots.flora and (not slots.used or not any(p and p.any_active for p in views)):
-        return list(F.linear(x, fused.weight, fused.bias).split(fused.sizes, dim=1))  # (N, d_out_j) views
-    if slots.variant != "siblings" or not adapters:
-        return [m(x, slots) for m in layers]
+    active = [p is not None and p.any_active for p in views]
+    base_only = not slots.used or not any(active)
+    if slots.flora or not (base_only or (all(active) and slots.variant == "siblings")):
+        return [m(x, slots) for m in layers]  # FLoRA rows, some siblings adapted, or prefill kernels
     if fused is None:
+        if base_only:
+            return [m(x, slots) for m in layers]
         deltas = lora_delta_siblings(x, slots.ids, views, [m.bias for m in layers])
         return [d.addmm_(x, m.weight.T) for d, m in zip(deltas, layers)]  # W0 x + b + Δ, in place
+    if base_only:
+        return list(F.linear(x, fused.weight, fused.bias).split(fused.sizes, dim=1))  # (N, d_out_j) views
     y = torch.empty(len(x), sum(fused.sizes), device=x.device, dtype=x.dtype)  # (N, Σ d_out_j)
     parts = list(y.split(fused.sizes, dim=1))
     lora_delta_siblings(x, slots.ids, views, [m.bias for m in layers], out=parts)  # Δ_j + b_j into y's blocks
