@@ -6,7 +6,12 @@ Here a request's headers must be complete within ``header_timeout`` seconds of t
 connection opening or the previous response ending; else the server answers 408 and closes.
 A request h11 cannot parse, or whose headers exceed ``MAX_HEADER_BYTES``, answers 400 in the
 API's error envelope, not uvicorn's plain text.
-The body's own deadline is the Guard middleware's (``serve/guard.py``)."""
+The body's own deadline is the Guard middleware's (``serve/guard.py``).
+
+Every close is a lingering one (``LingeringClose``): a server that closes a socket while the
+client's bytes still arrive makes the kernel answer them with a reset, and a reset can reach
+the client before it has read the response (a 408 or 413 sent while the body still drips):
+the client sees "connection reset" instead of the answer."""
 
 from __future__ import annotations
 
@@ -23,6 +28,37 @@ from loraflow.serve.errors import envelope
 HEADER_TIMEOUT = 10.0  # seconds for a request line and its headers
 KEEP_ALIVE = 5.0  # seconds an idle connection stays open between requests (uvicorn's default)
 MAX_HEADER_BYTES = 16 * 1024  # a request line and headers larger than this answer 400 (h11's default)
+LINGER_S = 2.0  # after a response that closes the connection, how long its incoming bytes are read and dropped
+
+
+class LingeringClose:
+    """A connection's transport whose ``close()`` sends what is queued and a FIN (half-close),
+    then reads and drops what the client still sends, and closes when the client closes its
+    side or after ``LINGER_S``."""
+
+    def __init__(self, transport, loop: asyncio.AbstractEventLoop):
+        self._transport, self._loop = transport, loop
+        self.lingering = False
+
+    def close(self) -> None:
+        t = self._transport
+        if self.lingering or t.is_closing():
+            return
+        if not t.can_write_eof():
+            t.close()
+            return
+        self.lingering = True
+        t.write_eof()
+        self._loop.call_later(LINGER_S, t.close)
+
+    def is_closing(self) -> bool:
+        return self.lingering or self._transport.is_closing()
+
+    def abort(self) -> None:
+        self._transport.abort()
+
+    def __getattr__(self, name):  # everything else is the transport's own
+        return getattr(self._transport, name)
 
 
 class HeaderDeadline(H11Protocol):
@@ -32,8 +68,17 @@ class HeaderDeadline(H11Protocol):
     _header_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        super().connection_made(LingeringClose(transport, self.loop))
         self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        if self.transport.lingering:  # the response is sent and the connection closing: dropped
+            return
+        super().data_received(data)
+
+    def eof_received(self) -> None:
+        if self.transport.lingering:  # the client has closed its side too: no reset can follow
+            self.transport._transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
