@@ -129,8 +129,12 @@ def main():
         "--profile", action="store_true", help="also write OUT.kernels.txt: GPU time per kernel of the replayed graphs"
     )
     ap.add_argument("--kernels", default="siblings,rows,fused", help="decode LoRA kernels to time, comma-separated")
-    ap.add_argument("--attention-splits", type=int, default=1, help="paged attention programs per (sequence, head)")
-    ap.add_argument("--attention-warps", type=int, default=4, help="paged attention warps per program")
+    ap.add_argument(
+        "--attention",
+        default="1x4",
+        help="paged attention tilings to time, comma-separated SPLITSxWARPS: programs per (sequence, KV head) "
+        "and warps each (default: the engine's 1x4)",
+    )
     ap.add_argument(
         "--default-model",
         action="store_true",
@@ -139,6 +143,7 @@ def main():
     ap.add_argument("--no-compile", action="store_true", help="element-wise work eager (compile_pointwise=False)")
     args = ap.parse_args()
     kernels = args.kernels.split(",")
+    tilings = [tuple(int(v) for v in t.split("x")) for t in args.attention.split(",")]
     if args.default_model:  # the host's share dominates a 135M model's step
         model = tokenizer = None
         examples = sorted(p for p in (Path(__file__).parents[2] / "examples" / "adapters").iterdir() if p.is_dir())
@@ -166,19 +171,23 @@ def main():
             compile_pointwise=not args.no_compile,
         )
         distinct = [f"a{i}" for i in range(args.requests)]
-        runs = [("base", [None] * args.requests, kernels[0])]
-        runs += [(adapters_name, distinct, k) for k in (kernels if graphs else kernels[:1])]
+        runs = []
+        for tiling in tilings if graphs else tilings[:1]:
+            runs += [("base", [None] * args.requests, kernels[0], tiling)]
+            runs += [(adapters_name, distinct, k, tiling) for k in (kernels if graphs else kernels[:1])]
         engines.append(eng)
-        for name, adapters, kernel in runs:
+        for name, adapters, kernel, tiling in runs:
             if graphs:
                 eng.graphs.kernel = kernel
-                eng.graphs.attention_splits, eng.graphs.attention_warps = args.attention_splits, args.attention_warps
+                eng.graphs.attention_splits, eng.graphs.attention_warps = tiling
             # warm-up over the same steps: loads, compiles, captures, and meets every shape the
             # timed run meets (a backend that plans per shape must not bill whichever run is first)
             try:
                 decode_steps(eng, adapters, args.prompt_len, args.steps)
             except Exception as e:  # a kernel that fails on this GPU: recorded, the other runs go on
-                rows.append({"graphs": graphs, "adapters": name, "kernel": kernel, "error": repr(e)[:500]})
+                rows.append(
+                    {"graphs": graphs, "adapters": name, "kernel": kernel, "tiling": tiling, "error": repr(e)[:500]}
+                )
                 print(rows[-1], flush=True)
                 eng.graphs.kernel = "rows"
                 for r in list(eng.running) + list(eng.waiting):
@@ -194,13 +203,14 @@ def main():
                 "adapters": name,
                 "path": path,
                 "kernel": kernel if path and graphs else None,
+                "attention_splits_warps": list(tiling) if graphs else None,
                 "decode_step_ms": 1e3 * s,
                 "tokens_per_s": args.requests / s,
             }
             if graphs:  # the captured step replayed alone (writes only freed cache blocks)
                 graph = eng.graphs.graphs[eng.graphs.key(args.requests, path)][0]
                 row.update(replay_times(graph))
-                to_profile.append((eng, f"## {name}, path {path}, kernel {row['kernel']}\n", graph))
+                to_profile.append((eng, f"## {name}, path {path}, kernel {row['kernel']}, tiling {tiling}\n", graph))
             if not graphs:  # an eager step of 63 decode tokens and a new 4,000-token prompt
                 mixed_step(eng, adapters, args.prompt_len, 4000, False)  # warm-up
                 row["mixed_step_ms"] = 1e3 * statistics.median(
@@ -228,7 +238,7 @@ def main():
         + " --profile" * args.profile
         + f" --kernels {args.kernels}"
         + " --no-compile" * args.no_compile
-        + f" --attention-splits {args.attention_splits} --attention-warps {args.attention_warps}"
+        + f" --attention {args.attention}"
         + " --default-model" * args.default_model,
         "rows": rows,
     }

@@ -61,7 +61,7 @@ class DecodeGraphs:
         self.kernel = "siblings"
         # the paged attention kernel's tiling: programs per (sequence, KV head) and warps each;
         # one program a context with 4 warps is what the engine was measured with on an H100
-        # (serve/paged_attention.py; benchmarks/scripts/engine_steps.py --attention-splits)
+        # (serve/paged_attention.py; benchmarks/scripts/engine_steps.py --attention)
         self.attention_splits, self.attention_warps = 1, 4
         self.steps = 0  # decode steps run through this path
         self.paths: Counter = Counter()  # ... by adapter path: None, "rows", "mask"

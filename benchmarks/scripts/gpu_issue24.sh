@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Issue 24's GPU measurements, as parts one call runs in sequence (each bounded by a timeout;
+# logs and JSON under $OUT). After `source .device/setup.sh` (../shared/tools/device-kit):
+#
+#   bash benchmarks/scripts/gpu_issue24.sh tests tilings attn     # ~8 minutes
+#   bash benchmarks/scripts/gpu_issue24.sh serve128               # ~6 minutes
+#   bash benchmarks/scripts/gpu_issue24.sh serve1024              # ~8 minutes
+#   bash benchmarks/scripts/gpu_issue24.sh small smallserve       # needs the embedded model (both halves)
+#
+#   tests      the GPU tests of the kernels, the engine and the server's numbers (~1 minute)
+#   tilings    engine_steps.py at 128 and 1,024 tokens of context, paged attention 1x4 beside 4x2
+#   attn       decode_attention.py: the paged kernel's tilings alone, against the copy bandwidth
+#   serve128   loraflow bench serve, 64 requests x (128 + 128), 64 distinct adapters, base, and
+#              transformers' compiled static-cache generate in the same call (--hf-baseline)
+#   serve1024  the same at 1,024 + 128
+#   small      engine_steps.py --default-model: the embedded SmolLM2's decode step, 64 sequences
+#   smallserve loraflow bench serve --shape default: the embedded model through HTTP, 64 requests
+set -uo pipefail
+OUT=${OUT:?set OUT}
+SERVE=(python3 -m loraflow.cli bench serve --requests 64 --output-len 128 --registered 1000 --repeats 3 --hf-baseline --no-peft)
+log() { tee -a "$OUT/$1.log" | grep -v -i warn | tail -"$2"; }
+
+tests() {
+    timeout -s INT 150 python3 -m pytest -q -p no:cacheprovider tests/multi/test_triton_lora.py \
+        tests/multi/test_triton_siblings.py tests/serve/test_paged_attention.py tests/serve/test_engine.py \
+        tests/serve/test_bank.py 2>&1 | log tests 4
+}
+tilings() {
+    timeout -s INT 200 python3 benchmarks/scripts/engine_steps.py "$OUT/steps-128.json" --graphs-only \
+        --kernels siblings --attention 1x4,4x2 2>&1 | log tilings 6
+    timeout -s INT 240 python3 benchmarks/scripts/engine_steps.py "$OUT/steps-1024.json" --graphs-only \
+        --kernels siblings --attention 1x4,4x2 --prompt-len 1024 --kv-cache-gb 40 2>&1 | log tilings 6
+}
+attn() { timeout -s INT 120 python3 benchmarks/scripts/decode_attention.py "$OUT/attn.json" --max-len 4096 2>&1 | log attn 12; }
+serve128() {
+    mkdir -p "$OUT/s128"
+    timeout -s INT 420 "${SERVE[@]}" --shape llama2-7b --adapters 64 --prompt-len 128 --out "$OUT/s128" 2>&1 | log serve128 16
+}
+serve1024() {
+    mkdir -p "$OUT/s1024"
+    timeout -s INT 540 "${SERVE[@]}" --shape llama2-7b --adapters 64 --prompt-len 1024 --out "$OUT/s1024" 2>&1 | log serve1024 16
+}
+small() {
+    timeout -s INT 150 python3 benchmarks/scripts/engine_steps.py "$OUT/steps-small.json" --graphs-only \
+        --kernels siblings --default-model --profile 2>&1 | log small 6
+}
+smallserve() {
+    mkdir -p "$OUT/small"
+    timeout -s INT 300 "${SERVE[@]}" --shape default --adapters 64 --prompt-len 128 --out "$OUT/small" 2>&1 | log smallserve 16
+}
+for part in "$@"; do
+    echo "== $part $(date -u +%H:%M:%S)"
+    "$part"
+done
+echo "== done $(date -u +%H:%M:%S)"
