@@ -121,6 +121,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
     ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--shape", default="llama2-7b", choices=sorted(SHAPES), help="random weights of this shape")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--steps", type=int, default=48)
     ap.add_argument("--kv-cache-gb", type=float, default=16, help="KV cache; 1,024-token prompts need 48")
@@ -150,7 +151,7 @@ def main():
         folders = [examples[i % len(examples)] for i in range(args.requests)]
         adapters_name = f"{args.requests} slots of the {len(examples)} example adapters"
     else:
-        shape = LlamaArgs(**SHAPES["llama2-7b"])
+        shape = LlamaArgs(**SHAPES[args.shape])
         tmp = Path(tempfile.mkdtemp())
         folders = bench.make_adapters(linear_shapes(shape), tmp, args.requests, 16, device="cuda")
         model, tokenizer = random_llama(shape, device="cuda"), numbered_tokenizer(shape.vocab_size)
@@ -232,7 +233,8 @@ def main():
         "torch": torch.__version__,
         "python": platform.python_version(),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": f"python benchmarks/scripts/engine_steps.py {args.out} --requests {args.requests} "
+        "command": f"python benchmarks/scripts/engine_steps.py {args.out} --shape {args.shape} "
+        f"--requests {args.requests} "
         f"--prompt-len {args.prompt_len} --steps {args.steps} --kv-cache-gb {args.kv_cache_gb:g}"
         + " --graphs-only" * args.graphs_only
         + " --profile" * args.profile

@@ -5,7 +5,7 @@
 #   bash benchmarks/scripts/gpu_issue24.sh tests tilings attn     # ~8 minutes
 #   bash benchmarks/scripts/gpu_issue24.sh serve128               # ~6 minutes
 #   bash benchmarks/scripts/gpu_issue24.sh serve1024              # ~8 minutes
-#   bash benchmarks/scripts/gpu_issue24.sh small smallserve       # needs the embedded model (both halves)
+#   bash benchmarks/scripts/gpu_issue24.sh small smallserve       # random weights; SMALL=default needs the embedded model
 #
 #   tests      the GPU tests of the kernels, the engine and the server's numbers (~1 minute)
 #   tilings    engine_steps.py at 128 and 1,024 tokens of context, paged attention 1x4 beside 4x2
@@ -13,8 +13,9 @@
 #   serve128   loraflow bench serve, 64 requests x (128 + 128), 64 distinct adapters, base, and
 #              transformers' compiled static-cache generate in the same call (--hf-baseline)
 #   serve1024  the same at 1,024 + 128
-#   small      engine_steps.py --default-model: the embedded SmolLM2's decode step, 64 sequences
-#   smallserve loraflow bench serve --shape default: the embedded model through HTTP, 64 requests
+#   small      engine_steps.py --shape smollm2-135m: the embedded model's decode step, 64 sequences
+#   smallserve loraflow bench serve, SmolLM2-135M's shape (SMALL=default: the embedded model) and tiny
+#              (next to no model: the server's own ceiling) through HTTP, 64 requests
 set -uo pipefail
 OUT=${OUT:?set OUT}
 SERVE=(python3 -m loraflow.cli bench serve --requests 64 --output-len 128 --registered 1000 --repeats 3 --hf-baseline --no-peft)
@@ -42,11 +43,13 @@ serve1024() {
 }
 small() {
     timeout -s INT 150 python3 benchmarks/scripts/engine_steps.py "$OUT/steps-small.json" --graphs-only \
-        --kernels siblings --default-model --profile 2>&1 | log small 6
+        --kernels siblings --shape smollm2-135m --profile 2>&1 | log small 6
 }
 smallserve() {
     mkdir -p "$OUT/small"
-    timeout -s INT 300 "${SERVE[@]}" --shape default --adapters 64 --prompt-len 128 --out "$OUT/small" 2>&1 | log smallserve 16
+    timeout -s INT 300 "${SERVE[@]}" --shape "${SMALL:-smollm2-135m}" --adapters 64 --prompt-len 128 --out "$OUT/small" 2>&1 | log smallserve 16
+    mkdir -p "$OUT/tiny"
+    timeout -s INT 200 "${SERVE[@]}" --shape tiny --adapters 64 --prompt-len 128 --out "$OUT/tiny" 2>&1 | log tinyserve 16
 }
 for part in "$@"; do
     echo "== $part $(date -u +%H:%M:%S)"

@@ -93,8 +93,9 @@ def _main(argv: list[str] | None) -> None:
     p.add_argument(
         "--shape",
         default="default",
-        choices=["default", "llama2-7b"],
-        help="the embedded SmolLM2, or a Llama-2-7B-shaped model with random weights",
+        choices=["default", "llama2-7b", "smollm2-135m", "tiny"],
+        help="the embedded SmolLM2, or a model of this shape with random weights (tiny: next to no model, "
+        "the server's own ceiling)",
     )
     p.add_argument("--requests", type=int, default=64, help="requests per timed run")
     p.add_argument("--rate", type=float, default=0.0, help="Poisson arrivals per second; 0: all at once")

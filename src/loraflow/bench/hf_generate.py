@@ -78,6 +78,8 @@ def hf_model(shape_name: str, shape, device: str, seed: int = 0):
     if missing or unexpected:
         raise ValueError(f"random weights do not fit LlamaForCausalLM: missing {missing[:5]}, extra {unexpected[:5]}")
     model.model.rotary_emb = type(model.model.rotary_emb)(cfg)  # its buffers were built on "meta"
+    if cfg.tie_word_embeddings:  # assign=True gave lm_head a tensor of its own
+        model.lm_head.weight = model.model.embed_tokens.weight
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
     if left:
         raise ValueError(f"tensors left unset: {left[:5]}")

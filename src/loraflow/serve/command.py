@@ -326,7 +326,7 @@ def add_arguments(p) -> None:
     )
     p.add_argument(
         "--random-weights",
-        choices=["llama2-7b"],
+        choices=["llama2-7b", "smollm2-135m", "tiny"],
         help="serve a model of this shape with random weights (for benchmarks)",
     )
     p.add_argument(

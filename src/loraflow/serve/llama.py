@@ -295,6 +295,40 @@ SHAPES = {  # model shapes for benchmarks with random weights
         qkv_bias=False,
         mlp_bias=False,
     ),
+    # the embedded SmolLM2-135M's shape: its speed without the model's files
+    "smollm2-135m": dict(
+        vocab_size=49152,
+        dim=576,
+        n_layers=30,
+        n_heads=9,
+        n_kv_heads=3,
+        head_dim=64,
+        intermediate=1536,
+        norm_eps=1e-5,
+        rope_theta=100000.0,
+        rope_scaling=None,
+        max_seq_len=8192,
+        tie_embeddings=True,
+        qkv_bias=False,
+        mlp_bias=False,
+    ),
+    # next to no model: what the server itself (HTTP, scheduling, streaming) can carry
+    "tiny": dict(
+        vocab_size=32000,
+        dim=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=4,
+        head_dim=16,
+        intermediate=128,
+        norm_eps=1e-5,
+        rope_theta=10000.0,
+        rope_scaling=None,
+        max_seq_len=4096,
+        tie_embeddings=False,
+        qkv_bias=False,
+        mlp_bias=False,
+    ),
 }
 
 
