@@ -1,6 +1,7 @@
 """The HTTP API through the official openai client and raw HTTP, on a live local server."""
 
 import asyncio
+import json
 import time
 
 import httpx
@@ -163,6 +164,27 @@ def test_eviction_with_two_device_slots_and_five_adapters_in_use(server, files):
     values = dict(line.split() for line in metrics.splitlines() if line and not line.startswith("#"))
     evictions = float(values["loraflow_adapter_evictions_total"])
     assert evictions >= 3
+
+
+def test_a_stream_behind_the_engine_sends_its_backlog_as_one_chunk(server, files):
+    """The HTTP loop held up for 0.5 s while the engine runs on: the updates queued meanwhile go
+    out as one chunk of all their text and log-probabilities, equal to the answer unstreamed."""
+    body = {"model": "py", "prompt": prompt(6, 5), "max_tokens": 24, "temperature": 0, "ignore_eos": True, "logprobs": 1}
+    whole = httpx.post(server.url + "/v1/completions", json=body, timeout=30).json()["choices"][0]
+    pieces = []
+    with httpx.stream("POST", server.url + "/v1/completions", json={**body, "stream": True}, timeout=30) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                pieces.append(json.loads(line[6:])["choices"][0])
+                if len(pieces) == 1:
+                    server.server.servers[0].get_loop().call_soon_threadsafe(time.sleep, 0.5)
+    assert "".join(p["text"] for p in pieces) == whole["text"]
+    tokens = [t for p in pieces for t in p["logprobs"]["tokens"]]
+    assert tokens == whole["logprobs"]["tokens"]
+    assert [round(v, 4) for p in pieces for v in p["logprobs"]["token_logprobs"]] == [
+        round(v, 4) for v in whole["logprobs"]["token_logprobs"]
+    ]
+    assert len(pieces) < 12  # 24 tokens, most of them queued while the loop slept
 
 
 def test_disconnect_mid_stream_frees_blocks_and_slot(server):

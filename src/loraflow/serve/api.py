@@ -397,6 +397,8 @@ def create_app(
                 yield chunk({"index": 0, "text": echo, "logprobs": None, "finish_reason": None})
             while True:
                 u = await queue.get()
+                while not queue.empty():  # behind the engine: its latest snapshot holds all the text so far
+                    u = queue.get_nowait()
                 if u.finish_reason == "error":
                     e = _failure(u)
                     status = e.status
