@@ -169,7 +169,8 @@ def test_eviction_with_two_device_slots_and_five_adapters_in_use(server, files):
 def test_a_stream_behind_the_engine_sends_its_backlog_as_one_chunk(server, files):
     """The HTTP loop held up for 0.5 s while the engine runs on: the updates queued meanwhile go
     out as one chunk of all their text and log-probabilities, equal to the answer unstreamed."""
-    body = {"model": "py", "prompt": prompt(6, 5), "max_tokens": 24, "temperature": 0, "ignore_eos": True, "logprobs": 1}
+    body = {"model": "py", "prompt": prompt(6, 5), "max_tokens": 24, "temperature": 0, "ignore_eos": True}
+    body["logprobs"] = 1
     whole = httpx.post(server.url + "/v1/completions", json=body, timeout=30).json()["choices"][0]
     pieces = []
     with httpx.stream("POST", server.url + "/v1/completions", json={**body, "stream": True}, timeout=30) as r:
