@@ -265,3 +265,36 @@ def test_cuda_engine_equals_transformers_and_peft(setup, slots, rank, kernel):
     assert eng.graphs.graphs and eng.graphs.paths["rows"] >= 3 and not eng.graphs.paths["mask"]  # Triton on CUDA
     for r, p, a in zip(reqs, prompts, names):
         assert r.output_ids == reference(root, adapters.get(a), p, 8), (a, p)
+
+
+def test_updates_carry_every_token_text_in_order_while_the_text_trails_a_step(setup):
+    """A running request's newest text is extended while the next step runs (``_flush_text``):
+    each step's update still carries all the text so far, one update a token, the last one
+    finished with the whole text; an abort's update holds the text of every token before it;
+    a request with a stop string has its text at once (it is searched for it)."""
+    root, adapters = setup
+    eng = engine(setup)
+    seen: dict[str, list] = {"a": [], "b": [], "s": []}
+    record = {k: (lambda r, k=k: seen[k].append((eng.stream_text(r), len(r.output_ids), r.finished))) for k in seen}
+    p = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    a = eng.add_request(prompt(0, 5), p, "sql", on_output=record["a"])
+    b = eng.add_request(prompt(1, 5), SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True), None,
+                        on_output=record["b"])  # fmt: skip
+    stop_on = eng.tokenizer.decode(reference(root, None, prompt(2, 5), 3)[2:3])
+    s = eng.add_request(prompt(2, 5), SamplingParams(max_tokens=12, temperature=0.0, stop=[stop_on]), None,
+                        on_output=record["s"])  # fmt: skip
+    while not a.finished:
+        eng.step()
+    eng.step()
+    eng.abort(b.id)
+    while eng.has_work():
+        eng.step()
+    want = eng.tokenizer.decode(reference(root, adapters["sql"], prompt(0, 5), 6), skip_special_tokens=True)
+    assert a.text == want and seen["a"][-1] == (want, 6, True)
+    assert [n for _, n, _ in seen["a"]] == [1, 2, 3, 4, 5, 6]  # one update a token
+    for (t0, _, _), (t1, _, _) in zip(seen["a"], seen["a"][1:]):
+        assert t1.startswith(t0)
+    assert seen["a"][-2][0] == eng.tokenizer.decode(a.output_ids[:5], skip_special_tokens=True)
+    assert b.finish_reason == "abort" and seen["b"][-1][2]
+    assert seen["b"][-1][0] == eng.tokenizer.decode(b.output_ids, skip_special_tokens=True)
+    assert s.finish_reason == "stop" and stop_on not in s.text and [f for *_, f in seen["s"]].count(True) == 1

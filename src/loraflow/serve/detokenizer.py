@@ -18,19 +18,22 @@ class Detokenizer:
         self._window_decode = backend.decode if plain else tokenizer.decode
 
     def add(self, req: Request, token: int, max_len: int) -> str | None:
-        """Account for ``token`` (already in ``req.output_ids``): extend the text; the reason the
-        request ends ("stop", "length") or None."""
+        """Account for ``token`` (already in ``req.output_ids``): the reason the request ends
+        ("stop", "length") or None. The text is extended here only for a request with stop
+        strings (they are looked for in it); a finished request gets its whole text; the
+        others' text is the caller's to extend (``append_text``), off the step's critical path."""
         p = req.params
         if token in self.eos_ids and not p.ignore_eos:
             req.output_ids.pop()
             req.text = self.decode(req)
             return "stop"
-        self.append_text(req)
-        for s in p.stop:
-            at = req.text.find(s)
-            if at >= 0:
-                req.text = req.text[:at]
-                return "stop"
+        if p.stop:
+            self.append_text(req)
+            for s in p.stop:
+                at = req.text.find(s)
+                if at >= 0:
+                    req.text = req.text[:at]
+                    return "stop"
         if len(req.output_ids) >= p.max_tokens or req.n_tokens >= max_len:
             req.text = self.decode(req)
             return "length"

@@ -125,6 +125,10 @@ class Engine:
         self._incoming: deque[Request] = deque()
         self._aborts: set[str] = set()
         self._failed: list[Request] = []
+        # running requests whose newest token's text and update wait for the next step's launch
+        # (``_flush_text``): on CUDA that host work then overlaps the GPU's forward
+        self._pending_text: list[Request] = []
+        self.after_notify: Callable[[], None] | None = None  # EngineLoop: hand the updates over at once
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "steps": 0, "failed_steps": 0}
@@ -229,6 +233,8 @@ class Engine:
     def _step(self) -> list[Request]:
         incoming, aborts, timed_out = self._events()
         self.waiting.extend(incoming)
+        if aborts or timed_out:  # a request's last text before its end
+            self._flush_text()
         touched = []
         for r in list(self.running) + list(self.waiting):
             if r.id in aborts:
@@ -264,7 +270,10 @@ class Engine:
         touched += self._failed
         self._failed = []
         touched = list({id(r): r for r in touched}.values())
-        self.notify(touched)
+        later = {id(r) for r in self._pending_text}  # notified by the next step's ``_flush_text``
+        self.notify([r for r in touched if id(r) not in later])
+        if not self.running:  # no next launch to hide the text behind
+            self._flush_text()
         return touched
 
     def _events(self) -> tuple[list[Request], set[str], set[str]]:
@@ -288,7 +297,8 @@ class Engine:
 
     def _run(self, plan: list[tuple[Request, int]]) -> list[Request]:
         """The model over the plan's tokens, then one token for each request whose prompt is done."""
-        logits, rows = self.runner.forward(plan)
+        logits, rows = self.runner.forward(plan)  # on CUDA queued: the GPU is busy until ``tokens`` reads
+        self._flush_text()  # the previous step's text and updates, meanwhile
         for req, n in plan:
             req.computed += n
         token_of, finite = self.runner.tokens(logits, rows)
@@ -322,6 +332,16 @@ class Engine:
                     req.on_output(req)
                 except Exception:  # a consumer's bug must not stop the engine
                     log.exception("on_output of request %s raised", req.id)
+        if touched and self.after_notify is not None:
+            self.after_notify()
+
+    def _flush_text(self) -> None:
+        """The text of the tokens ``_check_stop`` left pending, and their requests' updates."""
+        pending, self._pending_text = self._pending_text, []
+        live = [r for r in pending if not r.finished]  # a finished request's text is already whole
+        for req in live:
+            self.detokenizer.append_text(req)
+        self.notify(live)
 
     def fail_all(self, message: str, waiting: bool = True) -> list[Request]:
         """Fail every running request (and, with ``waiting``, every queued one) with error_type
@@ -330,6 +350,7 @@ class Engine:
             if waiting:
                 self.waiting.extend(self._incoming)
                 self._incoming.clear()
+        self._flush_text()
         victims = list(self.running) + (list(self.waiting) if waiting else [])
         return [self._fail(r, "engine", message) for r in victims]
 
@@ -337,6 +358,8 @@ class Engine:
         reason = self.detokenizer.add(req, token, self.max_len)
         if reason is not None:
             self._finish(req, reason)
+        elif not req.params.stop:  # its text can wait for the next step's launch
+            self._pending_text.append(req)
 
     def _fail(self, req: Request, error_type: str, message: str) -> Request:
         assert error_type in ERROR_TYPES, error_type

@@ -56,6 +56,7 @@ class EngineLoop:
         self._stop = False
         self._outbox: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue, Update]] = []  # this step's updates
         self._thread = None
+        engine.after_notify = self._deliver  # updates leave mid-step too (``Engine._flush_text``)
         if background:
             self._thread = threading.Thread(target=self.run_forever, name="engine", daemon=True)
             self._thread.start()
