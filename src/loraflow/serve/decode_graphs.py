@@ -59,10 +59,13 @@ class DecodeGraphs:
         # expand a layer) or "fused" (one launch a layer). On an H200, a Llama-2-7B step with
         # 64 adapters replays in 12.92, 13.49 and 14.26 ms (results/engine-steps-h200-v7.json)
         self.kernel = "siblings"
-        # the paged attention kernel's tiling: programs per (sequence, KV head) and warps each;
-        # one program a context with 4 warps is what the engine was measured with on an H100
-        # (serve/paged_attention.py; benchmarks/scripts/engine_steps.py --attention)
-        self.attention_splits, self.attention_warps = 1, 4
+        # the paged attention kernel's tiling: programs per (sequence, KV head) and warps each.
+        # On an H100, Llama-2-7B, 64 sequences: 4 x 2 against 1 x 4 took 105 against 110 us a
+        # layer at 176 positions and 456 against 554 us at 1,088 (decode_attention.py), and the
+        # engine's step at 1,024 + 48 tokens 21.2 against 23.9 ms (base) and 23.7 against 27.1 ms
+        # (64 adapters) (benchmarks/scripts/engine_steps.py --attention 1x4,4x2). Without CUDA
+        # (Triton's interpreter runs the programs one by one) one program a context is faster
+        self.attention_splits, self.attention_warps = (4, 2) if dev.type == "cuda" else (1, 4)
         self.steps = 0  # decode steps run through this path
         self.paths: Counter = Counter()  # ... by adapter path: None, "rows", "mask"
 
