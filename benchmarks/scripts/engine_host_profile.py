@@ -83,7 +83,7 @@ device = sum(
 print(f"{steps} decode steps of 64 requests: {plain:.2f} ms a step unprofiled, {total:.2f} ms profiled, of which "
       f"{device / steps * 1e3:.2f} ms is the vocabulary-wide argmax and sum (kernels on a GPU)")  # fmt: skip
 for (path, _, name), (_, _, _, cum, _) in sorted(stats.items(), key=lambda kv: -kv[1][3]):
-    if name in ("schedule", "_check_stop", "run", "stream_text", "_eq_", "__eq__", "argmax", "decode") and (
+    if name in ("schedule", "_check_stop", "_flush_text", "run", "stream_text", "notify", "argmax", "decode") and (
         "loraflow" in path or name in ("argmax", "decode", "__eq__")
     ):
         print(f"  {name:<12} {cum / steps * 1e3:7.2f} ms a step   ({path.rsplit('/', 2)[-1]})")

@@ -46,8 +46,15 @@ class DecodeGraphs:
         dev = kv.layers[0][0].device
         self.size = bucket(max_batch)
         width = -(-max_len // kv.block_size)
-        self.host = np.zeros((5, self.size), dtype=np.int64)  # tokens, positions, slots, rows, lengths
-        self.host_table = np.zeros((self.size, width), dtype=np.int32)
+        # the step's inputs on the host, in page-locked memory on CUDA: their copies to the device
+        # are queued (non_blocking) instead of waited for; the next step waits for them (an event)
+        # before it rewrites the buffers, done by then as a rule (the step's tokens came back)
+        pin = dev.type == "cuda"
+        self._copied = torch.cuda.Event() if pin else None
+        self._host = torch.zeros(5, self.size, dtype=torch.long, pin_memory=pin)
+        self._host_table = torch.zeros(self.size, width, dtype=torch.int32, pin_memory=pin)
+        self.host = self._host.numpy()  # tokens, positions, slots, rows, lengths
+        self.host_table = self._host_table.numpy()
         self.inputs = torch.zeros(5, self.size, dtype=torch.long, device=dev)
         self.table = torch.zeros(self.size, width, dtype=torch.int32, device=dev)
         self.slots32 = torch.zeros(self.size, dtype=torch.int32, device=dev)  # the Triton kernels' slot type
@@ -91,13 +98,17 @@ class DecodeGraphs:
         size = bucket(n)
         h, ht = self.host, self.host_table
         trash = self.kv.trash_block
+        if self._copied is not None:
+            self._copied.synchronize()
         for i, (token, pos, slot, blocks) in enumerate(steps):
             h[:, i] = (token, pos, slot, blocks[pos // bs] * bs + pos % bs, pos + 1)
             ht[i, : len(blocks)] = blocks
         h[:, n:size] = np.array((0, 0, -1, trash * bs, 1))[:, None]
         ht[n:size, 0] = trash
-        self.inputs[:, :size].copy_(torch.from_numpy(h[:, :size]))
-        self.table[:size].copy_(torch.from_numpy(ht[:size]))
+        self.inputs.copy_(self._host, non_blocking=True)  # whole (contiguous): 5 x 512 at most
+        self.table[:size].copy_(self._host_table[:size], non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
         self.slots32[:size].copy_(self.inputs[2, :size])  # one cast a step, not one a layer
         used = {s[2] for s in steps} - {-1}
         path = None if not used else "mask" if self.bank.dense_pays(used) else "rows"

@@ -15,7 +15,7 @@ class Detokenizer:
         # costs ~30 us a call) when its clean-up step would not change the text
         backend = getattr(tokenizer, "backend_tokenizer", None)
         plain = backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False)
-        self._window_decode = backend.decode if plain else tokenizer.decode
+        self._windows_decode = backend.decode_batch if plain else tokenizer.batch_decode
 
     def add(self, req: Request, token: int, max_len: int) -> str | None:
         """Account for ``token`` (already in ``req.output_ids``): the reason the request ends
@@ -40,15 +40,22 @@ class Detokenizer:
         return None
 
     def append_text(self, req: Request) -> None:
-        """Extend ``req.text`` by the new token's text, decoding only a short window: the
-        text of ids[prefix:] minus that of ids[prefix:read] (a token's text can depend on its
-        neighbours), held back while it ends in an unfinished multi-byte character."""
-        ids, decode = req.output_ids, self._window_decode
-        before = decode(ids[req.prefix_offset : req.read_offset], skip_special_tokens=True)
-        after = decode(ids[req.prefix_offset :], skip_special_tokens=True)
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            req.text += after[len(before) :]
-            req.prefix_offset, req.read_offset = req.read_offset, len(ids)
+        self.append_texts([req])
+
+    def append_texts(self, reqs: list[Request]) -> None:
+        """Extend each request's ``text`` by its new tokens' text, decoding only a short window:
+        the text of ids[prefix:] minus that of ids[prefix:read] (a token's text can depend on its
+        neighbours), held back while it ends in an unfinished multi-byte character. Two decode
+        calls for all the requests (the Rust side decodes them in parallel), not two a request."""
+        if not reqs:
+            return
+        windows = [r.output_ids[r.prefix_offset : r.read_offset] for r in reqs]
+        windows += [r.output_ids[r.prefix_offset :] for r in reqs]
+        texts = self._windows_decode(windows, skip_special_tokens=True)
+        for req, before, after in zip(reqs, texts[: len(reqs)], texts[len(reqs) :]):
+            if len(after) > len(before) and not after.endswith("\ufffd"):
+                req.text += after[len(before) :]
+                req.prefix_offset, req.read_offset = req.read_offset, len(req.output_ids)
 
     def decode(self, req: Request) -> str:
         return self.tokenizer.decode(req.output_ids, skip_special_tokens=True)

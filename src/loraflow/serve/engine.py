@@ -339,8 +339,7 @@ class Engine:
         """The text of the tokens ``_check_stop`` left pending, and their requests' updates."""
         pending, self._pending_text = self._pending_text, []
         live = [r for r in pending if not r.finished]  # a finished request's text is already whole
-        for req in live:
-            self.detokenizer.append_text(req)
+        self.detokenizer.append_texts(live)
         self.notify(live)
 
     def fail_all(self, message: str, waiting: bool = True) -> list[Request]:
