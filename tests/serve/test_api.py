@@ -188,6 +188,20 @@ def test_a_stream_behind_the_engine_sends_its_backlog_as_one_chunk(server, files
     assert len(pieces) < 12  # 24 tokens, most of them queued while the loop slept
 
 
+def test_metrics_split_the_steps_by_how_they_ran(server):
+    c = client(server)
+    c.completions.create(model="sql", prompt=prompt(7, 6), max_tokens=5, temperature=0, extra_body={"ignore_eos": True})
+    values = dict(
+        line.split() for line in httpx.get(server.url + "/metrics").text.splitlines() if line and line[0] != "#"
+    )
+    steps = {k: float(values[f"loraflow_{k}_steps_total"]) for k in ("graph", "decode", "prompt")}
+    assert steps["prompt"] >= 1 and steps["decode"] >= 4  # the CPU runs no CUDA graphs
+    assert sum(steps.values()) == server.loop.engine.stats["steps"]
+    for k in steps:
+        total, most = float(values[f"loraflow_{k}_step_seconds_total"]), float(values[f"loraflow_{k}_step_seconds_max"])
+        assert 0 <= most <= total and (total > 0) == (steps[k] > 0)
+
+
 def test_disconnect_mid_stream_frees_blocks_and_slot(server):
     engine = server.loop.engine
     with httpx.stream(

@@ -260,7 +260,9 @@ def run(serve_args: list[str], w: Workload, base_name: str, vocab: int, log: Pat
         proc.terminate()
         proc.wait(timeout=60)
     registry = {
-        line.split()[0]: float(line.split()[1]) for line in metrics.splitlines() if line.startswith("loraflow_adapter")
+        line.split()[0]: float(line.split()[1])
+        for line in metrics.splitlines()
+        if line.startswith(("loraflow_adapter", "loraflow_graph_", "loraflow_decode_", "loraflow_prompt_"))
     }
     with_adapters, base_only = median_run([a for a, _ in pairs]), median_run([b for _, b in pairs])
     return {

@@ -196,6 +196,12 @@ def create_app(
             ("loraflow_kv_blocks_used", "gauge", engine.kv.used_blocks),
             ("loraflow_kv_blocks_total", "gauge", engine.kv.n_blocks),
         ]
+        for kind in ("graph", "decode", "prompt"):  # captured decode steps, eager ones, steps with prompt tokens
+            lines += [
+                (f"loraflow_{kind}_steps_total", "counter", engine.stats[f"{kind}_steps"]),
+                (f"loraflow_{kind}_step_seconds_total", "counter", engine.stats[f"{kind}_step_seconds"]),
+                (f"loraflow_{kind}_step_seconds_max", "gauge", engine.stats[f"{kind}_step_seconds_max"]),
+            ]
         text = "".join(f"# TYPE {n} {t}\n{n} {v}\n" for n, t, v in lines)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 

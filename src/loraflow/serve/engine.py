@@ -132,6 +132,8 @@ class Engine:
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "steps": 0, "failed_steps": 0}
+        for kind in ("graph", "decode", "prompt"):  # steps by how they ran (``ModelRunner.forward``)
+            self.stats.update({f"{kind}_steps": 0, f"{kind}_step_seconds": 0.0, f"{kind}_step_seconds_max": 0.0})
         self.scheduler = Scheduler(self.kv, self.registry, max_batch_tokens, self.stats)
         self.failures_in_a_row = 0  # steps that raised since the last one that did not
 
@@ -297,7 +299,8 @@ class Engine:
 
     def _run(self, plan: list[tuple[Request, int]]) -> list[Request]:
         """The model over the plan's tokens, then one token for each request whose prompt is done."""
-        logits, rows = self.runner.forward(plan)  # on CUDA queued: the GPU is busy until ``tokens`` reads
+        start = time.perf_counter()
+        logits, rows, kind = self.runner.forward(plan)  # on CUDA queued: the GPU is busy until ``tokens`` reads
         self._flush_text()  # the previous step's text and updates, meanwhile
         for req, n in plan:
             req.computed += n
@@ -323,6 +326,10 @@ class Engine:
                 log.warning("request %s failed while sampling: %s", req.id, e)
                 self._fail(req, "request", f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e))
         self.stats["steps"] += 1
+        seconds = time.perf_counter() - start  # the step's model and tokens, host and GPU
+        self.stats[f"{kind}_steps"] += 1
+        self.stats[f"{kind}_step_seconds"] += seconds
+        self.stats[f"{kind}_step_seconds_max"] = max(self.stats[f"{kind}_step_seconds_max"], seconds)
         return [r for _, r in rows]
 
     def notify(self, touched: list[Request]) -> None:

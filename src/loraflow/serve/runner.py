@@ -35,17 +35,19 @@ class ModelRunner:
         """The step's packed tokens and attention metadata (``serve/packing.py``)."""
         return pack(plan, self.bank, self.kv.block_size, self.kv.zero_row, self.device, self.model.lm_head.weight.dtype)
 
-    def forward(self, plan: list[tuple[Request, int]]) -> tuple[torch.Tensor, list[tuple[int, Request]]]:
-        """The logits of the plan's last tokens, and (row, request) for each request whose prompt
-        is done with this step (those get a token)."""
+    def forward(self, plan: list[tuple[Request, int]]) -> tuple[torch.Tensor, list[tuple[int, Request]], str]:
+        """The logits of the plan's last tokens, (row, request) for each request whose prompt
+        is done with this step (those get a token), and how the step ran: "graph" (a captured
+        decode step), "decode" or "prompt" (eager, without or with prompt tokens)."""
         flora = any(r.slot >= 0 and self.bank.slot_flora[r.slot] for r, _ in plan)  # graphs hold additive slots
-        if self.graphs is not None and not flora and len(plan) <= self.graphs.size and all(n == 1 for _, n in plan):
+        decode = all(n == 1 for _, n in plan)
+        if self.graphs is not None and not flora and len(plan) <= self.graphs.size and decode:
             logits = self.graphs.run([(r.token(r.computed), r.computed, r.slot, r.blocks) for r, _ in plan])
-            return logits, [(i, r) for i, (r, _) in enumerate(plan) if r.computed + 1 == r.n_tokens]
+            return logits, [(i, r) for i, (r, _) in enumerate(plan) if r.computed + 1 == r.n_tokens], "graph"
         batch, sample_from = self.batch(plan)
         with torch.inference_mode():
             logits = self.model(batch, self.kv.layers)
-        return logits, list(enumerate(sample_from))
+        return logits, list(enumerate(sample_from)), "decode" if decode else "prompt"
 
     def tokens(self, logits: torch.Tensor, rows: list[tuple[int, Request]]) -> tuple[dict, list | None]:
         """The tokens of the rows without penalties or log-probabilities, greedy (one argmax) and
