@@ -86,12 +86,12 @@ def test_greedy_equals_transformers_and_peft_per_adapter_in_one_mixed_batch(setu
     assert eng.bank.n_slots == slots and eng.bank.r_max == rank
     names = ["sql", None, "med", "py", "sql", "med"]
     prompts = [prompt(i, 5 + 3 * i) for i in range(len(names))]
-    params = SamplingParams(max_tokens=12, temperature=0.0)
+    params = SamplingParams(max_tokens=8, temperature=0.0)  # each step is slow under the interpreter
     reqs = [eng.add_request(p, params, a) for p, a in zip(prompts, names)]
     decode_steps = 0
     while not all(r.finished for r in reqs):
         decode_steps += decode_only_step(eng, reqs)
-    assert decode_steps >= 10
+    assert decode_steps >= 6
     assert (eng.graphs.steps == decode_steps) if graphs else eng.graphs is None, (
         decode_steps,
         eng.graphs and eng.graphs.steps,
@@ -100,7 +100,7 @@ def test_greedy_equals_transformers_and_peft_per_adapter_in_one_mixed_batch(setu
         assert eng.graphs.paths["mask" if slots == 3 else "rows"] >= 5
         assert slots == 3 or not eng.graphs.paths["mask"]
     for r, p, a in zip(reqs, prompts, names):
-        assert r.output_ids == reference(root, adapters.get(a), p, 12), (a, p)
+        assert r.output_ids == reference(root, adapters.get(a), p, 8), (a, p)
     assert eng.kv.used_blocks == 0 and not eng.running
 
 
