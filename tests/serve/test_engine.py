@@ -298,3 +298,21 @@ def test_updates_carry_every_token_text_in_order_while_the_text_trails_a_step(se
     assert b.finish_reason == "abort" and seen["b"][-1][2]
     assert seen["b"][-1][0] == eng.tokenizer.decode(b.output_ids, skip_special_tokens=True)
     assert s.finish_reason == "stop" and stop_on not in s.text and [f for *_, f in seen["s"]].count(True) == 1
+
+
+def test_preempted_requests_are_recomputed_and_still_equal_the_reference(setup):
+    """A KV cache of 12 blocks of 4 tokens for four requests of 16 tokens each: the latest
+    admitted give their blocks back and are recomputed later; every output equals transformers'."""
+    root, adapters = setup
+    eng = engine(setup, block_size=4, kv_cache_bytes=12 * 2 * 2 * 4 * 2 * 16 * 4, max_batch_tokens=64)
+    assert eng.kv.n_blocks == 12
+    names = ["sql", None, "med", "py"]
+    prompts = [prompt(i, 6) for i in range(4)]
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    reqs = [eng.add_request(p, params, a) for p, a in zip(prompts, names)]
+    while eng.has_work():
+        eng.step()
+    assert eng.stats["preemptions"] >= 1
+    for r, p, a in zip(reqs, prompts, names):
+        assert r.finish_reason == "length" and r.output_ids == reference(root, adapters.get(a), p, 10), (a, p)
+    assert eng.kv.used_blocks == 0 and not eng.running

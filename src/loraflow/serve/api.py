@@ -187,6 +187,7 @@ def create_app(
             ("loraflow_generation_tokens_total", "counter", engine.stats["generated_tokens"]),
             ("loraflow_generation_tokens_per_second", "gauge", engine.stats["generated_tokens"] / up),
             ("loraflow_engine_failed_steps_total", "counter", engine.stats["failed_steps"]),
+            ("loraflow_preemptions_total", "counter", engine.stats["preemptions"]),
             ("loraflow_adapter_hits_total", "counter", reg["hits"]),
             ("loraflow_adapter_misses_total", "counter", reg["misses"]),
             ("loraflow_adapter_loads_total", "counter", reg["loads"]),

@@ -21,7 +21,8 @@ from loraflow.serve.request import Request
 class Scheduler:
     def __init__(self, kv: KVCache, registry: AdapterRegistry, max_batch_tokens: int, stats: dict):
         self.kv, self.registry, self.max_batch_tokens = kv, registry, max_batch_tokens
-        self.stats = stats  # the engine's counters: admission adds "prompt_tokens"
+        self.stats = stats  # the engine's counters: admission adds "prompt_tokens", preemption "preemptions"
+        stats.setdefault("preemptions", 0)
         # how many waiting requests a step may pass over (their adapters loading or the bank's
         # slots all held) before it stops looking: loads start only for the queue's head, so
         # with many distinct adapters they are not evicted from host memory before their turn
@@ -34,11 +35,11 @@ class Scheduler:
         decoding request, then prompt chunks of running and newly admitted ones. A request that
         cannot get KV blocks even after preempting every other is failed through ``fail``."""
         budget = self.max_batch_tokens
-        plan, planned = [], set()
+        plan, planned, preempted = [], set(), set()
         for req in sorted(self.running, key=lambda r: r.n_tokens - r.computed):  # decodes first
             if budget <= 0:
                 break
-            if req not in self.running:  # preempted below for an earlier request
+            if req.id in preempted:  # for an earlier request, below
                 continue
             n = min(req.n_tokens - req.computed, budget)
             while not self.kv.grow(req.blocks, req.computed + n):
@@ -47,6 +48,7 @@ class Scheduler:
                     fail(req, "capacity", "out of KV-cache memory for this request")
                     break
                 self.preempt(victims[0])
+                preempted.add(victims[0].id)
             if req.finished:
                 continue
             plan.append((req, n))
@@ -81,6 +83,7 @@ class Scheduler:
         self.running.remove(req)
         self.kv.release(req.blocks)
         req.computed = 0
+        self.stats["preemptions"] += 1
         if req.adapter is not None:
             self.registry.release(req.adapter)
             req.slot = -1
