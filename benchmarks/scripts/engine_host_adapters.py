@@ -16,25 +16,10 @@ import torch
 
 import loraflow as lf
 from loraflow.bench import serve as bench
-from loraflow.serve.llama import LlamaArgs, linear_shapes, numbered_tokenizer, random_llama
+from loraflow.serve.llama import SHAPES, LlamaArgs, linear_shapes, numbered_tokenizer, random_llama
 from loraflow.serve.sampling import SamplingParams
 
-args = LlamaArgs(
-    vocab_size=32000,
-    dim=64,
-    n_layers=2,
-    n_heads=4,
-    n_kv_heads=4,
-    head_dim=16,
-    intermediate=128,
-    norm_eps=1e-5,
-    rope_theta=1e4,
-    rope_scaling=None,
-    max_seq_len=4096,
-    tie_embeddings=False,
-    qkv_bias=False,
-    mlp_bias=False,
-)
+args = LlamaArgs(**SHAPES["tiny"])  # next to no model: the host's work
 folders = bench.make_adapters(linear_shapes(args), Path(tempfile.mkdtemp()), 64, 4, device="cpu")
 eng = lf.Engine(
     model=random_llama(args, dtype=torch.float32),
