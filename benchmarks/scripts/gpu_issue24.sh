@@ -13,6 +13,8 @@
 #   serve128   loraflow bench serve, 64 requests x (128 + 128), 64 distinct adapters, base, and
 #              transformers' compiled static-cache generate in the same call (--hf-baseline)
 #   serve1024  the same at 1,024 + 128
+#   steps128   engine_steps.py at 128 + 48 alone, 1x4 beside 4x2 (a longer limit than tilings')
+#   prefill    serve1024 with prompt chunks of 8,192 tokens a step instead of 2,048
 #   small      engine_steps.py --shape smollm2-135m: the embedded model's decode step, 64 sequences
 #   logits     adapter_logits.py: teacher-forced log-probabilities of every example adapter against
 #              transformers + PEFT in bf16 (needs the embedded model: the part "stage" in three calls)
@@ -37,6 +39,10 @@ tilings() {
     timeout -s INT 240 python3 benchmarks/scripts/engine_steps.py "$OUT/steps-1024.json" --graphs-only \
         --kernels siblings --attention 1x4,4x2 --prompt-len 1024 --kv-cache-gb 40 2>&1 | log tilings 6
 }
+steps128() {
+    timeout -s INT 300 python3 benchmarks/scripts/engine_steps.py "$OUT/steps-128.json" --graphs-only \
+        --kernels siblings --attention 1x4,4x2 2>&1 | log steps128 8
+}
 attn() { timeout -s INT 120 python3 benchmarks/scripts/decode_attention.py "$OUT/attn.json" --max-len 4096 2>&1 | log attn 12; }
 serve128() {
     mkdir -p "$OUT/s128"
@@ -45,6 +51,11 @@ serve128() {
 serve1024() {
     mkdir -p "$OUT/s1024"
     timeout -s INT 540 "${SERVE[@]}" --shape llama2-7b --adapters 64 --prompt-len 1024 --out "$OUT/s1024" 2>&1 | log serve1024 16
+}
+prefill() {
+    mkdir -p "$OUT/p8192"
+    timeout -s INT 540 "${SERVE[@]}" --shape llama2-7b --adapters 64 --prompt-len 1024 --max-batch-tokens 8192 \
+        --out "$OUT/p8192" 2>&1 | log prefill 16
 }
 small() {
     timeout -s INT 150 python3 benchmarks/scripts/engine_steps.py "$OUT/steps-small.json" --graphs-only \
