@@ -95,6 +95,25 @@ def test_repeated_runs_report_each_kinds_median_run_and_every_pair():
         serve.run([], serve.Workload(), "base", 100, Path("unused.log"), repeats=0)
 
 
+def test_step_counters_and_their_report_line():
+    metrics = (
+        "# TYPE loraflow_graph_steps_total counter\nloraflow_graph_steps_total 120\n"
+        "loraflow_graph_step_seconds_total 1.2\nloraflow_prompt_steps_total 4\n"
+        "loraflow_prompt_step_seconds_total 0.2\nloraflow_graph_step_seconds_max 0.5\n\n"
+    )
+    assert serve._step_counters(metrics) == {
+        "loraflow_graph_steps_total": 120.0,
+        "loraflow_graph_step_seconds_total": 1.2,
+        "loraflow_prompt_steps_total": 4.0,
+        "loraflow_prompt_step_seconds_total": 0.2,
+    }
+    steps = {"graph_steps": 120, "graph_step_ms": 10.0, "decode_steps": 0, "decode_step_ms": None,
+             "prompt_steps": 4, "prompt_step_ms": 50.0}  # fmt: skip
+    pair = {"steps": {"adapters": steps, "base": dict(steps, prompt_steps=0)}}
+    (line,) = serve_report.step_lines([pair])
+    assert "with adapters graph 120 x 10.00 ms, prompt 4 x 50.00 ms; base graph 120 x 10.00 ms" in line
+
+
 def test_kernel_grid_and_targets():
     grid = kernels.grid()
     assert {c.kind for c in grid} == {"decode", "prefill", "flora"}

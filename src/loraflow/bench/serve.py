@@ -249,13 +249,8 @@ def run(serve_args: list[str], w: Workload, base_name: str, vocab: int, log: Pat
         asyncio.run(_load(url, [base_name] * w.requests, prompts, w))
         pairs = []  # (with adapters, base only), back to back, ``repeats`` times
         for _ in range(repeats):
-            pairs.append(
-                (
-                    summarize(*asyncio.run(_load(url, chosen, prompts, w))),
-                    summarize(*asyncio.run(_load(url, [base_name] * w.requests, prompts, w))),
-                )
-            )
-        metrics = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
+            pairs.append(tuple(_timed(url, names, prompts, w) for names in (chosen, [base_name] * w.requests)))
+        metrics = _metrics(url)
     finally:
         proc.terminate()
         proc.wait(timeout=60)
@@ -276,11 +271,45 @@ def run(serve_args: list[str], w: Workload, base_name: str, vocab: int, log: Pat
                 "adapters_tokens_per_s": a["output_tokens_per_s"],
                 "base_tokens_per_s": b["output_tokens_per_s"],
                 "ratio": a["output_tokens_per_s"] / b["output_tokens_per_s"],
+                "steps": {
+                    kind: {k: r[k] for k in r if k.endswith(("_steps", "_step_ms"))}
+                    for kind, r in (("adapters", a), ("base", b))
+                },  # fmt: skip
             }
             for a, b in pairs
         ],
         "server": registry,
     }
+
+
+STEP_KINDS = ("graph", "decode", "prompt")  # the engine's steps: captured decode, eager decode, with prompt tokens
+
+
+def _metrics(url: str) -> str:
+    import urllib.request
+
+    return urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
+
+
+def _step_counters(metrics: str) -> dict[str, float]:
+    """The engine's step counts and seconds by kind, from /metrics' text."""
+    names = {f"loraflow_{k}_{c}" for k in STEP_KINDS for c in ("steps_total", "step_seconds_total")}
+    fields = (line.split() for line in metrics.splitlines())
+    return {f[0]: float(f[1]) for f in fields if len(f) == 2 and f[0] in names}
+
+
+def _timed(url: str, names: list[str], prompts: list[list[int]], w: Workload) -> dict:
+    """One timed run of the workload, with the engine's steps it took by kind (from the server's
+    /metrics before and after): how many, and their mean milliseconds (model and tokens)."""
+    before = _step_counters(_metrics(url))
+    run = summarize(*asyncio.run(_load(url, names, prompts, w)))
+    after = _step_counters(_metrics(url))
+    for kind in STEP_KINDS:
+        n, sec = (after.get(name, 0.0) - before.get(name, 0.0) for name in (
+            f"loraflow_{kind}_steps_total", f"loraflow_{kind}_step_seconds_total"))  # fmt: skip
+        run[f"{kind}_steps"] = int(n)
+        run[f"{kind}_step_ms"] = 1e3 * sec / n if n else None
+    return run
 
 
 def median_run(runs: list[dict]) -> dict:

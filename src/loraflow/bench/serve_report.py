@@ -51,6 +51,7 @@ def markdown(env: dict, p: dict) -> str:
             else ""
         ),
     ]
+    lines += step_lines(p.get("pairs", []))
     if hf:
         lines += hf_lines(p)
     if "roofline" in p:
@@ -138,3 +139,18 @@ def figure(p: dict):
     axes[1].legend()
     fig.tight_layout()
     return fig
+
+
+def step_lines(pairs: list[dict]) -> list[str]:
+    """Each timed run's engine steps by kind (count x mean ms), from the server's /metrics."""
+
+    def steps(d: dict) -> str:
+        kinds = [k[: -len("_steps")] for k in d if k.endswith("_steps") and d[k]]
+        return ", ".join(f"{k} {d[k + '_steps']} x {d[k + '_step_ms']:.2f} ms" for k in kinds) or "none"
+
+    return [
+        f"- engine steps of run {i + 1} (count x mean ms of the model and its tokens): with adapters "
+        f"{steps(q['steps']['adapters'])}; base {steps(q['steps']['base'])}"
+        for i, q in enumerate(pairs)
+        if "steps" in q
+    ]
