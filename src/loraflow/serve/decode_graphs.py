@@ -92,8 +92,9 @@ class DecodeGraphs:
         )  # fmt: skip
 
     @torch.inference_mode()
-    def run(self, steps: list[tuple[int, int, int, list[int]]]) -> torch.Tensor:
-        """Logits (n, vocab) for ``steps``: per sequence (token, position, slot, block table)."""
+    def run(self, steps: list[tuple[int, int, int, list[int]]], tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (n, vocab) for ``steps``: per sequence (token, position, slot, block table);
+        with ``tokens`` (n,) on the device, the sequences' tokens are those instead."""
         n, bs = len(steps), self.kv.block_size
         size = bucket(n)
         h, ht = self.host, self.host_table
@@ -107,6 +108,8 @@ class DecodeGraphs:
         ht[n:size, 0] = trash
         self.inputs.copy_(self._host, non_blocking=True)  # whole (contiguous): 5 x 512 at most
         self.table[:size].copy_(self._host_table[:size], non_blocking=True)
+        if tokens is not None:  # the previous step's, still on the device
+            self.inputs[0, :n].copy_(tokens)
         if self._copied is not None:
             self._copied.record()
         self.slots32[:size].copy_(self.inputs[2, :size])  # one cast a step, not one a layer

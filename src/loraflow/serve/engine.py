@@ -30,7 +30,7 @@ from loraflow.serve.llama import Llama, fuse_projections, load_llama
 from loraflow.serve.pointwise import Pointwise
 from loraflow.serve.registry import AdapterRegistry
 from loraflow.serve.request import ERROR_TYPES, ContextTooLong, PromptError, QueueFull, Request, eos_ids
-from loraflow.serve.runner import ModelRunner
+from loraflow.serve.runner import ModelRunner, StepTokens
 from loraflow.serve.sampling import NonFiniteLogits, SamplingParams, sample
 from loraflow.serve.scheduler import Scheduler
 from loraflow.serve.tensor_parallel import TensorParallel, shard_llama, share_step
@@ -60,6 +60,7 @@ class Engine:
         request_timeout: float | None = None,
         tensor_parallel: TensorParallel | None = None,
         compile_pointwise: bool | None = None,
+        overlap: bool | None = None,
     ):
         """``tensor_parallel``: this process is one rank of a tensor-parallel engine
         (``serve/tensor_parallel.py``): it holds its shard of the model, and its steps follow
@@ -67,7 +68,8 @@ class Engine:
         without the broadcast that keeps the ranks' plans in step, and NCCL inside graph
         capture needs its own care; ``decode_graphs=True`` is refused. ``compile_pointwise``: the
         model's element-wise work (norms, rotary embeddings, SwiGLU) through ``torch.compile``,
-        one fused kernel each (``serve/pointwise.py``); None: on CUDA."""
+        one fused kernel each (``serve/pointwise.py``); None: on CUDA. ``overlap``: a decode step
+        is queued before the previous one's tokens are read (``_chain``); None: on CUDA."""
         from transformers import AutoTokenizer
 
         from loraflow.models.loading import default_model_path
@@ -129,9 +131,11 @@ class Engine:
         # (``_flush_text``): on CUDA that host work then overlaps the GPU's forward
         self._pending_text: list[Request] = []
         self.after_notify: Callable[[], None] | None = None  # EngineLoop: hand the updates over at once
+        self.overlap = self.device.type == "cuda" if overlap is None else overlap
+        self._inflight: StepTokens | None = None  # a decode step queued whose tokens are not yet read
         self._lock = threading.Lock()
         self._ids = itertools.count()
-        self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "steps": 0, "failed_steps": 0}
+        self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "steps": 0, "failed_steps": 0, "overlapped_steps": 0}
         for kind in ("graph", "decode", "prompt"):  # steps by how they ran (``ModelRunner.forward``)
             self.stats.update({f"{kind}_steps": 0, f"{kind}_step_seconds": 0.0, f"{kind}_step_seconds_max": 0.0})
         self.scheduler = Scheduler(self.kv, self.registry, max_batch_tokens, self.stats)
@@ -219,6 +223,12 @@ class Engine:
     def has_work(self) -> bool:
         return bool(self.running or self.waiting or self._incoming or self._aborts)
 
+    @property
+    def in_flight(self) -> bool:
+        """A decode step is queued whose tokens the next ``step()`` reads: the engine is busy
+        even when a step returns no request."""
+        return self._inflight is not None
+
     # one step --------------------------------------------------------------------------
     def step(self) -> list[Request]:
         """Run one batch; returns the requests that produced output or finished.
@@ -235,28 +245,14 @@ class Engine:
     def _step(self) -> list[Request]:
         incoming, aborts, timed_out = self._events()
         self.waiting.extend(incoming)
-        if aborts or timed_out:  # a request's last text before its end
-            self._flush_text()
+        quiet = not (incoming or aborts or timed_out or self.waiting)  # the running requests alone
         touched = []
-        for r in list(self.running) + list(self.waiting):
-            if r.id in aborts:
-                touched.append(self._finish(r, "abort"))
-            elif r.id in timed_out:
-                touched.append(
-                    self._fail(
-                        r,
-                        "timeout",
-                        f"the request ran past this server's time limit of "
-                        f"{self.request_timeout:g} s (--request-timeout)",
-                    )
-                )
-        for r in list(self.waiting):  # adapters that failed to load, or were unloaded, fail their requests
-            why = r.adapter and self.registry.error(r.adapter)
-            if why:
-                touched.append(self._fail(r, "adapter", f"adapter {r.adapter!r} cannot be served: {why}"))
         try:
-            plan = self.scheduler.schedule(self._fail)
-            touched += self._run(plan) if plan else []
+            if not (quiet and self._chain(touched)):
+                touched += self._resolve()
+                touched += self._ends(aborts, timed_out)
+                plan = self.scheduler.schedule(self._fail)
+                touched += self._run(plan) if plan else []
             self.failures_in_a_row = 0
         except Exception as e:
             if self.tp is not None:  # the ranks may have parted mid-collective: no step can follow
@@ -276,6 +272,29 @@ class Engine:
         self.notify([r for r in touched if id(r) not in later])
         if not self.running:  # no next launch to hide the text behind
             self._flush_text()
+        return touched
+
+    def _ends(self, aborts: set[str], timed_out: set[str]) -> list[Request]:
+        """Aborted and timed-out requests, and those whose adapter cannot be served, end."""
+        if aborts or timed_out:  # a request's last text before its end
+            self._flush_text()
+        touched = []
+        for r in list(self.running) + list(self.waiting):
+            if r.id in aborts:
+                touched.append(self._finish(r, "abort"))
+            elif r.id in timed_out:
+                touched.append(
+                    self._fail(
+                        r,
+                        "timeout",
+                        f"the request ran past this server's time limit of "
+                        f"{self.request_timeout:g} s (--request-timeout)",
+                    )
+                )
+        for r in list(self.waiting):  # adapters that failed to load, or were unloaded, fail their requests
+            why = r.adapter and self.registry.error(r.adapter)
+            if why:
+                touched.append(self._fail(r, "adapter", f"adapter {r.adapter!r} cannot be served: {why}"))
         return touched
 
     def _events(self) -> tuple[list[Request], set[str], set[str]]:
@@ -298,14 +317,68 @@ class Engine:
             raise
 
     def _run(self, plan: list[tuple[Request, int]]) -> list[Request]:
-        """The model over the plan's tokens, then one token for each request whose prompt is done."""
+        """The model over the plan's tokens, then one token for each request whose prompt is done.
+        A decode graph's step whose rows are all drawn in the batch leaves its tokens on the
+        device (with ``overlap``): the next step reads them (``_chain`` or ``_resolve``)."""
         start = time.perf_counter()
         logits, rows, kind = self.runner.forward(plan)  # on CUDA queued: the GPU is busy until ``tokens`` reads
+        defer = self.overlap and kind == "graph" and len(rows) == len(plan) and self.runner.chainable(rows)
+        if defer:
+            self._inflight = self.runner.launch_tokens(logits, rows)
         self._flush_text()  # the previous step's text and updates, meanwhile
         for req, n in plan:
             req.computed += n
+        if defer:
+            self._count(kind, start)
+            return []
         token_of, finite = self.runner.tokens(logits, rows)
+        self._accept(rows, token_of, finite, logits)
+        self._count(kind, start)
+        return [r for _, r in rows]
+
+    def _chain(self, touched: list[Request]) -> bool:
+        """The next decode step of the in-flight step's requests, queued before that step's
+        tokens are read (they feed it on the device); then those tokens read and accounted for,
+        while the GPU runs the new step. False (nothing done) unless the running requests are
+        all rows of the in-flight step that go on decoding (none whose token in flight may end it
+        by length; a request that ends otherwise, at EOS or a stop string, wastes its next row),
+        each with KV room for one more token. Adds the requests that got a token to ``touched``."""
+        prev = self._inflight
+        if prev is None:
+            return False
+        go_on = [(row, r) for row, r in prev.rows if not r.finished]
+        if len(go_on) != len(self.running) or not all(
+            len(r.output_ids) + 1 < r.params.max_tokens and r.n_tokens + 1 < self.max_len for _, r in go_on
+        ):
+            return False
+        if not all(self.kv.grow(r.blocks, r.computed + 1) for _, r in go_on):
+            return False
+        start = time.perf_counter()
+        logits = self.runner.decode_after(prev, go_on)
+        for _, r in go_on:
+            r.computed += 1
+        self._inflight = self.runner.launch_tokens(logits, [(i, r) for i, (_, r) in enumerate(go_on)])
+        accepted = self._accept(prev.rows, *prev.read())
+        notified = {id(r) for r in self._flush_text()}  # their text and updates, while the GPU runs the new step
+        touched += [r for r in accepted if id(r) not in notified]  # the finished ones, those with stop strings
+        self.stats["overlapped_steps"] += 1
+        self._count("graph", start)
+        return True
+
+    def _resolve(self) -> list[Request]:
+        """The in-flight step's tokens, read and accounted for (nothing queued behind them)."""
+        prev, self._inflight = self._inflight, None
+        return [] if prev is None else self._accept(prev.rows, *prev.read())
+
+    def _accept(self, rows, token_of: dict, finite: list | None, logits=None) -> list[Request]:
+        """Each row's token appended to its request (drawn here from ``logits`` for the rows not
+        in ``token_of``), stop conditions checked; the requests returned. A request that ended
+        while its step was in flight (an abort, a stop one step earlier) drops its token."""
+        accepted = []
         for row, req in rows:
+            if req.finished:
+                continue
+            accepted.append(req)
             try:
                 if row in token_of:
                     if not finite[row]:
@@ -325,12 +398,14 @@ class Engine:
             except Exception as e:  # this request's own failure: the others go on
                 log.warning("request %s failed while sampling: %s", req.id, e)
                 self._fail(req, "request", f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e))
+        return accepted
+
+    def _count(self, kind: str, start: float) -> None:
         self.stats["steps"] += 1
         seconds = time.perf_counter() - start  # the step's model and tokens, host and GPU
         self.stats[f"{kind}_steps"] += 1
         self.stats[f"{kind}_step_seconds"] += seconds
         self.stats[f"{kind}_step_seconds_max"] = max(self.stats[f"{kind}_step_seconds_max"], seconds)
-        return [r for _, r in rows]
 
     def notify(self, touched: list[Request]) -> None:
         for req in touched:
@@ -342,12 +417,14 @@ class Engine:
         if touched and self.after_notify is not None:
             self.after_notify()
 
-    def _flush_text(self) -> None:
-        """The text of the tokens ``_check_stop`` left pending, and their requests' updates."""
+    def _flush_text(self) -> list[Request]:
+        """The text of the tokens ``_check_stop`` left pending, and their requests' updates: the
+        requests notified."""
         pending, self._pending_text = self._pending_text, []
         live = [r for r in pending if not r.finished]  # a finished request's text is already whole
         self.detokenizer.append_texts(live)
         self.notify(live)
+        return live
 
     def fail_all(self, message: str, waiting: bool = True) -> list[Request]:
         """Fail every running request (and, with ``waiting``, every queued one) with error_type
@@ -356,6 +433,7 @@ class Engine:
             if waiting:
                 self.waiting.extend(self._incoming)
                 self._incoming.clear()
+        self._inflight = None  # its tokens are dropped with their requests
         self._flush_text()
         victims = list(self.running) + (list(self.waiting) if waiting else [])
         return [self._fail(r, "engine", message) for r in victims]
@@ -399,7 +477,7 @@ class Engine:
                     reqs.append(self.add_request(prompts[len(reqs)], params, adapters[len(reqs)]))
                 except QueueFull:
                     break  # the rest wait for room
-            if not self.step():
+            if not self.step() and not self.in_flight:
                 time.sleep(0.002)  # waiting for an adapter to load
         bad = [r for r in reqs if r.finish_reason == "error"]
         if bad:

@@ -77,7 +77,7 @@ class EngineLoop:
                 if engine.failures_in_a_row >= self.max_failures:
                     raise self._give_up(f"the engine failed {engine.failures_in_a_row} steps in a row and stopped")
                 self._deliver()
-                if not touched:
+                if not touched and not engine.in_flight:
                     time.sleep(0.002)  # only requests whose adapter is still loading
             else:
                 self._wake.wait(0.05)
