@@ -25,7 +25,7 @@
 #              (next to no model: the server's own ceiling) through HTTP, 64 requests
 set -uo pipefail
 OUT=${OUT:?set OUT}
-SERVE=(python3 -m loraflow.cli bench serve --requests 64 --output-len 128 --registered 1000 --repeats 3 --hf-baseline --no-peft)
+SERVE=(python3 -m loraflow.cli bench serve --requests 64 --output-len 128 --registered 1000 --repeats "${REPEATS:-3}" --hf-baseline --no-peft)
 log() { tee -a "$OUT/$1.log" | grep -v -i warn | tail -"$2"; }
 
 tests() {
@@ -41,7 +41,7 @@ tilings() {
 }
 steps128() {
     timeout -s INT 300 python3 benchmarks/scripts/engine_steps.py "$OUT/steps-128.json" --graphs-only \
-        --kernels siblings --attention 1x4,4x2 2>&1 | log steps128 8
+        --kernels siblings --attention "${ATTN:-1x4,4x2}" --overlap on,off 2>&1 | log steps128 8
 }
 attn() { timeout -s INT 120 python3 benchmarks/scripts/decode_attention.py "$OUT/attn.json" --max-len 4096 2>&1 | log attn 12; }
 serve128() {
