@@ -57,6 +57,18 @@ prefill() {
     timeout -s INT 540 "${SERVE[@]}" --shape llama2-7b --adapters 64 --prompt-len 1024 --max-batch-tokens 8192 \
         --out "$OUT/p8192" 2>&1 | log prefill 16
 }
+matmulpeak() {  # the bf16 matmul peak this card reaches, for the prefill's share of it
+    python3 - <<'PY' 2>&1 | log matmulpeak 3
+import torch, time
+for n in (4096, 8192):
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3): a @ b
+    torch.cuda.synchronize(); t = time.perf_counter()
+    for _ in range(20): a @ b
+    torch.cuda.synchronize(); s = (time.perf_counter() - t) / 20
+    print(f"bf16 matmul {n}^3: {2 * n**3 / s / 1e12:.0f} TFLOP/s ({torch.cuda.get_device_name()})")
+PY
+}
 small() {
     timeout -s INT 150 python3 benchmarks/scripts/engine_steps.py "$OUT/steps-small.json" --graphs-only \
         --kernels siblings --shape smollm2-135m --profile 2>&1 | log small 6
