@@ -57,20 +57,27 @@ def test_config_reads_serve_runs_text_arguments():
 
 def test_metrics_label_each_replica_then_sum_and_recompute_ratios():
     a, b = RoutingCounts(), RoutingCounts()
-    for adapter, resident in [("x", False), ("x", True), ("x", True), ("y", False)]:
-        a.record(adapter, resident)
-    b.record("z", False)
-    pages = {
-        "r1": "# TYPE loraflow_requests_total counter\nloraflow_requests_total 4\n" + render(a.lines()),
-        "r2": "# TYPE loraflow_requests_total counter\nloraflow_requests_total 1\n" + render(b.lines()),
-    }
-    page = render(merge(pages))
-    assert samples(page, "loraflow_requests_total") == {'replica="r1"': 4, 'replica="r2"': 1, "": 5}
+    a.requests.update(["x", "x", "x", "y"])
+    b.requests.update(["z"])
+
+    def engine_page(requests: int, without_load: int) -> str:  # as serve/api.py's /metrics
+        return render(
+            [
+                ("loraflow_adapter_requests_total", "counter", "", requests),
+                ("loraflow_adapter_requests_without_load_total", "counter", "", without_load),
+                ("loraflow_adapter_hit_rate", "gauge", "", without_load / requests),
+                ("loraflow_catalog_version", "gauge", "", requests),
+            ]
+        )
+
+    page = render(merge({"r1": engine_page(4, 2) + render(a.lines()), "r2": engine_page(1, 0) + render(b.lines())}))
+    assert samples(page, "loraflow_adapter_requests_total") == {'replica="r1"': 4, 'replica="r2"': 1, "": 5}
     rate = samples(page, "loraflow_adapter_hit_rate")
     assert rate == {'replica="r1"': 0.5, 'replica="r2"': 0.0, "": 2 / 5}  # the fleet's: 2 of 5, not 0.5 + 0
+    assert samples(page, "loraflow_catalog_version")[""] == 1  # what every replica has: the least
     by = samples(page, "loraflow_requests_by_adapter_total")
     assert by['replica="r1",adapter="x"'] == 3 and by['adapter="x"'] == 3 and by['adapter="z"'] == 1
-    assert page.count("# TYPE loraflow_requests_total counter") == 1
+    assert page.count("# TYPE loraflow_adapter_requests_total counter") == 1
 
 
 def report(replica: str, version: int, epoch: int = 0) -> ReplicaReport:

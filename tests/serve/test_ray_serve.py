@@ -183,6 +183,11 @@ def test_each_adapter_lands_on_the_replica_that_loaded_it(url):
     rate = per_replica(page, "loraflow_adapter_hit_rate")
     assert all(rate[r] == pytest.approx(hits[r] / total[r]) for r in total)
     assert samples(page, "loraflow_adapter_hit_rate")[""] == pytest.approx(sum(hits.values()) / sum(total.values()))
+    # the engine's step counters, per replica and in sum; the longest step is the fleet's longest
+    steps, most = (per_replica(page, f"loraflow_prompt_{k}") for k in ("steps_total", "step_seconds_max"))
+    assert len(steps) == 2 and min(steps.values()) >= 1
+    assert samples(page, "loraflow_prompt_steps_total")[""] == sum(steps.values())
+    assert samples(page, "loraflow_prompt_step_seconds_max")[""] == max(most.values())
 
 
 def test_load_and_unload_reach_every_replica(url, reference):

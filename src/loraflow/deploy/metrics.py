@@ -2,7 +2,8 @@
 replica id), then their sum across replicas without that label, in Prometheus' text format
 (a ratio's from its summed parts, the catalog version the least, a longest step the longest).
 
-Each replica reports its engine's ``/metrics`` (``serve/api.py``) and its routing counters
+Each replica reports its engine's ``/metrics`` (``serve/api.py``: among them the adapter hit
+rate, the share of requests whose adapter was in memory on arrival) and its routing counters
 (``RoutingCounts``) to the catalog with each heartbeat; a ratio's fleet value is recomputed
 from the summed counters it is made of, not summed."""
 
@@ -23,26 +24,16 @@ MOST_SUFFIX = "_max"
 
 @dataclass
 class RoutingCounts:
-    """A replica's own word on where requests went: what arrived here, per adapter, and
-    whether the adapter was already here (host memory or device) or had to load."""
+    """A replica's own word on where requests went: what arrived here, per adapter, and how
+    many adapters Serve's multiplexing gave it. (Whether each request's adapter was already
+    in memory is the engine's page's: ``loraflow_adapter_requests_without_load_total``.)"""
 
     requests: Counter = field(default_factory=Counter)  # adapter -> requests this replica ran with it
-    without_load: int = 0  # of those, requests whose adapter was in host memory or on the device on arrival
     taken_on: int = 0  # adapters Serve's multiplexing gave this replica (its LRU's misses)
-
-    def record(self, adapter: str, resident: bool) -> None:
-        self.requests[adapter] += 1
-        self.without_load += resident
 
     def lines(self) -> list[tuple[str, str, str, float]]:
         """(name, type, labels, value) in the order /metrics shows them."""
-        total = sum(self.requests.values())
-        out = [
-            ("loraflow_adapter_requests_total", "counter", "", total),
-            ("loraflow_adapter_requests_without_load_total", "counter", "", self.without_load),
-            ("loraflow_adapter_hit_rate", "gauge", "", self.without_load / total if total else 0.0),
-            ("loraflow_multiplexed_adapters_taken_on_total", "counter", "", self.taken_on),
-        ]
+        out = [("loraflow_multiplexed_adapters_taken_on_total", "counter", "", self.taken_on)]
         out += [
             ("loraflow_requests_by_adapter_total", "counter", f'adapter="{name}"', n)
             for name, n in sorted(self.requests.items())

@@ -74,7 +74,7 @@ class EngineReplica:
         """Run one request through this replica's app; yields the answer's head, then its pieces."""
         adapter = serve.get_multiplexed_model_id()
         if adapter and self.engine.registry.known(adapter):  # an unknown name takes no LRU place (the app 404s)
-            self.counts.record(adapter, self.engine.registry.resident(adapter))
+            self.counts.requests[adapter] += 1
             await self._hold(adapter)
         async for item in exchange(self.app, method, path, headers, body, query):
             yield item
