@@ -136,6 +136,12 @@ def test_catalog_forgets_a_replica_not_heard_from():
         await catalog.poll(report("r1", 0), 0)
         await asyncio.sleep(0.1)
         assert catalog.live() == [] and await catalog.wait_applied(0, 0.01) == []
+        dead = {"SERVE_REPLICA::app#d#r2"}  # a late replica whose actor is gone is forgotten before stale_s
+        catalog = Catalog(stale_s=60, overdue_s=0.02, gone=lambda name: name in dead)
+        await catalog.poll(report("r1", 0), 0)
+        await catalog.poll(report("r2", 0), 0)
+        await asyncio.sleep(0.05)
+        assert [r.replica for r in catalog.live()] == ["r1"]
 
     asyncio.run(run())
 

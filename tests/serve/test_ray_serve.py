@@ -24,6 +24,7 @@ from loraflow.serve.llama import SHAPES, LlamaArgs, linear_shapes
 from loraflow.serve.tp_launch import build_engine
 
 BASE = "tiny"
+KEY = {"Authorization": "Bearer test-key"}  # the router checks it (serve/guard.py); the replicas need none
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +53,7 @@ def config(folders):
         health_check_period_s=2.0,
         graceful_shutdown_timeout_s=2.0,
         log_requests=False,
+        api_key="test-key",
     )
 
 
@@ -118,8 +120,12 @@ async def complete(client, model: str, prompt: str, stream: bool, **fields) -> d
     return {"status": 200, "text": text, "error": error}
 
 
+def post(url: str, route: str, body: dict) -> httpx.Response:
+    return httpx.post(url + route, json=body, timeout=60, headers=KEY)
+
+
 def metrics(url: str) -> str:
-    return httpx.get(url + "/metrics", timeout=30).text
+    return httpx.get(url + "/metrics", timeout=30, headers=KEY).text
 
 
 def by_adapter(page: str) -> dict[str, dict[str, float]]:
@@ -141,12 +147,19 @@ def prompts(n: int, seed: int) -> list[str]:
     return [" ".join(f"t{i}" for i in torch.randint(3, 32000, (5 + k,), generator=g).tolist()) for k in range(n)]
 
 
+def test_the_router_asks_for_the_api_key_but_on_health(url):
+    assert httpx.get(url + "/health").json() == {"status": "ok", "replicas": 2}
+    r = httpx.post(url + "/v1/completions", json={"model": BASE, "prompt": "t5", "max_tokens": 1})
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    assert httpx.get(url + "/metrics").status_code == 401
+
+
 def test_answers_equal_a_single_engine(url, reference):
     ps = prompts(3, seed=1)
     jobs = [(p, m, s) for p in ps for m in (BASE, "rand0", "rand1", "rand2", "rand3") for s in (False, True)]
 
     async def run():
-        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        async with httpx.AsyncClient(base_url=url, timeout=60, headers=KEY) as client:
             return await asyncio.gather(*[complete(client, m, p, s, max_tokens=8) for p, m, s in jobs])
 
     got = asyncio.run(run())
@@ -160,7 +173,7 @@ def test_each_adapter_lands_on_the_replica_that_loaded_it(url):
     ps = prompts(6, seed=2)
 
     async def run():
-        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        async with httpx.AsyncClient(base_url=url, timeout=60, headers=KEY) as client:
             for a in adapters:  # one at a time: each replica's holdings reach the router (Serve pushes every 0.1 s)
                 assert (await complete(client, a, ps[0], False, max_tokens=2))["status"] == 200
                 await asyncio.sleep(1.0)
@@ -192,22 +205,22 @@ def test_each_adapter_lands_on_the_replica_that_loaded_it(url):
 
 def test_load_and_unload_reach_every_replica(url, reference):
     before = per_replica(metrics(url), "loraflow_adapters_registered")
-    r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "late", "lora_path": "later/rand0"}, timeout=60)
+    r = post(url, "/v1/load_lora_adapter", {"lora_name": "late", "lora_path": "later/rand0"})
     assert r.status_code == 200, r.text
     page = metrics(url)  # the answer came once every replica had applied it
     assert per_replica(page, "loraflow_adapters_registered") == {k: v + 1 for k, v in before.items()}
     p = prompts(1, seed=3)[0]
-    out = httpx.post(url + "/v1/completions", json={"model": "late", "prompt": p, "max_tokens": 8, "temperature": 0})
+    out = post(url, "/v1/completions", {"model": "late", "prompt": p, "max_tokens": 8, "temperature": 0})
     assert out.json()["choices"][0]["text"] == expected(reference, [p], ["late"], max_tokens=8)[0]
-    models = [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]]
+    models = [m["id"] for m in httpx.get(url + "/v1/models", headers=KEY).json()["data"]]
     assert "late" in models
 
-    r = httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "late"}, timeout=60)
+    r = post(url, "/v1/unload_lora_adapter", {"lora_name": "late"})
     assert r.status_code == 200, r.text
     assert per_replica(metrics(url), "loraflow_adapters_registered") == before
-    gone = httpx.post(url + "/v1/completions", json={"model": "late", "prompt": p, "max_tokens": 2})
+    gone = post(url, "/v1/completions", {"model": "late", "prompt": p, "max_tokens": 2})
     assert gone.status_code == 404 and gone.json()["error"]["code"] == "model_not_found"
-    refused = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "/etc"})
+    refused = post(url, "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/etc"})
     assert refused.status_code == 403  # the replica's own checks answer
 
 
@@ -224,14 +237,14 @@ def running_replicas() -> int:
 
 
 def test_killing_a_replica_loses_no_acknowledged_request(url, reference):
-    r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "late2", "lora_path": "later/rand0"}, timeout=60)
+    r = post(url, "/v1/load_lora_adapter", {"lora_name": "late2", "lora_path": "later/rand0"})
     assert r.status_code == 200, r.text
     ps = prompts(8, seed=4)
     long = dict(max_tokens=160, ignore_eos=True)
     jobs = [("late2", ps[i], i % 2 == 1) for i in range(6)] + [("rand4", ps[6], False), (BASE, ps[7], True)]
 
     async def run():
-        async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+        async with httpx.AsyncClient(base_url=url, timeout=120, headers=KEY) as client:
             assert (await complete(client, "late2", ps[0], False, max_tokens=2))["status"] == 200
             await asyncio.sleep(1.0)
             (holder,) = by_adapter(metrics(url))["late2"]  # the one replica that took it on
@@ -260,6 +273,10 @@ def test_killing_a_replica_loses_no_acknowledged_request(url, reference):
             return holder, results
 
     holder, results = asyncio.run(run())
+    deadline = time.monotonic() + 30  # the catalog forgets the killed replica (its actor is gone)
+    while holder in per_replica(metrics(url), "loraflow_adapters_registered"):
+        assert time.monotonic() < deadline, "the killed replica still counts as live"
+        time.sleep(0.2)
     survivors = by_adapter(metrics(url))["late2"]
     assert survivors and holder not in survivors  # the retried requests ran on the other replica, which had it too
     models = ["late2"] + [None if m == BASE else m for m, _, _ in jobs]
@@ -284,6 +301,6 @@ def test_killing_a_replica_loses_no_acknowledged_request(url, reference):
     assert holder not in replicas and len(replicas) == 2
     assert set(replicas.values()) == {9}  # the new replica applied the runtime load before serving
     p = prompts(1, seed=5)[0]
-    out = httpx.post(url + "/v1/completions", json={"model": "late2", "prompt": p, "max_tokens": 8, "temperature": 0})
+    out = post(url, "/v1/completions", {"model": "late2", "prompt": p, "max_tokens": 8, "temperature": 0})
     assert out.json()["choices"][0]["text"] == expected(reference, [p], ["late2"], max_tokens=8)[0]
-    assert httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "late2"}, timeout=60).status_code == 200
+    assert post(url, "/v1/unload_lora_adapter", {"lora_name": "late2"}).status_code == 200

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from ray import serve
 
-from loraflow.deploy.catalog import Catalog
+from loraflow.deploy.catalog import Catalog, actor_gone
 from loraflow.deploy.config import DeployConfig
 from loraflow.deploy.replica import EngineReplica
 from loraflow.deploy.router import Router
@@ -35,7 +35,7 @@ def application(config: DeployConfig):
         ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=MANY,
         logging_config={"enable_access_log": False},  # a line per heartbeat says nothing
-    ).bind(config.stale_s)
+    ).bind(config.stale_s, 2 * config.heartbeat_s, actor_gone)
     replicas = serve.deployment(
         EngineReplica,
         name="LoraflowReplica",

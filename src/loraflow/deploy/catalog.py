@@ -14,7 +14,9 @@ must reach every replica goes through here:
   the waiting polls return at once, and the replicas poll again with new pages), and
   ``/health`` counts the live ones (``live``).
 
-A replica that has not polled for ``stale_s`` counts as gone. The changes live in this
+A replica that has not polled for ``stale_s`` counts as gone; so does one late by
+``overdue_s`` whose Ray actor no longer exists (killed, crashed: ``actor_gone``), at once. The
+changes live in this
 process's memory: if the catalog's own replica is replaced, replicas keep what they applied,
 but one that starts afterwards knows only the adapters of the command line."""
 
@@ -44,8 +46,9 @@ class Change:
 
 
 class Catalog:
-    def __init__(self, stale_s: float = 5.0):
-        self.stale_s = stale_s
+    def __init__(self, stale_s: float = 5.0, overdue_s: float | None = None, gone=None):
+        """``gone(actor_name) -> bool`` is asked about a replica not heard from for ``overdue_s``."""
+        self.stale_s, self.overdue_s, self.gone = stale_s, overdue_s or stale_s, gone
         self.version = 0
         self.epoch = 0  # bumped by ``fresh``: every replica reports again
         self.changes: dict[str, Change] = {}  # each adapter's latest change
@@ -127,10 +130,25 @@ class Catalog:
 
     def live(self) -> list[ReplicaReport]:
         now = time.monotonic()
-        for rid in [r for r, rep in self.reports.items() if now - rep.seen > self.stale_s]:
-            del self.reports[rid]
+        for rid, rep in list(self.reports.items()):
+            late = now - rep.seen
+            if late > self.stale_s or (late > self.overdue_s and self.gone is not None and self.gone(rep.actor)):
+                del self.reports[rid]
         return sorted(self.reports.values(), key=lambda r: r.replica)
 
     async def describe(self) -> dict:
         """The base model's name, the catalog's version and the live replicas' reports."""
         return {"base_model": self.base_model, "version": self.version, "replicas": self.live()}
+
+
+def actor_gone(name: str) -> bool:
+    """Whether Ray no longer has the named actor of Serve's namespace (it died for good)."""
+    import ray
+
+    if not name:  # not known: only staleness tells
+        return False
+    try:
+        ray.get_actor(name, namespace="serve")
+    except ValueError:
+        return True
+    return False

@@ -108,7 +108,17 @@ class Replicas:
                 call.cancel()
 
     async def admin(self, path: str, headers: list, body: bytes):
-        return await self.handle.admin.remote(path, headers, body)
+        try:
+            return await self.handle.admin.remote(path, headers, body)
+        except Exception as e:
+            if not stopped(e):
+                raise
+            raise APIError(
+                503,
+                f"the replica making this change stopped ({type(e).__name__}) before it answered; retry",
+                "server_error",
+                headers={"Retry-After": "1"},
+            ) from e
 
 
 def _model(body: bytes) -> str | None:
@@ -138,7 +148,11 @@ def router_app(config: DeployConfig, replicas: Replicas, catalog) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        n = len((await catalog.describe.remote())["replicas"])
+        try:
+            n = len((await catalog.describe.remote())["replicas"])
+        except Exception as e:  # the catalog's own replica is being replaced
+            log.warning("/health: the catalog did not answer (%s)", e)
+            n = 0
         if not n:
             return JSONResponse({"status": "down", "reason": "no replica is running; retry shortly"}, status_code=503)
         return {"status": "ok", "replicas": n}
