@@ -224,6 +224,20 @@ def test_load_and_unload_reach_every_replica(url, reference):
     assert refused.status_code == 403  # the replica's own checks answer
 
 
+def test_a_client_that_leaves_mid_stream_stops_its_generation(url):
+    body = {"model": "rand1", "prompt": prompts(1, seed=6)[0], "max_tokens": 4000, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60, headers=KEY) as r:
+        lines = r.iter_lines()  # kept: a dropped iterator closes the response
+        while not next(lines).startswith("data: {"):
+            pass
+        assert samples(metrics(url), "loraflow_requests_running")[""] == 1
+        r.close()  # the first token came: leave
+    deadline = time.monotonic() + 20  # the router, then the replica, see the client go and abort it
+    while samples(metrics(url), "loraflow_requests_running")[""] != 0:
+        assert time.monotonic() < deadline, "the generation went on for a client that left"
+        time.sleep(0.2)
+
+
 def replica_actor(replica: str):
     """The Ray actor of Serve's replica ``replica``, found through Ray's own API."""
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].endswith("#" + replica)]
