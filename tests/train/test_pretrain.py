@@ -37,13 +37,13 @@ ARGS = [
 
 @pytest.mark.parametrize("dtype", ["float32", "bf16-mixed"])
 def test_pretraining_lowers_the_held_out_loss(tmp_path, dtype):
-    main(
-        ARGS + ["--optimizer", "galore", "--steps", "16", "--eval-every", "4", "--dtype", dtype, "--out", str(tmp_path)]
-    )
+    # 6 steps at 1e-2, across projection redraws (bfloat16 matmuls are 5x slower than float32 on the CPU)
+    steps = ["--steps", "6", "--eval-every", "2", "--lr", "1e-2", "--update-proj-gap", "2"]
+    main(ARGS + ["--optimizer", "galore", *steps, "--dtype", dtype, "--out", str(tmp_path)])
     records = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     evals = [r for r in records if "eval_loss" in r]
-    assert len(evals) == 4 and evals[-1]["eval_loss"] < evals[0]["eval_loss"] - 0.5
-    assert [r["tokens"] for r in evals] == [4 * 48 * k for k in (4, 8, 12, 16)]
+    assert len(evals) == 3 and evals[-1]["eval_loss"] < evals[0]["eval_loss"] - 0.5
+    assert [r["tokens"] for r in evals] == [4 * 48 * k for k in (2, 4, 6)]
     assert all(r["tokens_per_s"] > 0 for r in evals) and not any("tokens_per_s" in r for r in records if r not in evals)
     assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == [
         "complete.json",
