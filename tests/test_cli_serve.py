@@ -60,15 +60,12 @@ def test_taken_port_fails_at_once_with_the_reason_and_the_fix(model_folder):
     assert "serving" not in out.stdout
 
 
-def test_serve_runs_until_sigterm_with_the_key_from_the_environment(model_folder):
-    """The "serving" line comes once the port listens and tells the threads; the key comes
-    from $LORAFLOW_API_KEY; SIGTERM stops it with status 0."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+def test_serve_on_port_0_runs_until_sigterm_with_the_key_from_the_environment(model_folder):
+    """The "serving" line comes once the port listens and tells the port (--port 0: a free
+    one) and the threads; the key comes from $LORAFLOW_API_KEY; SIGTERM stops it with status 0."""
     env = dict(os.environ, **{API_KEY_ENV: "s3cret"})
     proc = subprocess.Popen(
-        serve_cmd(model_folder, port, "--threads", "1"),
+        serve_cmd(model_folder, 0, "--threads", "1"),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -78,6 +75,8 @@ def test_serve_runs_until_sigterm_with_the_key_from_the_environment(model_folder
         line = proc.stdout.readline()
         assert line.startswith("serving base with 0 adapters on http://127.0.0.1:"), line
         assert line.rstrip().endswith("(cpu, 1 thread)"), line
+        port = int(line.split("http://127.0.0.1:")[1].split("/")[0])
+        assert port > 0, line
         url = f"http://127.0.0.1:{port}"
         assert httpx.get(url + "/health", timeout=10).status_code == 200  # listening as soon as it says so
         assert httpx.get(url + "/v1/models", timeout=10).status_code == 401
@@ -227,20 +226,3 @@ def test_missing_adapter_folders_are_refused_before_the_model_loads(capsys, tmp_
     )
     (tmp_path / "file").write_text("")
     assert "is not a folder" in serve_refusal(capsys, "--adapter-dir", str(tmp_path / "file"))
-
-
-def test_port_0_serves_on_a_free_port_and_says_which(model_folder):
-    proc = subprocess.Popen(
-        serve_cmd(model_folder, 0, "--threads", "1"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={k: v for k, v in os.environ.items() if k != API_KEY_ENV},
-    )
-    try:
-        line = proc.stdout.readline()
-        port = int(line.split("http://127.0.0.1:")[1].split("/")[0])
-        assert port > 0 and httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 200
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0

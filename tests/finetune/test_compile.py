@@ -10,8 +10,8 @@ from loraflow.finetune.loop import finetune
 
 
 def test_compiled_body_is_one_graph_and_logs_the_eager_losses(tmp_path, tiny_smol, chat_file):
-    kw = dict(model=tiny_smol, data=chat_file, steps=3, batch_size=4, max_length=64, lr=1e-2, dev_fraction=0.0,
-              progress=False, padding_free=False)  # fmt: skip
+    kw = dict(model=tiny_smol, data=chat_file, steps=3, save_every=3, batch_size=4, max_length=64, lr=1e-2,
+              dev_fraction=0.0, progress=False, padding_free=False)  # fmt: skip
     finetune(FinetuneConfig(out=str(tmp_path / "eager"), **kw))
     counters.clear()
     try:

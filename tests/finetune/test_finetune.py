@@ -153,8 +153,9 @@ def test_resume_after_a_crash_ends_in_the_same_adapter(tmp_path, tiny_smol, chat
 
 @pytest.mark.parametrize("method,grouped", [("lora", False), ("flora", False), ("lora", True)])
 def test_each_tenant_equals_training_it_alone(tmp_path, tiny_smol, tenant_files, method, grouped):
-    kw = dict(model=tiny_smol, method=method, steps=5, dev_fraction=0.0, lr=3e-3, batch_size=3, accumulation=2,
-              group_by_length=grouped)  # fmt: skip
+    # saved once, at the end (no dev split: the default saves, and plots, after every step)
+    kw = dict(model=tiny_smol, method=method, steps=5, save_every=5, dev_fraction=0.0, lr=3e-3, batch_size=3,
+              accumulation=2, group_by_length=grouped)  # fmt: skip
     run(tmp_path, "together", tenants=tenant_files, **kw)
     for name, data in tenant_files.items():
         run(tmp_path, f"alone-{name}", tenants={name: data}, **kw)

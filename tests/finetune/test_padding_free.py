@@ -95,7 +95,7 @@ def test_pack_layout():
 @pytest.mark.parametrize("task", ["causal-lm", "classification"])
 def test_packed_run_trains_the_padded_runs_adapter(tmp_path, tiny_smol, chat_file, medical_csv, task):
     data = chat_file if task == "causal-lm" else medical_csv
-    kw = dict(model=tiny_smol, data=data, task=task, steps=4, batch_size=4, max_length=64, lr=1e-2,
+    kw = dict(model=tiny_smol, data=data, task=task, steps=4, save_every=4, batch_size=4, max_length=64, lr=1e-2,
               dev_fraction=0.0, progress=False)  # fmt: skip
     packed = finetune(FinetuneConfig(out=str(tmp_path / "packed"), padding_free=True, **kw))
     padded = finetune(FinetuneConfig(out=str(tmp_path / "padded"), padding_free=False, **kw))

@@ -1,5 +1,6 @@
-"""Run by test_ddp.py under torchrun (2 processes, gloo): GaLore or APOLLO training with DDP, each
-process on half of every global batch; rank 0 saves the final weights."""
+"""Run by test_ddp.py under torchrun (2 processes, gloo): every variant of ``VARIANTS`` (GaLore or
+APOLLO, whole or per-layer updates) trains with DDP, each process on half of every global
+batch; rank 0 saves each variant's final weights, under ``optimizer-whole/`` or ``optimizer-per-layer/``."""
 
 import sys
 
@@ -12,6 +13,8 @@ sys.path.insert(0, sys.argv[2])  # tests/ (for conftest's tiny models)
 from conftest import tiny_llama  # noqa: E402
 
 import loraflow as lf  # noqa: E402
+
+VARIANTS = [("galore", False), ("apollo", False), ("galore", True)]  # (optimizer, per-layer updates)
 
 
 def global_batches(steps=4, size=4):
@@ -44,8 +47,12 @@ def train(model, rank=0, world=1, optimizer="galore", per_layer=False):
 if __name__ == "__main__":
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    model = train(DistributedDataParallel(tiny_llama()), rank, world, sys.argv[3], sys.argv[4] == "per-layer")
+    weights = {}
+    for optimizer, per_layer in VARIANTS:
+        model = train(DistributedDataParallel(tiny_llama()), rank, world, optimizer, per_layer)
+        mode = "per-layer" if per_layer else "whole"
+        weights.update({f"{optimizer}-{mode}/{k}": v.contiguous() for k, v in model.state_dict().items()})
     if rank == 0:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, sys.argv[1])
+        save_file(weights, sys.argv[1])
     dist.barrier()  # every process done before the group goes (gloo aborts on a torn-down peer)
     dist.destroy_process_group()

@@ -164,6 +164,9 @@ def test_eviction_with_two_device_slots_and_five_adapters_in_use(server, files):
     values = dict(line.split() for line in metrics.splitlines() if line and not line.startswith("#"))
     evictions = float(values["loraflow_adapter_evictions_total"])
     assert evictions >= 3
+    requests, resident = (float(values[f"loraflow_adapter_{k}_total"]) for k in ("requests", "requests_without_load"))
+    assert requests >= len(names) and 0 <= resident < requests  # each adapter's first request had to load it
+    assert float(values["loraflow_adapter_hit_rate"]) == pytest.approx(resident / requests)
 
 
 def test_a_stream_behind_the_engine_sends_its_backlog_as_one_chunk(server, files):

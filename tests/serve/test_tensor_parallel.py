@@ -291,12 +291,28 @@ def test_a_dead_worker_fails_the_requests_and_stops_the_server(setup):
     ],
     ids=["heads", "below-one"],
 )
-def test_serve_refuses_a_tensor_parallel_size_it_cannot_serve(setup, extra, message):
+def test_serve_refuses_a_tensor_parallel_size_it_cannot_serve(setup, extra, message, capsys, monkeypatch):
+    """``loraflow serve`` in this process (a second process costs 3 s of imports): it exits
+    naming the problem, before it starts a worker or serves."""
+    from loraflow.cli import main
+    from loraflow.serve import command, tp_launch
+
     root, _ = setup
-    _, proc = serve(root, *extra, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode != 0 and message in err, err
-    assert "Traceback" not in err and "serving" not in out
+    monkeypatch.setattr(tp_launch, "start", lambda *a: pytest.fail("it started the workers"))
+    monkeypatch.delenv("LORAFLOW_API_KEY", raising=False)
+    bound, real = [], command.bind_socket
+
+    def bind(*a):
+        bound.append(real(*a))
+        return bound[-1]
+
+    monkeypatch.setattr(command, "bind_socket", bind)
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--model", str(root / "base"), "--port", "0", "--max-batch-tokens", "32", *extra])
+    for sock in bound:  # the port it took before the model loaded
+        sock.close()
+    assert exit_.value.code != 0 and message in str(exit_.value.code), exit_.value.code
+    assert "serving" not in capsys.readouterr().out
 
 
 def test_more_ranks_than_gpus_is_refused():

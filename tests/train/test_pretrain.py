@@ -35,15 +35,26 @@ ARGS = [
 ]
 
 
+@pytest.fixture(scope="module")
+def cached(tmp_path_factory) -> list[str]:
+    """ARGS reading tinyshakespeare's token ids from one --tokens-cache, tokenized once for the
+    module (a second a run otherwise); test_tokens_cache_round_trip checks that a cache gives
+    the ids, losses and eval loss of tokenizing, and its runs tokenize."""
+    folder = tmp_path_factory.mktemp("tokens")
+    cache = str(folder / "ids.safetensors")
+    main(ARGS + ["--prepare-only", "--tokens-cache", cache, "--out", str(folder / "prepare")])
+    return ARGS + ["--tokens-cache", cache]
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bf16-mixed"])
-def test_pretraining_lowers_the_held_out_loss(tmp_path, dtype):
-    main(
-        ARGS + ["--optimizer", "galore", "--steps", "16", "--eval-every", "4", "--dtype", dtype, "--out", str(tmp_path)]
-    )
+def test_pretraining_lowers_the_held_out_loss(tmp_path, cached, dtype):
+    # 6 steps at 1e-2, across projection redraws (bfloat16 matmuls are 5x slower than float32 on the CPU)
+    steps = ["--steps", "6", "--eval-every", "2", "--lr", "1e-2", "--update-proj-gap", "2"]
+    main(cached + ["--optimizer", "galore", *steps, "--dtype", dtype, "--out", str(tmp_path)])
     records = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     evals = [r for r in records if "eval_loss" in r]
-    assert len(evals) == 4 and evals[-1]["eval_loss"] < evals[0]["eval_loss"] - 0.5
-    assert [r["tokens"] for r in evals] == [4 * 48 * k for k in (4, 8, 12, 16)]
+    assert len(evals) == 3 and evals[-1]["eval_loss"] < evals[0]["eval_loss"] - 0.5
+    assert [r["tokens"] for r in evals] == [4 * 48 * k for k in (2, 4, 6)]
     assert all(r["tokens_per_s"] > 0 for r in evals) and not any("tokens_per_s" in r for r in records if r not in evals)
     assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == [
         "complete.json",
@@ -64,8 +75,8 @@ def test_pretraining_lowers_the_held_out_loss(tmp_path, dtype):
         ["--optimizer", "apollo-mini", "--per-layer"],
     ],
 )
-def test_resume_equals_an_uninterrupted_run(tmp_path, extra):
-    common = ARGS + extra + ["--eval-every", "100", "--save-every", "3"]
+def test_resume_equals_an_uninterrupted_run(tmp_path, cached, extra):
+    common = cached + extra + ["--eval-every", "100", "--save-every", "3"]
     main(common + ["--steps", "6", "--out", str(tmp_path / "straight")])
     main(common + ["--steps", "3", "--out", str(tmp_path / "split")])
     main(common + ["--steps", "6", "--out", str(tmp_path / "split"), "--resume"])
@@ -74,8 +85,8 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, extra):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_time_limit_stops_with_a_checkpoint_and_resume_finishes_the_same_run(tmp_path):
-    common = ARGS + ["--eval-every", "3", "--steps", "6"]
+def test_a_time_limit_stops_with_a_checkpoint_and_resume_finishes_the_same_run(tmp_path, cached):
+    common = cached + ["--eval-every", "3", "--steps", "6"]
     main(common + ["--out", str(tmp_path / "straight")])
     stopped = main(common + ["--out", str(tmp_path / "split"), "--time-limit", "0"])
     assert stopped["step"] == 1 and "stopped at step 1 of 6" in stopped["stopped"] and stopped["tokens_per_s"] > 0
@@ -182,10 +193,10 @@ def test_svd_choice_reaches_the_galore_group():
         assert groups[0]["svd"] == method and make(groups).param_groups[0]["svd"] == method
 
 
-def test_compiled_training_logs_the_eager_losses(tmp_path):
+def test_compiled_training_logs_the_eager_losses(tmp_path, cached):
     from torch._dynamo.utils import counters
 
-    common = ARGS + ["--optimizer", "adamw", "--steps", "3", "--eval-every", "100"]
+    common = cached + ["--optimizer", "adamw", "--steps", "3", "--eval-every", "100"]
     main(common + ["--out", str(tmp_path / "eager")])
     counters.clear()
     try:

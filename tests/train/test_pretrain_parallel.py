@@ -42,7 +42,9 @@ def weights(folder):
 
 
 def test_ddp_and_fsdp_train_as_one_process_and_fsdp_resumes_on_another_count(tmp_path):
+    # the one-process run tokenizes into the cache; every torchrun process reads it
     common = ["--optimizer", "galore", "--steps", "4", "--eval-every", "2"]
+    common += ["--tokens-cache", str(tmp_path / "ids.safetensors")]
     one = main(batch(4) + common + ["--out", str(tmp_path / "one")])
     ddp = torchrun(2, batch(2) + common + ["--parallel", "ddp", "--out", str(tmp_path / "ddp")])
     fsdp = torchrun(2, batch(2) + common + ["--parallel", "fsdp", "--out", str(tmp_path / "fsdp")])

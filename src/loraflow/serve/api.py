@@ -74,7 +74,9 @@ def create_app(
     app = FastAPI(title="loraflow", version="0.1.0")
     app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes, body_timeout=body_timeout)
     base = engine.model_name
-    counters = {"requests": 0, "started": time.time()}
+    # adapter_requests: requests naming an adapter; resident: of those, the ones whose adapter was
+    # already in host memory or on the device when they arrived (served without a read from disk)
+    counters = {"requests": 0, "adapter_requests": 0, "resident": 0, "started": time.time()}
 
     install_handlers(app)
 
@@ -188,6 +190,9 @@ def create_app(
             ("loraflow_generation_tokens_per_second", "gauge", engine.stats["generated_tokens"] / up),
             ("loraflow_engine_failed_steps_total", "counter", engine.stats["failed_steps"]),
             ("loraflow_preemptions_total", "counter", engine.stats["preemptions"]),
+            ("loraflow_adapter_requests_total", "counter", counters["adapter_requests"]),
+            ("loraflow_adapter_requests_without_load_total", "counter", counters["resident"]),
+            ("loraflow_adapter_hit_rate", "gauge", counters["resident"] / max(counters["adapter_requests"], 1)),
             ("loraflow_adapter_hits_total", "counter", reg["hits"]),
             ("loraflow_adapter_misses_total", "counter", reg["misses"]),
             ("loraflow_adapter_loads_total", "counter", reg["loads"]),
@@ -275,6 +280,7 @@ def create_app(
             raise APIError(400, str(e)) from e
 
     def _submit(ids: list[int], params: SamplingParams, adapter: str | None, rid: str, final_only: bool):
+        resident = adapter is not None and engine.registry.resident(adapter)  # before the engine can load it
         try:
             req, queue = loop.submit(ids, params, adapter, request_id=rid, final_only=final_only)
         except ContextTooLong as e:
@@ -295,6 +301,9 @@ def create_app(
                 headers={"Retry-After": "10"},
             ) from e
         counters["requests"] += 1
+        if adapter is not None:
+            counters["adapter_requests"] += 1
+            counters["resident"] += resident
         return req, queue
 
     def _log(rid: str, model: str, status, u=None, started: float = 0.0) -> None:

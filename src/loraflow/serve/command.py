@@ -183,6 +183,14 @@ def cmd_serve(args) -> None:
         refuse("--allow-runtime-lora needs --adapter-dir (adapters load only from under it)")
     check_adapter_paths(adapters, args.adapter_dir)
     api_key = resolve_api_key(args)
+    if args.ray_address and not args.ray:
+        refuse("--ray-address needs --ray (it names the Ray cluster that runs the replicas)")
+    if args.ray:
+        if args.tensor_parallel != 1:
+            refuse("--ray runs one engine per replica: drop --tensor-parallel (each replica takes its own GPU)")
+        from loraflow.deploy.command import cmd_serve_ray
+
+        return cmd_serve_ray(args, adapters, api_key)
     sock = bind_socket(args.host, args.port)  # before the model loads: a taken port fails at once
     import torch
 
@@ -200,6 +208,7 @@ def cmd_serve(args) -> None:
         max_lora_rank=args.max_lora_rank,
         max_waiting=args.max_waiting,
         request_timeout=args.request_timeout or None,
+        kv_cache_bytes=int(args.kv_cache_gb * 2**30) if args.kv_cache_gb else None,
     )
     spec = EngineSpec(args.model, args.random_weights, engine_kw)
     if n != 1:
@@ -297,6 +306,11 @@ def add_arguments(p) -> None:
         default=None,
         help="tokens per engine step, prompt chunks and decode tokens together (default: 2048 on a GPU, 512 on a CPU)",
     )
+    p.add_argument(
+        "--kv-cache-gb",
+        type=positive_float,
+        help="memory for the KV cache, in GiB (default: half the free GPU memory; 0.5 on the CPU)",
+    )
     p.add_argument("--max-waiting", type=int, default=1024, help="queued requests before 503")
     p.add_argument("--max-body-mb", type=positive_float, default=4.0, help="request bodies above this answer 413")
     p.add_argument(
@@ -362,4 +376,35 @@ def add_arguments(p) -> None:
         "the vocabulary split N ways; each adapter split with its layer); one GPU each on CUDA, "
         "the cores shared on the CPU. N must divide the attention and key/value heads. The server "
         "starts the N-1 worker processes itself and they exit with it. Default 1: one process",
+    )
+    ray = p.add_argument_group("many replicas on Ray Serve (pip install 'loraflow[ray]')")
+    ray.add_argument(
+        "--ray",
+        action="store_true",
+        help="serve from --ray-replicas replicas of the engine on Ray Serve, each adapter's requests routed to "
+        "the replicas that hold it; starts a Ray cluster on this machine unless --ray-address names one",
+    )
+    ray.add_argument("--ray-address", metavar="ADDR", help="join this Ray cluster (ray://HOST:10001, HOST:6379, auto)")
+    ray.add_argument("--ray-replicas", type=int, default=2, metavar="N", help="engine replicas")
+    ray.add_argument(
+        "--ray-replica-cpus", type=float, default=1.0, metavar="N", help="Ray CPUs per replica (and its threads)"
+    )
+    ray.add_argument(
+        "--ray-replica-gpus",
+        type=float,
+        metavar="N",
+        help="Ray GPUs per replica: 1 a GPU each, 0.5 two on a GPU (default: 1 where the cluster has GPUs, else 0)",
+    )
+    ray.add_argument(
+        "--ray-adapters-per-replica",
+        type=int,
+        metavar="N",
+        help="adapters each replica holds for routing, Serve's multiplexed LRU (default: --max-cpu-adapters)",
+    )
+    ray.add_argument(
+        "--ray-max-ongoing-requests",
+        type=int,
+        default=256,
+        metavar="N",
+        help="requests a replica takes at once; past it Serve queues them or sends them to another replica",
     )

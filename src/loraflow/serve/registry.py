@@ -227,6 +227,12 @@ class AdapterRegistry:
     def known(self, name: str) -> bool:
         return name in self.paths
 
+    def resident(self, name: str) -> bool:
+        """Whether ``name`` is in host memory or on the device now: a request for it would need
+        no read from disk (``loraflow.deploy`` counts each replica's requests served so)."""
+        with self._lock:
+            return name in self.host or name in self.device
+
     # tiers ------------------------------------------------------------------------------
     def _load(self, name: str, path: Path, version: int) -> None:
         identity = files_identity(path)  # before reading: files changed meanwhile are read again
