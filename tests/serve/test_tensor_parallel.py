@@ -332,7 +332,9 @@ def test_an_idle_rank_0_steps_now_and_then_for_the_workers_waiting_on_it(monkeyp
 
     monkeypatch.setattr(loop, "HEARTBEAT_S", 0.05)
     steps = []
-    engine = SimpleNamespace(tp=tp, has_work=lambda: False, failures_in_a_row=0, step=lambda: steps.append(1) or [])
+    engine = SimpleNamespace(
+        tp=tp, has_work=lambda: False, in_flight=False, failures_in_a_row=0, step=lambda: steps.append(1) or []
+    )
     looping = loop.EngineLoop(engine)
     time.sleep(0.6)
     looping.stop()
