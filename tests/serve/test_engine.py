@@ -308,6 +308,10 @@ def test_preempted_requests_are_recomputed_and_still_equal_the_reference(setup):
     assert eng.kv.n_blocks == 12
     names = ["sql", None, "med", "py"]
     prompts = [prompt(i, 6) for i in range(4)]
+    # the adapters onto the device first (they load on a thread): the four requests are then
+    # admitted in one step, and their growth to 16 tokens (16 blocks) must preempt
+    eng.generate(prompts[:1] * 4, adapters=names, max_tokens=1, temperature=0.0)
+    assert eng.stats["preemptions"] == 0
     params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
     reqs = [eng.add_request(p, params, a) for p, a in zip(prompts, names)]
     while eng.has_work():
