@@ -4,7 +4,10 @@ every step's output handed to a streaming callback as the server does. Prints mi
 per step of the whole step, unprofiled and under cProfile, the share of the vocabulary-wide
 argmax and finiteness sum (kernels on a GPU, host work here), and the parts (cumulative).
 
-    python benchmarks/scripts/engine_host_profile.py [TEMPERATURE]    # default 0: greedy
+    python benchmarks/scripts/engine_host_profile.py [TEMPERATURE] [overlap]    # default 0: greedy
+
+With ``overlap`` the decode steps chain as on CUDA (``Engine(overlap=True)``): the host's work of
+a step is then what runs beside the GPU's next step.
 """
 
 import cProfile
@@ -27,8 +30,9 @@ eng = lf.Engine(
     device="cpu",
     max_batch_tokens=4096,
     decode_graphs=True,
+    overlap="overlap" in sys.argv[2:],
 )
-logits = torch.zeros(512, 32000)
+logits = torch.zeros(512, int(__import__("os").environ.get("VOCAB", 32000)))
 eng.graphs.model = lambda batch, caches: logits[: len(batch.tokens)]  # no model: host work only
 temperature = float(sys.argv[1]) if len(sys.argv) > 1 else 0.0
 params = SamplingParams(max_tokens=64, temperature=temperature, seed=1 if temperature else None, ignore_eos=True)

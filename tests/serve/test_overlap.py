@@ -84,6 +84,29 @@ def test_overlapped_steps_equal_the_engine_without_overlap(setup, want):
     assert over.kv.used_blocks == 0 and not over.running and not over.in_flight
 
 
+def test_chained_steps_take_new_kv_blocks_as_they_cross_one(setup):
+    """Prompts of 12 and 14 tokens decoding 12 greedy tokens cross the 16-token block while
+    their steps chain: each takes its new block at the crossing, and the text equals the
+    engine's without overlap."""
+    lengths = [(1, "sql", 12), (2, None, 14)]
+
+    def both(overlap):
+        eng = engine(setup, overlap)
+        params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+        reqs = [eng.add_request(prompt(s, n), params, a) for s, a, n in lengths]
+        tables = []
+        while eng.has_work():
+            eng.step()
+            tables.append([len(r.blocks) for r in reqs])
+        return eng, outputs(reqs), tables
+
+    over, got, tables = both(True)
+    _, want, _ = both(False)
+    assert got == want and all(len(ids) == 12 for ids, _, _ in got)
+    assert over.stats["overlapped_steps"] >= 8
+    assert [2, 2] in tables and over.kv.used_blocks == 0
+
+
 def test_a_stop_string_mid_chain_drops_the_next_row_and_the_others_go_on(setup, want):
     """A request whose stop string turns up when its token is read has already had its next
     row queued: that row's token is dropped, the others' tokens are gathered past it."""

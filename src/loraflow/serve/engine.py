@@ -351,7 +351,8 @@ class Engine:
             len(r.output_ids) + 1 < r.params.max_tokens and r.n_tokens + 1 < self.max_len for _, r in go_on
         ):
             return False
-        if not all(self.kv.grow(r.blocks, r.computed + 1) for _, r in go_on):
+        full = self.kv.block_size  # a request whose blocks are full needs one more
+        if not all(self.kv.grow(r.blocks, r.computed + 1) for _, r in go_on if r.computed >= len(r.blocks) * full):
             return False
         start = time.perf_counter()
         logits = self.runner.decode_after(prev, go_on)
