@@ -110,6 +110,12 @@ def _main(argv: list[str] | None) -> None:
     p.add_argument("--adapters", type=int, default=64, help="distinct adapters the requests use")
     p.add_argument("--registered", type=int, default=1000, help="adapter names registered on the server")
     p.add_argument("--rank", type=int, default=16, help="the adapters' rank")
+    p.add_argument(
+        "--kind",
+        default="lora",
+        choices=["lora", "flora", "mixed"],
+        help="the adapters' kind: additive LoRA, multiplicative FLoRA, or every other adapter FLoRA",
+    )
     p.add_argument("--max-gpu-adapters", type=int, help="device slots (default: --adapters)")
     p.add_argument("--max-batch-tokens", type=int, default=2048, help="the server's tokens per engine step")
     p.add_argument(

@@ -34,6 +34,23 @@ def test_random_adapters_load_as_served_adapters(tmp_path):
     assert sorted(p.name for p in names.iterdir()) == ["a0", "a1", "a2"]
 
 
+def test_random_flora_and_mixed_adapters_load_as_served_adapters(tmp_path):
+    """--kind flora / mixed: FLoRA folders the server reads as multiplicative, with M = BA/r
+    near one (a random adapter near the base model, as a trained one is); mixed alternates."""
+    shapes = {"model.layers.0.self_attn.q_proj": (8, 16), "model.layers.0.mlp.down_proj": (16, 24)}
+    lora, flora = serve.make_adapters(shapes, tmp_path, 2, rank=4, kind="mixed")
+    assert not factors_for_bank(lora, shapes, r_max=4).multiplicative
+    factors = factors_for_bank(flora, shapes, r_max=4)
+    assert factors.multiplicative
+    for module, (a, c) in factors.items():  # c = B / r: W = W0 ∘ (c a)
+        m = c @ a
+        assert m.shape == shapes[module] and (m - 1).abs().mean() < 0.2 and (m - 1).abs().max() > 0.01
+    assert [factors_for_bank(f, shapes, r_max=4).multiplicative for f in serve.make_adapters(
+        shapes, tmp_path / "f", 2, rank=4, kind="flora")] == [True, True]  # fmt: skip
+    with pytest.raises(ValueError, match="kind must be one of lora, flora, mixed"):
+        serve.Workload(kind="dora")
+
+
 def test_summary_percentiles():
     results = [{"ttft": 0.1 * i, "itl": [0.01, 0.02], "tokens": 10, "done": 2.0} for i in range(1, 5)]
     s = serve.summarize(results + [{"error": "500: boom"}], t0=0.0)
@@ -386,5 +403,6 @@ def test_bench_serve_takes_hf_baseline(monkeypatch):
     seen = []
     monkeypatch.setattr(commands, "cmd_bench_serve", seen.append)
     cli.main(["bench", "serve", "--shape", "llama2-7b", "--hf-baseline", "--repeats", "3"])
-    cli.main(["bench", "serve"])
+    cli.main(["bench", "serve", "--kind", "mixed"])
     assert [a.hf_baseline for a in seen] == [True, False] and seen[0].repeats == 3
+    assert [a.kind for a in seen] == ["lora", "mixed"]

@@ -115,6 +115,7 @@ def cmd_bench_serve(args) -> None:
         adapters=args.adapters,
         registered=args.registered,
         rank=args.rank,
+        kind=args.kind,
     )
     if args.shape == "default":
         shape = LlamaArgs.from_hf(json.loads((default_model_path() / "config.json").read_text()))
@@ -123,7 +124,7 @@ def cmd_bench_serve(args) -> None:
         shape = LlamaArgs(**SHAPES[args.shape])
         base_name, model_args = args.shape, ["--random-weights", args.shape]
     tmp = Path(tempfile.mkdtemp(prefix="loraflow-bench-"))
-    folders = bench.make_adapters(linear_shapes(shape), tmp / "pool", w.adapters, w.rank, device=device)
+    folders = bench.make_adapters(linear_shapes(shape), tmp / "pool", w.adapters, w.rank, device=device, kind=w.kind)
     names = bench.name_folders(tmp / "names", folders, w.registered)
     serve_args = [
         *model_args,
@@ -154,7 +155,9 @@ def cmd_bench_serve(args) -> None:
         (Path(args.out) / f"serve-{args.shape}-{device}.partial.json").write_text(
             json.dumps({"environment": report.environment(), **result}, indent=1)
         )
-    if not args.no_peft:
+    if not args.no_peft and w.kind != "lora":
+        result["peft_note"] = f"PEFT has no FLoRA adapters: --kind {w.kind}"
+    elif not args.no_peft:
         peft_w = bench.Workload(
             **{
                 **bench.asdict(w),

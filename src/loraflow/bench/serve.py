@@ -19,9 +19,12 @@ import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from safetensors.torch import save_file
+
+KINDS = ("lora", "flora", "mixed")  # the adapters' kind: LoRA, FLoRA, or every other one FLoRA
 
 
 @dataclass
@@ -34,7 +37,12 @@ class Workload:
     adapters: int = 64  # distinct adapters the requests draw from
     registered: int = 1000  # names registered on the server
     rank: int = 16
+    kind: Literal["lora", "flora", "mixed"] = "lora"  # mixed: every other adapter FLoRA
     seed: int = 0
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
 
 
 def make_adapters(
@@ -45,28 +53,37 @@ def make_adapters(
     seed: int = 0,
     dtype=torch.bfloat16,
     device: str = "cpu",
+    kind: str = "lora",
 ) -> list[Path]:
-    """``n`` random LoRA adapters (all linear layers, rank ``rank``) in PEFT's layout. The
-    values are drawn on ``device`` (a GPU draws 64 of Llama-2-7B's 80 MB adapters in a
-    moment where the CPU takes minutes); the same seed gives the same adapters on a device."""
+    """``n`` random adapters on all linear layers, rank ``rank``, in PEFT's layout: LoRA
+    (A ~ N(0, 1/d_in), B ~ N(0, 0.02²)), FLoRA (``adapters/flora.py``: A, B ~ 1 + N(0, 0.1²),
+    so M = BA/r stays near one), or ``mixed`` (odd ones FLoRA). The values are drawn on
+    ``device`` (a GPU draws 64 of Llama-2-7B's 80 MB adapters in a moment where the CPU takes
+    minutes); the same seed gives the same adapters on a device."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
     g = torch.Generator(device).manual_seed(seed)
     leaves = sorted({m.rsplit(".", 1)[-1] for m in shapes})
     out = []
     for i in range(n):
+        flora = kind == "flora" or (kind == "mixed" and i % 2 == 1)
         path = folder / f"rand{i}"
         path.mkdir(parents=True, exist_ok=True)
         tensors = {}
         for module, (d_out, d_in) in shapes.items():
-            a = torch.randn(rank, d_in, generator=g, device=device) / d_in**0.5
-            b = torch.randn(d_out, rank, generator=g, device=device) * 0.02
-            tensors[f"base_model.model.{module}.lora_A.weight"] = a.to(dtype).cpu()
-            tensors[f"base_model.model.{module}.lora_B.weight"] = b.to(dtype).cpu()
+            if flora:  # W = W0 ∘ (1/r) B A
+                a = 1 + 0.1 * torch.randn(rank, d_in, generator=g, device=device)
+                b = 1 + 0.1 * torch.randn(d_out, rank, generator=g, device=device)
+            else:  # W = W0 + B A
+                a = torch.randn(rank, d_in, generator=g, device=device) / d_in**0.5
+                b = torch.randn(d_out, rank, generator=g, device=device) * 0.02
+            suffix = "flora" if flora else "lora"
+            tensors[f"base_model.model.{module}.{suffix}_A.weight"] = a.to(dtype).cpu()
+            tensors[f"base_model.model.{module}.{suffix}_B.weight"] = b.to(dtype).cpu()
         save_file(tensors, path / "adapter_model.safetensors")
-        (path / "adapter_config.json").write_text(
-            json.dumps(
-                {"peft_type": "LORA", "r": rank, "lora_alpha": rank, "target_modules": leaves, "task_type": "CAUSAL_LM"}
-            )
-        )
+        fields = {"r": rank, "target_modules": leaves, "task_type": "CAUSAL_LM"}
+        fields |= {"peft_type": "FLORA", "init_noise": 0.0} if flora else {"peft_type": "LORA", "lora_alpha": rank}
+        (path / "adapter_config.json").write_text(json.dumps(fields))
         out.append(path)
     return out
 

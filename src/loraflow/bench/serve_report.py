@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+KIND_NAMES = {"lora": "LoRA", "flora": "FLoRA", "mixed": "LoRA and FLoRA (every other one)"}
+
 
 def markdown(env: dict, p: dict) -> str:
     from loraflow.bench.report import table
@@ -18,7 +20,8 @@ def markdown(env: dict, p: dict) -> str:
         f"- command: `{env['command']}`",
         f"- workload: {w['requests']} requests, {arrivals}, "
         f"prompt {w['prompt_len']} tokens, output {w['output_len']} tokens (ignore_eos), {w['mix']} mix over "
-        f"{w['adapters']} rank-{w['rank']} adapters on all linear layers, {w['registered']} adapter names registered",
+        f"{w['adapters']} rank-{w['rank']} {KIND_NAMES[w.get('kind', 'lora')]} adapters on all linear layers, "
+        f"{w['registered']} adapter names registered",
         "- streamed through the HTTP API on loopback; the server ran "
         + (
             "in the load generator's process (engine on a thread)"
