@@ -5,7 +5,7 @@ import torch
 from conftest import DEVICE
 from torch import nn
 
-from loraflow.serve.bank import AdapterBank, BankedLinear, TokenSlots, banked_siblings
+from loraflow.serve.bank import AdapterBank, BankedLinear, FloraCopies, TokenSlots, banked_siblings
 
 
 class One(nn.Module):
@@ -42,6 +42,50 @@ def test_cpu_paths_equal_the_direct_computation():
                 a, b = factors[s]
                 expected = expected + b @ (a @ x[i])
             torch.testing.assert_close(y[i], expected, rtol=1e-4, atol=1e-4, msg=f"{path}, token {i}")
+
+
+def test_flora_copies_in_fixed_shapes_equal_the_direct_computation():
+    """Decode graphs' FLoRA path (``FloraCopies``: every FLoRA token's r copies, padded with
+    invalid copies) beside additive and base rows: y = (1/r) Σ_k b_k ∘ (W0 (a_k ∘ x)) + b for
+    FLoRA tokens, W0 x + b + B A x for LoRA ones, W0 x + b for the rest and for a FLoRA slot
+    that does not adapt the layer."""
+    torch.manual_seed(2)
+    model = One()
+    bank = AdapterBank(model, n_slots=5, r_max=4)
+    factors = {}
+    for slot, (r, flora) in enumerate([(1, True), (4, True), (2, False), (3, True)]):
+        a, c = torch.randn(r, 24), torch.randn(40, r)
+        bank.write(slot, {"proj": (a, c)}, multiplicative=flora)
+        factors[slot] = (a, c, flora)
+    bank.write(4, {}, multiplicative=True)  # a FLoRA adapter that leaves this layer alone
+    slots = [0, 1, 2, -1, 3, 1, 4, 0]
+    x = torch.randn(len(slots), 24)
+    tok, row = [], []
+    for i, s in enumerate(slots):
+        if s >= 0 and bank.slot_flora[s]:
+            tok += [i] * bank.slot_flora_ranks[s]
+            row += [s * 4 + k for k in range(bank.slot_flora_ranks[s])]
+    n = len(tok)
+    assert n == 1 + 4 + 3 + 4 + 1
+    pad = 16 - n  # invalid copies: token 3 (a base row), whatever bank row
+    copies = FloraCopies(
+        torch.tensor(tok + [3] * pad),
+        torch.tensor(row + [5] * pad),
+        torch.tensor([1.0] * n + [0.0] * pad)[:, None],
+        torch.tensor([s if s >= 0 and bank.slot_flora[s] else -1 for s in slots]),
+    )
+    additive = [s if s >= 0 and not bank.slot_flora[s] else -1 for s in slots]
+    ts = TokenSlots(torch.tensor(additive), [2], [], rows=TokenSlots.bank_rows(torch.tensor(additive), 4),
+                    valid=(torch.tensor(additive) >= 0).float()[:, None], copies=copies)  # fmt: skip
+    layer = model.proj
+    y = layer(x, ts)
+    w0 = layer.weight
+    for i, s in enumerate(slots):
+        expected = w0 @ x[i] + layer.bias
+        if s in factors:
+            a, c, flora = factors[s]
+            expected = (w0 * (c @ a)) @ x[i] + layer.bias if flora else expected + c @ (a @ x[i])
+        torch.testing.assert_close(y[i], expected, rtol=1e-4, atol=1e-4, msg=f"token {i}, slot {s}")
 
 
 class Siblings(nn.Module):

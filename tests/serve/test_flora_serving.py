@@ -64,7 +64,7 @@ PAGED = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU tensors throug
 @pytest.mark.parametrize("slots,rank,graphs", [(8, 64, False), (4, 8, False), pytest.param(8, 64, True, marks=PAGED)])
 def test_flora_lora_and_base_rows_in_one_batch_equal_transformers(setup, slots, rank, graphs):
     """Gathered bank rows (8 x 64), the masked whole bank (4 x 8), and an engine with decode
-    graphs (which hold additive slots only: steps with a FLoRA row run eagerly)."""
+    graphs, where the FLoRA rows' copies have fixed shapes (``FloraCopies``)."""
     root, adapters = setup
     eng = lf.Engine(model=root / "base", adapters={k: str(v) for k, v in adapters.items()}, device="cpu",
                     max_batch_tokens=64, max_gpu_adapters=slots, max_lora_rank=rank, decode_graphs=graphs)  # fmt: skip
@@ -80,6 +80,8 @@ def test_flora_lora_and_base_rows_in_one_batch_equal_transformers(setup, slots, 
     flora_rows = [r.output_ids != reference(root, None, p, 10) for r, p, a in zip(reqs, prompts, names) if a]
     assert sum(flora_rows) >= 3  # the adapters change what the model says
     assert eng.bank.slot_flora.count(True) == 2 and eng.kv.used_blocks == 0
+    if graphs:  # the decode steps with FLoRA rows ran through the graph path
+        assert eng.stats["graph_steps"] >= 8 and eng.stats["decode_steps"] == 0
 
 
 def test_flora_factors_for_the_bank(setup):
@@ -125,8 +127,10 @@ def test_the_server_answers_a_flora_request_and_loads_one_at_run_time(setup, tmp
         server.close()
 
 
-def test_flora_on_layers_with_biases(tmp_path):
-    """MLP biases: a FLoRA row is Σ_k c_k ∘ (W0 (a_k ∘ x)) + b, the bias added once."""
+@pytest.mark.parametrize("graphs", [False, pytest.param(True, marks=PAGED)])
+def test_flora_on_layers_with_biases(tmp_path, graphs):
+    """MLP biases: a FLoRA row is Σ_k c_k ∘ (W0 (a_k ∘ x)) + b, the bias added once (eagerly
+    and in the decode graphs' fixed shapes)."""
     from helpers import VOCAB
     from transformers import LlamaConfig
 
@@ -145,7 +149,8 @@ def test_flora_on_layers_with_biases(tmp_path):
     for f in (tmp_path / "tok").glob("*token*"):
         shutil.copy(f, tmp_path / "base" / f.name)
     flora_adapter(tmp_path / "base", tmp_path / "f", 2, "all-linear", seed=5)
-    eng = lf.Engine(model=tmp_path / "base", adapters={"f": str(tmp_path / "f")}, device="cpu", max_batch_tokens=64)
+    eng = lf.Engine(model=tmp_path / "base", adapters={"f": str(tmp_path / "f")}, device="cpu", max_batch_tokens=64,
+                    decode_graphs=graphs)  # fmt: skip
     prompts = [prompt(40 + i, 5 + i) for i in range(3)]
     reqs = [
         eng.add_request(p, SamplingParams(max_tokens=8, temperature=0.0), a) for p, a in zip(prompts, ["f", None, "f"])

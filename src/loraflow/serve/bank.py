@@ -33,6 +33,18 @@ except ImportError:
 
 
 @dataclass
+class FloraCopies:
+    """The FLoRA tokens' scaled copies in fixed shapes, for a decode graph: copy j is
+    a_{row_j} ∘ x_{tok_j} (``row``: slot · r_max + k), ``valid`` 0 on padding copies; ``slot``
+    (N,) each token's FLoRA slot, -1 for the others (their slots are -1 in ``ids`` instead)."""
+
+    tok: torch.Tensor  # (C,) long
+    row: torch.Tensor  # (C,) long
+    valid: torch.Tensor  # (C, 1) the activations' dtype
+    slot: torch.Tensor  # (N,) long
+
+
+@dataclass
 class TokenSlots:
     """Each token's adapter slot, and the per-step work that every layer shares: the tile
     plan of the GPU prefill kernels, or the tokens of each slot for the CPU path."""
@@ -46,6 +58,7 @@ class TokenSlots:
     valid: torch.Tensor | None = None  # (N, 1) 1.0 for tokens with an adapter
     mask: torch.Tensor | None = None  # decode, bank mostly in use: (N, slots · r_max) 1 on each token's rows
     flora: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # multiplicative: (slot, token indices)
+    copies: FloraCopies | None = None  # multiplicative, in fixed shapes (decode graphs)
 
     @staticmethod
     def build(slots: list[int], bank: AdapterBank, device, dtype=torch.float32) -> TokenSlots:
@@ -98,12 +111,30 @@ class BankedLinear(nn.Module):
         y = Σ_k c_k ∘ (W0 (a_k ∘ x)) + b instead, their r scaled copies stacked under the
         batch's rows so that one GEMM reads W0 for all of them."""
         # x: (N, d_in)
+        if slots.copies is not None and self.packed is not None:
+            return self._copies(x, slots)
         jobs = flora_jobs(self, slots)
         if not jobs:
             return self._additive(x, slots)
         z = F.linear(torch.cat([x, flora_inputs(self, x, jobs)]), self.weight)  # (N + Σ n·r, d_out)
         base = z[: len(x)] if self.bias is None else z[: len(x)] + self.bias  # W0 x + b
         return flora_outputs(self, self._additive(x, slots, base), z[len(x) :], jobs)
+
+    def _copies(self, x: torch.Tensor, slots: TokenSlots) -> torch.Tensor:
+        """``forward`` in fixed shapes (``FloraCopies``): the copies a_k ∘ x_t stacked under the
+        batch's rows for one GEMM with W0, y_t = Σ_k c_k ∘ z_{t,k} + b summed back with an
+        index_add; a token whose FLoRA slot does not adapt this layer keeps W0 x + b. Rank terms
+        k past a slot's rank hold zeros in the bank, so their copies add nothing."""
+        c, p, n = slots.copies, self.packed, len(x)
+        xs = x.index_select(0, c.tok) * p.a.index_select(0, c.row) * c.valid  # (C, d_in)
+        z = F.linear(torch.cat([x, xs]), self.weight)  # (N + C, d_out)
+        base = z[:n] if self.bias is None else z[:n] + self.bias  # W0 x + b
+        y = self._additive(x, slots, base)  # the additive slots' rows
+        out = torch.zeros_like(base).index_add_(0, c.tok, z[n:] * p.bt.index_select(0, c.row))  # (N, d_out)
+        if self.bias is not None:
+            out += self.bias
+        adapted = (c.slot >= 0) & (p.ranks.index_select(0, c.slot.clamp_min(0)) > 0)  # (N,)
+        return torch.where(adapted[:, None], out, y)
 
     def _additive(self, x: torch.Tensor, slots: TokenSlots, base: torch.Tensor | None = None) -> torch.Tensor:
         """W0 x + b (or ``base``, given) + each token's B_s A_s x."""
@@ -199,7 +230,7 @@ def banked_siblings(
     views = [m.packed for m in layers]
     active = [p is not None and p.any_active for p in views]
     base_only = not slots.used or not any(active)
-    if slots.flora or not (base_only or (all(active) and slots.variant == "siblings")):
+    if slots.flora or slots.copies is not None or not (base_only or (all(active) and slots.variant == "siblings")):
         return [m(x, slots) for m in layers]  # FLoRA rows, some siblings adapted, or prefill kernels
     if fused is None:
         if base_only:
@@ -232,6 +263,7 @@ class AdapterBank:
         self.device = next(model.parameters()).device
         self.slot_ranks = [0] * n_slots  # each slot's largest rank over the layers
         self.slot_flora = [False] * n_slots  # the slot holds a multiplicative adapter (FLoRA)
+        self.slot_flora_ranks = [0] * n_slots  # ... and its largest rank over the layers
         self.layout = 0  # bumped when a layer first gets an adapter: CUDA graphs of older layouts are stale
         self.layers: dict[str, BankedLinear] = {n: m for n, m in model.named_modules() if isinstance(m, BankedLinear)}
         for m in self.layers.values():
@@ -270,6 +302,7 @@ class AdapterBank:
         shard keeps its part (``Shard.factors``)."""
         self.slot_ranks[slot] = 0 if multiplicative else max((a.shape[0] for a, _ in factors.values()), default=0)
         self.slot_flora[slot] = multiplicative
+        self.slot_flora_ranks[slot] = max((a.shape[0] for a, _ in factors.values()), default=0) if multiplicative else 0
         for name, m in self.layers.items():
             p = m.packed
             lo = slot * self.r_max

@@ -14,7 +14,10 @@ use and measured faster than the whole bank's dense matmuls, ``AdapterBank.dense
 or, on the CPU when the batch's adapters hold at least half the bank's rows, through two
 dense matmuls over the whole bank and a per-token mask of its own slot's rows
 (``TokenSlots.slot_mask``, refreshed in a fixed buffer before each step). A new layout (a
-layer adapted for the first time) captures anew. Without CUDA (tests, Triton's
+layer adapted for the first time) captures anew. A FLoRA row (multiplicative) has no slot
+in the additive path: its r scaled copies a_k ∘ x go under the batch's rows of each layer's
+GEMM (``bank.FloraCopies``: token and bank row of each copy, in a buffer padded to a power of
+two, which the graph's key holds). Without CUDA (tests, Triton's
 interpreter) the same buffers and kernels run eagerly.
 """
 
@@ -25,7 +28,7 @@ from collections import Counter
 import numpy as np
 import torch
 
-from loraflow.serve.bank import AdapterBank, TokenSlots
+from loraflow.serve.bank import AdapterBank, FloraCopies, TokenSlots
 from loraflow.serve.kv_cache import KVCache
 from loraflow.serve.llama import Batch, Llama
 
@@ -34,6 +37,11 @@ BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448
 
 def bucket(n: int) -> int:
     return next(b for b in BUCKETS if b >= n)
+
+
+def copy_bucket(n: int) -> int:
+    """FLoRA copies a graph holds: n rounded up to a power of two, at least 8."""
+    return max(8, 1 << (n - 1).bit_length())
 
 
 class DecodeGraphs:
@@ -51,11 +59,17 @@ class DecodeGraphs:
         # before it rewrites the buffers, done by then as a rule (the step's tokens came back)
         pin = dev.type == "cuda"
         self._copied = torch.cuda.Event() if pin else None
-        self._host = torch.zeros(5, self.size, dtype=torch.long, pin_memory=pin)
+        self._host = torch.zeros(6, self.size, dtype=torch.long, pin_memory=pin)
         self._host_table = torch.zeros(self.size, width, dtype=torch.int32, pin_memory=pin)
-        self.host = self._host.numpy()  # tokens, positions, slots, rows, lengths
+        self.host = self._host.numpy()  # tokens, positions, additive slots, rows, lengths, FLoRA slots
         self.host_table = self._host_table.numpy()
-        self.inputs = torch.zeros(5, self.size, dtype=torch.long, device=dev)
+        self.inputs = torch.zeros(6, self.size, dtype=torch.long, device=dev)
+        # FLoRA rows' scaled copies (bank.FloraCopies): token, bank row, valid; at most r_max a row
+        most = copy_bucket(self.size * bank.r_max)
+        self._host_copies = torch.zeros(3, most, dtype=torch.long, pin_memory=pin)
+        self.host_copies = self._host_copies.numpy()
+        self.copies = torch.zeros(3, most, dtype=torch.long, device=dev)
+        self.copies_valid = torch.zeros(most, 1, dtype=kv.layers[0][0].dtype, device=dev)
         self.table = torch.zeros(self.size, width, dtype=torch.int32, device=dev)
         self.slots32 = torch.zeros(self.size, dtype=torch.int32, device=dev)  # the Triton kernels' slot type
         self.mask = torch.zeros(self.size, bank.n_slots * bank.r_max, dtype=kv.layers[0][0].dtype, device=dev)
@@ -76,15 +90,17 @@ class DecodeGraphs:
         self.steps = 0  # decode steps run through this path
         self.paths: Counter = Counter()  # ... by adapter path: None, "rows", "mask"
 
-    def _batch(self, n: int, path: str | None) -> Batch:
-        """``path``: None (no adapters), "rows" (Triton kernels) or "mask" (the whole bank)."""
-        tokens, positions, slots, rows, lengths = self.inputs[:, :n]
+    def _batch(self, n: int, path: str | None, copies: int = 0) -> Batch:
+        """``path``: None (no additive adapters), "rows" (Triton kernels) or "mask" (the whole
+        bank); ``copies``: the FLoRA rows' scaled copies, 0 without FLoRA rows."""
+        tokens, positions, slots, rows, lengths, flora_slots = self.inputs[:, :n]
         ts = TokenSlots(
             self.slots32[:n] if path == "rows" else slots,
             [0] if path else [],
             [],
             variant=self.kernel if path == "rows" else None,
             mask=self.mask[:n] if path == "mask" else None,
+            copies=FloraCopies(*self.copies[:2, :copies], self.copies_valid[:copies], flora_slots) if copies else None,
         )
         return Batch(
             tokens, positions, ts, rows, block_table=self.table[:n], seq_lens=lengths, block_size=self.kv.block_size,
@@ -101,19 +117,34 @@ class DecodeGraphs:
         trash = self.kv.trash_block
         if self._copied is not None:
             self._copied.synchronize()
+        flora, r_max = self.bank.slot_flora, self.bank.r_max
+        hc, n_copies = self.host_copies, 0
         for i, (token, pos, slot, blocks) in enumerate(steps):
-            h[:, i] = (token, pos, slot, blocks[pos // bs] * bs + pos % bs, pos + 1)
+            multiplicative = slot >= 0 and flora[slot]
+            h[:, i] = (token, pos, -1 if multiplicative else slot, blocks[pos // bs] * bs + pos % bs, pos + 1,
+                       slot if multiplicative else -1)  # fmt: skip
             ht[i, : len(blocks)] = blocks
-        h[:, n:size] = np.array((0, 0, -1, trash * bs, 1))[:, None]
+            if multiplicative:  # its r copies a_k ∘ x_i, k < r
+                r = self.bank.slot_flora_ranks[slot]
+                hc[0, n_copies : n_copies + r] = i
+                hc[1, n_copies : n_copies + r] = slot * r_max + np.arange(r)
+                hc[2, n_copies : n_copies + r] = 1
+                n_copies += r
+        h[:, n:size] = np.array((0, 0, -1, trash * bs, 1, -1))[:, None]
         ht[n:size, 0] = trash
-        self.inputs.copy_(self._host, non_blocking=True)  # whole (contiguous): 5 x 512 at most
+        copies = copy_bucket(n_copies) if n_copies else 0
+        hc[:, n_copies:copies] = 0  # padding copies: valid 0
+        self.inputs.copy_(self._host, non_blocking=True)  # whole (contiguous): 6 x 512 at most
         self.table[:size].copy_(self._host_table[:size], non_blocking=True)
+        if copies:
+            self.copies[:, :copies].copy_(self._host_copies[:, :copies], non_blocking=True)
+            self.copies_valid[:copies, 0].copy_(self.copies[2, :copies])
         if tokens is not None:  # the previous step's, still on the device
             self.inputs[0, :n].copy_(tokens)
         if self._copied is not None:
             self._copied.record()
         self.slots32[:size].copy_(self.inputs[2, :size])  # one cast a step, not one a layer
-        used = {s[2] for s in steps} - {-1}
+        used = {s[2] for s in steps if s[2] < 0 or not flora[s[2]]} - {-1}  # the additive slots
         path = None if not used else "mask" if self.bank.dense_pays(used) else "rows"
         if path == "mask":
             TokenSlots.slot_mask(
@@ -122,24 +153,26 @@ class DecodeGraphs:
         self.steps += 1
         self.paths[path] += 1
         if not self.capture:
-            return self.model(self._batch(size, path), self.kv.layers)[:n]
-        key = self.key(size, path)
+            return self.model(self._batch(size, path, copies), self.kv.layers)[:n]
+        key = self.key(size, path, copies)
         if key not in self.graphs:
             self.graphs = {k: v for k, v in self.graphs.items() if k[1] in (None, self.bank.layout)}
-            self.graphs[key] = self._capture(size, path)
+            self.graphs[key] = self._capture(size, path, copies)
         graph, logits = self.graphs[key]
         graph.replay()
         return logits[:n]
 
-    def key(self, size: int, path: str | None) -> tuple:
-        """The captured graph of a bucket: adapter layout and path, LoRA kernel, attention tiling."""
+    def key(self, size: int, path: str | None, copies: int = 0) -> tuple:
+        """The captured graph of a bucket: adapter layout and path, LoRA kernel, attention
+        tiling, FLoRA copies."""
         kernel = self.kernel if path == "rows" else None
-        return size, self.bank.layout if path else None, path, kernel, (self.attention_splits, self.attention_warps)
+        layout = self.bank.layout if path or copies else None
+        return size, layout, path, kernel, (self.attention_splits, self.attention_warps), copies
 
-    def _capture(self, size: int, path: str | None) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def _capture(self, size: int, path: str | None, copies: int = 0) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """Warm up on a side stream (compiles the Triton kernels), then capture. The buffers
         hold this step's inputs: running them writes the same keys and values twice."""
-        batch = self._batch(size, path)
+        batch = self._batch(size, path, copies)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):

@@ -1,6 +1,6 @@
 """The model runner: a step's plan through the model, and the batch's tokens out of its logits.
 
-Decode-only steps of additive adapters replay CUDA graphs (``serve/decode_graphs.py``); other
+Decode-only steps replay CUDA graphs (``serve/decode_graphs.py``), FLoRA rows included; other
 steps run eagerly over the step's packed tokens (``serve/packing.py``). The tokens of the rows
 without penalties or log-probabilities come from the device in one transfer: one argmax for
 the greedy ones, ``sample_rows`` for the sampled ones.
@@ -72,9 +72,8 @@ class ModelRunner:
         """The logits of the plan's last tokens, (row, request) for each request whose prompt
         is done with this step (those get a token), and how the step ran: "graph" (a captured
         decode step), "decode" or "prompt" (eager, without or with prompt tokens)."""
-        flora = any(r.slot >= 0 and self.bank.slot_flora[r.slot] for r, _ in plan)  # graphs hold additive slots
         decode = all(n == 1 for _, n in plan)
-        if self.graphs is not None and not flora and len(plan) <= self.graphs.size and decode:
+        if self.graphs is not None and len(plan) <= self.graphs.size and decode:
             logits = self.graphs.run([(r.token(r.computed), r.computed, r.slot, r.blocks) for r, _ in plan])
             return logits, [(i, r) for i, (r, _) in enumerate(plan) if r.computed + 1 == r.n_tokens], "graph"
         batch, sample_from = self.batch(plan)
