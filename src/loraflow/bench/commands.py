@@ -141,18 +141,20 @@ def cmd_bench_serve(args) -> None:
         "--max-waiting",
         str(4 * w.requests + 64),
     ]
+    # a FLoRA run keeps its own files: serve-llama2-7b-flora-r2-cuda beside serve-llama2-7b-cuda
+    stem = f"serve-{args.shape}-{device}" if w.kind == "lora" else f"serve-{args.shape}-{w.kind}-r{w.rank}-{device}"
     result = bench.run(serve_args, w, base_name, shape.vocab_size, tmp / "server.log", args.repeats)
     if device == "cuda":  # where a batch-64 decode step is bound by memory bandwidth
         result["roofline"] = bench.decode_roofline(shape, w)
     print(json.dumps({k: result[k] for k in ("adapters", "base", "adapters_over_base")}, indent=1), flush=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)  # kept if the baseline below fails
-    (Path(args.out) / f"serve-{args.shape}-{device}.partial.json").write_text(
+    (Path(args.out) / f"{stem}.partial.json").write_text(
         json.dumps({"environment": report.environment(), **result}, indent=1)
     )
     if args.hf_baseline:  # transformers' generate on the same model and prompts, no adapters
         result.update(_hf_baseline(args, shape, w, device, result["adapters"]["output_tokens_per_s"]))
         print(json.dumps({k: v for k, v in result.items() if k.startswith("ours_over_hf")}, indent=1), flush=True)
-        (Path(args.out) / f"serve-{args.shape}-{device}.partial.json").write_text(
+        (Path(args.out) / f"{stem}.partial.json").write_text(
             json.dumps({"environment": report.environment(), **result}, indent=1)
         )
     if not args.no_peft and w.kind != "lora":
@@ -171,7 +173,6 @@ def cmd_bench_serve(args) -> None:
         result["ours_over_peft"] = result["adapters"]["output_tokens_per_s"] / result["peft"]["output_tokens_per_s"]
     env = report.environment()
     payload = {"environment": env, **result}
-    stem = f"serve-{args.shape}-{device}"
     paths = report.write(args.out, stem, payload, serve_report.markdown(env, payload), serve_report.figure(payload))
     (Path(args.out) / f"{stem}.partial.json").unlink(missing_ok=True)
     print(serve_report.markdown(env, payload))
