@@ -23,7 +23,12 @@ def torchrun(n: int, *args: str) -> subprocess.CompletedProcess:
         port = s.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", f"--master_port={port}", *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    # once in a loaded full suite, a rank aborted as it exited ("terminate called without an
+    # active exception": a C++ thread of gloo still running at exit), its work done; run again once
+    if run.returncode != 0 and "terminate called without an active exception" in run.stderr:
+        run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    return run
 
 
 @pytest.mark.parametrize("processes", [2, 3, 4])  # 3: uneven shards
