@@ -32,7 +32,7 @@ log() { tee -a "$OUT/$1.log" | grep -v -i warn | tail -"$2"; }
 tests() {
     timeout -s INT 150 python3 -m pytest -q -p no:cacheprovider tests/multi/test_triton_lora.py \
         tests/multi/test_triton_siblings.py tests/serve/test_paged_attention.py tests/serve/test_engine.py \
-        tests/serve/test_bank.py tests/serve/test_flora_serving.py 2>&1 | log tests 4
+        tests/serve/test_bank.py tests/serve/test_flora_serving.py tests/multi/test_triton_flora*.py 2>&1 | log tests 4
 }
 tilings() {
     timeout -s INT 200 python3 benchmarks/scripts/engine_steps.py "$OUT/steps-128.json" --graphs-only \

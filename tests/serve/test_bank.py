@@ -5,7 +5,7 @@ import torch
 from conftest import DEVICE
 from torch import nn
 
-from loraflow.serve.bank import AdapterBank, BankedLinear, FloraCopies, TokenSlots, banked_siblings
+from loraflow.serve.bank import AdapterBank, BankedLinear, RowCopies, TokenSlots, banked_siblings
 
 
 class One(nn.Module):
@@ -44,11 +44,7 @@ def test_cpu_paths_equal_the_direct_computation():
             torch.testing.assert_close(y[i], expected, rtol=1e-4, atol=1e-4, msg=f"{path}, token {i}")
 
 
-def test_flora_copies_in_fixed_shapes_equal_the_direct_computation():
-    """Decode graphs' FLoRA path (``FloraCopies``: every FLoRA token's r copies, padded with
-    invalid copies) beside additive and base rows: y = (1/r) Σ_k b_k ∘ (W0 (a_k ∘ x)) + b for
-    FLoRA tokens, W0 x + b + B A x for LoRA ones, W0 x + b for the rest and for a FLoRA slot
-    that does not adapt the layer."""
+def _flora_bank():
     torch.manual_seed(2)
     model = One()
     bank = AdapterBank(model, n_slots=5, r_max=4)
@@ -58,34 +54,73 @@ def test_flora_copies_in_fixed_shapes_equal_the_direct_computation():
         bank.write(slot, {"proj": (a, c)}, multiplicative=flora)
         factors[slot] = (a, c, flora)
     bank.write(4, {}, multiplicative=True)  # a FLoRA adapter that leaves this layer alone
-    slots = [0, 1, 2, -1, 3, 1, 4, 0]
-    x = torch.randn(len(slots), 24)
-    tok, row = [], []
+    return model, bank, factors
+
+
+def _expected(layer, x, slots, factors):
+    w0 = layer.weight.double()
+    out = []
     for i, s in enumerate(slots):
-        if s >= 0 and bank.slot_flora[s]:
-            tok += [i] * bank.slot_flora_ranks[s]
-            row += [s * 4 + k for k in range(bank.slot_flora_ranks[s])]
-    n = len(tok)
-    assert n == 1 + 4 + 3 + 4 + 1
-    pad = 16 - n  # invalid copies: token 3 (a base row), whatever bank row
-    copies = FloraCopies(
-        torch.tensor(tok + [3] * pad),
-        torch.tensor(row + [5] * pad),
-        torch.tensor([1.0] * n + [0.0] * pad)[:, None],
-        torch.tensor([s if s >= 0 and bank.slot_flora[s] else -1 for s in slots]),
-    )
-    additive = [s if s >= 0 and not bank.slot_flora[s] else -1 for s in slots]
-    ts = TokenSlots(torch.tensor(additive), [2], [], rows=TokenSlots.bank_rows(torch.tensor(additive), 4),
-                    valid=(torch.tensor(additive) >= 0).float()[:, None], copies=copies)  # fmt: skip
-    layer = model.proj
-    y = layer(x, ts)
-    w0 = layer.weight
-    for i, s in enumerate(slots):
-        expected = w0 @ x[i] + layer.bias
+        xi, y = x[i].double(), w0 @ x[i].double() + layer.bias.double()
         if s in factors:
-            a, c, flora = factors[s]
-            expected = (w0 * (c @ a)) @ x[i] + layer.bias if flora else expected + c @ (a @ x[i])
-        torch.testing.assert_close(y[i], expected, rtol=1e-4, atol=1e-4, msg=f"token {i}, slot {s}")
+            a, c, flora = (t.double() if torch.is_tensor(t) else t for t in factors[s])
+            y = (w0 * (c @ a)) @ xi + layer.bias.double() if flora else y + c @ (a @ xi)
+        out.append(y)
+    return torch.stack(out)
+
+
+def test_flora_rows_in_fixed_shapes_equal_the_direct_computation():
+    """The FLoRA path (``RowCopies``: every FLoRA token's r scaled copies, one row of scale 1
+    for every other token, padded with invalid rows as in a decode graph) beside additive and
+    base rows: y = Σ_k c_k ∘ (W0 (a_k ∘ x)) + b for FLoRA tokens, W0 x + b + C A x for LoRA
+    ones, W0 x + b for the rest and for a FLoRA slot that does not adapt the layer."""
+    model, bank, factors = _flora_bank()
+    slots = [0, 1, 2, -1, 3, 1, 4, 0]
+    tok, row, start, count = bank.flora_rows(slots)
+    assert count.tolist() == [1, 4, 1, 1, 3, 4, 1, 1] and start.tolist() == [0, 1, 5, 6, 7, 10, 14, 15]
+    assert row[start[2]] == bank.ones_row and row[1:5].tolist() == [4, 5, 6, 7] and row[14] == 4 * 4
+    pad = 24 - len(tok)  # rows owned by no token, valid 0 (a decode graph's padding)
+    as_t = lambda v, fill: torch.tensor(list(v) + [fill] * pad)
+    valid = as_t([1.0] * len(tok), 0.0)[:, None]
+    copies = RowCopies(as_t(tok, 3), as_t(row, 5), valid, torch.tensor(start), torch.tensor(count))
+    additive = torch.tensor([s if s >= 0 and not bank.slot_flora[s] else -1 for s in slots])
+    ts = TokenSlots(additive, [2], [], rows=TokenSlots.bank_rows(additive, 4), valid=(additive >= 0).float()[:, None],
+                    copies=copies)  # fmt: skip
+    x = torch.randn(len(slots), 24)
+    y = model.proj(x, ts)
+    torch.testing.assert_close(y.double(), _expected(model.proj, x, slots, factors), rtol=1e-4, atol=1e-4)
+    built = TokenSlots.build(slots, bank, "cpu")  # what an eager (prefill) step builds: the same rows, unpadded
+    assert built.copies is not None and built.ids.tolist() == additive.tolist()
+    torch.testing.assert_close(model.proj(x, built), y, rtol=1e-5, atol=1e-5)
+
+
+def test_flora_rows_through_the_triton_kernels_equal_the_direct_computation():
+    """The same batch on ``DEVICE``: on CUDA the layer's Triton prologue and epilogue around the
+    GEMM (``multi/triton_flora.py``); the kernels alone under Triton's interpreter otherwise."""
+    from loraflow.multi import triton_flora
+
+    model, bank, factors = _flora_bank()
+    model.to(DEVICE)
+    for m in bank.layers.values():  # the bank's buffers to the device
+        p = m.packed
+        p.flora_a, p.flora_c = p.flora_a.to(DEVICE), p.flora_c.to(DEVICE)
+        p.a, p.bt, p.ranks, p.offsets = p.flora_a[:-1], p.flora_c[:-1], p.ranks.to(DEVICE), p.offsets.to(DEVICE)
+    bank.device = torch.device(DEVICE)
+    slots = [3, 1, -1, 2, 0, 4, 1, 1, 2]
+    x = torch.randn(len(slots), 24, device=DEVICE)
+    ts = TokenSlots.build(slots, bank, DEVICE)
+    c, p, layer = ts.copies, model.proj.packed, model.proj
+    u = triton_flora.stack(x, c.tok, c.row, p.flora_a)
+    torch.testing.assert_close(u, x[c.tok] * p.flora_a[c.row])
+    z = torch.nn.functional.linear(u, layer.weight)
+    y = triton_flora.combine(z, p.flora_c, c.row, c.start, c.count, layer.bias)
+    flora = torch.tensor([s >= 0 and bank.slot_flora[s] for s in slots], device=DEVICE)
+    full = layer(x, ts)
+    want = _expected(layer.cpu(), x.cpu(), slots, factors)
+    torch.testing.assert_close(full.double().cpu(), want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(y[flora].double().cpu(), want[flora.cpu()], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(y[~flora].double().cpu(), _expected(layer, x.cpu(), [-1] * len(slots), {})[~flora.cpu()],
+                               rtol=1e-4, atol=1e-4)  # fmt: skip
 
 
 class Siblings(nn.Module):

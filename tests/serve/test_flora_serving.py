@@ -71,7 +71,7 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and
 )  # fmt: skip
 def test_flora_lora_and_base_rows_in_one_batch_equal_transformers(setup, slots, rank, graphs, device):
     """Gathered bank rows (8 x 64), the masked whole bank (4 x 8), and an engine with decode
-    graphs, where the FLoRA rows' copies have fixed shapes (``FloraCopies``): run eagerly on
+    graphs, where the FLoRA rows' copies have fixed shapes (``RowCopies``): run eagerly on
     the CPU, captured on CUDA (float32 there, beside the same reference)."""
     root, adapters = setup
     eng = lf.Engine(model=root / "base", adapters={k: str(v) for k, v in adapters.items()}, device=device,

@@ -13,35 +13,41 @@ rows a_k and c_kᵀ = (b_k / r)ᵀ in the same buffers; its tokens take
 
     y_t = Σ_k c_k ∘ (W0 (a_k ∘ x_t)) + b
 
-the r scaled copies of x_t stacked under the batch's rows, so one GEMM reads W0 for all of
-them (``BankedLinear.forward``), and are left out of the additive path (slot −1 there).
+In a step with FLoRA tokens, every layer's GEMM runs over the stacked rows u_j = s_j ∘ x_{tok_j}
+(``RowCopies``): a FLoRA token's r scaled copies (s = a_k), one row of any other token (s = 1,
+the bank's row of ones), so one GEMM reads W0 for all of them, and y_t sums its rows' outputs
+times c_k (1 for the others); the FLoRA tokens are left out of the additive path (slot −1
+there). A FLoRA slot's layer that its adapter leaves alone holds a_0 = c_0 = 1: W0 x.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 try:
-    from loraflow.multi import triton_lora
+    from loraflow.multi import triton_flora, triton_lora
     from loraflow.multi.triton_siblings import lora_delta_siblings
 except ImportError:
-    triton_lora = lora_delta_siblings = None
+    triton_flora = triton_lora = lora_delta_siblings = None
 
 
 @dataclass
-class FloraCopies:
-    """The FLoRA tokens' scaled copies in fixed shapes, for a decode graph: copy j is
-    a_{row_j} ∘ x_{tok_j} (``row``: slot · r_max + k), ``valid`` 0 on padding copies; ``slot``
-    (N,) each token's FLoRA slot, -1 for the others (their slots are -1 in ``ids`` instead)."""
+class RowCopies:
+    """The GEMM rows of a step with FLoRA tokens: row j is u_j = s_{row_j} ∘ x_{tok_j}, s a bank
+    row (slot · r_max + k for a FLoRA token's k-th copy, ``AdapterBank.ones_row`` for any other
+    token); token t owns rows ``start[t] : start[t] + count[t]``. Decode graphs pad the rows
+    to a bucket (``valid`` 0 there, owned by no token)."""
 
-    tok: torch.Tensor  # (C,) long
-    row: torch.Tensor  # (C,) long
-    valid: torch.Tensor  # (C, 1) the activations' dtype
-    slot: torch.Tensor  # (N,) long
+    tok: torch.Tensor  # (M,) long
+    row: torch.Tensor  # (M,) long
+    valid: torch.Tensor  # (M, 1) the activations' dtype
+    start: torch.Tensor  # (N,) long
+    count: torch.Tensor  # (N,) long
 
 
 @dataclass
@@ -57,16 +63,14 @@ class TokenSlots:
     rows: torch.Tensor | None = None  # CPU, few tokens per slot: (N, r_max) bank rows to gather
     valid: torch.Tensor | None = None  # (N, 1) 1.0 for tokens with an adapter
     mask: torch.Tensor | None = None  # decode, bank mostly in use: (N, slots · r_max) 1 on each token's rows
-    flora: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # multiplicative: (slot, token indices)
-    copies: FloraCopies | None = None  # multiplicative, in fixed shapes (decode graphs)
+    copies: RowCopies | None = None  # the GEMM's rows when some tokens carry FLoRA adapters
 
     @staticmethod
     def build(slots: list[int], bank: AdapterBank, device, dtype=torch.float32) -> TokenSlots:
-        flora_slots = sorted({s for s in slots if s >= 0 and bank.slot_flora[s]})
-        if flora_slots:  # their tokens leave the additive path
-            flora = [(u, torch.tensor([i for i, s in enumerate(slots) if s == u], device=device)) for u in flora_slots]
+        if any(s >= 0 and bank.slot_flora[s] for s in slots):  # their tokens leave the additive path
             ts = TokenSlots.build([-1 if s >= 0 and bank.slot_flora[s] else s for s in slots], bank, device, dtype)
-            ts.flora = flora
+            tok, row, start, count = (torch.from_numpy(v).to(device) for v in bank.flora_rows(slots))
+            ts.copies = RowCopies(tok, row, torch.ones(len(tok), 1, dtype=dtype, device=device), start, count)
             return ts
         used = sorted({s for s in slots if s >= 0})
         n_slots, r_max = bank.n_slots, bank.r_max
@@ -108,33 +112,25 @@ class BankedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, slots: TokenSlots) -> torch.Tensor:
         """y = W0 x + b + B_s A_s x for each token's slot s; a FLoRA slot's tokens take
-        y = Σ_k c_k ∘ (W0 (a_k ∘ x)) + b instead, their r scaled copies stacked under the
-        batch's rows so that one GEMM reads W0 for all of them."""
+        y = Σ_k c_k ∘ (W0 (a_k ∘ x)) + b instead (``_copies``)."""
         # x: (N, d_in)
         if slots.copies is not None and self.packed is not None:
-            return self._copies(x, slots)
-        jobs = flora_jobs(self, slots)
-        if not jobs:
-            return self._additive(x, slots)
-        z = F.linear(torch.cat([x, flora_inputs(self, x, jobs)]), self.weight)  # (N + Σ n·r, d_out)
-        base = z[: len(x)] if self.bias is None else z[: len(x)] + self.bias  # W0 x + b
-        return flora_outputs(self, self._additive(x, slots, base), z[len(x) :], jobs)
+            return self._additive(x, slots, self._copies(x, slots.copies))
+        return self._additive(x, slots)
 
-    def _copies(self, x: torch.Tensor, slots: TokenSlots) -> torch.Tensor:
-        """``forward`` in fixed shapes (``FloraCopies``): the copies a_k ∘ x_t stacked under the
-        batch's rows for one GEMM with W0, y_t = Σ_k c_k ∘ z_{t,k} + b summed back with an
-        index_add; a token whose FLoRA slot does not adapt this layer keeps W0 x + b. Rank terms
-        k past a slot's rank hold zeros in the bank, so their copies add nothing."""
-        c, p, n = slots.copies, self.packed, len(x)
-        xs = x.index_select(0, c.tok) * p.a.index_select(0, c.row) * c.valid  # (C, d_in)
-        z = F.linear(torch.cat([x, xs]), self.weight)  # (N + C, d_out)
-        base = z[:n] if self.bias is None else z[:n] + self.bias  # W0 x + b
-        y = self._additive(x, slots, base)  # the additive slots' rows
-        out = torch.zeros_like(base).index_add_(0, c.tok, z[n:] * p.bt.index_select(0, c.row))  # (N, d_out)
-        if self.bias is not None:
-            out += self.bias
-        adapted = (c.slot >= 0) & (p.ranks.index_select(0, c.slot.clamp_min(0)) > 0)  # (N,)
-        return torch.where(adapted[:, None], out, y)
+    def _copies(self, x: torch.Tensor, c: RowCopies) -> torch.Tensor:
+        """W0 x + b for the tokens without a FLoRA adapter, Σ_k c_k ∘ (W0 (a_k ∘ x)) + b for the
+        others, through one GEMM over the stacked rows u_j = s_j ∘ x_{tok_j} (``RowCopies``);
+        on CUDA the stacking and the sum are one Triton kernel each (``multi/triton_flora.py``)."""
+        p, n = self.packed, len(x)
+        if x.is_cuda and triton_flora is not None:
+            u = triton_flora.stack(x, c.tok, c.row, p.flora_a)  # (M, d_in)
+            z = F.linear(u, self.weight)  # (M, d_out): W0 read once for every row
+            return triton_flora.combine(z, p.flora_c, c.row, c.start, c.count, self.bias)  # (N, d_out)
+        u = x.index_select(0, c.tok) * p.flora_a.index_select(0, c.row)  # (M, d_in)
+        z = F.linear(u, self.weight) * p.flora_c.index_select(0, c.row) * c.valid  # (M, d_out)
+        y = torch.zeros(n, self.d_out, device=x.device, dtype=z.dtype).index_add_(0, c.tok, z)  # (N, d_out)
+        return y if self.bias is None else y + self.bias
 
     def _additive(self, x: torch.Tensor, slots: TokenSlots, base: torch.Tensor | None = None) -> torch.Tensor:
         """W0 x + b (or ``base``, given) + each token's B_s A_s x."""
@@ -162,36 +158,6 @@ class BankedLinear(nn.Module):
                 h = F.linear(x.index_select(0, idx), p.a[lo : lo + r])  # (n_s, r)
                 y.index_add_(0, idx, h @ p.bt[lo : lo + r])  # (n_s, d_out)
         return y
-
-
-def flora_jobs(layer: BankedLinear, slots: TokenSlots) -> list[tuple[int, torch.Tensor, int]]:
-    """(slot, token indices, rank) of the step's FLoRA slots that adapt this layer."""
-    p = layer.packed
-    if not slots.flora or p is None:
-        return []
-    return [(slot, idx, p.ranks_host[slot]) for slot, idx in slots.flora if p.ranks_host[slot]]
-
-
-def flora_inputs(layer: BankedLinear, x: torch.Tensor, jobs) -> torch.Tensor:
-    """Each FLoRA token's r scaled copies a_k ∘ x_t, slot after slot: (Σ n·r, d_in)."""
-    p = layer.packed
-    return torch.cat(
-        [
-            (x.index_select(0, idx).unsqueeze(1) * p.a[slot * p.r_max : slot * p.r_max + r]).reshape(-1, layer.d_in)
-            for slot, idx, r in jobs
-        ]
-    )
-
-
-def flora_outputs(layer: BankedLinear, y: torch.Tensor, z: torch.Tensor, jobs) -> torch.Tensor:
-    """Write y_t = Σ_k c_k ∘ z_{t,k} + b for the FLoRA tokens, z_{t,k} = W0 (a_k ∘ x_t)."""
-    p, start = layer.packed, 0
-    for slot, idx, r in jobs:
-        lo, n = slot * p.r_max, len(idx)
-        out = (z[start : start + n * r].view(n, r, layer.d_out) * p.bt[lo : lo + r]).sum(1)  # (n, d_out)
-        y.index_copy_(0, idx, out if layer.bias is None else out + layer.bias)
-        start += n * r
-    return y
 
 
 @dataclass
@@ -230,7 +196,7 @@ def banked_siblings(
     views = [m.packed for m in layers]
     active = [p is not None and p.any_active for p in views]
     base_only = not slots.used or not any(active)
-    if slots.flora or slots.copies is not None or not (base_only or (all(active) and slots.variant == "siblings")):
+    if slots.copies is not None or not (base_only or (all(active) and slots.variant == "siblings")):
         return [m(x, slots) for m in layers]  # FLoRA rows, some siblings adapted, or prefill kernels
     if fused is None:
         if base_only:
@@ -247,10 +213,13 @@ def banked_siblings(
 
 
 class BankView:
-    """What a BankedLinear reads: the PackedLoRA fields over this layer's bank buffers."""
+    """What a BankedLinear reads: the PackedLoRA fields over this layer's bank buffers (``a``,
+    ``bt``: the slots' rows), and the FLoRA path's (``flora_a``, ``flora_c``: the same buffers
+    with their last row, ``AdapterBank.ones_row``, of ones)."""
 
     def __init__(self, a, bt, offsets, ranks, r_max):
-        self.a, self.bt, self.offsets, self.ranks, self.r_max = a, bt, offsets, ranks, r_max
+        self.flora_a, self.flora_c = a, bt  # (n_slots · r_max + 1, d_in), (..., d_out)
+        self.a, self.bt, self.offsets, self.ranks, self.r_max = a[:-1], bt[:-1], offsets, ranks, r_max
         self.ranks_host = [0] * ranks.numel()
         self.any_active = False  # some slot has an adapter on this layer (stays True once set)
 
@@ -266,16 +235,14 @@ class AdapterBank:
         self.slot_flora_ranks = [0] * n_slots  # ... and its largest rank over the layers
         self.layout = 0  # bumped when a layer first gets an adapter: CUDA graphs of older layouts are stale
         self.layers: dict[str, BankedLinear] = {n: m for n, m in model.named_modules() if isinstance(m, BankedLinear)}
+        self.ones_row = n_slots * r_max  # the FLoRA path's scale-1 row, after the slots' rows (``RowCopies``)
         for m in self.layers.values():
             w = m.weight
             offsets = torch.arange(n_slots, dtype=torch.int32, device=w.device) * r_max
-            m.packed = BankView(
-                torch.zeros(n_slots * r_max, m.d_in, device=w.device, dtype=w.dtype),
-                torch.zeros(n_slots * r_max, m.d_out, device=w.device, dtype=w.dtype),
-                offsets,
-                torch.zeros(n_slots, dtype=torch.int32, device=w.device),
-                r_max,
-            )
+            a = torch.zeros(n_slots * r_max + 1, m.d_in, device=w.device, dtype=w.dtype)
+            bt = torch.zeros(n_slots * r_max + 1, m.d_out, device=w.device, dtype=w.dtype)
+            a[-1], bt[-1] = 1, 1
+            m.packed = BankView(a, bt, offsets, torch.zeros(n_slots, dtype=torch.int32, device=w.device), r_max)
 
     def dense_pays(self, used) -> bool:
         """Whether to read the whole bank (``n_slots · r_max`` rows a layer, by two dense
@@ -287,6 +254,21 @@ class AdapterBank:
         if self.device.type == "cuda":
             return False
         return self.n_slots * self.r_max <= 2 * sum(self.slot_ranks[s] for s in used)
+
+    def flora_rows(self, slots) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The GEMM rows of a step whose tokens carry ``slots`` (``RowCopies``): (tok, row) of each
+        row, (start, count) of each token; a FLoRA token gets one row per rank term (at least one),
+        any other token one row of scale 1."""
+        s = np.asarray(slots, dtype=np.int64)
+        on = s >= 0
+        flora = np.zeros(len(s), dtype=bool)
+        flora[on] = np.asarray(self.slot_flora)[s[on]]
+        count = np.where(flora, np.maximum(1, np.asarray(self.slot_flora_ranks)[s.clip(0)]), 1)
+        start = np.cumsum(count) - count
+        tok = np.repeat(np.arange(len(s)), count)
+        k = np.arange(len(tok)) - start[tok]
+        row = np.where(flora[tok], s[tok] * self.r_max + k, self.ones_row)
+        return tok, row, start, count
 
     def shapes(self) -> dict[str, tuple[int, int]]:
         """(d_out, d_in) of every adapted layer, by module name: the whole layer's, as adapter
@@ -315,6 +297,8 @@ class AdapterBank:
                 p.bt[lo : lo + r].copy_(b.T)
             else:
                 r = 0
+                if multiplicative:  # a layer the adapter leaves alone: W0 ∘ 1
+                    p.a[lo], p.bt[lo] = 1, 1
             p.ranks[slot] = r
             p.ranks_host[slot] = r
             if r and not p.any_active:

@@ -15,10 +15,11 @@ or, on the CPU when the batch's adapters hold at least half the bank's rows, thr
 dense matmuls over the whole bank and a per-token mask of its own slot's rows
 (``TokenSlots.slot_mask``, refreshed in a fixed buffer before each step). A new layout (a
 layer adapted for the first time) captures anew. A FLoRA row (multiplicative) has no slot
-in the additive path: its r scaled copies a_k ∘ x go under the batch's rows of each layer's
-GEMM (``bank.FloraCopies``: token and bank row of each copy, in a buffer padded to a power of
-two, which the graph's key holds). Without CUDA (tests, Triton's
-interpreter) the same buffers and kernels run eagerly.
+in the additive path: with FLoRA rows in the step, each layer's GEMM runs over their r scaled
+copies a_k ∘ x and one row for every other token (``bank.RowCopies``: token, bank row and
+validity of each GEMM row, in a buffer padded to a bucket that the graph's key holds; the
+first row and row count of each token). Without CUDA (tests, Triton's interpreter) the same
+buffers and kernels run eagerly.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from collections import Counter
 import numpy as np
 import torch
 
-from loraflow.serve.bank import AdapterBank, FloraCopies, TokenSlots
+from loraflow.serve.bank import AdapterBank, RowCopies, TokenSlots
 from loraflow.serve.kv_cache import KVCache
 from loraflow.serve.llama import Batch, Llama
 
@@ -39,9 +40,10 @@ def bucket(n: int) -> int:
     return next(b for b in BUCKETS if b >= n)
 
 
-def copy_bucket(n: int) -> int:
-    """FLoRA copies a graph holds: n rounded up to a power of two, at least 8."""
-    return max(8, 1 << (n - 1).bit_length())
+def rows_bucket(n: int) -> int:
+    """GEMM rows a graph with FLoRA rows holds (``bank.RowCopies``): a batch bucket up to its
+    largest, a power of two past it."""
+    return bucket(n) if n <= BUCKETS[-1] else 1 << (n - 1).bit_length()
 
 
 class DecodeGraphs:
@@ -59,13 +61,15 @@ class DecodeGraphs:
         # before it rewrites the buffers, done by then as a rule (the step's tokens came back)
         pin = dev.type == "cuda"
         self._copied = torch.cuda.Event() if pin else None
-        self._host = torch.zeros(6, self.size, dtype=torch.long, pin_memory=pin)
+        self._host = torch.zeros(7, self.size, dtype=torch.long, pin_memory=pin)
         self._host_table = torch.zeros(self.size, width, dtype=torch.int32, pin_memory=pin)
-        self.host = self._host.numpy()  # tokens, positions, additive slots, rows, lengths, FLoRA slots
+        # tokens, positions, additive slots, KV rows, lengths; with FLoRA rows, each token's
+        # first GEMM row and row count (bank.RowCopies)
+        self.host = self._host.numpy()
         self.host_table = self._host_table.numpy()
-        self.inputs = torch.zeros(6, self.size, dtype=torch.long, device=dev)
-        # FLoRA rows' scaled copies (bank.FloraCopies): token, bank row, valid; at most r_max a row
-        most = copy_bucket(self.size * bank.r_max)
+        self.inputs = torch.zeros(7, self.size, dtype=torch.long, device=dev)
+        # with FLoRA rows: each GEMM row's token, bank row and validity; at most r_max a token
+        most = rows_bucket(self.size * max(1, bank.r_max))
         self._host_copies = torch.zeros(3, most, dtype=torch.long, pin_memory=pin)
         self.host_copies = self._host_copies.numpy()
         self.copies = torch.zeros(3, most, dtype=torch.long, device=dev)
@@ -92,15 +96,15 @@ class DecodeGraphs:
 
     def _batch(self, n: int, path: str | None, copies: int = 0) -> Batch:
         """``path``: None (no additive adapters), "rows" (Triton kernels) or "mask" (the whole
-        bank); ``copies``: the FLoRA rows' scaled copies, 0 without FLoRA rows."""
-        tokens, positions, slots, rows, lengths, flora_slots = self.inputs[:, :n]
+        bank); ``copies``: the GEMM rows with FLoRA rows in the step, 0 without."""
+        tokens, positions, slots, rows, lengths, start, count = self.inputs[:, :n]
         ts = TokenSlots(
             self.slots32[:n] if path == "rows" else slots,
             [0] if path else [],
             [],
             variant=self.kernel if path == "rows" else None,
             mask=self.mask[:n] if path == "mask" else None,
-            copies=FloraCopies(*self.copies[:2, :copies], self.copies_valid[:copies], flora_slots) if copies else None,
+            copies=RowCopies(*self.copies[:2, :copies], self.copies_valid[:copies], start, count) if copies else None,
         )
         return Batch(
             tokens, positions, ts, rows, block_table=self.table[:n], seq_lens=lengths, block_size=self.kv.block_size,
@@ -117,24 +121,21 @@ class DecodeGraphs:
         trash = self.kv.trash_block
         if self._copied is not None:
             self._copied.synchronize()
-        flora, r_max = self.bank.slot_flora, self.bank.r_max
-        hc, n_copies = self.host_copies, 0
+        flora = self.bank.slot_flora
         for i, (token, pos, slot, blocks) in enumerate(steps):
-            multiplicative = slot >= 0 and flora[slot]
-            h[:, i] = (token, pos, -1 if multiplicative else slot, blocks[pos // bs] * bs + pos % bs, pos + 1,
-                       slot if multiplicative else -1)  # fmt: skip
+            additive = -1 if slot >= 0 and flora[slot] else slot
+            h[:5, i] = (token, pos, additive, blocks[pos // bs] * bs + pos % bs, pos + 1)
             ht[i, : len(blocks)] = blocks
-            if multiplicative:  # its r copies a_k ∘ x_i, k < r
-                r = self.bank.slot_flora_ranks[slot]
-                hc[0, n_copies : n_copies + r] = i
-                hc[1, n_copies : n_copies + r] = slot * r_max + np.arange(r)
-                hc[2, n_copies : n_copies + r] = 1
-                n_copies += r
-        h[:, n:size] = np.array((0, 0, -1, trash * bs, 1, -1))[:, None]
+        h[:5, n:size] = np.array((0, 0, -1, trash * bs, 1))[:, None]
         ht[n:size, 0] = trash
-        copies = copy_bucket(n_copies) if n_copies else 0
-        hc[:, n_copies:copies] = 0  # padding copies: valid 0
-        self.inputs.copy_(self._host, non_blocking=True)  # whole (contiguous): 6 x 512 at most
+        copies = 0
+        if any(s[2] >= 0 and flora[s[2]] for s in steps):  # the GEMM rows: r copies a FLoRA row, 1 the others
+            tok, row, h[5, :size], h[6, :size] = self.bank.flora_rows([s[2] for s in steps] + [-1] * (size - n))
+            m, copies = len(tok), rows_bucket(len(tok))
+            hc = self.host_copies
+            hc[0, :m], hc[1, :m], hc[2, :m] = tok, row, 1
+            hc[:, m:copies] = np.array((0, self.bank.ones_row, 0))[:, None]  # padding rows: no token's, valid 0
+        self.inputs.copy_(self._host, non_blocking=True)  # whole (contiguous): 7 x 512 at most
         self.table[:size].copy_(self._host_table[:size], non_blocking=True)
         if copies:
             self.copies[:, :copies].copy_(self._host_copies[:, :copies], non_blocking=True)
