@@ -1,5 +1,5 @@
 """AdamW, GaLore, 8-bit GaLore, APOLLO and APOLLO-Mini (with and without per-layer updates,
-and projected on the side the shard does not keep) stepping FSDP2 shards on 2, 3 and 4 CPU
+and projected on the side the shard does not keep) stepping FSDP2 shards on 2 and 3 CPU
 processes (gloo, torchrun) equal one process on the global batch."""
 
 import os
@@ -31,7 +31,8 @@ def torchrun(n: int, *args: str) -> subprocess.CompletedProcess:
     return run
 
 
-@pytest.mark.parametrize("processes", [2, 3, 4])  # 3: uneven shards
+# 3: uneven shards (4 processes, once here too, added no case and 28 of the suite's seconds on 2 cores)
+@pytest.mark.parametrize("processes", [2, 3])
 def test_sharded_optimizers_equal_one_process(tmp_path, processes):
     out = tmp_path / "fsdp.safetensors"
     run = torchrun(processes, str(HERE / "fsdp_worker.py"), str(out))
