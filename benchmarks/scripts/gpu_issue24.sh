@@ -22,6 +22,7 @@
 #              with the tracked tree carries at most one): each call copies what it carries to
 #              /tmp/stage, the third joins and installs them (the machine stays warm 30 s a call)
 #   flora      loraflow bench serve --kind flora at ranks FLORA_RANKS (default "1 2"), 64 distinct adapters
+#   florakernels  bench kernels --kind flora: the paper's FLoRA-vs-LoRA figure by rank on our kernels
 #   floragemm  flora_gemm.py: one FLoRA layer as one fused Triton kernel, as three launches, and the base GEMM
 #   smallserve loraflow bench serve, SmolLM2-135M's shape (SMALL=default: the embedded model) and tiny
 #              (next to no model: the server's own ceiling) through HTTP, 64 requests
@@ -92,6 +93,10 @@ flora() {  # issue 26: 64 distinct FLoRA adapters of rank 1 and 2 beside the bas
 floragemm() {  # issue 26: the fused FLoRA GEMM (one launch) against stack + cuBLAS + combine and the base GEMM
     mkdir -p "$OUT/floragemm"
     timeout -s INT 300 python3 benchmarks/scripts/flora_gemm.py --out "$OUT/floragemm" 2>&1 | log floragemm 30
+}
+florakernels() {  # issue 26: FLoRA (training dense, served, fused) against LoRA (bmm, ours) by rank, decode and prefill
+    mkdir -p "$OUT/kernels"
+    timeout -s INT 400 python3 -m loraflow.cli bench kernels --kind flora --no-peft --out "$OUT/kernels" 2>&1 | log florakernels 30
 }
 logits() { timeout -s INT 240 python3 benchmarks/scripts/adapter_logits.py "$OUT/logits.json" 2>&1 | log logits 6; }
 stage() {

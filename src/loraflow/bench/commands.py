@@ -85,7 +85,7 @@ def cmd_bench_kernels(args) -> None:
     }
     paths = report.write(
         args.out,
-        "kernels" + ("-quick" if args.quick else ""),
+        "kernels" + ("-quick" if args.quick else "") + (f"-{args.kind}" if args.kind else ""),
         payload,
         kernels_report.markdown(env, bandwidth, rows),
         kernels_report.figure(rows),

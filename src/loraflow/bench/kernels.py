@@ -72,7 +72,7 @@ def _grid(quick: bool) -> list[Case]:
         cases.append(Case("flora", 4096, 4096, 16, 256, rank, "distinct"))
     for tokens in [2048, 8192]:
         cases.append(Case("flora", 4096, 4096, 16, tokens // 16, 1, "distinct"))
-    for rank in [1, 2, 4, 8]:  # decode-sized batches, where FLoRA's GEMM is cheap
+    for rank in [1, 2, 4, 8, 16]:  # decode-sized batches, where FLoRA's GEMM is cheap
         cases.append(Case("flora", 4096, 4096, 64, 1, rank, "distinct"))
     return cases
 
@@ -166,6 +166,14 @@ def run_case(case: Case, bandwidth_gbs: float, peft: bool = True, device="cuda",
         out["flora_dense_ms"] = time_ms(
             [lambda s=s, f=f: ops.flora_dense_stacked(s[0], s[4], s[1], *f) for s, f in zip(sets, flora)]
         )
+        # the server's paths (serve/bank.py), r stacked rows a token: up to rank 16 (at 64, 4096
+        # tokens stack 2 GB of rows); the fused kernel, tuned for decode, up to 4096 rows
+        if torch.device(device).type == "cuda" and case.rank <= 16:
+            rows = [_flora_rows(s, case) for s in sets]
+            out["flora_rows_ms"] = time_ms([lambda s=s, r=r: _flora_three(s, r, case) for s, r in zip(sets, rows)])
+            if case.tokens * case.rank <= 4096:
+                fused = [lambda s=s, r=r: _flora_fused(s, r, case) for s, r in zip(sets, rows)]
+                out["flora_fused_ms"] = time_ms(fused)
         stacks = [ops.padded(s[2], s[3], ones(s)) for s in sets]
         out["lora_bmm_layer_ms"] = time_ms(
             [lambda s=s, st=st: F.linear(s[0], s[1]) + ops.bmm_padded(s[0], s[4], *st) for s, st in zip(sets, stacks)]
@@ -181,6 +189,10 @@ def run_case(case: Case, bandwidth_gbs: float, peft: bool = True, device="cuda",
             ]
         )
         out["flora_speedup_vs_bmm"] = out["lora_bmm_layer_ms"] / out["flora_dense_ms"]
+        if "flora_rows_ms" in out:
+            best = min(out["flora_rows_ms"], out.get("flora_fused_ms", float("inf")))
+            out["flora_rows_speedup_vs_bmm"] = out["lora_bmm_layer_ms"] / best
+            out["flora_rows_speedup_vs_triton"] = out["lora_triton_layer_ms"] / best
         return out
 
     tokens = [s[4].repeat_interleave(case.T) for s in sets]
@@ -221,6 +233,39 @@ def run_case(case: Case, bandwidth_gbs: float, peft: bool = True, device="cuda",
     return out
 
 
+def _flora_rows(s, case: Case) -> tuple:
+    """The server's FLoRA inputs for one set (``bank.RowCopies``): every token's r stacked rows
+    (row i's adapter: a_k = 1 + 0.1 A_i[k], c_k = B_i[:, k] / r, as ``ops.flora_stack``), a bank of their
+    rows and a row of ones."""
+    _, _, A, B, slots = s
+    r = A[0].shape[0]
+    dev = A[0].device
+    a = torch.cat([1 + 0.1 * x for x in A] + [torch.ones(1, case.d_in, device=dev, dtype=A[0].dtype)])
+    c = torch.cat([b.T / r for b in B] + [torch.ones(1, case.d_out, device=dev, dtype=B[0].dtype)]).contiguous()
+    n = case.tokens
+    tok = torch.arange(n, device=dev).repeat_interleave(r)
+    row = slots.repeat_interleave(case.T)[tok] * r + torch.arange(r, device=dev).repeat(n)
+    start = torch.arange(n, device=dev) * r
+    return tok, row, start, torch.full((n,), r, device=dev), a, c
+
+
+def _flora_three(s, rows, case: Case):
+    """stack, cuBLAS's GEMM, combine: the serving layer's three launches (``BankedLinear._copies``)."""
+    from loraflow.multi import triton_flora
+
+    tok, row, start, count, a, c = rows
+    u = triton_flora.stack(s[0].view(case.tokens, -1), tok, row, a)
+    return triton_flora.combine(F.linear(u, s[1]), c, row, start, count)
+
+
+def _flora_fused(s, rows, case: Case):
+    """The same layer as one Triton kernel (``multi/triton_flora_gemm.py``)."""
+    from loraflow.multi.triton_flora_gemm import flora_gemm
+
+    tok, row, start, count, a, c = rows
+    return flora_gemm(s[0].view(case.tokens, -1), s[1], tok, row, start, count, a, c, r_cap=case.rank)
+
+
 def _triton_layer(s, packed, tokens, plan, case: Case, variant: str):
     """The whole layer as the model runs it: Δy from the kernels, then addmm(Δy, x, Wᵀ)."""
     from loraflow.multi import triton_lora
@@ -259,15 +304,21 @@ def sweep(case: Case, configs: list[dict], device="cuda", dtype=torch.bfloat16) 
 
 def check_case(case: Case, device="cuda", dtype=torch.bfloat16) -> float:
     """Relative error against a float64 loop (must be < 1e-2 in bf16): the Triton add-on,
-    or for FLoRA cases the dense path."""
+    or for FLoRA cases the worst of the dense path and the server's (on CUDA)."""
     from loraflow.multi import triton_lora
 
     x, W, A, B, slots = _inputs(case, torch.Generator().manual_seed(0), device, dtype)
     if case.kind == "flora":
+        served = (x, W, A, B, slots)
         A = [1 + 0.1 * a for a in A]
         ref = ops.flora_loop(x.double(), slots, W.double(), [a.double() for a in A], [b.double() for b in B])
-        y = ops.flora_dense_stacked(x, slots, W, *ops.flora_stack(A, B))
-        return ((y.double() - ref).norm() / ref.norm()).item()
+        ys = [ops.flora_dense_stacked(x, slots, W, *ops.flora_stack(A, B))]
+        if torch.device(device).type == "cuda" and case.rank <= 16:  # and the server's paths
+            rows = _flora_rows(served, case)
+            ys += [_flora_three(served, rows, case).view_as(ys[0])]
+            if case.tokens * case.rank <= 4096:
+                ys += [_flora_fused(served, rows, case).view_as(ys[0])]
+        return max(((y.double() - ref).norm() / ref.norm()).item() for y in ys)
     ref = ops.loop(x.double(), slots, [a.double() for a in A], [b.double() for b in B], [1.0] * len(A))
     tokens = slots.repeat_interleave(case.T)
     y = triton_lora.lora_delta(x.view(case.tokens, -1), tokens, triton_lora.PackedLoRA.pack(A, B, [1.0] * len(A)))
