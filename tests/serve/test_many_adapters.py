@@ -24,3 +24,7 @@ def test_sixty_requests_for_sixty_adapters_through_two_slots_load_each_once(tmp_
     assert len({tuple(r.output_ids) for r in reqs if r.prompt_ids == reqs[0].prompt_ids}) == 1
     stats = eng.registry.snapshot()
     assert stats["loads"] == 60 and stats["load_failures"] == 0, stats
+    # each load timed (disk to host memory, in the bank's dtype) and each slot write (host to device)
+    assert stats["slot_writes"] >= 60 and stats["load_seconds"] > 0 and stats["slot_write_seconds"] > 0, stats
+    held = next(iter(eng.registry.host.values()))
+    assert all(a.dtype == c.dtype == eng.bank.dtype for a, c in held.values())

@@ -230,6 +230,7 @@ class AdapterBank:
     def __init__(self, model: nn.Module, n_slots: int, r_max: int):
         self.n_slots, self.r_max = n_slots, r_max
         self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
         self.slot_ranks = [0] * n_slots  # each slot's largest rank over the layers
         self.slot_flora = [False] * n_slots  # the slot holds a multiplicative adapter (FLoRA)
         self.slot_flora_ranks = [0] * n_slots  # ... and its largest rank over the layers
@@ -293,8 +294,8 @@ class AdapterBank:
             if name in factors:
                 a, b = factors[name] if m.shard is None else m.shard.factors(*factors[name])
                 r = a.shape[0]
-                p.a[lo : lo + r].copy_(a)
-                p.bt[lo : lo + r].copy_(b.T)
+                p.a[lo : lo + r].copy_(a, non_blocking=a.is_pinned())  # page-locked: queued, not waited for
+                p.bt[lo : lo + r].copy_(b.T, non_blocking=b.is_pinned())
             else:
                 r = 0
                 if multiplicative:  # a layer the adapter leaves alone: W0 ∘ 1

@@ -13,6 +13,7 @@ import json
 import logging
 import re
 import threading
+import time
 from collections import Counter, OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -156,7 +157,10 @@ class AdapterRegistry:
         self.versions: Counter = Counter()  # bumped by each (re-)registration: a load of an older one is dropped
         self.errors: dict[str, str] = {}
         self.failed_files: dict[str, tuple] = {}  # name -> files_identity of the files that failed to load
-        self.stats = Counter(hits=0, misses=0, loads=0, evictions=0, load_failures=0)
+        # load_seconds: disk to host memory (loader threads); slot_write_seconds: the engine thread's
+        # share of host memory to a device slot (on CUDA, queuing the copies)
+        self.stats = Counter(hits=0, misses=0, loads=0, evictions=0, load_failures=0, slot_writes=0)
+        self.stats.update(load_seconds=0.0, slot_write_seconds=0.0)
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapter-load")
 
@@ -236,8 +240,9 @@ class AdapterRegistry:
     # tiers ------------------------------------------------------------------------------
     def _load(self, name: str, path: Path, version: int) -> None:
         identity = files_identity(path)  # before reading: files changed meanwhile are read again
+        start = time.perf_counter()
         try:
-            factors = factors_for_bank(path, self.shapes, self.bank.r_max, name)
+            factors = self._host_copy(factors_for_bank(path, self.shapes, self.bank.r_max, name))
         except Exception as e:  # any failure fails only this adapter's requests
             with self._lock:
                 if self.versions[name] == version:
@@ -254,7 +259,20 @@ class AdapterRegistry:
             while len(self.host) > self.max_cpu:
                 self.host.popitem(last=False)
             self.stats["loads"] += 1
+            self.stats["load_seconds"] += time.perf_counter() - start
             self.loading.pop(name, None)
+
+    def _host_copy(self, factors: SlotFactors) -> SlotFactors:
+        """The factors in the bank's dtype, in page-locked memory when the bank is on CUDA: the
+        engine thread's copy to a slot is then queued on the stream (``AdapterBank.write``)
+        instead of waiting for the step in flight, as a copy from pageable memory does."""
+        out = SlotFactors()
+        out.multiplicative = factors.multiplicative
+        pin = self.bank.device.type == "cuda"
+        for module, (a, c) in factors.items():
+            a, ct = a.to(self.bank.dtype).contiguous(), c.to(self.bank.dtype).T.contiguous()  # the bank holds Cᵀ
+            out[module] = (a.pin_memory(), ct.pin_memory().T) if pin else (a, ct.T)
+        return out
 
     def error(self, name: str) -> str | None:
         """Why ``name`` cannot be served (it failed to load, or was unloaded), or None. Called
@@ -318,13 +336,9 @@ class AdapterRegistry:
             slot = self.free_slots.pop()
             self.device[name] = slot
             self.pins[name] += 1
-        dev = next(iter(self.bank.layers.values())).weight
+        start = time.perf_counter()
         try:
-            self.bank.write(
-                slot,
-                {m: (a.to(dev.device, dev.dtype), b.to(dev.device, dev.dtype)) for m, (a, b) in factors.items()},
-                multiplicative=factors.multiplicative,
-            )
+            self.bank.write(slot, factors, multiplicative=factors.multiplicative)
         except BaseException:  # e.g. out of device memory: the slot holds nothing usable
             with self._lock:
                 self.pins[name] -= 1
@@ -332,6 +346,9 @@ class AdapterRegistry:
                     del self.device[name]
                     self.free_slots.append(slot)
             raise
+        with self._lock:
+            self.stats["slot_writes"] += 1
+            self.stats["slot_write_seconds"] += time.perf_counter() - start
         return slot
 
     def release(self, name: str) -> None:
