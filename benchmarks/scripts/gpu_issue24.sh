@@ -23,6 +23,8 @@
 #              /tmp/stage, the third joins and installs them (the machine stays warm 30 s a call)
 #   flora      loraflow bench serve --kind flora at ranks FLORA_RANKS (default "1 2"), 64 distinct adapters
 #   florakernels  bench kernels --kind flora: the paper's FLoRA-vs-LoRA figure by rank on our kernels
+#   many       bench serve: 1,000 requests for 1,000 distinct names of 10,000 registered, 64 slots (~6 min)
+#   many64     the same 1,000 requests over 64 adapters, all resident: many's throughput over this one
 #   floragemm  flora_gemm.py: one FLoRA layer as one fused Triton kernel, as three launches, and the base GEMM
 #   smallserve loraflow bench serve, SmolLM2-135M's shape (SMALL=default: the embedded model) and tiny
 #              (next to no model: the server's own ceiling) through HTTP, 64 requests
@@ -97,6 +99,16 @@ floragemm() {  # issue 26: the fused FLoRA GEMM (one launch) against stack + cuB
 florakernels() {  # issue 26: FLoRA (training dense, served, fused) against LoRA (bmm, ours) by rank, decode and prefill
     mkdir -p "$OUT/kernels"
     timeout -s INT 400 python3 -m loraflow.cli bench kernels --kind flora --no-peft --out "$OUT/kernels" 2>&1 | log florakernels 30
+}
+MANY=(python3 -m loraflow.cli bench serve --requests 1000 --output-len 128 --prompt-len 128 --registered 10000
+      --repeats 1 --no-peft --shape llama2-7b --max-gpu-adapters 64 --max-cpu-adapters 256)
+many() {  # issue 26: 1,000 requests naming 1,000 of 10,000 registered adapters (64 folders), 64 device slots
+    mkdir -p "$OUT/many"
+    timeout -s INT 560 "${MANY[@]}" --adapters 1000 --adapter-files 64 --out "$OUT/many" 2>&1 | log many 16
+}
+many64() {  # ... against the same 1,000 requests over 64 distinct adapters, all resident
+    mkdir -p "$OUT/many64"
+    timeout -s INT 560 "${MANY[@]}" --adapters 64 --out "$OUT/many64" 2>&1 | log many64 16
 }
 logits() { timeout -s INT 240 python3 benchmarks/scripts/adapter_logits.py "$OUT/logits.json" 2>&1 | log logits 6; }
 stage() {

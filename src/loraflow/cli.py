@@ -117,6 +117,13 @@ def _main(argv: list[str] | None) -> None:
         help="the adapters' kind: additive LoRA, multiplicative FLoRA, or every other adapter FLoRA",
     )
     p.add_argument("--max-gpu-adapters", type=int, help="device slots (default: --adapters)")
+    p.add_argument("--max-cpu-adapters", type=int, help="adapters in host memory (default: --adapters, at least 64)")
+    p.add_argument(
+        "--adapter-files",
+        type=int,
+        help="adapter folders written to disk (default: --adapters); the distinct names link to them round robin "
+        "and still load one by one: 10,000 names without 10,000 x 80 MB of files",
+    )
     p.add_argument("--max-batch-tokens", type=int, default=2048, help="the server's tokens per engine step")
     p.add_argument(
         "--repeats",

@@ -406,3 +406,34 @@ def test_bench_serve_takes_hf_baseline(monkeypatch):
     cli.main(["bench", "serve", "--kind", "mixed"])
     assert [a.hf_baseline for a in seen] == [True, False] and seen[0].repeats == 3
     assert [a.kind for a in seen] == ["lora", "mixed"]
+
+
+def test_many_names_over_few_files_and_the_tier_line(tmp_path, monkeypatch):
+    """10,000 names need not be 10,000 folders (``--adapter-files``): names link round robin; the
+    workload refuses fewer names than adapters; the report gives each tier's mean time."""
+    import pytest
+
+    from loraflow import cli
+    from loraflow.bench import commands
+
+    w = serve.Workload(adapters=1000, registered=10000, files=8)
+    assert w.folders == 8 and serve.Workload(adapters=5).folders == 5
+    with pytest.raises(ValueError, match="--registered"):
+        serve.Workload(adapters=64, registered=10)
+    with pytest.raises(ValueError, match="--adapter-files"):
+        serve.Workload(adapters=4, files=5)
+    folders = [tmp_path / f"f{i}" for i in range(3)]
+    for f in folders:
+        f.mkdir()
+    names = serve.name_folders(tmp_path / "names", folders, 7)
+    assert [(names / f"a{i}").resolve().name for i in range(7)] == ["f0", "f1", "f2", "f0", "f1", "f2", "f0"]
+    metrics = {"loraflow_adapter_loads_total": 4.0, "loraflow_adapter_load_seconds_total": 0.2,
+               "loraflow_adapter_slot_writes_total": 5.0, "loraflow_adapter_slot_write_seconds_total": 0.01,
+               "loraflow_adapter_hit_rate": 0.5}  # fmt: skip
+    (line,) = serve_report.tier_lines(metrics)
+    assert "4 loads" in line and "50.0 ms each" in line and "5 writes" in line and "2.00 ms" in line
+    assert serve_report.tier_lines({}) == []
+    seen = []
+    monkeypatch.setattr(commands, "cmd_bench_serve", seen.append)
+    cli.main(["bench", "serve", "--adapters", "1000", "--adapter-files", "64", "--max-cpu-adapters", "256"])
+    assert seen[0].adapter_files == 64 and seen[0].max_cpu_adapters == 256

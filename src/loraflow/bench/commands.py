@@ -116,6 +116,7 @@ def cmd_bench_serve(args) -> None:
         registered=args.registered,
         rank=args.rank,
         kind=args.kind,
+        files=args.adapter_files or 0,
     )
     if args.shape == "default":
         shape = LlamaArgs.from_hf(json.loads((default_model_path() / "config.json").read_text()))
@@ -124,7 +125,7 @@ def cmd_bench_serve(args) -> None:
         shape = LlamaArgs(**SHAPES[args.shape])
         base_name, model_args = args.shape, ["--random-weights", args.shape]
     tmp = Path(tempfile.mkdtemp(prefix="loraflow-bench-"))
-    folders = bench.make_adapters(linear_shapes(shape), tmp / "pool", w.adapters, w.rank, device=device, kind=w.kind)
+    folders = bench.make_adapters(linear_shapes(shape), tmp / "pool", w.folders, w.rank, device=device, kind=w.kind)
     names = bench.name_folders(tmp / "names", folders, w.registered)
     serve_args = [
         *model_args,
@@ -133,7 +134,7 @@ def cmd_bench_serve(args) -> None:
         "--max-gpu-adapters",
         str(args.max_gpu_adapters or w.adapters),
         "--max-cpu-adapters",
-        str(max(64, w.adapters)),
+        str(args.max_cpu_adapters or max(64, w.adapters)),
         "--max-lora-rank",
         str(w.rank),
         "--max-batch-tokens",

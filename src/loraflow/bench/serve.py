@@ -39,10 +39,20 @@ class Workload:
     rank: int = 16
     kind: Literal["lora", "flora", "mixed"] = "lora"  # mixed: every other adapter FLoRA
     seed: int = 0
+    files: int = 0  # adapter folders on disk that the names link to, round robin; 0: one per adapter
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if self.registered < self.adapters:
+            raise ValueError(f"--registered ({self.registered}) must be at least --adapters ({self.adapters})")
+        if not 0 <= self.files <= self.adapters:
+            raise ValueError(f"--adapter-files must be between 1 and --adapters ({self.adapters}), got {self.files}")
+
+    @property
+    def folders(self) -> int:
+        """Adapter folders written: distinct names beyond them share files but load one by one."""
+        return self.files or self.adapters
 
 
 def make_adapters(

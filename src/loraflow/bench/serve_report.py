@@ -21,7 +21,8 @@ def markdown(env: dict, p: dict) -> str:
         f"- workload: {w['requests']} requests, {arrivals}, "
         f"prompt {w['prompt_len']} tokens, output {w['output_len']} tokens (ignore_eos), {w['mix']} mix over "
         f"{w['adapters']} rank-{w['rank']} {KIND_NAMES[w.get('kind', 'lora')]} adapters on all linear layers, "
-        f"{w['registered']} adapter names registered",
+        f"{w['registered']} adapter names registered"
+        + (f" (their files: {w['files']} folders, linked round robin)" if w.get("files") else ""),
         "- streamed through the HTTP API on loopback; the server ran "
         + (
             "in the load generator's process (engine on a thread)"
@@ -55,6 +56,7 @@ def markdown(env: dict, p: dict) -> str:
         ),
     ]
     lines += step_lines(p.get("pairs", []))
+    lines += tier_lines(p.get("server") or {})
     if hf:
         lines += hf_lines(p)
     if "roofline" in p:
@@ -79,6 +81,21 @@ def markdown(env: dict, p: dict) -> str:
             + (f" ({p['peft_note']})" if p.get("peft_note") else "")
         ]
     return "\n".join(lines) + "\n"
+
+
+def tier_lines(m: dict) -> list[str]:
+    """The adapters' trips between tiers over the server's life (warm-up included), from /metrics."""
+    loads, writes = m.get("loraflow_adapter_loads_total", 0), m.get("loraflow_adapter_slot_writes_total", 0)
+    if not loads and not writes:
+        return []
+    load_ms = 1e3 * m.get("loraflow_adapter_load_seconds_total", 0) / max(loads, 1)
+    write_ms = 1e3 * m.get("loraflow_adapter_slot_write_seconds_total", 0) / max(writes, 1)
+    return [
+        f"- adapter tiers over the server's life (warm-up included): {loads:.0f} loads from disk to host memory, "
+        f"{load_ms:.1f} ms each on a loader thread; {writes:.0f} writes to a device slot, {write_ms:.2f} ms each "
+        f"of the engine thread (on CUDA from page-locked memory: the copies queued, not waited for); "
+        f"hit rate {m.get('loraflow_adapter_hit_rate', 0):.2f}"
+    ]
 
 
 HF_BARS = [("compiled", "HF generate\ncompiled static", "tab:orange"), ("eager", "HF generate\neager", "tab:olive")]
