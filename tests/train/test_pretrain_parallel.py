@@ -1,5 +1,5 @@
-"""loraflow pretrain under torchrun on 2 CPU processes (gloo): DDP and FSDP2 train as one
-process on the global batch, and a sharded checkpoint resumes on another number of processes."""
+"""loraflow pretrain under torchrun on 2 CPU processes (gloo): DDP, and FSDP2 stopped after a sharded
+checkpoint and resumed on another number of processes, train as one process on the global batch."""
 
 import json
 import os
@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from safetensors.torch import load_file
 from test_pretrain import ARGS
 
@@ -47,31 +46,24 @@ def test_ddp_and_fsdp_train_as_one_process_and_fsdp_resumes_on_another_count(tmp
     common += ["--tokens-cache", str(tmp_path / "ids.safetensors")]
     one = main(batch(4) + common + ["--out", str(tmp_path / "one")])
     ddp = torchrun(2, batch(2) + common + ["--parallel", "ddp", "--out", str(tmp_path / "ddp")])
-    fsdp = torchrun(2, batch(2) + common + ["--parallel", "fsdp", "--out", str(tmp_path / "fsdp")])
-    # stopped after its first step (a sharded checkpoint), finished by one process
+    # FSDP stopped after its first step (a sharded checkpoint: the weights whole, the optimizer's
+    # state in a shard a process), finished by one process
     torchrun(2, batch(2) + common + ["--parallel", "fsdp", "--time-limit", "0", "--out", str(tmp_path / "split")])
     assert json.loads((tmp_path / "split" / "checkpoint" / "state.json").read_text())["processes"] == 2
+    files = sorted(p.name for p in (tmp_path / "split" / "checkpoint").iterdir())
+    assert "model.safetensors" in files and len([f for f in files if f.startswith("shard")]) == 2, files
     torchrun(1, batch(4) + common + ["--parallel", "fsdp", "--resume", "--out", str(tmp_path / "split")])
 
     reference = weights(tmp_path / "one")
-    for run in ("ddp", "fsdp", "split"):
+    for run in ("ddp", "split"):
         got = weights(tmp_path / run)
         assert got.keys() == reference.keys()
         worst = max(rel_err(got[k], reference[k]) for k in reference)
         assert worst < 1e-5, (run, worst)
-    for run in (ddp, fsdp):  # one summary line, from the first process, with the global batch's loss
-        (line,) = run.stdout.strip().splitlines()
-        assert abs(json.loads(line)["eval_loss"] - one["eval_loss"]) < 1e-4
+    (line,) = ddp.stdout.strip().splitlines()  # one summary line, from the first process, with the global batch's loss
+    assert abs(json.loads(line)["eval_loss"] - one["eval_loss"]) < 1e-4
     log = [json.loads(line) for line in open(tmp_path / "split" / "log.jsonl")]
     assert [r["step"] for r in log] == [1, 2, 3, 4]
-    shards = sorted(p.name for p in (tmp_path / "fsdp" / "checkpoint").iterdir())
-    assert (
-        "state.json" in shards
-        and "model.safetensors" in shards
-        and len([s for s in shards if s.startswith("shard")]) == 2
-    )
-    assert torch.equal(load_file(tmp_path / "fsdp" / "checkpoint" / "model.safetensors")["lm_head.weight"],
-                       weights(tmp_path / "fsdp")["lm_head.weight"])  # fmt: skip
 
 
 def test_parallel_choices_refused_with_the_fix(tmp_path, monkeypatch):
