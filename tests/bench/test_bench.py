@@ -129,6 +129,11 @@ def test_step_counters_and_their_report_line():
     pair = {"steps": {"adapters": steps, "base": dict(steps, prompt_steps=0)}}
     (line,) = serve_report.step_lines([pair])
     assert "with adapters graph 120 x 10.00 ms, prompt 4 x 50.00 ms; base graph 120 x 10.00 ms" in line
+    assert "captures" not in line
+    assert serve._step_counters(metrics + "loraflow_graph_captures_total 3\n")["loraflow_graph_captures_total"] == 3
+    pair["steps"]["adapters"] |= {"graph_captures": 3, "graph_capture_s": 1.5}  # inside the graph steps' time
+    (line,) = serve_report.step_lines([pair])
+    assert "graph 120 x 10.00 ms, prompt 4 x 50.00 ms (3 graph captures in them, 1.50 s); base graph" in line
 
 
 def test_kernel_grid_and_targets():

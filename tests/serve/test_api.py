@@ -203,6 +203,9 @@ def test_metrics_split_the_steps_by_how_they_ran(server):
     for k in steps:
         total, most = float(values[f"loraflow_{k}_step_seconds_total"]), float(values[f"loraflow_{k}_step_seconds_max"])
         assert 0 <= most <= total and (total > 0) == (steps[k] > 0)
+    assert float(values["loraflow_graph_captures_total"]) == 0  # no decode graphs on the CPU
+    tiers = {k: float(values[f"loraflow_adapter_{k}_total"]) for k in ("loads", "load_seconds", "slot_writes")}
+    assert tiers["loads"] >= 1 and tiers["load_seconds"] > 0 and tiers["slot_writes"] >= 1, tiers
 
 
 def test_disconnect_mid_stream_frees_blocks_and_slot(server):

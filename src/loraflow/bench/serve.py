@@ -299,7 +299,7 @@ def run(serve_args: list[str], w: Workload, base_name: str, vocab: int, log: Pat
                 "base_tokens_per_s": b["output_tokens_per_s"],
                 "ratio": a["output_tokens_per_s"] / b["output_tokens_per_s"],
                 "steps": {
-                    kind: {k: r[k] for k in r if k.endswith(("_steps", "_step_ms"))}
+                    kind: {k: r[k] for k in r if k.endswith(("_steps", "_step_ms", "_captures", "_capture_s"))}
                     for kind, r in (("adapters", a), ("base", b))
                 },  # fmt: skip
             }
@@ -321,6 +321,7 @@ def _metrics(url: str) -> str:
 def _step_counters(metrics: str) -> dict[str, float]:
     """The engine's step counts and seconds by kind, from /metrics' text."""
     names = {f"loraflow_{k}_{c}" for k in STEP_KINDS for c in ("steps_total", "step_seconds_total")}
+    names |= {"loraflow_graph_captures_total", "loraflow_graph_capture_seconds_total"}
     fields = (line.split() for line in metrics.splitlines())
     return {f[0]: float(f[1]) for f in fields if len(f) == 2 and f[0] in names}
 
@@ -336,6 +337,11 @@ def _timed(url: str, names: list[str], prompts: list[list[int]], w: Workload) ->
             f"loraflow_{kind}_steps_total", f"loraflow_{kind}_step_seconds_total"))  # fmt: skip
         run[f"{kind}_steps"] = int(n)
         run[f"{kind}_step_ms"] = 1e3 * sec / n if n else None
+    captures = after.get("loraflow_graph_captures_total", 0.0) - before.get("loraflow_graph_captures_total", 0.0)
+    run["graph_captures"] = int(captures)  # inside the graph steps above: seconds each, as a rule
+    run["graph_capture_s"] = after.get("loraflow_graph_capture_seconds_total", 0.0) - before.get(
+        "loraflow_graph_capture_seconds_total", 0.0
+    )
     return run
 
 

@@ -166,7 +166,10 @@ def step_lines(pairs: list[dict]) -> list[str]:
 
     def steps(d: dict) -> str:
         kinds = [k[: -len("_steps")] for k in d if k.endswith("_steps") and d[k]]
-        return ", ".join(f"{k} {d[k + '_steps']} x {d[k + '_step_ms']:.2f} ms" for k in kinds) or "none"
+        text = ", ".join(f"{k} {d[k + '_steps']} x {d[k + '_step_ms']:.2f} ms" for k in kinds) or "none"
+        if d.get("graph_captures"):  # a capture is inside one graph step's time
+            text += f" ({d['graph_captures']} graph captures in them, {d['graph_capture_s']:.2f} s)"
+        return text
 
     return [
         f"- engine steps of run {i + 1} (count x mean ms of the model and its tokens): with adapters "

@@ -211,6 +211,11 @@ def create_app(
                 (f"loraflow_{kind}_step_seconds_total", "counter", engine.stats[f"{kind}_step_seconds"]),
                 (f"loraflow_{kind}_step_seconds_max", "gauge", engine.stats[f"{kind}_step_seconds_max"]),
             ]
+        graphs = engine.graphs  # captures happen inside graph steps: a slow step may be one
+        lines += [
+            ("loraflow_graph_captures_total", "counter", graphs.captures if graphs else 0),
+            ("loraflow_graph_capture_seconds_total", "counter", graphs.capture_seconds if graphs else 0.0),
+        ]
         text = "".join(f"# TYPE {n} {t}\n{n} {v}\n" for n, t, v in lines)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 

@@ -24,6 +24,7 @@ buffers and kernels run eagerly.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 
 import numpy as np
@@ -92,6 +93,7 @@ class DecodeGraphs:
         # (Triton's interpreter runs the programs one by one) one program a context is faster
         self.attention_splits, self.attention_warps = (4, 2) if dev.type == "cuda" else (1, 4)
         self.steps = 0  # decode steps run through this path
+        self.captures, self.capture_seconds = 0, 0.0  # graphs captured (warm-up runs included) and their time
         self.paths: Counter = Counter()  # ... by adapter path: None, "rows", "mask"
 
     def _batch(self, n: int, path: str | None, copies: int = 0) -> Batch:
@@ -158,7 +160,10 @@ class DecodeGraphs:
         key = self.key(size, path, copies)
         if key not in self.graphs:
             self.graphs = {k: v for k, v in self.graphs.items() if k[1] in (None, self.bank.layout)}
+            start = time.perf_counter()
             self.graphs[key] = self._capture(size, path, copies)
+            self.captures += 1
+            self.capture_seconds += time.perf_counter() - start
         graph, logits = self.graphs[key]
         graph.replay()
         return logits[:n]
