@@ -106,18 +106,21 @@ def cmd_bench_serve(args) -> None:
     from loraflow.serve.llama import SHAPES, LlamaArgs, linear_shapes
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    w = bench.Workload(
-        requests=args.requests,
-        rate=args.rate,
-        prompt_len=args.prompt_len,
-        output_len=args.output_len,
-        mix=args.mix,
-        adapters=args.adapters,
-        registered=args.registered,
-        rank=args.rank,
-        kind=args.kind,
-        files=args.adapter_files or 0,
-    )
+    try:  # a workload that cannot run: one line naming the option, no traceback
+        w = bench.Workload(
+            requests=args.requests,
+            rate=args.rate,
+            prompt_len=args.prompt_len,
+            output_len=args.output_len,
+            mix=args.mix,
+            adapters=args.adapters,
+            registered=args.registered,
+            rank=args.rank,
+            kind=args.kind,
+            files=args.adapter_files or 0,
+        )
+    except ValueError as e:
+        sys.exit(f"loraflow bench serve: {e}")
     if args.shape == "default":
         shape = LlamaArgs.from_hf(json.loads((default_model_path() / "config.json").read_text()))
         base_name, model_args = "SmolLM2-135M-Instruct", []

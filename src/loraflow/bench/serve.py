@@ -46,7 +46,7 @@ class Workload:
             raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
         if self.registered < self.adapters:
             raise ValueError(f"--registered ({self.registered}) must be at least --adapters ({self.adapters})")
-        if not 0 <= self.files <= self.adapters:
+        if not 0 <= self.files <= self.adapters:  # 0: one folder per adapter
             raise ValueError(f"--adapter-files must be between 1 and --adapters ({self.adapters}), got {self.files}")
 
     @property
